@@ -1,0 +1,559 @@
+//! Columnar decoding: a batch of Kafka messages (JSON objects, wire format v1) becomes one Arrow
+//! `RecordBatch` of the schema's columns, plus one [`Rejected`] per message that cannot be an
+//! event, with its raw bytes and the reason.
+//!
+//! Each message is parsed once with a `serde` visitor that borrows strings from the payload
+//! where it can and keeps one reusable slot per field; unknown keys are skipped without being
+//! materialised (forward compatibility). A row is checked whole before anything is appended,
+//! so a bad message never leaves half a row behind. serde_json's recursion limit (128) bounds
+//! nesting.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::DateTime;
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use datafusion::arrow::record_batch::RecordBatch;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use crate::error::Result;
+use crate::schema::{EventSchema, FieldType};
+
+/// One Kafka message as the decoder sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// The value; `None` for a tombstone.
+    pub payload: Option<&'a [u8]>,
+    pub partition: i32,
+    pub offset: i64,
+    /// The broker's timestamp in epoch milliseconds, when known.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Why a message was rejected; the dead-letter table's `reason` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Not a JSON object: empty, truncated, invalid UTF-8, too deep, not an object.
+    Decode,
+    /// Valid JSON that does not fit the schema: a missing required field or a wrong type.
+    Schema,
+    /// An event time outside the accepted window (before 1970, or too far in the future).
+    EventTime,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Decode => "decode",
+            RejectReason::Schema => "schema",
+            RejectReason::EventTime => "event_time",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message that is not an event, kept whole for the dead-letter table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    /// The payload exactly as received (empty for a tombstone).
+    pub raw: Vec<u8>,
+    pub reason: RejectReason,
+    /// What was wrong, for a person.
+    pub error: String,
+}
+
+/// The events of one decoded batch.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// One row per valid message, the schema's columns in file order.
+    pub batch: RecordBatch,
+    /// The Kafka partition of each row.
+    pub partitions: Vec<i32>,
+    /// The Kafka offset of each row.
+    pub offsets: Vec<i64>,
+    /// The messages that are not events.
+    pub rejected: Vec<Rejected>,
+}
+
+/// Limits on event time; times outside go to the dead-letter table as `event_time`.
+#[derive(Debug, Clone, Copy)]
+pub struct TimePolicy {
+    /// Events later than `now + max_future_us` are rejected (clocks of devices are wrong).
+    pub max_future_us: i64,
+}
+
+impl Default for TimePolicy {
+    fn default() -> Self {
+        TimePolicy { max_future_us: crate::view::DAY_US }
+    }
+}
+
+/// Decodes batches of messages of one schema. Cheap to clone; holds no per-batch state.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    schema: Arc<EventSchema>,
+    index: Arc<HashMap<String, usize>>,
+    policy: TimePolicy,
+}
+
+/// A field's raw JSON value, borrowed from the payload where possible.
+#[derive(Debug, Clone)]
+enum Slot<'de> {
+    Missing,
+    Null,
+    Str(Cow<'de, str>),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+    Nested(&'static str),
+}
+
+impl Slot<'_> {
+    fn json_type(&self) -> &'static str {
+        match self {
+            Slot::Missing => "nothing",
+            Slot::Null => "null",
+            Slot::Str(_) => "a string",
+            Slot::I64(_) | Slot::U64(_) | Slot::F64(_) => "a number",
+            Slot::Bool(_) => "a boolean",
+            Slot::Nested(t) => t,
+        }
+    }
+}
+
+/// A field's checked value, ready to append.
+enum Value<'a> {
+    Null,
+    Str(&'a str),
+    I64(i64),
+    F64(f64),
+    I128(i128),
+    Bool(bool),
+}
+
+enum Builder {
+    Str(StringBuilder),
+    I64(Int64Builder),
+    F64(Float64Builder),
+    Dec(Decimal128Builder),
+    Bool(BooleanBuilder),
+    Ts(TimestampMicrosecondBuilder),
+}
+
+impl Builder {
+    fn new(ty: FieldType, capacity: usize) -> Self {
+        match ty {
+            FieldType::String => Builder::Str(StringBuilder::with_capacity(capacity, capacity * 16)),
+            FieldType::Int => Builder::I64(Int64Builder::with_capacity(capacity)),
+            FieldType::Float => Builder::F64(Float64Builder::with_capacity(capacity)),
+            FieldType::Decimal { scale } => Builder::Dec(
+                Decimal128Builder::with_capacity(capacity)
+                    .with_precision_and_scale(38, scale as i8)
+                    .expect("scale is checked when the schema loads"),
+            ),
+            FieldType::Bool => Builder::Bool(BooleanBuilder::with_capacity(capacity)),
+            FieldType::Timestamp => Builder::Ts(TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC")),
+        }
+    }
+
+    fn append(&mut self, v: &Value<'_>) {
+        match (self, v) {
+            (Builder::Str(b), Value::Str(s)) => b.append_value(s),
+            (Builder::I64(b), Value::I64(x)) => b.append_value(*x),
+            (Builder::F64(b), Value::F64(x)) => b.append_value(*x),
+            (Builder::Dec(b), Value::I128(x)) => b.append_value(*x),
+            (Builder::Bool(b), Value::Bool(x)) => b.append_value(*x),
+            (Builder::Ts(b), Value::I64(x)) => b.append_value(*x),
+            (Builder::Str(b), _) => b.append_null(),
+            (Builder::I64(b), _) => b.append_null(),
+            (Builder::F64(b), _) => b.append_null(),
+            (Builder::Dec(b), _) => b.append_null(),
+            (Builder::Bool(b), _) => b.append_null(),
+            (Builder::Ts(b), _) => b.append_null(),
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Builder::Str(mut b) => Arc::new(b.finish()),
+            Builder::I64(mut b) => Arc::new(b.finish()),
+            Builder::F64(mut b) => Arc::new(b.finish()),
+            Builder::Dec(mut b) => Arc::new(b.finish()),
+            Builder::Bool(mut b) => Arc::new(b.finish()),
+            Builder::Ts(mut b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+impl Decoder {
+    pub fn new(schema: Arc<EventSchema>) -> Self {
+        let index = schema.fields.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+        Decoder { schema, index: Arc::new(index), policy: TimePolicy::default() }
+    }
+
+    pub fn with_time_policy(mut self, policy: TimePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn schema(&self) -> &Arc<EventSchema> {
+        &self.schema
+    }
+
+    /// Decodes `messages`; `now_us` is the wall clock used by the event-time policy.
+    pub fn decode(&self, messages: &[Message<'_>], now_us: i64) -> Result<Decoded> {
+        let fields = &self.schema.fields;
+        let mut builders: Vec<Builder> = fields.iter().map(|f| Builder::new(f.ty, messages.len())).collect();
+        let mut partitions = Vec::with_capacity(messages.len());
+        let mut offsets = Vec::with_capacity(messages.len());
+        let mut rejected = Vec::new();
+        let mut slots: Vec<Slot<'_>> = Vec::with_capacity(fields.len());
+        let max_time = now_us.saturating_add(self.policy.max_future_us);
+
+        for msg in messages {
+            let reject = |reason: RejectReason, error: String| Rejected {
+                partition: msg.partition,
+                offset: msg.offset,
+                timestamp_ms: msg.timestamp_ms,
+                raw: msg.payload.unwrap_or_default().to_vec(),
+                reason,
+                error,
+            };
+            let payload = match msg.payload {
+                Some(p) if !p.is_empty() => p,
+                Some(_) => {
+                    rejected.push(reject(RejectReason::Decode, "empty payload".into()));
+                    continue;
+                }
+                None => {
+                    rejected.push(reject(RejectReason::Decode, "null payload (tombstone)".into()));
+                    continue;
+                }
+            };
+            slots.clear();
+            slots.resize(fields.len(), Slot::Missing);
+            if let Err(e) = parse_row(payload, &self.index, &mut slots) {
+                rejected.push(reject(RejectReason::Decode, e));
+                continue;
+            }
+            // Check the whole row before appending anything.
+            let mut failure = None;
+            for (i, (slot, field)) in slots.iter().zip(fields).enumerate() {
+                match check(slot, field.ty) {
+                    Ok(Value::Null) if field.required => {
+                        failure = Some((RejectReason::Schema, format!("missing required field `{}`", field.name)));
+                    }
+                    Ok(Value::I64(t)) if i == self.schema.event_time && (t < 0 || t > max_time) => {
+                        failure = Some((
+                            RejectReason::EventTime,
+                            format!("event time {} is outside the accepted window", crate::time::format_us(t)),
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(e) => failure = Some((RejectReason::Schema, format!("field `{}`: {e}", field.name))),
+                }
+                if failure.is_some() {
+                    break;
+                }
+            }
+            if let Some((reason, error)) = failure {
+                rejected.push(reject(reason, error));
+                continue;
+            }
+            for ((slot, field), b) in slots.iter().zip(fields).zip(builders.iter_mut()) {
+                b.append(&check(slot, field.ty).expect("checked above"));
+            }
+            partitions.push(msg.partition);
+            offsets.push(msg.offset);
+        }
+        let columns: Vec<ArrayRef> = builders.into_iter().map(Builder::finish).collect();
+        let batch = RecordBatch::try_new(self.schema.arrow_schema(), columns)?;
+        Ok(Decoded { batch, partitions, offsets, rejected })
+    }
+}
+
+fn check<'a>(slot: &'a Slot<'_>, ty: FieldType) -> std::result::Result<Value<'a>, String> {
+    let wrong = || Err(format!("expected {}, got {}", ty.name(), slot.json_type()));
+    Ok(match (ty, slot) {
+        (_, Slot::Missing | Slot::Null) => Value::Null,
+        (FieldType::String, Slot::Str(s)) => Value::Str(s),
+        (FieldType::Int, Slot::I64(x)) => Value::I64(*x),
+        (FieldType::Int, Slot::U64(x)) => match i64::try_from(*x) {
+            Ok(x) => Value::I64(x),
+            Err(_) => return Err(format!("{x} does not fit a 64-bit integer")),
+        },
+        (FieldType::Float, Slot::I64(x)) => Value::F64(*x as f64),
+        (FieldType::Float, Slot::U64(x)) => Value::F64(*x as f64),
+        (FieldType::Float, Slot::F64(x)) => Value::F64(*x),
+        (FieldType::Decimal { scale }, Slot::I64(_) | Slot::U64(_) | Slot::F64(_)) => {
+            let x = match slot {
+                Slot::I64(x) => *x as f64,
+                Slot::U64(x) => *x as f64,
+                Slot::F64(x) => *x,
+                _ => unreachable!("matched above"),
+            };
+            Value::I128(to_decimal(x, scale)?)
+        }
+        (FieldType::Bool, Slot::Bool(b)) => Value::Bool(*b),
+        (FieldType::Timestamp, Slot::Str(s)) => match DateTime::parse_from_rfc3339(s) {
+            Ok(t) => Value::I64(t.timestamp_micros()),
+            Err(e) => return Err(format!("`{}` is not an RFC 3339 time ({e})", truncate(s, 64))),
+        },
+        (FieldType::Timestamp, Slot::I64(ms)) => match ms.checked_mul(1000) {
+            Some(us) => Value::I64(us),
+            None => return Err(format!("{ms} ms is out of range")),
+        },
+        (FieldType::Timestamp, Slot::U64(ms)) => match i64::try_from(*ms).ok().and_then(|ms| ms.checked_mul(1000)) {
+            Some(us) => Value::I64(us),
+            None => return Err(format!("{ms} ms is out of range")),
+        },
+        _ => return wrong(),
+    })
+}
+
+/// A JSON number as a decimal with `scale` digits, rounded half away from zero.
+pub fn to_decimal(x: f64, scale: u8) -> std::result::Result<i128, String> {
+    if !x.is_finite() || x.abs() >= 1e24 {
+        return Err(format!("{x} is out of range for a decimal"));
+    }
+    Ok((x * 10f64.powi(scale as i32)).round() as i128)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn parse_row<'de>(payload: &'de [u8], index: &HashMap<String, usize>, slots: &mut [Slot<'de>]) -> std::result::Result<(), String> {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    RowSeed { index, slots }.deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())
+}
+
+struct RowSeed<'s, 'de> {
+    index: &'s HashMap<String, usize>,
+    slots: &'s mut [Slot<'de>],
+}
+
+impl<'de> DeserializeSeed<'de> for RowSeed<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(KeySeed(self.index))? {
+            match key {
+                Some(i) => self.slots[i] = map.next_value_seed(SlotSeed)?,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Looks a key up without allocating; `None` for keys the schema does not know.
+struct KeySeed<'s>(&'s HashMap<String, usize>);
+
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Option<usize>, E> {
+        Ok(self.0.get(v).copied())
+    }
+}
+
+struct SlotSeed;
+
+impl<'de> DeserializeSeed<'de> for SlotSeed {
+    type Value = Slot<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Slot<'de>, D::Error> {
+        d.deserialize_any(SlotVisitor)
+    }
+}
+
+struct SlotVisitor;
+
+impl<'de> Visitor<'de> for SlotVisitor {
+    type Value = Slot<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::Str(Cow::Owned(v)))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::I64(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::U64(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::F64(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::Bool(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> std::result::Result<Slot<'de>, E> {
+        Ok(Slot::Null)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Slot<'de>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Slot::Nested("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Slot<'de>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Slot::Nested("an object"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{Decimal128Type, Int64Type, TimestampMicrosecondType};
+    use std::path::Path;
+
+    fn decoder() -> Decoder {
+        let s = EventSchema::from_toml(
+            Path::new("ev.toml"),
+            r#"
+event_time = "ts"
+event_id = "id"
+fields = [
+  { name = "id", type = "string" }, { name = "ts", type = "timestamp" },
+  { name = "n", type = "int" }, { name = "price", type = "decimal", scale = 2 },
+  { name = "ok", type = "bool" }, { name = "name", type = "string", required = true },
+]"#,
+        )
+        .unwrap();
+        Decoder::new(Arc::new(s))
+    }
+
+    fn msgs(payloads: &[&[u8]]) -> Vec<Message<'static>> {
+        payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Message {
+                payload: Some(Box::leak(p.to_vec().into_boxed_slice())),
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: None,
+            })
+            .collect()
+    }
+
+    const NOW: i64 = 1_800_000_000_000_000;
+
+    #[test]
+    fn decodes_valid_rows_columnar() {
+        let d = decoder()
+            .decode(
+                &msgs(&[
+                    br#"{"id":"a","ts":"2026-11-25T13:00:00Z","n":3,"price":4.99,"ok":true,"name":"x","extra":{"deep":[1,2]}}"#,
+                    br#"{"id":"b\u00e9","ts":1795611600000,"name":"y"}"#,
+                ]),
+                NOW,
+            )
+            .unwrap();
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        assert_eq!(d.batch.num_rows(), 2);
+        assert_eq!(d.batch.column(0).as_string::<i32>().value(1), "bé");
+        let ts = d.batch.column(1).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(ts.value(0), 1_795_611_600_000_000);
+        assert_eq!(ts.value(1), 1_795_611_600_000_000);
+        assert_eq!(d.batch.column(2).as_primitive::<Int64Type>().value(0), 3);
+        assert!(d.batch.column(2).is_null(1));
+        assert_eq!(d.batch.column(3).as_primitive::<Decimal128Type>().value(0), 499);
+        assert_eq!(d.offsets, [0, 1]);
+    }
+
+    #[test]
+    fn rejects_each_bad_message_with_a_reason_and_keeps_the_rest() {
+        let good = br#"{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x"}"#;
+        let m = msgs(&[
+            br#"{"id":"a","ts":"2026-11-25T13:00"#,                      // truncated
+            b"{\"id\":\"\xff\xfe\",\"ts\":1,\"name\":\"x\"}",              // invalid UTF-8
+            good,
+            br#"{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x","n":"abc"}"#, // wrong type
+            br#"{"id":"a","ts":"2026-11-25T13:00:00Z"}"#,                 // missing required
+            br#"[1,2,3]"#,                                                // not an object
+            br#"{"id":"a","ts":"2099-01-01T00:00:00Z","name":"x"}"#,      // far future
+            br#"{"id":"a","ts":"yesterday","name":"x"}"#,                 // not a time
+            b"",                                                          // empty
+            good,
+        ]);
+        let d = decoder().decode(&m, NOW).unwrap();
+        assert_eq!(d.batch.num_rows(), 2);
+        assert_eq!(d.offsets, [2, 9]);
+        let reasons: Vec<_> = d.rejected.iter().map(|r| (r.offset, r.reason)).collect();
+        use RejectReason::*;
+        assert_eq!(
+            reasons,
+            [(0, Decode), (1, Decode), (3, Schema), (4, Schema), (5, Decode), (6, EventTime), (7, Schema), (8, Decode)]
+        );
+        assert_eq!(d.rejected[1].raw, m[1].payload.unwrap());
+        assert!(d.rejected[2].error.contains("`n`"), "{}", d.rejected[2].error);
+        assert!(d.rejected[3].error.contains("`name`"), "{}", d.rejected[3].error);
+    }
+
+    #[test]
+    fn deep_nesting_never_overflows_the_stack() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let unknown = format!(r#"{{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x","extra":{deep}}}"#);
+        let known = format!(r#"{{"id":"a","ts":"2026-11-25T13:00:00Z","name":{deep}}}"#);
+        let d = decoder().decode(&msgs(&[deep.as_bytes(), unknown.as_bytes(), known.as_bytes()]), NOW).unwrap();
+        assert_eq!(d.offsets, [1], "an unknown deep field is skipped");
+        let reasons: Vec<_> = d.rejected.iter().map(|r| r.reason).collect();
+        assert_eq!(reasons, [RejectReason::Decode, RejectReason::Schema]);
+    }
+
+    #[test]
+    fn tombstones_are_rejected() {
+        let m = [Message { payload: None, partition: 3, offset: 7, timestamp_ms: Some(1) }];
+        let d = decoder().decode(&m, NOW).unwrap();
+        assert_eq!((d.rejected[0].partition, d.rejected[0].offset), (3, 7));
+    }
+}

@@ -1,0 +1,88 @@
+//! Storage: the deployment's object store and its Delta tables, chosen by URL.
+//!
+//! `file://` tables are opened by deltalake from their URL. A `memory://` root gets one shared
+//! in-memory store per process, so every table of the deployment (and DataFusion reading them)
+//! sees the same bytes. Other schemes need their deltalake feature compiled in; without it the
+//! URL is refused at start with a clear error.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::Schema as ArrowSchema;
+use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake::kernel::StructType;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use object_store::ObjectStore;
+use url::Url;
+
+use crate::error::{CoreError, Result};
+use crate::paths::Layout;
+
+/// The layout plus the object store behind it.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    layout: Layout,
+    shared: Option<Arc<dyn ObjectStore>>,
+}
+
+impl Storage {
+    pub fn new(layout: Layout) -> Result<Self> {
+        let shared: Option<Arc<dyn ObjectStore>> = match layout.root().scheme() {
+            "memory" => Some(Arc::new(object_store::memory::InMemory::new())),
+            "file" => None,
+            other => {
+                return Err(CoreError::Storage {
+                    url: layout.root().to_string(),
+                    message: format!("`{other}://` storage is not compiled into this build (file:// and memory:// are)"),
+                })
+            }
+        };
+        Ok(Storage { layout, shared })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn builder(&self, url: &Url) -> Result<DeltaTableBuilder> {
+        let b = DeltaTableBuilder::from_url(url.clone()).map_err(delta)?;
+        Ok(match &self.shared {
+            Some(store) => b.with_storage_backend(Arc::clone(store), url.clone()),
+            None => b,
+        })
+    }
+
+    /// The table at `url`, or `None` if there is none yet.
+    pub async fn open(&self, url: &Url) -> Result<Option<DeltaTable>> {
+        let mut table = self.builder(url)?.build().map_err(delta)?;
+        match table.load().await {
+            Ok(()) => Ok(Some(table)),
+            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(delta(e)),
+        }
+    }
+
+    /// The table at `url`, created with `schema` and `partitions` if there is none.
+    pub async fn open_or_create(&self, url: &Url, schema: &ArrowSchema, partitions: &[&str]) -> Result<DeltaTable> {
+        if let Some(t) = self.open(url).await? {
+            return Ok(t);
+        }
+        if let Some(dir) = url.to_file_path().ok().filter(|_| url.scheme() == "file") {
+            std::fs::create_dir_all(&dir).map_err(|source| CoreError::Io { path: dir, source })?;
+        }
+        let table = self.builder(url)?.build().map_err(delta)?;
+        let columns = StructType::try_from_arrow(schema).map_err(|e| delta(e.into()))?;
+        table
+            .create()
+            .with_columns(columns.fields().cloned())
+            .with_partition_columns(partitions.iter().map(|p| p.to_string()))
+            .with_save_mode(SaveMode::Ignore)
+            .await
+            .map_err(delta)
+    }
+}
+
+/// A Delta error as a core error.
+pub fn delta(e: DeltaTableError) -> CoreError {
+    CoreError::Delta(Box::new(e))
+}

@@ -1,0 +1,108 @@
+//! Time: formatting and parsing of the instants Tandem shows and accepts, and an injectable
+//! clock so that bucketing, grace periods and schedules are testable without sleeping.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+
+use crate::view::DAY_US;
+
+/// RFC 3339 in UTC, seconds precision unless there are fractions.
+pub fn format_us(us: i64) -> String {
+    match DateTime::<Utc>::from_timestamp_micros(us) {
+        Some(t) if us % 1_000_000 == 0 => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+        Some(t) => t.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        None => us.to_string(),
+    }
+}
+
+/// Parses an instant given by a user: RFC 3339, a date (`2026-11-25`, midnight UTC) or epoch
+/// milliseconds (as Grafana's `${__from}` sends).
+pub fn parse_instant(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<i64>() {
+        return ms.checked_mul(1000);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros());
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().map(|d| day_start_us(day_number(d)))
+}
+
+/// Days since 1970-01-01 of the day holding `us`.
+pub fn day_of(us: i64) -> i64 {
+    us.div_euclid(DAY_US)
+}
+
+/// The first microsecond of day number `day`.
+pub fn day_start_us(day: i64) -> i64 {
+    day * DAY_US
+}
+
+/// The day number of a calendar date.
+pub fn day_number(d: NaiveDate) -> i64 {
+    d.signed_duration_since(NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days()
+}
+
+/// `YYYY-MM-DD` of a day number (the master dataset's `dt` partition value).
+pub fn day_string(day: i64) -> String {
+    let d = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid") + chrono::Duration::days(day);
+    d.format("%Y-%m-%d").to_string()
+}
+
+/// Parses a `YYYY-MM-DD` day into its day number.
+pub fn parse_day(s: &str) -> Option<i64> {
+    NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").ok().map(day_number)
+}
+
+/// A source of "now", in microseconds since the epoch.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now_us(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> i64 {
+        Utc::now().timestamp_micros()
+    }
+}
+
+/// A clock that only moves when told to, for tests.
+#[derive(Debug, Default, Clone)]
+pub struct MockClock(Arc<AtomicI64>);
+
+impl MockClock {
+    pub fn new(now_us: i64) -> Self {
+        MockClock(Arc::new(AtomicI64::new(now_us)))
+    }
+    pub fn set(&self, now_us: i64) {
+        self.0.store(now_us, Ordering::SeqCst)
+    }
+}
+
+impl Clock for MockClock {
+    fn now_us(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_forms() {
+        let t = 1_795_611_600_000_000;
+        assert_eq!(parse_instant("2026-11-25T13:00:00Z"), Some(t));
+        assert_eq!(parse_instant("1795611600000"), Some(t));
+        assert_eq!(parse_instant("2026-11-25"), Some(t - 13 * 3_600_000_000));
+        assert_eq!(parse_instant("yesterday"), None);
+        assert_eq!(format_us(t), "2026-11-25T13:00:00Z");
+        assert_eq!(day_string(day_of(t)), "2026-11-25");
+        assert_eq!(parse_day("2026-11-25"), Some(day_of(t)));
+    }
+}

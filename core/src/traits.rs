@@ -1,0 +1,42 @@
+//! The seams between the layers. Serving sees the speed and batch layers only through these.
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::query::{AggRow, Coverage, RealtimeStatus, ViewQuery};
+use crate::view::ViewDef;
+
+/// The speed layer's views: aggregates of the events no published batch covers yet.
+pub trait RealtimeView: Send + Sync + std::fmt::Debug {
+    /// Rows for every native bucket in the query's range that this layer holds, grouped by the
+    /// query's dimensions and filtered by its filters.
+    fn query(&self, view: &ViewDef, query: &ViewQuery) -> Result<Vec<AggRow>>;
+
+    /// How fresh the answers are.
+    fn status(&self) -> RealtimeStatus;
+}
+
+/// The batch layer's published views.
+#[async_trait]
+pub trait BatchViews: Send + Sync + std::fmt::Debug {
+    /// Which buckets of `view` the published batch covers. A batch computed from another
+    /// definition of the view (another definition hash) covers nothing.
+    async fn coverage(&self, view: &ViewDef) -> Result<Coverage>;
+
+    /// Rows of the covered buckets in the query's range, grouped and filtered as asked.
+    async fn query(&self, view: &ViewDef, query: &ViewQuery, coverage: &Coverage) -> Result<Vec<AggRow>>;
+}
+
+/// A speed layer that is not there (e.g. `tandem serve` without a speed role): answers nothing
+/// and says so, so batch-only serving is honest about it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoRealtime;
+
+impl RealtimeView for NoRealtime {
+    fn query(&self, _: &ViewDef, _: &ViewQuery) -> Result<Vec<AggRow>> {
+        Ok(Vec::new())
+    }
+    fn status(&self) -> RealtimeStatus {
+        RealtimeStatus { available: false, ..Default::default() }
+    }
+}
