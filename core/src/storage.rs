@@ -54,6 +54,12 @@ impl Storage {
 
     /// The table at `url`, or `None` if there is none yet.
     pub async fn open(&self, url: &Url) -> Result<Option<DeltaTable>> {
+        if url.scheme() == "file" {
+            let log = url.to_file_path().map(|p| p.join("_delta_log"));
+            if !log.is_ok_and(|l| l.is_dir()) {
+                return Ok(None);
+            }
+        }
         let mut table = self.builder(url)?.build().map_err(delta)?;
         match table.load().await {
             Ok(()) => Ok(Some(table)),

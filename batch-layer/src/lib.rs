@@ -1,0 +1,19 @@
+//! tandem-batch: everything that reads the master dataset.
+//!
+//! [`compute`] recomputes views exactly with DataFusion from the master dataset (a Delta
+//! table of every valid event) and publishes each run atomically, one Delta commit per view
+//! that replaces the recomputed days and records the view's coverage and definition hash.
+//! [`views`] reads the published views back for the serving layer through core's
+//! `BatchViews`. [`import`] loads history files into the master dataset. [`hll`] is the
+//! DataFusion aggregate that builds the same DataSketches HLL sketches as the speed layer.
+
+pub mod compute;
+pub mod error;
+pub mod hll;
+pub mod import;
+pub mod views;
+
+pub use compute::{BatchLayer, PublishReport, RunRequest};
+pub use error::{BatchError, Result};
+pub use import::{import_jsonl, ImportReport};
+pub use views::DeltaBatchViews;

@@ -1,0 +1,187 @@
+//! Reading published batch views for the serving layer (core's `BatchViews`).
+//!
+//! Coverage and rows are read from one table version, so a query never mixes two publishes: a
+//! publish that lands between them is seen by the next query. Opened tables are cached for a
+//! short time (`refresh`), which bounds how soon a new publish is served.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType};
+use datafusion::common::ScalarValue;
+use datafusion::prelude::{ident, lit, Expr};
+use deltalake::DeltaTable;
+use tandem_core::metric::{DistinctState, MetricState};
+use tandem_core::query::{AggRow, Coverage, ViewQuery};
+use tandem_core::schema::FieldType;
+use tandem_core::storage::Storage;
+use tandem_core::time::day_string;
+use tandem_core::traits::BatchViews;
+use tandem_core::view::{MetricDef, MetricKind, ViewDef, BUCKET_COLUMN, DAY_COLUMN};
+use tandem_core::CoreError;
+
+use crate::compute::{published, session, Published};
+use crate::error::BatchError;
+
+#[derive(Debug, Clone)]
+struct Cached {
+    table: Option<DeltaTable>,
+    published: Published,
+    loaded: Instant,
+}
+
+/// Published batch views in Delta tables.
+#[derive(Debug)]
+pub struct DeltaBatchViews {
+    storage: Storage,
+    cache: Mutex<HashMap<String, Cached>>,
+    refresh: Duration,
+}
+
+impl DeltaBatchViews {
+    pub fn new(storage: Storage) -> Self {
+        DeltaBatchViews { storage, cache: Mutex::new(HashMap::new()), refresh: Duration::from_secs(1) }
+    }
+
+    /// How long an opened view table is reused before its log is read again.
+    pub fn with_refresh(mut self, refresh: Duration) -> Self {
+        self.refresh = refresh;
+        self
+    }
+
+    async fn load(&self, view: &ViewDef) -> Result<Cached, BatchError> {
+        if let Some(c) = self.cache.lock().expect("cache lock").get(&view.name) {
+            if c.loaded.elapsed() < self.refresh {
+                return Ok(c.clone());
+            }
+        }
+        let table = self.storage.open(&self.storage.layout().view(&view.name)).await?;
+        let published = match &table {
+            Some(t) => published(t).await?,
+            None => Published::default(),
+        };
+        let c = Cached { table, published, loaded: Instant::now() };
+        self.cache.lock().expect("cache lock").insert(view.name.clone(), c.clone());
+        Ok(c)
+    }
+}
+
+#[async_trait]
+impl BatchViews for DeltaBatchViews {
+    async fn coverage(&self, view: &ViewDef) -> tandem_core::Result<Coverage> {
+        let c = self.load(view).await?;
+        if c.published.hash.as_deref() != Some(view.definition_hash.as_str()) {
+            // Computed under another definition (or never): covers nothing.
+            return Ok(Coverage { version: c.published.coverage.version, ..Default::default() });
+        }
+        Ok(c.published.coverage)
+    }
+
+    async fn query(&self, view: &ViewDef, q: &ViewQuery, coverage: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
+        let days: Vec<String> = q.days().filter(|d| coverage.days.contains(d)).map(day_string).collect();
+        if days.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.load(view).await?;
+        let Some(mut table) = c.table else { return Ok(Vec::new()) };
+        if let Some(v) = coverage.version {
+            if table.version().map(|x| x as i64) != Some(v) {
+                table.load_version(v as u64).await.map_err(tandem_core::storage::delta)?;
+            }
+        }
+        let rows = read_rows(&table, view, q, &days).await.map_err(CoreError::from)?;
+        Ok(rows)
+    }
+}
+
+fn ts(us: i64) -> Expr {
+    lit(ScalarValue::TimestampMicrosecond(Some(us), Some("UTC".into())))
+}
+
+async fn read_rows(table: &DeltaTable, view: &ViewDef, q: &ViewQuery, days: &[String]) -> Result<Vec<AggRow>, BatchError> {
+    let ctx = session();
+    ctx.register_table("v", table.table_provider().await?)?;
+    let mut df = ctx
+        .table("v")
+        .await?
+        .filter(ident(DAY_COLUMN).in_list(days.iter().map(|d| lit(d.as_str())).collect(), false))?
+        .filter(ident(BUCKET_COLUMN).gt_eq(ts(q.from_us)).and(ident(BUCKET_COLUMN).lt(ts(q.to_us))))?;
+    for (d, values) in &q.filters {
+        // Values are literals, never SQL text.
+        df = df.filter(ident(view.dimensions[*d].as_str()).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false))?;
+    }
+    let mut columns = vec![ident(BUCKET_COLUMN)];
+    columns.extend(q.group_by.iter().map(|&d| ident(view.dimensions[d].as_str())));
+    for &m in &q.metrics {
+        let metric = &view.metrics[m];
+        columns.push(ident(metric.name.as_str()));
+        if metric.kind == MetricKind::Distinct {
+            columns.push(ident(metric.sketch_column()));
+        }
+    }
+    let df = df.select(columns)?;
+    let mut merged: HashMap<(i64, Vec<Option<String>>), Vec<MetricState>> = HashMap::new();
+    for b in df.collect().await? {
+        let buckets = b.column(0).as_primitive::<TimestampMicrosecondType>();
+        let dims: Vec<ArrayRef> = (0..q.group_by.len()).map(|i| cast(b.column(1 + i), &DataType::Utf8)).collect::<Result<_, _>>()?;
+        for row in 0..b.num_rows() {
+            let key_dims: Vec<Option<String>> = dims
+                .iter()
+                .map(|c| (!c.is_null(row)).then(|| c.as_string::<i32>().value(row).to_string()))
+                .collect();
+            let mut col = 1 + q.group_by.len();
+            let mut states = Vec::with_capacity(q.metrics.len());
+            for &m in &q.metrics {
+                let metric = &view.metrics[m];
+                let sketch = (metric.kind == MetricKind::Distinct).then(|| b.column(col + 1));
+                states.push(state_of(metric, b.column(col), sketch, row)?);
+                col += if sketch.is_some() { 2 } else { 1 };
+            }
+            match merged.get_mut(&(buckets.value(row), key_dims.clone())) {
+                Some(acc) => acc.iter_mut().zip(&states).for_each(|(a, s)| a.merge(s)),
+                None => {
+                    merged.insert((buckets.value(row), key_dims), states);
+                }
+            }
+        }
+    }
+    Ok(merged.into_iter().map(|((bucket_us, dims), states)| AggRow { bucket_us, dims, states }).collect())
+}
+
+/// A batch view cell as a metric state.
+fn state_of(metric: &MetricDef, col: &ArrayRef, sketch: Option<&ArrayRef>, row: usize) -> Result<MetricState, BatchError> {
+    let null = col.is_null(row);
+    let int = || -> i128 {
+        match metric.field_type {
+            Some(FieldType::Decimal { .. }) if metric.kind != MetricKind::Count => col.as_primitive::<Decimal128Type>().value(row),
+            Some(FieldType::Timestamp) if matches!(metric.kind, MetricKind::Min | MetricKind::Max) => {
+                col.as_primitive::<TimestampMicrosecondType>().value(row) as i128
+            }
+            _ => col.as_primitive::<Int64Type>().value(row) as i128,
+        }
+    };
+    let float = || col.as_primitive::<Float64Type>().value(row);
+    Ok(match MetricState::empty(metric) {
+        MetricState::Count(_) => MetricState::Count(if null { 0 } else { int() as u64 }),
+        MetricState::SumInt(_) => MetricState::SumInt(if null { 0 } else { int() }),
+        MetricState::SumFloat(_) => MetricState::SumFloat(if null { 0.0 } else { float() }),
+        MetricState::MinInt(_) => MetricState::MinInt((!null).then(int)),
+        MetricState::MaxInt(_) => MetricState::MaxInt((!null).then(int)),
+        MetricState::MinFloat(_) => MetricState::MinFloat((!null).then(float)),
+        MetricState::MaxFloat(_) => MetricState::MaxFloat((!null).then(float)),
+        MetricState::Distinct(empty) => {
+            let sketch = sketch.expect("distinct has a sketch column");
+            let sketch = cast(sketch, &DataType::Binary)?;
+            let exact = (!null).then(|| int() as u64);
+            if sketch.is_null(row) {
+                MetricState::Distinct(empty)
+            } else {
+                MetricState::Distinct(Box::new(DistinctState::from_parts(sketch.as_binary::<i32>().value(row), exact)?))
+            }
+        }
+    })
+}

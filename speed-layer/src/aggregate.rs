@@ -1,0 +1,190 @@
+//! A view compiled for the speed layer: applies decoded batches to per-partition state.
+//!
+//! Groups are keyed by a flat `[u32]`: the bucket start (two words) followed by one interned id
+//! per dimension (0 = null), so looking a group up allocates nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
+use datafusion::arrow::datatypes::{Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType};
+use datafusion::arrow::record_batch::RecordBatch;
+use tandem_core::filter::CompiledFilter;
+use tandem_core::metric::MetricState;
+use tandem_core::query::{AggRow, ViewQuery};
+use tandem_core::schema::{EventSchema, FieldType};
+use tandem_core::view::ViewDef;
+
+use crate::error::Result;
+
+/// Interned dimension values of one partition; id 0 is null.
+#[derive(Debug, Default)]
+pub struct Interner {
+    ids: HashMap<Box<str>, u32>,
+    values: Vec<Box<str>>,
+}
+
+impl Interner {
+    fn id(&mut self, v: &str) -> u32 {
+        if let Some(&id) = self.ids.get(v) {
+            return id;
+        }
+        self.values.push(v.into());
+        let id = self.values.len() as u32;
+        self.ids.insert(v.into(), id);
+        id
+    }
+
+    fn value(&self, id: u32) -> Option<&str> {
+        (id != 0).then(|| &*self.values[id as usize - 1])
+    }
+}
+
+/// One view's groups in one partition.
+pub type Groups = HashMap<Box<[u32]>, Vec<MetricState>>;
+
+/// A view ready to apply batches of its schema.
+#[derive(Debug, Clone)]
+pub struct ViewAggregator {
+    pub view: Arc<ViewDef>,
+    filter: Option<CompiledFilter>,
+    event_time: usize,
+    dims: Vec<(usize, FieldType)>,
+    /// Per metric: the column it reads and the field's type.
+    inputs: Vec<Option<(usize, FieldType)>>,
+}
+
+fn split(bucket: i64) -> [u32; 2] {
+    let b = bucket as u64;
+    [(b >> 32) as u32, b as u32]
+}
+
+fn join(hi: u32, lo: u32) -> i64 {
+    (((hi as u64) << 32) | lo as u64) as i64
+}
+
+impl ViewAggregator {
+    pub fn new(view: Arc<ViewDef>, schema: &EventSchema) -> Result<Self> {
+        let filter = CompiledFilter::for_view(&view, schema)?;
+        let field = |name: &str| schema.field(name).map(|(i, f)| (i, f.ty)).expect("checked when the view loaded");
+        let dims = view.dimensions.iter().map(|d| field(d)).collect();
+        let inputs = view.metrics.iter().map(|m| m.field.as_deref().map(field)).collect();
+        Ok(ViewAggregator { filter, event_time: schema.event_time, dims, inputs, view })
+    }
+
+    /// Folds `batch` (decoded events of the view's schema) into `groups`.
+    pub fn apply(&self, batch: &RecordBatch, groups: &mut Groups, interner: &mut Interner) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let mask: Option<BooleanArray> = self.filter.as_ref().map(|f| f.evaluate(batch)).transpose()?;
+        let times = batch.column(self.event_time).as_primitive::<TimestampMicrosecondType>();
+        let dim_cols: Vec<&ArrayRef> = self.dims.iter().map(|(i, _)| batch.column(*i)).collect();
+        let metric_cols: Vec<Option<&ArrayRef>> = self.inputs.iter().map(|i| i.map(|(c, _)| batch.column(c))).collect();
+        let mut key: Vec<u32> = Vec::with_capacity(2 + self.dims.len());
+        let mut text = String::new();
+        for row in 0..n {
+            if let Some(m) = &mask {
+                if !m.value(row) {
+                    continue;
+                }
+            }
+            let bucket = self.view.granularity.floor(times.value(row));
+            key.clear();
+            key.extend_from_slice(&split(bucket));
+            for (col, (_, ty)) in dim_cols.iter().zip(&self.dims) {
+                let id = if col.is_null(row) {
+                    0
+                } else {
+                    match ty {
+                        FieldType::String => interner.id(col.as_string::<i32>().value(row)),
+                        FieldType::Int => {
+                            text.clear();
+                            text.push_str(&col.as_primitive::<Int64Type>().value(row).to_string());
+                            interner.id(&text)
+                        }
+                        _ => interner.id(if col.as_boolean().value(row) { "true" } else { "false" }),
+                    }
+                };
+                key.push(id);
+            }
+            let states = match groups.get_mut(key.as_slice()) {
+                Some(s) => s,
+                None => groups
+                    .entry(key.clone().into_boxed_slice())
+                    .or_insert_with(|| self.view.metrics.iter().map(MetricState::empty).collect()),
+            };
+            for ((state, col), input) in states.iter_mut().zip(&metric_cols).zip(&self.inputs) {
+                update(state, *col, input.map(|(_, t)| t), row);
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows of `groups` the query asks for, grouped by its dimensions.
+    pub fn query(&self, groups: &Groups, interner: &Interner, q: &ViewQuery, out: &mut HashMap<(i64, Vec<Option<String>>), Vec<MetricState>>) {
+        let mut dims: Vec<Option<&str>> = Vec::with_capacity(self.dims.len());
+        for (key, states) in groups {
+            let bucket = join(key[0], key[1]);
+            if !q.in_range(bucket) {
+                continue;
+            }
+            dims.clear();
+            dims.extend(key[2..].iter().map(|&id| interner.value(id)));
+            if !q.accepts(&dims) {
+                continue;
+            }
+            let group: Vec<Option<String>> = q.group_by.iter().map(|&d| dims[d].map(str::to_string)).collect();
+            match out.get_mut(&(bucket, group.clone())) {
+                Some(acc) => {
+                    for (a, &m) in acc.iter_mut().zip(&q.metrics) {
+                        a.merge(&states[m]);
+                    }
+                }
+                None => {
+                    out.insert((bucket, group), q.metrics.iter().map(|&m| states[m].clone()).collect());
+                }
+            }
+        }
+    }
+}
+
+/// Turns merged groups into rows.
+pub fn into_rows(groups: HashMap<(i64, Vec<Option<String>>), Vec<MetricState>>) -> Vec<AggRow> {
+    groups.into_iter().map(|((bucket_us, dims), states)| AggRow { bucket_us, dims, states }).collect()
+}
+
+fn update(state: &mut MetricState, col: Option<&ArrayRef>, ty: Option<FieldType>, row: usize) {
+    let Some(col) = col else {
+        if let MetricState::Count(c) = state {
+            *c += 1;
+        }
+        return;
+    };
+    if col.is_null(row) {
+        return;
+    }
+    let int = || -> i128 {
+        match ty {
+            Some(FieldType::Decimal { .. }) => col.as_primitive::<Decimal128Type>().value(row),
+            Some(FieldType::Timestamp) => col.as_primitive::<TimestampMicrosecondType>().value(row) as i128,
+            _ => col.as_primitive::<Int64Type>().value(row) as i128,
+        }
+    };
+    let float = || col.as_primitive::<Float64Type>().value(row);
+    match state {
+        MetricState::Count(c) => *c += 1,
+        MetricState::SumInt(s) => *s += int(),
+        MetricState::SumFloat(s) => *s += float(),
+        MetricState::MinInt(m) => *m = Some(m.map_or(int(), |v| v.min(int()))),
+        MetricState::MaxInt(m) => *m = Some(m.map_or(int(), |v| v.max(int()))),
+        MetricState::MinFloat(m) => *m = Some(m.map_or(float(), |v| v.min(float()))),
+        MetricState::MaxFloat(m) => *m = Some(m.map_or(float(), |v| v.max(float()))),
+        MetricState::Distinct(d) => match ty {
+            Some(FieldType::String) => d.update_str(col.as_string::<i32>().value(row)),
+            Some(FieldType::Bool) => d.update_str(if col.as_boolean().value(row) { "true" } else { "false" }),
+            _ => d.update_i64(int() as i64),
+        },
+    }
+}

@@ -1,0 +1,198 @@
+//! Kafka plumbing shared by the archiver and the speed aggregation: consumer settings, and a
+//! loop that gathers messages into batches (one arena of payload bytes per batch) and hands
+//! them to a [`BatchSink`].
+//!
+//! Offsets are never auto-committed: each sink keeps its offsets with its output and only
+//! reports progress to the group after its output is durable.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use tandem_core::decode::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+
+/// How to reach Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Prefix of the consumer groups (`<prefix>-archive`, `<prefix>-speed`).
+    pub group_prefix: String,
+    /// Most messages per batch.
+    pub max_batch: usize,
+    /// Longest wait to fill a batch.
+    pub batch_wait: Duration,
+    /// Extra librdkafka settings.
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            group_prefix: "tandem".into(),
+            max_batch: 10_000,
+            batch_wait: Duration::from_millis(50),
+            extra: Vec::new(),
+        }
+    }
+
+    /// A consumer of `group`, auto-commit off, starting from the earliest offset when the group
+    /// has none.
+    pub fn consumer(&self, group: &str) -> Result<StreamConsumer> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("{}-{group}", self.group_prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "10");
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        Ok(c.create()?)
+    }
+}
+
+/// Messages gathered from one or more polls; payloads live in one buffer.
+#[derive(Debug, Default)]
+pub struct MessageBatch {
+    buf: Vec<u8>,
+    items: Vec<Item>,
+}
+
+#[derive(Debug, Clone)]
+struct Item {
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    payload: Option<Range<usize>>,
+}
+
+impl MessageBatch {
+    pub fn push(&mut self, partition: i32, offset: i64, timestamp_ms: Option<i64>, payload: Option<&[u8]>) {
+        let payload = payload.map(|p| {
+            let start = self.buf.len();
+            self.buf.extend_from_slice(p);
+            start..self.buf.len()
+        });
+        self.items.push(Item { partition, offset, timestamp_ms, payload });
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.items.clear();
+    }
+
+    /// The messages of each partition, in offset order.
+    pub fn by_partition(&self) -> BTreeMap<i32, Vec<Message<'_>>> {
+        let mut out: BTreeMap<i32, Vec<Message<'_>>> = BTreeMap::new();
+        for it in &self.items {
+            out.entry(it.partition).or_default().push(Message {
+                payload: it.payload.clone().map(|r| &self.buf[r]),
+                partition: it.partition,
+                offset: it.offset,
+                timestamp_ms: it.timestamp_ms,
+            });
+        }
+        out
+    }
+}
+
+/// What a consumer loop feeds.
+#[allow(async_fn_in_trait)]
+pub trait BatchSink {
+    /// Takes one batch. Returns offsets (partition, next offset) that are now durable and may
+    /// be reported to the group.
+    async fn handle(&mut self, batch: &MessageBatch) -> Result<Vec<(i32, i64)>>;
+
+    /// Called on every tick and at shutdown (`final_flush`): write out what is pending.
+    async fn flush(&mut self, final_flush: bool) -> Result<Vec<(i32, i64)>>;
+}
+
+/// Consumes `topic` as `group` into `sink` until `shutdown`; then flushes the sink once more.
+/// Broker errors are logged and retried; a sink error stops the loop.
+pub async fn run<S: BatchSink>(
+    config: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    sink: &mut S,
+    tick: Duration,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let consumer = config.consumer(group)?;
+    consumer.subscribe(&[topic])?;
+    let mut batch = MessageBatch::default();
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {
+                let done = sink.flush(false).await?;
+                report(&consumer, topic, &done, CommitMode::Async);
+            }
+            first = consumer.recv() => {
+                match first {
+                    Ok(m) => batch.push(m.partition(), m.offset(), m.timestamp().to_millis(), m.payload()),
+                    Err(e) => {
+                        tracing::warn!(group, topic, error = %e, "kafka receive failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+                let deadline = tokio::time::Instant::now() + config.batch_wait;
+                while batch.len() < config.max_batch {
+                    match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                        Ok(Ok(m)) => batch.push(m.partition(), m.offset(), m.timestamp().to_millis(), m.payload()),
+                        Ok(Err(e)) => {
+                            tracing::warn!(group, topic, error = %e, "kafka receive failed");
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let done = sink.handle(&batch).await?;
+                report(&consumer, topic, &done, CommitMode::Async);
+                batch.clear();
+            }
+        }
+    }
+    let done = sink.flush(true).await?;
+    report(&consumer, topic, &done, CommitMode::Sync);
+    Ok(())
+}
+
+/// Reports durable progress to the group. Failures only delay the report: the sink's own
+/// stored offsets decide where consumption resumes.
+fn report(consumer: &StreamConsumer, topic: &str, done: &[(i32, i64)], mode: CommitMode) {
+    if done.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for &(p, next) in done {
+        if let Err(e) = tpl.add_partition_offset(topic, p, Offset::Offset(next)) {
+            tracing::warn!(partition = p, error = %e, "cannot report progress");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::debug!(error = %e, "progress report failed; it will be sent again");
+    }
+}

@@ -1,0 +1,20 @@
+//! tandem-speed: everything that consumes Kafka.
+//!
+//! Two consumer groups read each event topic. The [`archiver`] writes every valid event into
+//! the master dataset (a Delta table partitioned by event day) and every rejected message into
+//! the dead-letter table, exactly once, with the Kafka offsets stored in the same commits. The
+//! [`speed`] aggregation keeps every view of the topic's schema per Kafka partition, for the
+//! buckets no batch covers yet, and answers the serving layer through core's `RealtimeView`.
+//! [`kafka`] holds the consumer loop both share; [`aggregate`] is a view compiled for
+//! incremental, per-batch application.
+
+pub mod aggregate;
+pub mod archiver;
+pub mod error;
+pub mod kafka;
+pub mod speed;
+
+pub use archiver::{Archiver, ArchiverConfig};
+pub use error::{Result, SpeedError};
+pub use kafka::KafkaConfig;
+pub use speed::{SpeedLayer, SpeedSink};

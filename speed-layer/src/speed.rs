@@ -1,0 +1,178 @@
+//! The speed aggregation: every view of one event schema, kept per Kafka partition, so that a
+//! partition's state can move with the partition.
+//!
+//! State lives in memory. A message whose offset the partition has already applied is skipped,
+//! so a redelivery never counts twice. Without checkpoints, a restarted speed layer replays its
+//! topic from the earliest retained offset (its consumer group never commits).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tandem_core::decode::{Decoder, Message};
+use tandem_core::query::{AggRow, RealtimeStatus, ViewQuery};
+use tandem_core::time::Clock;
+use tandem_core::traits::RealtimeView;
+use tandem_core::view::ViewDef;
+use tandem_core::{Catalog, CoreError};
+
+use crate::aggregate::{into_rows, Groups, Interner, ViewAggregator};
+use crate::error::{Result, SpeedError};
+use crate::kafka::{BatchSink, MessageBatch};
+
+/// One partition's state: every view's groups and the next offset to apply.
+#[derive(Debug, Default)]
+struct PartitionState {
+    next_offset: i64,
+    groups: Vec<Groups>,
+    interner: Interner,
+    last_broker_ms: Option<i64>,
+}
+
+/// Counters of the speed layer.
+#[derive(Debug, Default)]
+pub struct SpeedStats {
+    pub events: AtomicU64,
+    pub rejected: AtomicU64,
+    pub skipped_redelivered: AtomicU64,
+}
+
+/// The speed layer of one event schema.
+#[derive(Debug)]
+pub struct SpeedLayer {
+    decoder: Decoder,
+    aggregators: Vec<ViewAggregator>,
+    partitions: RwLock<BTreeMap<i32, PartitionState>>,
+    clock: Arc<dyn Clock>,
+    pub stats: SpeedStats,
+}
+
+impl SpeedLayer {
+    /// The speed layer for `schema`'s views in `catalog`.
+    pub fn new(catalog: &Catalog, schema: &str, clock: Arc<dyn Clock>) -> Result<Self> {
+        let s = catalog.schemas.get(schema).ok_or_else(|| SpeedError::UnknownSchema(schema.to_string()))?;
+        let aggregators = catalog
+            .views_of(schema)
+            .map(|v| ViewAggregator::new(Arc::clone(v), s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SpeedLayer {
+            decoder: Decoder::new(Arc::clone(s)),
+            aggregators,
+            partitions: RwLock::new(BTreeMap::new()),
+            clock,
+            stats: SpeedStats::default(),
+        })
+    }
+
+    /// Applies one partition's messages (in offset order), skipping offsets already applied.
+    pub fn apply(&self, partition: i32, messages: &[Message<'_>]) -> Result<()> {
+        let mut parts = self.partitions.write().expect("speed state lock poisoned");
+        let state = parts.entry(partition).or_insert_with(|| PartitionState {
+            groups: vec![Groups::default(); self.aggregators.len()],
+            ..Default::default()
+        });
+        let fresh = messages.iter().position(|m| m.offset >= state.next_offset).unwrap_or(messages.len());
+        self.stats.skipped_redelivered.fetch_add(fresh as u64, Ordering::Relaxed);
+        let messages = &messages[fresh..];
+        let Some(last) = messages.last() else { return Ok(()) };
+        let decoded = self.decoder.decode(messages, self.clock.now_us())?;
+        for (agg, groups) in self.aggregators.iter().zip(state.groups.iter_mut()) {
+            agg.apply(&decoded.batch, groups, &mut state.interner)?;
+        }
+        state.next_offset = last.offset + 1;
+        state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
+        self.stats.events.fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
+        self.stats.rejected.fetch_add(decoded.rejected.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The next offset each partition expects.
+    pub fn offsets(&self) -> BTreeMap<i32, i64> {
+        let parts = self.partitions.read().expect("speed state lock poisoned");
+        parts.iter().map(|(p, s)| (*p, s.next_offset)).collect()
+    }
+
+    /// The number of groups held, over all views and partitions.
+    pub fn group_count(&self) -> usize {
+        let parts = self.partitions.read().expect("speed state lock poisoned");
+        parts.values().map(|s| s.groups.iter().map(|g| g.len()).sum::<usize>()).sum()
+    }
+}
+
+impl RealtimeView for SpeedLayer {
+    fn query(&self, view: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
+        let Some(i) = self.aggregators.iter().position(|a| a.view.name == view.name) else {
+            return Err(CoreError::UnknownView(view.name.clone()));
+        };
+        let parts = self.partitions.read().expect("speed state lock poisoned");
+        let mut out = HashMap::new();
+        for state in parts.values() {
+            self.aggregators[i].query(&state.groups[i], &state.interner, q, &mut out);
+        }
+        Ok(into_rows(out))
+    }
+
+    fn status(&self) -> RealtimeStatus {
+        let parts = self.partitions.read().expect("speed state lock poisoned");
+        let newest = parts.values().filter_map(|s| s.last_broker_ms).max();
+        RealtimeStatus {
+            lag_ms: newest.map(|t| (self.clock.now_us() / 1000 - t).max(0)),
+            stale_partitions: Vec::new(),
+            available: true,
+        }
+    }
+}
+
+/// Feeds consumed batches into a shared [`SpeedLayer`].
+#[derive(Debug, Clone)]
+pub struct SpeedSink(pub Arc<SpeedLayer>);
+
+impl BatchSink for SpeedSink {
+    async fn handle(&mut self, batch: &MessageBatch) -> Result<Vec<(i32, i64)>> {
+        for (partition, messages) in batch.by_partition() {
+            self.0.apply(partition, &messages)?;
+        }
+        // State is not durable yet: nothing to report to the group.
+        Ok(Vec::new())
+    }
+
+    async fn flush(&mut self, _final_flush: bool) -> Result<Vec<(i32, i64)>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The speed layers of several schemas, answering each view from its schema's layer.
+#[derive(Debug, Default)]
+pub struct SpeedLayers(BTreeMap<String, Arc<SpeedLayer>>);
+
+impl SpeedLayers {
+    pub fn new(layers: BTreeMap<String, Arc<SpeedLayer>>) -> Self {
+        SpeedLayers(layers)
+    }
+
+    pub fn get(&self, schema: &str) -> Option<&Arc<SpeedLayer>> {
+        self.0.get(schema)
+    }
+}
+
+impl RealtimeView for SpeedLayers {
+    fn query(&self, view: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
+        match self.0.get(&view.source) {
+            Some(layer) => layer.query(view, q),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn status(&self) -> RealtimeStatus {
+        let mut out = RealtimeStatus { available: !self.0.is_empty(), ..Default::default() };
+        for layer in self.0.values() {
+            let s = layer.status();
+            out.lag_ms = match (out.lag_ms, s.lag_ms) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            out.stale_partitions.extend(s.stale_partitions);
+        }
+        out
+    }
+}

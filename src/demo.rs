@@ -1,0 +1,175 @@
+//! `tandem demo`: every layer in one process on the embedded default.
+//!
+//! librdkafka's mock cluster stands in for Kafka, the generator writes a few days of history
+//! (or `--events FILE` is streamed instead), the archiver and the speed layer consume it, the
+//! batch layer recomputes the closed days once the archiver has caught up, and the API serves
+//! the merge. A live stream then keeps the speed layer busy until Ctrl-C.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rdkafka::mocking::MockCluster;
+use tandem_batch::{BatchLayer, RunRequest};
+use tandem_core::gen::{GenConfig, Generator};
+use tandem_core::storage::Storage;
+use tandem_core::time::format_us;
+use tandem_core::view::{DAY_US, HOUR_US};
+use tandem_speed::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, GlobalOpts};
+use crate::produce::EventProducer;
+use crate::roles::{app_state, catalog, clock, drain, serve_api, shutdown_signal, start_consumers};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Port of the HTTP API on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Stream this JSON-lines file instead of synthetic events.
+    #[arg(long)]
+    pub events: Option<PathBuf>,
+    /// Live events per second after the history (0: no live stream).
+    #[arg(long, default_value_t = 200)]
+    pub rate: u32,
+    /// Days of synthetic history before now.
+    #[arg(long, default_value_t = 3)]
+    pub history_days: u32,
+    /// Synthetic history events.
+    #[arg(long, default_value_t = 300_000)]
+    pub history_events: usize,
+    /// Seed of the synthetic events.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Kafka partitions of the demo topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+}
+
+pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
+    let data = match &global.data {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d).map(|mut e| e.next().is_some()).unwrap_or(true) {
+                bail!(
+                    "the demo's --data directory {} is not empty; the demo's Kafka is new on every start, so give it an empty directory",
+                    d.display()
+                );
+            }
+            d.clone()
+        }
+        None => std::env::temp_dir().join(format!("tandem-demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))),
+    };
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let mut opts = global.clone();
+    opts.data = Some(data.clone());
+    opts.storage = None;
+    let mut config = Config::resolve(&opts)?;
+    config.listen.set_port(args.port);
+    let (catalog, storage, clock) = (catalog(&config)?, Storage::new(config.layout.clone())?, clock());
+    let schema = Arc::clone(catalog.schemas.values().next().context("no schema defined")?);
+
+    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+    cluster.create_topic(&schema.topic, args.partitions, 1).context("creating the demo topic")?;
+    let brokers = cluster.bootstrap_servers();
+    tracing::info!(%brokers, topic = %schema.topic, "mock Kafka cluster up");
+
+    let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
+    let kafka_config = KafkaConfig::new(&brokers);
+    let mut consumers = start_consumers(&catalog, &storage, &kafka_config, Arc::clone(&clock), &backend, true, true).await?;
+    let state = app_state(Arc::clone(&catalog), &storage, consumers.speed.clone(), Arc::clone(&clock));
+    let server = tokio::spawn(serve_api(state, config.listen, frontend.clone()));
+
+    // History: a file, or synthetic days before now.
+    let producer = Arc::new(EventProducer::new(&brokers)?);
+    let now = clock.now_us();
+    let started = Instant::now();
+    let produced = match &args.events {
+        Some(file) => {
+            let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            let mut n = 0;
+            for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+                let line = line.with_context(|| format!("reading {}", file.display()))?;
+                producer.send(&schema.topic, &i.to_string(), line.as_bytes())?;
+                n += 1;
+            }
+            n
+        }
+        None => {
+            let start = now - args.history_days.max(1) as i64 * DAY_US;
+            let gen = Generator::new(GenConfig { seed: args.seed, ..Default::default() });
+            producer.send_all(&schema.topic, gen.history(args.history_events, start, now).map(|e| (e.device_id.clone(), e.to_json())))?
+        }
+    };
+    producer.finish()?;
+    println!("produced {produced} history events in {:.1}s; archiving...", started.elapsed().as_secs_f64());
+
+    // Once the archiver has everything, the batch layer recomputes the closed days.
+    let stats = consumers.archiver_stats.get(&schema.name).cloned().context("archiver")?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = stats.archived.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
+        if done >= produced as u64 {
+            break;
+        }
+        if Instant::now() > deadline || consumers.tasks.len() < 2 * catalog.schemas.len() {
+            tracing::warn!(done, produced, "the archiver did not catch up; serving without a batch run");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let batch = BatchLayer::new(storage.clone(), Arc::clone(&catalog), Arc::clone(&clock));
+    let t = Instant::now();
+    for r in batch.run(None, &RunRequest::default()).await? {
+        println!("batch: {} covers {} day(s), {} rows", r.view, r.days.len(), r.rows);
+    }
+    println!("batch run took {:.1}s", t.elapsed().as_secs_f64());
+
+    let base = format!("http://{}", config.listen);
+    let from = format_us(clock.now_us() / HOUR_US * HOUR_US - 36 * HOUR_US);
+    println!("\nTandem demo is serving at {base}");
+    println!("  views:            curl -s {base}/v1/views");
+    println!("  installs by hour: curl -s '{base}/v1/views/installs_hourly/query?from={from}&group_by=media_source&limit=20'");
+    println!("  top sources:      curl -s '{base}/v1/views/installs_hourly/query?from={from}&granularity=day&group_by=media_source&order_by=-installs&limit=5'");
+    println!("  revenue (CSV):    curl -s '{base}/v1/views/purchases_daily/query?from={}&group_by=country&format=csv'", format_us(now - 7 * DAY_US));
+    println!("  from the CLI:     cargo run --release -- query installs_hourly --url {base} --from {from} --group-by media_source");
+    println!("data: {}   (Ctrl-C stops)", data.display());
+
+    // A live stream until Ctrl-C.
+    let live = if args.events.is_none() && args.rate > 0 {
+        let (producer, topic, token, clock) = (Arc::clone(&producer), schema.topic.clone(), backend.clone(), Arc::clone(&clock));
+        let rate = args.rate;
+        Some(tokio::spawn(async move {
+            let mut gen = Generator::new(GenConfig { seed: args.seed.wrapping_add(1), ..Default::default() });
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let per_tick = (rate / 10).max(1);
+            while !token.is_cancelled() {
+                tick.tick().await;
+                for _ in 0..per_tick {
+                    let e = gen.next_at(clock.now_us());
+                    if let Err(e) = producer.send(&topic, &e.device_id, e.to_json().as_bytes()) {
+                        tracing::warn!(error = %e, "live event not produced");
+                    }
+                }
+            }
+        }))
+    } else {
+        None
+    };
+
+    tokio::select! {
+        _ = shutdown_signal() => println!("stopping..."),
+        Some(r) = consumers.tasks.join_next() => tracing::error!("a consumer stopped: {r:?}"),
+    }
+    let result = drain(consumers.tasks, backend, frontend).await;
+    if let Some(live) = live {
+        live.abort();
+    }
+    server.await??;
+    drop(cluster);
+    result
+}

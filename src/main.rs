@@ -1,0 +1,100 @@
+//! `tandem`: the one binary. Each role is a subcommand; this crate only parses configuration
+//! and wires the layers' concrete types together.
+
+// A binary exports nothing: `pub` here means "for the other modules of the CLI".
+#![allow(unreachable_pub)]
+
+mod config;
+mod defs;
+mod demo;
+mod produce;
+mod roles;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, GlobalOpts};
+
+#[derive(Debug, Parser)]
+#[command(name = "tandem", version, about = "Lambda architecture in one binary: Kafka speed layer, DataFusion batch layer, merged serving.")]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Everything in one process on the embedded default: mock Kafka, generated events, local store.
+    Demo(demo::DemoArgs),
+    /// Archiver, speed layer and serving in one process, against real Kafka.
+    Run(roles::ServeArgs),
+    /// The archiver role only: Kafka into the master dataset and the dead-letter table.
+    Archive,
+    /// The serving role on published batch views only (no speed layer in this process).
+    Serve(roles::ServeArgs),
+    /// Batch jobs.
+    #[command(subcommand)]
+    Batch(roles::BatchCommand),
+    /// Recompute one view over a range of days (same as `batch run --view V --from --to`).
+    Backfill {
+        #[arg(long)]
+        view: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Load JSON-lines history into the master dataset.
+    Import {
+        /// Files of JSON lines, one event per line.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The event schema of the files (default: the only schema).
+        #[arg(long)]
+        schema: Option<String>,
+    },
+    /// Generate synthetic reference events.
+    Gen(produce::GenArgs),
+    /// Query a view through a running server's API.
+    Query(roles::QueryArgs),
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,datafusion=warn,deltalake=warn,deltalake_core=error,buoyant_kernel=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = Config::resolve(&cli.global)?;
+    match cli.command {
+        Command::Demo(args) => demo::run(&cli.global, args).await,
+        Command::Run(args) => roles::run_all(&config, args).await,
+        Command::Archive => roles::archive(&config).await,
+        Command::Serve(args) => roles::serve(&config, args).await,
+        Command::Batch(cmd) => roles::batch(&config, cmd).await,
+        Command::Backfill { view, from, to } => {
+            roles::batch(&config, roles::BatchCommand::Run { view: Some(view), from: Some(from), to: Some(to), full: false }).await
+        }
+        Command::Import { files, schema } => roles::import(&config, files, schema).await,
+        Command::Gen(args) => produce::gen(&config, args).await,
+        Command::Query(args) => roles::query(&config, args),
+    }
+}

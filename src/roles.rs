@@ -1,0 +1,298 @@
+//! The roles: wiring of the layers for `run`, `archive`, `serve`, `batch`, `import`, `query`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use tandem_batch::{BatchLayer, DeltaBatchViews, RunRequest};
+use tandem_core::storage::Storage;
+use tandem_core::time::{parse_day, Clock, SystemClock};
+use tandem_core::traits::{NoRealtime, RealtimeView};
+use tandem_core::Catalog;
+use tandem_serving::{router, ApiMetrics, AppState};
+use tandem_speed::speed::SpeedLayers;
+use tandem_speed::{kafka, Archiver, ArchiverConfig, KafkaConfig, SpeedLayer, SpeedSink};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Port to listen on (overrides the port of --listen).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Recompute views from the master dataset and publish them.
+    Run {
+        /// Only this view.
+        #[arg(long)]
+        view: Option<String>,
+        /// First day (YYYY-MM-DD) to recompute.
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// Last day (YYYY-MM-DD) to recompute, inclusive.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Recompute every closed day, not only new and dirty ones.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        full: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The view to query.
+    pub view: String,
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long)]
+    pub granularity: Option<String>,
+    /// Comma-separated dimensions.
+    #[arg(long)]
+    pub group_by: Option<String>,
+    /// DIMENSION=VALUE; repeat to combine.
+    #[arg(long = "where")]
+    pub filters: Vec<String>,
+    /// Comma-separated metrics.
+    #[arg(long)]
+    pub metrics: Option<String>,
+    #[arg(long)]
+    pub order_by: Option<String>,
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// json or csv.
+    #[arg(long, default_value = "json")]
+    pub format: String,
+    /// The server (default: http:// + the configured listen address).
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+pub fn clock() -> Arc<dyn Clock> {
+    Arc::new(SystemClock)
+}
+
+pub fn catalog(config: &Config) -> Result<Arc<Catalog>> {
+    let fallback = config.layout.local_dir().unwrap_or_else(std::env::temp_dir).join("definitions");
+    Ok(Arc::new(crate::defs::load(config, &fallback)?))
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// The running consumers of a deployment.
+pub struct Consumers {
+    pub tasks: JoinSet<Result<()>>,
+    pub speed: Arc<SpeedLayers>,
+    pub archiver_stats: BTreeMap<String, Arc<tandem_speed::archiver::ArchiverStats>>,
+}
+
+/// Starts an archiver and a speed layer for every schema (either may be left out).
+pub async fn start_consumers(
+    catalog: &Catalog,
+    storage: &Storage,
+    kafka_config: &KafkaConfig,
+    clock: Arc<dyn Clock>,
+    shutdown: &CancellationToken,
+    archive: bool,
+    speed: bool,
+) -> Result<Consumers> {
+    let mut tasks = JoinSet::new();
+    let mut layers = BTreeMap::new();
+    let mut archiver_stats = BTreeMap::new();
+    for (name, schema) in &catalog.schemas {
+        if archive {
+            let mut archiver = Archiver::open(storage.clone(), Arc::clone(schema), ArchiverConfig::default(), Arc::clone(&clock)).await?;
+            archiver_stats.insert(name.clone(), Arc::clone(&archiver.stats));
+            let (cfg, topic, token) = (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                kafka::run(&cfg, "archive", &topic, &mut archiver, Duration::from_millis(500), token).await.context("archiver")
+            });
+        }
+        if speed {
+            let layer = Arc::new(SpeedLayer::new(catalog, name, Arc::clone(&clock))?);
+            layers.insert(name.clone(), Arc::clone(&layer));
+            let (cfg, topic, token) = (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                kafka::run(&cfg, "speed", &topic, &mut SpeedSink(layer), Duration::from_secs(1), token).await.context("speed layer")
+            });
+        }
+    }
+    Ok(Consumers { tasks, speed: Arc::new(SpeedLayers::new(layers)), archiver_stats })
+}
+
+/// Serves the API on `listen` until `shutdown`.
+pub async fn serve_api(state: AppState, listen: std::net::SocketAddr, shutdown: CancellationToken) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("HTTP server")
+}
+
+pub fn app_state(catalog: Arc<Catalog>, storage: &Storage, speed: Arc<dyn RealtimeView>, clock: Arc<dyn Clock>) -> AppState {
+    AppState {
+        catalog,
+        batch: Arc::new(DeltaBatchViews::new(storage.clone())),
+        speed,
+        clock,
+        metrics: Arc::new(ApiMetrics::default()),
+    }
+}
+
+fn listen(config: &Config, port: Option<u16>) -> std::net::SocketAddr {
+    let mut addr = config.listen;
+    if let Some(p) = port {
+        addr.set_port(p);
+    }
+    addr
+}
+
+/// Stops in order: consumers flush and finish first, then the HTTP frontend.
+pub async fn drain(mut tasks: JoinSet<Result<()>>, backend: CancellationToken, frontend: CancellationToken) -> Result<()> {
+    backend.cancel();
+    let mut first_err = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
+            tracing::error!(error = %format!("{e:#}"), "task failed");
+            first_err.get_or_insert(e);
+        }
+    }
+    frontend.cancel();
+    first_err.map_or(Ok(()), Err)
+}
+
+pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
+    let (catalog, storage, clock) = (catalog(config)?, Storage::new(config.layout.clone())?, clock());
+    let kafka_config = KafkaConfig { group_prefix: config.group_prefix.clone(), ..KafkaConfig::new(config.brokers()?) };
+    let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
+    let mut consumers = start_consumers(&catalog, &storage, &kafka_config, Arc::clone(&clock), &backend, true, true).await?;
+    let state = app_state(Arc::clone(&catalog), &storage, consumers.speed.clone(), clock);
+    let server = tokio::spawn(serve_api(state, listen(config, args.port), frontend.clone()));
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping"),
+        Some(r) = consumers.tasks.join_next() => {
+            tracing::error!("a consumer stopped: {r:?}");
+        }
+    }
+    let result = drain(consumers.tasks, backend, frontend).await;
+    server.await??;
+    result
+}
+
+pub async fn archive(config: &Config) -> Result<()> {
+    let (catalog, storage, clock) = (catalog(config)?, Storage::new(config.layout.clone())?, clock());
+    let kafka_config = KafkaConfig { group_prefix: config.group_prefix.clone(), ..KafkaConfig::new(config.brokers()?) };
+    let backend = CancellationToken::new();
+    let mut consumers = start_consumers(&catalog, &storage, &kafka_config, clock, &backend, true, false).await?;
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping"),
+        Some(r) = consumers.tasks.join_next() => tracing::error!("the archiver stopped: {r:?}"),
+    }
+    drain(consumers.tasks, backend, CancellationToken::new()).await
+}
+
+pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
+    let (catalog, storage, clock) = (catalog(config)?, Storage::new(config.layout.clone())?, clock());
+    let state = app_state(catalog, &storage, Arc::new(NoRealtime), clock);
+    let token = CancellationToken::new();
+    let server = tokio::spawn(serve_api(state, listen(config, args.port), token.clone()));
+    shutdown_signal().await;
+    token.cancel();
+    server.await?
+}
+
+pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
+    let BatchCommand::Run { view, from, to, full } = cmd;
+    let day = |flag: &str, v: Option<String>| -> Result<Option<i64>> {
+        v.map(|s| parse_day(&s).with_context(|| format!("{flag} `{s}` is not a day (YYYY-MM-DD)"))).transpose()
+    };
+    let req = RunRequest { from_day: day("--from", from)?, to_day: day("--to", to)?, full };
+    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    let layer = BatchLayer::new(storage, catalog, clock());
+    for r in layer.run(view.as_deref(), &req).await? {
+        match (r.days.len(), r.version) {
+            (0, _) => println!("{}: nothing to recompute", r.view),
+            (n, Some(v)) => println!("{}: published {} rows for {n} day(s) {}..{} as version {v}", r.view, r.rows, r.days[0], r.days[n - 1]),
+            (n, None) => println!("{}: computed {n} day(s)", r.view),
+        }
+    }
+    Ok(())
+}
+
+pub async fn import(config: &Config, files: Vec<PathBuf>, schema: Option<String>) -> Result<()> {
+    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    let schema = match schema {
+        Some(s) => Arc::clone(catalog.schemas.get(&s).with_context(|| format!("no schema `{s}`"))?),
+        None if catalog.schemas.len() == 1 => Arc::clone(catalog.schemas.values().next().expect("one")),
+        None => bail!("several schemas are defined; name one with --schema"),
+    };
+    let r = tandem_batch::import_jsonl(&storage, &schema, &files, clock().now_us()).await?;
+    println!("imported {} events from {} file(s); {} rejected into the dead-letter table", r.events, r.files, r.rejected);
+    Ok(())
+}
+
+pub fn query(config: &Config, args: QueryArgs) -> Result<()> {
+    let base = args.url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in [
+        ("from", &args.from),
+        ("to", &args.to),
+        ("granularity", &args.granularity),
+        ("group_by", &args.group_by),
+        ("metrics", &args.metrics),
+        ("order_by", &args.order_by),
+    ] {
+        if let Some(v) = v {
+            q.append_pair(k, v);
+        }
+    }
+    for f in &args.filters {
+        q.append_pair("filter", f);
+    }
+    if let Some(l) = args.limit {
+        q.append_pair("limit", &l.to_string());
+    }
+    q.append_pair("format", &args.format);
+    let view: String = url::form_urlencoded::byte_serialize(args.view.as_bytes()).collect();
+    let url = format!("{}/v1/views/{view}/query?{}", base.trim_end_matches('/'), q.finish());
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut resp = agent.get(&url).call().with_context(|| format!("cannot reach {base}; is `tandem run` or `tandem demo` running?"))?;
+    let status = resp.status();
+    let body = resp.body_mut().read_to_string().context("reading the answer")?;
+    if !status.is_success() {
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
+            .unwrap_or(body);
+        bail!("{status}: {detail}");
+    }
+    print!("{body}");
+    if !body.ends_with('\n') {
+        println!();
+    }
+    Ok(())
+}
