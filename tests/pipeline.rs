@@ -106,6 +106,16 @@ async fn speed_then_batch_equal_the_oracle() {
         assert_eq!(row["metrics"]["installs"].as_u64().unwrap(), per_day[row["bucket"].as_str().unwrap()], "{row}");
     }
     assert_eq!(body["meta"]["covered_until"], Value::String(today.clone()));
+
+    // Filter values are literals in both layers, never SQL.
+    let (status, body) = h
+        .get(&format!(
+            "/v1/views/installs_hourly/query?from={}&group_by=country&filter=country%3D'%20OR%201%3D1%20--",
+            format_us(NOW_US - 10 * DAY_US)
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"], serde_json::json!([]));
     h.stop().await;
 }
 

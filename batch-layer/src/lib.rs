@@ -13,6 +13,9 @@ pub mod hll;
 pub mod import;
 pub mod views;
 
+#[cfg(test)]
+mod tests;
+
 pub use compute::{BatchLayer, PublishReport, RunRequest};
 pub use error::{BatchError, Result};
 pub use import::{import_jsonl, ImportReport};

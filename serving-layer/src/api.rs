@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -123,7 +124,13 @@ async fn query_get(
     run_query(&state, &view, params, &headers).await
 }
 
-async fn query_post(State(state): State<AppState>, Path(view): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn query_post(
+    State(state): State<AppState>,
+    Path(view): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| ApiError(CoreError::BadQuery(r.body_text()), r.status()))?;
     let body: Json_ = serde_json::from_slice(&body).map_err(|e| CoreError::BadQuery(format!("the body is not JSON: {e}")))?;
     let Json_::Object(map) = body else {
         return Err(CoreError::BadQuery("the body must be a JSON object".into()).into());

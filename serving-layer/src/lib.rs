@@ -9,5 +9,8 @@
 pub mod api;
 pub mod merge;
 
+#[cfg(test)]
+mod tests;
+
 pub use api::{router, ApiMetrics, AppState};
 pub use merge::answer;

@@ -1,0 +1,196 @@
+//! The merge and the API against fake layers.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tandem_core::metric::MetricState;
+use tandem_core::query::{AggRow, Coverage, RealtimeStatus, ViewQuery};
+use tandem_core::time::MockClock;
+use tandem_core::traits::{BatchViews, RealtimeView};
+use tandem_core::view::{ViewDef, DAY_US, HOUR_US};
+use tandem_core::Catalog;
+use tower::ServiceExt;
+
+use crate::{router, ApiMetrics, AppState};
+
+const DAY: i64 = 20_000; // 2024-10-04
+const NOW: i64 = (DAY + 1) * DAY_US + 12 * HOUR_US;
+
+fn catalog() -> Arc<Catalog> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    Arc::new(Catalog::load(&root.join("schemas"), &root.join("jobs")).unwrap())
+}
+
+/// installs_hourly rows: one per hour given, with `installs` = n and no dims asked.
+fn rows(hours: &[(i64, u64)], q: &ViewQuery) -> Vec<AggRow> {
+    hours
+        .iter()
+        .map(|&(bucket_us, n)| AggRow {
+            bucket_us,
+            dims: q.group_by.iter().map(|_| Some("x".to_string())).collect(),
+            states: q
+                .metrics
+                .iter()
+                .map(|&m| if m == 0 { MetricState::Count(n) } else { MetricState::Distinct(Box::new(tandem_core::metric::DistinctState::new(12))) })
+                .collect(),
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+struct FakeBatch(Vec<(i64, u64)>, BTreeSet<i64>);
+
+#[async_trait]
+impl BatchViews for FakeBatch {
+    async fn coverage(&self, _: &ViewDef) -> tandem_core::Result<Coverage> {
+        Ok(Coverage { version: Some(3), days: self.1.clone(), published_us: None })
+    }
+    async fn query(&self, _: &ViewDef, q: &ViewQuery, _: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
+        Ok(rows(&self.0, q))
+    }
+}
+
+#[derive(Debug)]
+struct FakeSpeed(Vec<(i64, u64)>);
+
+impl RealtimeView for FakeSpeed {
+    fn query(&self, _: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
+        Ok(rows(&self.0, q).into_iter().filter(|r| q.in_range(r.bucket_us)).collect())
+    }
+    fn status(&self) -> RealtimeStatus {
+        RealtimeStatus { lag_ms: Some(42), stale_partitions: vec![], available: true }
+    }
+}
+
+fn app() -> axum::Router {
+    let d = DAY * DAY_US;
+    // Batch covers DAY; it also (wrongly) holds a row of DAY+1, which must not be served.
+    let batch = FakeBatch(vec![(d, 10), (d + HOUR_US, 20), (d + DAY_US, 999)], [DAY].into());
+    // Speed holds DAY too (not yet pruned): covered, so not served; and DAY+1.
+    let speed = FakeSpeed(vec![(d, 7), (d + DAY_US, 5), (d + DAY_US + HOUR_US, 6)]);
+    router(AppState {
+        catalog: catalog(),
+        batch: Arc::new(batch),
+        speed: Arc::new(speed),
+        clock: Arc::new(MockClock::new(NOW)),
+        metrics: Arc::new(ApiMetrics::default()),
+    })
+}
+
+async fn call(req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    if status.is_client_error() {
+        assert_eq!(ct, "application/problem+json");
+    }
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())))
+}
+
+async fn get(uri: &str) -> (StatusCode, Value) {
+    call(Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn covered_buckets_from_batch_the_rest_from_speed() {
+    let (status, body) = get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&metrics=installs").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got: Vec<(String, String, u64)> = body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["bucket"].as_str().unwrap().to_string(), r["source"].as_str().unwrap().to_string(), r["metrics"]["installs"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("2024-10-04T00:00:00Z".to_string(), "batch".to_string(), 10),
+            ("2024-10-04T01:00:00Z".into(), "batch".into(), 20),
+            ("2024-10-05T00:00:00Z".into(), "speed".into(), 5),
+            ("2024-10-05T01:00:00Z".into(), "speed".into(), 6),
+        ]
+    );
+    assert_eq!(body["meta"]["batch_version"], 3);
+    assert_eq!(body["meta"]["covered_until"], "2024-10-05T00:00:00Z");
+    assert_eq!(body["meta"]["speed_lag_ms"], 42);
+}
+
+#[tokio::test]
+async fn rollups_merge_within_a_source_and_order_and_limit_apply() {
+    let (status, body) = get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&granularity=day&order_by=-installs&limit=1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let rows = body["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["metrics"]["installs"], 30);
+    assert_eq!(rows[0]["source"], "batch");
+    assert_eq!(body["meta"]["truncated"], true);
+}
+
+#[tokio::test]
+async fn post_and_get_answer_the_same() {
+    let get_body = get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&group_by=country&filter=country=x&metrics=installs").await;
+    let post = Request::post("/v1/views/installs_hourly/query")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"from":"2024-10-04","to":"2024-10-06","group_by":["country"],"filter":{"country":"x"},"metrics":["installs"]}"#))
+        .unwrap();
+    let post_body = call(post).await;
+    assert_eq!(get_body.0, StatusCode::OK);
+    assert_eq!(get_body, post_body);
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_reason_never_a_500() {
+    let cases = [
+        ("/v1/views/nope/query", StatusCode::NOT_FOUND, "unknown view"),
+        ("/v1/views/installs_hourly/query?metrics=revenue", StatusCode::BAD_REQUEST, "no metric `revenue`"),
+        ("/v1/views/installs_hourly/query?group_by=country%3B%20DROP%20TABLE%20x", StatusCode::BAD_REQUEST, "no dimension"),
+        ("/v1/views/installs_hourly/query?from=tomorrow", StatusCode::BAD_REQUEST, "RFC 3339"),
+        ("/v1/views/installs_hourly/query?from=2024-10-05&to=2024-10-04", StatusCode::BAD_REQUEST, "before"),
+        ("/v1/views/installs_hourly/query?limit=0", StatusCode::BAD_REQUEST, "limit"),
+        ("/v1/views/installs_hourly/query?format=xml", StatusCode::BAD_REQUEST, "format"),
+        ("/v1/views/installs_hourly/query?from=1990-01-01", StatusCode::BAD_REQUEST, "range too large"),
+        ("/v2/anything", StatusCode::NOT_FOUND, "no such endpoint"),
+    ];
+    for (uri, want, needle) in cases {
+        let (status, body) = get(uri).await;
+        assert_eq!(status, want, "{uri}: {body}");
+        assert!(body["detail"].as_str().unwrap().contains(needle), "{uri}: {body}");
+    }
+    for body in ["not json", "[1,2]", r#"{"metrics":{"a":1}}"#] {
+        let req = Request::post("/v1/views/installs_hourly/query").body(Body::from(body)).unwrap();
+        let (status, b) = call(req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {b}");
+    }
+    let huge = format!(r#"{{"from":"{}"}}"#, "x".repeat(crate::api::MAX_BODY + 1));
+    let (status, _) = call(Request::post("/v1/views/installs_hourly/query").body(Body::from(huge)).unwrap()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn views_list_their_definition_and_coverage() {
+    let (status, body) = get("/v1/views").await;
+    assert_eq!(status, StatusCode::OK);
+    let v = body["views"].as_array().unwrap().iter().find(|v| v["name"] == "installs_hourly").unwrap().clone();
+    assert_eq!(v["granularity"], "hour");
+    assert_eq!(v["filter"], "event_name = 'install'");
+    assert_eq!(v["coverage"]["days"], serde_json::json!([{"from": "2024-10-04", "to": "2024-10-04"}]));
+    assert_eq!(v["definition_hash"].as_str().unwrap().len(), 24);
+}
+
+#[tokio::test]
+async fn csv_by_accept_header() {
+    let req = Request::get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-05&metrics=installs")
+        .header("accept", "text/csv")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = call(req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_str().unwrap(), "bucket,source,installs\n2024-10-04T00:00:00Z,batch,10\n2024-10-04T01:00:00Z,batch,20\n");
+}
