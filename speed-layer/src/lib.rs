@@ -14,6 +14,9 @@ pub mod error;
 pub mod kafka;
 pub mod speed;
 
+#[cfg(test)]
+mod tests;
+
 pub use archiver::{Archiver, ArchiverConfig};
 pub use error::{Result, SpeedError};
 pub use kafka::KafkaConfig;
