@@ -73,12 +73,23 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 impl Config {
     pub fn resolve(opts: &GlobalOpts) -> Result<Self> {
         let (file, base) = match &opts.config {
-            Some(p) => (read_file(p)?, p.parent().map(Path::to_path_buf).unwrap_or_default()),
-            None if Path::new("tandem.toml").exists() => (read_file(Path::new("tandem.toml"))?, PathBuf::new()),
+            Some(p) => (
+                read_file(p)?,
+                p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ),
+            None if Path::new("tandem.toml").exists() => {
+                (read_file(Path::new("tandem.toml"))?, PathBuf::new())
+            }
             None => (FileConfig::default(), PathBuf::new()),
         };
         // Paths in the file are relative to the file.
-        let rel = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base.join(p) };
+        let rel = |p: &PathBuf| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                base.join(p)
+            }
+        };
         let layout = if let Some(d) = &opts.data {
             Layout::local(d)?
         } else if let Some(s) = &opts.storage {
@@ -90,14 +101,28 @@ impl Config {
         } else {
             Layout::local(Path::new("tandem-data"))?
         };
-        let definitions_given = opts.schemas.is_some() || opts.jobs.is_some() || file.schemas.is_some() || file.jobs.is_some();
+        let definitions_given = opts.schemas.is_some()
+            || opts.jobs.is_some()
+            || file.schemas.is_some()
+            || file.jobs.is_some();
         Ok(Config {
             layout,
             brokers: opts.brokers.clone().or(file.kafka.brokers),
             group_prefix: file.kafka.group_prefix.unwrap_or_else(|| "tandem".into()),
-            schemas: opts.schemas.clone().or(file.schemas.as_ref().map(rel)).unwrap_or_else(|| "schemas".into()),
-            jobs: opts.jobs.clone().or(file.jobs.as_ref().map(rel)).unwrap_or_else(|| "jobs".into()),
-            listen: opts.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid")),
+            schemas: opts
+                .schemas
+                .clone()
+                .or(file.schemas.as_ref().map(rel))
+                .unwrap_or_else(|| "schemas".into()),
+            jobs: opts
+                .jobs
+                .clone()
+                .or(file.jobs.as_ref().map(rel))
+                .unwrap_or_else(|| "jobs".into()),
+            listen: opts
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid")),
             definitions_given,
         })
     }
@@ -111,7 +136,8 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("config {}", path.display()))
 }
 
@@ -121,7 +147,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = toml::from_str::<FileConfig>("storage = \"memory:///\"\n[kafka]\nbroker = \"x\"\n").unwrap_err().to_string();
+        let err =
+            toml::from_str::<FileConfig>("storage = \"memory:///\"\n[kafka]\nbroker = \"x\"\n")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("broker"), "{err}");
     }
 
@@ -130,7 +159,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tandem.toml");
         std::fs::write(&path, "storage = \"memory:///\"\nlisten = \"127.0.0.1:9000\"\nschemas = \"defs\"\n[kafka]\nbrokers = \"file:9092\"\n").unwrap();
-        let opts = GlobalOpts { config: Some(path), brokers: Some("flag:9092".into()), ..Default::default() };
+        let opts = GlobalOpts {
+            config: Some(path),
+            brokers: Some("flag:9092".into()),
+            ..Default::default()
+        };
         let c = Config::resolve(&opts).unwrap();
         assert_eq!(c.brokers.as_deref(), Some("flag:9092"));
         assert_eq!(c.listen.port(), 9000);

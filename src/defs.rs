@@ -7,11 +7,23 @@ use tandem_core::Catalog;
 
 use crate::config::Config;
 
-const SCHEMAS: &[(&str, &str)] = &[("app_events.toml", include_str!("../schemas/app_events.toml"))];
+const SCHEMAS: &[(&str, &str)] = &[(
+    "app_events.toml",
+    include_str!("../schemas/app_events.toml"),
+)];
 const JOBS: &[(&str, &str)] = &[
-    ("installs_hourly.toml", include_str!("../jobs/installs_hourly.toml")),
-    ("purchases_daily.toml", include_str!("../jobs/purchases_daily.toml")),
-    ("active_devices_daily.toml", include_str!("../jobs/active_devices_daily.toml")),
+    (
+        "installs_hourly.toml",
+        include_str!("../jobs/installs_hourly.toml"),
+    ),
+    (
+        "purchases_daily.toml",
+        include_str!("../jobs/purchases_daily.toml"),
+    ),
+    (
+        "active_devices_daily.toml",
+        include_str!("../jobs/active_devices_daily.toml"),
+    ),
 ];
 
 /// Loads the configured definitions; when none were named and `./schemas` is absent, writes
@@ -24,7 +36,8 @@ pub fn load(config: &Config, fallback: &Path) -> Result<Catalog> {
     for (dir, files) in [(&schemas, SCHEMAS), (&jobs, JOBS)] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, text) in files {
-            std::fs::write(dir.join(name), text).with_context(|| format!("writing {}", dir.display()))?;
+            std::fs::write(dir.join(name), text)
+                .with_context(|| format!("writing {}", dir.display()))?;
         }
     }
     tracing::info!(dir = %fallback.display(), "using the built-in reference definitions");

@@ -54,7 +54,11 @@ pub struct DemoArgs {
 pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let data = match &global.data {
         Some(d) => {
-            if d.exists() && std::fs::read_dir(d).map(|mut e| e.next().is_some()).unwrap_or(true) {
+            if d.exists()
+                && std::fs::read_dir(d)
+                    .map(|mut e| e.next().is_some())
+                    .unwrap_or(true)
+            {
                 bail!(
                     "the demo's --data directory {} is not empty; the demo's Kafka is new on every start, so give it an empty directory",
                     d.display()
@@ -62,7 +66,10 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
             }
             d.clone()
         }
-        None => std::env::temp_dir().join(format!("tandem-demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"))),
+        None => std::env::temp_dir().join(format!(
+            "tandem-demo-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        )),
     };
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let mut opts = global.clone();
@@ -70,18 +77,44 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     opts.storage = None;
     let mut config = Config::resolve(&opts)?;
     config.listen.set_port(args.port);
-    let (catalog, storage, clock) = (catalog(&config)?, Storage::new(config.layout.clone())?, clock());
-    let schema = Arc::clone(catalog.schemas.values().next().context("no schema defined")?);
+    let (catalog, storage, clock) = (
+        catalog(&config)?,
+        Storage::new(config.layout.clone())?,
+        clock(),
+    );
+    let schema = Arc::clone(
+        catalog
+            .schemas
+            .values()
+            .next()
+            .context("no schema defined")?,
+    );
 
     let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
-    cluster.create_topic(&schema.topic, args.partitions, 1).context("creating the demo topic")?;
+    cluster
+        .create_topic(&schema.topic, args.partitions, 1)
+        .context("creating the demo topic")?;
     let brokers = cluster.bootstrap_servers();
     tracing::info!(%brokers, topic = %schema.topic, "mock Kafka cluster up");
 
     let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
     let kafka_config = KafkaConfig::new(&brokers);
-    let mut consumers = start_consumers(&catalog, &storage, &kafka_config, Arc::clone(&clock), &backend, true, true).await?;
-    let state = app_state(Arc::clone(&catalog), &storage, consumers.speed.clone(), Arc::clone(&clock));
+    let mut consumers = start_consumers(
+        &catalog,
+        &storage,
+        &kafka_config,
+        Arc::clone(&clock),
+        &backend,
+        true,
+        true,
+    )
+    .await?;
+    let state = app_state(
+        Arc::clone(&catalog),
+        &storage,
+        consumers.speed.clone(),
+        Arc::clone(&clock),
+    );
     let server = tokio::spawn(serve_api(state, config.listen, frontend.clone()));
 
     // History: a file, or synthetic days before now.
@@ -90,7 +123,8 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let produced = match &args.events {
         Some(file) => {
-            let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            let f =
+                std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
             let mut n = 0;
             for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
                 let line = line.with_context(|| format!("reading {}", file.display()))?;
@@ -101,23 +135,42 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         }
         None => {
             let start = now - args.history_days.max(1) as i64 * DAY_US;
-            let gen = Generator::new(GenConfig { seed: args.seed, ..Default::default() });
-            producer.send_all(&schema.topic, gen.history(args.history_events, start, now).map(|e| (e.device_id.clone(), e.to_json())))?
+            let gen = Generator::new(GenConfig {
+                seed: args.seed,
+                ..Default::default()
+            });
+            producer.send_all(
+                &schema.topic,
+                gen.history(args.history_events, start, now)
+                    .map(|e| (e.device_id.clone(), e.to_json())),
+            )?
         }
     };
     producer.finish()?;
-    println!("produced {produced} history events in {:.1}s; archiving...", started.elapsed().as_secs_f64());
+    println!(
+        "produced {produced} history events in {:.1}s; archiving...",
+        started.elapsed().as_secs_f64()
+    );
 
     // Once the archiver has everything, the batch layer recomputes the closed days.
-    let stats = consumers.archiver_stats.get(&schema.name).cloned().context("archiver")?;
+    let stats = consumers
+        .archiver_stats
+        .get(&schema.name)
+        .cloned()
+        .context("archiver")?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let done = stats.archived.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
+        let done =
+            stats.archived.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
         if done >= produced as u64 {
             break;
         }
         if Instant::now() > deadline || consumers.tasks.len() < 2 * catalog.schemas.len() {
-            tracing::warn!(done, produced, "the archiver did not catch up; serving without a batch run");
+            tracing::warn!(
+                done,
+                produced,
+                "the archiver did not catch up; serving without a batch run"
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -125,7 +178,12 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let batch = BatchLayer::new(storage.clone(), Arc::clone(&catalog), Arc::clone(&clock));
     let t = Instant::now();
     for r in batch.run(None, &RunRequest::default()).await? {
-        println!("batch: {} covers {} day(s), {} rows", r.view, r.days.len(), r.rows);
+        println!(
+            "batch: {} covers {} day(s), {} rows",
+            r.view,
+            r.days.len(),
+            r.rows
+        );
     }
     println!("batch run took {:.1}s", t.elapsed().as_secs_f64());
 
@@ -141,10 +199,18 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
 
     // A live stream until Ctrl-C.
     let live = if args.events.is_none() && args.rate > 0 {
-        let (producer, topic, token, clock) = (Arc::clone(&producer), schema.topic.clone(), backend.clone(), Arc::clone(&clock));
+        let (producer, topic, token, clock) = (
+            Arc::clone(&producer),
+            schema.topic.clone(),
+            backend.clone(),
+            Arc::clone(&clock),
+        );
         let rate = args.rate;
         Some(tokio::spawn(async move {
-            let mut gen = Generator::new(GenConfig { seed: args.seed.wrapping_add(1), ..Default::default() });
+            let mut gen = Generator::new(GenConfig {
+                seed: args.seed.wrapping_add(1),
+                ..Default::default()
+            });
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let per_tick = (rate / 10).max(1);
             while !token.is_cancelled() {

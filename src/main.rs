@@ -18,7 +18,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, GlobalOpts};
 
 #[derive(Debug, Parser)]
-#[command(name = "tandem", version, about = "Lambda architecture in one binary: Kafka speed layer, DataFusion batch layer, merged serving.")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Lambda architecture in one binary: Kafka speed layer, DataFusion batch layer, merged serving."
+)]
 struct Cli {
     #[command(flatten)]
     global: GlobalOpts,
@@ -65,9 +69,17 @@ enum Command {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,datafusion=warn,deltalake=warn,deltalake_core=error,buoyant_kernel=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(
+            "info,datafusion=warn,deltalake=warn,deltalake_core=error,buoyant_kernel=warn",
+        )
+    });
     use std::io::IsTerminal;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 #[tokio::main]
@@ -92,7 +104,16 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => roles::serve(&config, args).await,
         Command::Batch(cmd) => roles::batch(&config, cmd).await,
         Command::Backfill { view, from, to } => {
-            roles::batch(&config, roles::BatchCommand::Run { view: Some(view), from: Some(from), to: Some(to), full: false }).await
+            roles::batch(
+                &config,
+                roles::BatchCommand::Run {
+                    view: Some(view),
+                    from: Some(from),
+                    to: Some(to),
+                    full: false,
+                },
+            )
+            .await
         }
         Command::Import { files, schema } => roles::import(&config, files, schema).await,
         Command::Gen(args) => produce::gen(&config, args).await,

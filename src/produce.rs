@@ -46,19 +46,28 @@ pub async fn gen(_config: &Config, args: GenArgs) -> Result<()> {
     }
     let end = SystemClock.now_us();
     let start = end - args.days.max(1) as i64 * DAY_US;
-    let events = Generator::new(GenConfig { seed: args.seed, late_share: args.late_share, ..Default::default() })
-        .history(args.events, start, end);
+    let events = Generator::new(GenConfig {
+        seed: args.seed,
+        late_share: args.late_share,
+        ..Default::default()
+    })
+    .history(args.events, start, end);
     match (&args.to, &args.out) {
         (Some(url), None) => {
-            let rest = url.strip_prefix("kafka://").context("--to must look like kafka://HOST:PORT/TOPIC")?;
-            let (brokers, topic) = rest.split_once('/').context("--to must look like kafka://HOST:PORT/TOPIC")?;
+            let rest = url
+                .strip_prefix("kafka://")
+                .context("--to must look like kafka://HOST:PORT/TOPIC")?;
+            let (brokers, topic) = rest
+                .split_once('/')
+                .context("--to must look like kafka://HOST:PORT/TOPIC")?;
             let producer = EventProducer::new(brokers)?;
             let n = producer.send_all(topic, events.map(|e| (e.device_id.clone(), e.to_json())))?;
             producer.finish()?;
             eprintln!("produced {n} events to {topic} at {brokers}");
         }
         (None, Some(path)) => {
-            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
             let mut w = std::io::BufWriter::new(file);
             let mut n = 0;
             for e in events {
@@ -114,7 +123,11 @@ impl EventProducer {
     }
 
     /// Sends every (key, payload); waits when the local queue is full.
-    pub fn send_all(&self, topic: &str, records: impl Iterator<Item = (String, String)>) -> Result<usize> {
+    pub fn send_all(
+        &self,
+        topic: &str,
+        records: impl Iterator<Item = (String, String)>,
+    ) -> Result<usize> {
         let mut n = 0;
         for (key, payload) in records {
             self.send(topic, &key, payload.as_bytes())?;
@@ -139,7 +152,9 @@ impl EventProducer {
 
     /// Waits until everything sent is delivered; fails if anything was not.
     pub fn finish(&self) -> Result<()> {
-        self.producer.flush(Duration::from_secs(60)).context("flushing the producer")?;
+        self.producer
+            .flush(Duration::from_secs(60))
+            .context("flushing the producer")?;
         let failed = self.counter.failed.load(Ordering::Relaxed);
         if failed > 0 {
             bail!("{failed} events were not delivered");

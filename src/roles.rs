@@ -82,7 +82,11 @@ pub fn clock() -> Arc<dyn Clock> {
 }
 
 pub fn catalog(config: &Config) -> Result<Arc<Catalog>> {
-    let fallback = config.layout.local_dir().unwrap_or_else(std::env::temp_dir).join("definitions");
+    let fallback = config
+        .layout
+        .local_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("definitions");
     Ok(Arc::new(crate::defs::load(config, &fallback)?))
 }
 
@@ -127,33 +131,77 @@ pub async fn start_consumers(
     let mut archiver_stats = BTreeMap::new();
     for (name, schema) in &catalog.schemas {
         if archive {
-            let mut archiver = Archiver::open(storage.clone(), Arc::clone(schema), ArchiverConfig::default(), Arc::clone(&clock)).await?;
+            let mut archiver = Archiver::open(
+                storage.clone(),
+                Arc::clone(schema),
+                ArchiverConfig::default(),
+                Arc::clone(&clock),
+            )
+            .await?;
             archiver_stats.insert(name.clone(), Arc::clone(&archiver.stats));
-            let (cfg, topic, token) = (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
+            let (cfg, topic, token) =
+                (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
             tasks.spawn(async move {
-                kafka::run(&cfg, "archive", &topic, &mut archiver, Duration::from_millis(500), token).await.context("archiver")
+                kafka::run(
+                    &cfg,
+                    "archive",
+                    &topic,
+                    &mut archiver,
+                    Duration::from_millis(500),
+                    token,
+                )
+                .await
+                .context("archiver")
             });
         }
         if speed {
             let layer = Arc::new(SpeedLayer::new(catalog, name, Arc::clone(&clock))?);
             layers.insert(name.clone(), Arc::clone(&layer));
-            let (cfg, topic, token) = (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
+            let (cfg, topic, token) =
+                (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
             tasks.spawn(async move {
-                kafka::run(&cfg, "speed", &topic, &mut SpeedSink(layer), Duration::from_secs(1), token).await.context("speed layer")
+                kafka::run(
+                    &cfg,
+                    "speed",
+                    &topic,
+                    &mut SpeedSink(layer),
+                    Duration::from_secs(1),
+                    token,
+                )
+                .await
+                .context("speed layer")
             });
         }
     }
-    Ok(Consumers { tasks, speed: Arc::new(SpeedLayers::new(layers)), archiver_stats })
+    Ok(Consumers {
+        tasks,
+        speed: Arc::new(SpeedLayers::new(layers)),
+        archiver_stats,
+    })
 }
 
 /// Serves the API on `listen` until `shutdown`.
-pub async fn serve_api(state: AppState, listen: std::net::SocketAddr, shutdown: CancellationToken) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+pub async fn serve_api(
+    state: AppState,
+    listen: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, "serving");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("HTTP server")
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("HTTP server")
 }
 
-pub fn app_state(catalog: Arc<Catalog>, storage: &Storage, speed: Arc<dyn RealtimeView>, clock: Arc<dyn Clock>) -> AppState {
+pub fn app_state(
+    catalog: Arc<Catalog>,
+    storage: &Storage,
+    speed: Arc<dyn RealtimeView>,
+    clock: Arc<dyn Clock>,
+) -> AppState {
     AppState {
         catalog,
         batch: Arc::new(DeltaBatchViews::new(storage.clone())),
@@ -172,7 +220,11 @@ fn listen(config: &Config, port: Option<u16>) -> std::net::SocketAddr {
 }
 
 /// Stops in order: consumers flush and finish first, then the HTTP frontend.
-pub async fn drain(mut tasks: JoinSet<Result<()>>, backend: CancellationToken, frontend: CancellationToken) -> Result<()> {
+pub async fn drain(
+    mut tasks: JoinSet<Result<()>>,
+    backend: CancellationToken,
+    frontend: CancellationToken,
+) -> Result<()> {
     backend.cancel();
     let mut first_err = None;
     while let Some(r) = tasks.join_next().await {
@@ -186,12 +238,37 @@ pub async fn drain(mut tasks: JoinSet<Result<()>>, backend: CancellationToken, f
 }
 
 pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
-    let (catalog, storage, clock) = (catalog(config)?, Storage::new(config.layout.clone())?, clock());
-    let kafka_config = KafkaConfig { group_prefix: config.group_prefix.clone(), ..KafkaConfig::new(config.brokers()?) };
+    let (catalog, storage, clock) = (
+        catalog(config)?,
+        Storage::new(config.layout.clone())?,
+        clock(),
+    );
+    let kafka_config = KafkaConfig {
+        group_prefix: config.group_prefix.clone(),
+        ..KafkaConfig::new(config.brokers()?)
+    };
     let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
-    let mut consumers = start_consumers(&catalog, &storage, &kafka_config, Arc::clone(&clock), &backend, true, true).await?;
-    let state = app_state(Arc::clone(&catalog), &storage, consumers.speed.clone(), clock);
-    let server = tokio::spawn(serve_api(state, listen(config, args.port), frontend.clone()));
+    let mut consumers = start_consumers(
+        &catalog,
+        &storage,
+        &kafka_config,
+        Arc::clone(&clock),
+        &backend,
+        true,
+        true,
+    )
+    .await?;
+    let state = app_state(
+        Arc::clone(&catalog),
+        &storage,
+        consumers.speed.clone(),
+        clock,
+    );
+    let server = tokio::spawn(serve_api(
+        state,
+        listen(config, args.port),
+        frontend.clone(),
+    ));
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("stopping"),
         Some(r) = consumers.tasks.join_next() => {
@@ -204,10 +281,26 @@ pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
 }
 
 pub async fn archive(config: &Config) -> Result<()> {
-    let (catalog, storage, clock) = (catalog(config)?, Storage::new(config.layout.clone())?, clock());
-    let kafka_config = KafkaConfig { group_prefix: config.group_prefix.clone(), ..KafkaConfig::new(config.brokers()?) };
+    let (catalog, storage, clock) = (
+        catalog(config)?,
+        Storage::new(config.layout.clone())?,
+        clock(),
+    );
+    let kafka_config = KafkaConfig {
+        group_prefix: config.group_prefix.clone(),
+        ..KafkaConfig::new(config.brokers()?)
+    };
     let backend = CancellationToken::new();
-    let mut consumers = start_consumers(&catalog, &storage, &kafka_config, clock, &backend, true, false).await?;
+    let mut consumers = start_consumers(
+        &catalog,
+        &storage,
+        &kafka_config,
+        clock,
+        &backend,
+        true,
+        false,
+    )
+    .await?;
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("stopping"),
         Some(r) = consumers.tasks.join_next() => tracing::error!("the archiver stopped: {r:?}"),
@@ -216,7 +309,11 @@ pub async fn archive(config: &Config) -> Result<()> {
 }
 
 pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
-    let (catalog, storage, clock) = (catalog(config)?, Storage::new(config.layout.clone())?, clock());
+    let (catalog, storage, clock) = (
+        catalog(config)?,
+        Storage::new(config.layout.clone())?,
+        clock(),
+    );
     let state = app_state(catalog, &storage, Arc::new(NoRealtime), clock);
     let token = CancellationToken::new();
     let server = tokio::spawn(serve_api(state, listen(config, args.port), token.clone()));
@@ -226,17 +323,33 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
 }
 
 pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
-    let BatchCommand::Run { view, from, to, full } = cmd;
+    let BatchCommand::Run {
+        view,
+        from,
+        to,
+        full,
+    } = cmd;
     let day = |flag: &str, v: Option<String>| -> Result<Option<i64>> {
-        v.map(|s| parse_day(&s).with_context(|| format!("{flag} `{s}` is not a day (YYYY-MM-DD)"))).transpose()
+        v.map(|s| parse_day(&s).with_context(|| format!("{flag} `{s}` is not a day (YYYY-MM-DD)")))
+            .transpose()
     };
-    let req = RunRequest { from_day: day("--from", from)?, to_day: day("--to", to)?, full };
+    let req = RunRequest {
+        from_day: day("--from", from)?,
+        to_day: day("--to", to)?,
+        full,
+    };
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
     let layer = BatchLayer::new(storage, catalog, clock());
     for r in layer.run(view.as_deref(), &req).await? {
         match (r.days.len(), r.version) {
             (0, _) => println!("{}: nothing to recompute", r.view),
-            (n, Some(v)) => println!("{}: published {} rows for {n} day(s) {}..{} as version {v}", r.view, r.rows, r.days[0], r.days[n - 1]),
+            (n, Some(v)) => println!(
+                "{}: published {} rows for {n} day(s) {}..{} as version {v}",
+                r.view,
+                r.rows,
+                r.days[0],
+                r.days[n - 1]
+            ),
             (n, None) => println!("{}: computed {n} day(s)", r.view),
         }
     }
@@ -246,17 +359,30 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
 pub async fn import(config: &Config, files: Vec<PathBuf>, schema: Option<String>) -> Result<()> {
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
     let schema = match schema {
-        Some(s) => Arc::clone(catalog.schemas.get(&s).with_context(|| format!("no schema `{s}`"))?),
-        None if catalog.schemas.len() == 1 => Arc::clone(catalog.schemas.values().next().expect("one")),
+        Some(s) => Arc::clone(
+            catalog
+                .schemas
+                .get(&s)
+                .with_context(|| format!("no schema `{s}`"))?,
+        ),
+        None if catalog.schemas.len() == 1 => {
+            Arc::clone(catalog.schemas.values().next().expect("one"))
+        }
         None => bail!("several schemas are defined; name one with --schema"),
     };
     let r = tandem_batch::import_jsonl(&storage, &schema, &files, clock().now_us()).await?;
-    println!("imported {} events from {} file(s); {} rejected into the dead-letter table", r.events, r.files, r.rejected);
+    println!(
+        "imported {} events from {} file(s); {} rejected into the dead-letter table",
+        r.events, r.files, r.rejected
+    );
     Ok(())
 }
 
 pub fn query(config: &Config, args: QueryArgs) -> Result<()> {
-    let base = args.url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+    let base = args
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.listen));
     let mut q = url::form_urlencoded::Serializer::new(String::new());
     for (k, v) in [
         ("from", &args.from),
@@ -278,11 +404,23 @@ pub fn query(config: &Config, args: QueryArgs) -> Result<()> {
     }
     q.append_pair("format", &args.format);
     let view: String = url::form_urlencoded::byte_serialize(args.view.as_bytes()).collect();
-    let url = format!("{}/v1/views/{view}/query?{}", base.trim_end_matches('/'), q.finish());
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let mut resp = agent.get(&url).call().with_context(|| format!("cannot reach {base}; is `tandem run` or `tandem demo` running?"))?;
+    let url = format!(
+        "{}/v1/views/{view}/query?{}",
+        base.trim_end_matches('/'),
+        q.finish()
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.get(&url).call().with_context(|| {
+        format!("cannot reach {base}; is `tandem run` or `tandem demo` running?")
+    })?;
     let status = resp.status();
-    let body = resp.body_mut().read_to_string().context("reading the answer")?;
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .context("reading the answer")?;
     if !status.is_success() {
         let detail = serde_json::from_str::<serde_json::Value>(&body)
             .ok()

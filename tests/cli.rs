@@ -7,7 +7,9 @@ use std::time::Duration;
 
 fn tandem(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
-    c.current_dir(dir).env_remove("RUST_LOG").env("RUST_LOG", "info");
+    c.current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("RUST_LOG", "info");
     for (k, _) in std::env::vars() {
         if k.starts_with("TANDEM_") {
             c.env_remove(k);
@@ -36,19 +38,43 @@ fn run_err(c: &mut Command) -> String {
 #[test]
 fn bad_configuration_fails_at_start_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tandem.toml"), "storage = \"memory:///\"\n[kafka]\nbroker = \"localhost:9092\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("tandem.toml"),
+        "storage = \"memory:///\"\n[kafka]\nbroker = \"localhost:9092\"\n",
+    )
+    .unwrap();
     let err = run_err(tandem(dir.path()).args(["batch", "run"]));
-    assert!(err.contains("tandem.toml") && err.contains("broker"), "{err}");
+    assert!(
+        err.contains("tandem.toml") && err.contains("broker"),
+        "{err}"
+    );
 
-    let err = run_err(tandem(dir.path()).args(["--storage", "ftp://x", "--config", "/dev/null", "batch", "run"]));
+    let err = run_err(tandem(dir.path()).args([
+        "--storage",
+        "ftp://x",
+        "--config",
+        "/dev/null",
+        "batch",
+        "run",
+    ]));
     assert!(err.contains("--storage") && err.contains("ftp"), "{err}");
 
     let jobs = dir.path().join("jobs");
     std::fs::create_dir(&jobs).unwrap();
     std::fs::write(jobs.join("broken.toml"), "kind = \"view\"\nsource = \"app_events\"\ngranularity = \"fortnight\"\nmetrics = [{ name = \"n\", kind = \"count\" }]\n").unwrap();
     std::fs::remove_file(dir.path().join("tandem.toml")).unwrap();
-    let err = run_err(tandem(dir.path()).args(["--schemas", &repo("schemas"), "--jobs", "jobs", "batch", "run"]));
-    assert!(err.contains("broken.toml") && err.contains("granularity") && err.contains("fortnight"), "{err}");
+    let err = run_err(tandem(dir.path()).args([
+        "--schemas",
+        &repo("schemas"),
+        "--jobs",
+        "jobs",
+        "batch",
+        "run",
+    ]));
+    assert!(
+        err.contains("broken.toml") && err.contains("granularity") && err.contains("fortnight"),
+        "{err}"
+    );
 }
 
 struct Server(Child);
@@ -65,13 +91,31 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let defs = ["--schemas", &repo("schemas"), "--jobs", &repo("jobs")];
     let file = dir.path().join("events.jsonl");
-    run_ok(tandem(dir.path()).args(["gen", "--events", "3000", "--days", "3", "--seed", "5", "--out"]).arg(&file));
+    run_ok(
+        tandem(dir.path())
+            .args([
+                "gen", "--events", "3000", "--days", "3", "--seed", "5", "--out",
+            ])
+            .arg(&file),
+    );
     let a = std::fs::read_to_string(&file).unwrap();
     assert_eq!(a.lines().count(), 3000);
 
-    let out = run_ok(tandem(dir.path()).args(defs).args(["--data", "d", "import"]).arg(&file));
+    let out = run_ok(
+        tandem(dir.path())
+            .args(defs)
+            .args(["--data", "d", "import"])
+            .arg(&file),
+    );
     assert!(out.contains("imported 3000 events"), "{out}");
-    let out = run_ok(tandem(dir.path()).args(defs).args(["--data", "d", "batch", "run", "--view", "installs_hourly"]));
+    let out = run_ok(tandem(dir.path()).args(defs).args([
+        "--data",
+        "d",
+        "batch",
+        "run",
+        "--view",
+        "installs_hourly",
+    ]));
     assert!(out.contains("installs_hourly: published"), "{out}");
 
     let mut child = tandem(dir.path())
@@ -87,19 +131,57 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(i) = line.find("address=") {
-                let _ = tx.send(line[i + 8..].split_whitespace().next().unwrap_or_default().to_string());
+                let _ = tx.send(
+                    line[i + 8..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("the server logs its address");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server logs its address");
     let url = format!("http://{addr}");
-    let day = |d: i64| (chrono::Utc::now() + chrono::Duration::days(d)).format("%Y-%m-%d").to_string();
+    let day = |d: i64| {
+        (chrono::Utc::now() + chrono::Duration::days(d))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
     let (from, to) = (day(-10), day(1));
-    let out = run_ok(tandem(dir.path()).args(["query", "installs_hourly", "--url", &url, "--from", &from, "--to", &to, "--granularity", "day", "--format", "csv"]));
+    let out = run_ok(tandem(dir.path()).args([
+        "query",
+        "installs_hourly",
+        "--url",
+        &url,
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--granularity",
+        "day",
+        "--format",
+        "csv",
+    ]));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "bucket,source,installs,devices");
-    assert!(lines.len() >= 3 && lines[1..].iter().all(|l| l.contains(",batch,")), "{out}");
+    assert!(
+        lines.len() >= 3 && lines[1..].iter().all(|l| l.contains(",batch,")),
+        "{out}"
+    );
 
-    let err = run_err(tandem(dir.path()).args(["query", "installs_hourly", "--url", &url, "--metrics", "nope"]));
-    assert!(err.contains("400") && err.contains("no metric `nope`"), "{err}");
+    let err = run_err(tandem(dir.path()).args([
+        "query",
+        "installs_hourly",
+        "--url",
+        &url,
+        "--metrics",
+        "nope",
+    ]));
+    assert!(
+        err.contains("400") && err.contains("no metric `nope`"),
+        "{err}"
+    );
 }

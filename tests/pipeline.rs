@@ -17,26 +17,56 @@ use tandem_core::time::format_us;
 use tandem_core::view::DAY_US;
 
 fn events(seed: u64, n: usize) -> Vec<Event> {
-    Generator::new(GenConfig { seed, devices: 4_000, ..Default::default() }).history(n, NOW_US - 3 * DAY_US, NOW_US).collect()
+    Generator::new(GenConfig {
+        seed,
+        devices: 4_000,
+        ..Default::default()
+    })
+    .history(n, NOW_US - 3 * DAY_US, NOW_US)
+    .collect()
 }
 
 /// Checks every served row of `view` against the oracle: the same groups, equal counts and
 /// sums, distinct exact when the row says so and within 3 standard errors otherwise.
 /// Returns how many rows each source answered.
-fn check(view: &str, dims: &[String], rows: &[Value], truth: &HashMap<Key, Truth>) -> HashMap<String, usize> {
+fn check(
+    view: &str,
+    dims: &[String],
+    rows: &[Value],
+    truth: &HashMap<Key, Truth>,
+) -> HashMap<String, usize> {
     let mut sources = HashMap::new();
     let mut seen = 0;
     for row in rows {
         let key = row_key(row, dims);
-        let t = truth.get(&key).unwrap_or_else(|| panic!("{view}: served a group the events do not have: {key:?}"));
+        let t = truth
+            .get(&key)
+            .unwrap_or_else(|| panic!("{view}: served a group the events do not have: {key:?}"));
         seen += 1;
-        *sources.entry(row["source"].as_str().unwrap().to_string()).or_default() += 1;
+        *sources
+            .entry(row["source"].as_str().unwrap().to_string())
+            .or_default() += 1;
         let m = &row["metrics"];
-        let count_metric = ["installs", "purchases", "events"].into_iter().find(|k| !m[*k].is_null()).unwrap();
-        assert_eq!(m[count_metric].as_u64().unwrap(), t.count, "{view} {key:?} {count_metric}");
+        let count_metric = ["installs", "purchases", "events"]
+            .into_iter()
+            .find(|k| !m[*k].is_null())
+            .unwrap();
+        assert_eq!(
+            m[count_metric].as_u64().unwrap(),
+            t.count,
+            "{view} {key:?} {count_metric}"
+        );
         if !m["revenue"].is_null() {
-            assert_eq!(units(&m["revenue"]), t.revenue_units, "{view} {key:?} revenue");
-            assert_eq!(Some(units(&m["max_revenue"])), t.max_units, "{view} {key:?} max_revenue");
+            assert_eq!(
+                units(&m["revenue"]),
+                t.revenue_units,
+                "{view} {key:?} revenue"
+            );
+            assert_eq!(
+                Some(units(&m["max_revenue"])),
+                t.max_units,
+                "{view} {key:?} max_revenue"
+            );
         }
         for d in ["devices", "active_devices"] {
             if m[d].is_null() {
@@ -46,11 +76,19 @@ fn check(view: &str, dims: &[String], rows: &[Value], truth: &HashMap<Key, Truth
             if m[d]["exact"].as_bool().unwrap() {
                 assert_eq!(value as usize, t.devices.len(), "{view} {key:?} exact {d}");
             } else {
-                assert!(within(value, t.devices.len(), hll_rse(12), 3.0), "{view} {key:?} {d}: {value} vs {}", t.devices.len());
+                assert!(
+                    within(value, t.devices.len(), hll_rse(12), 3.0),
+                    "{view} {key:?} {d}: {value} vs {}",
+                    t.devices.len()
+                );
             }
         }
     }
-    assert_eq!(seen, truth.len(), "{view}: every group of the events is served");
+    assert_eq!(
+        seen,
+        truth.len(),
+        "{view}: every group of the events is served"
+    );
     sources
 }
 
@@ -77,10 +115,17 @@ async fn speed_then_batch_equal_the_oracle() {
         let dims = h.catalog.views[*view].dimensions.clone();
         let rows = h.all_rows(view).await;
         let sources = check(view, &dims, &rows, t);
-        assert!(sources["batch"] > 0 && sources["speed"] > 0, "{view}: {sources:?}");
+        assert!(
+            sources["batch"] > 0 && sources["speed"] > 0,
+            "{view}: {sources:?}"
+        );
         for row in &rows {
             let from_batch = row["bucket"].as_str().unwrap() < today.as_str();
-            assert_eq!(row["source"], if from_batch { "batch" } else { "speed" }, "{view} {row}");
+            assert_eq!(
+                row["source"],
+                if from_batch { "batch" } else { "speed" },
+                "{view} {row}"
+            );
             if from_batch {
                 for d in ["devices", "active_devices"] {
                     if !row["metrics"][d].is_null() {
@@ -93,17 +138,27 @@ async fn speed_then_batch_equal_the_oracle() {
 
     // A rollup: daily totals of the hourly view, over both layers.
     let (status, body) = h
-        .get(&format!("/v1/views/installs_hourly/query?from={}&to={}&granularity=day", format_us(NOW_US - 10 * DAY_US), format_us(NOW_US + DAY_US)))
+        .get(&format!(
+            "/v1/views/installs_hourly/query?from={}&to={}&granularity=day",
+            format_us(NOW_US - 10 * DAY_US),
+            format_us(NOW_US + DAY_US)
+        ))
         .await;
     assert_eq!(status, StatusCode::OK);
     let mut per_day: HashMap<String, u64> = HashMap::new();
     for ((bucket, _), t) in &truth["installs_hourly"] {
-        *per_day.entry(format!("{}T00:00:00Z", &bucket[..10])).or_default() += t.count;
+        *per_day
+            .entry(format!("{}T00:00:00Z", &bucket[..10]))
+            .or_default() += t.count;
     }
     let rows = body["rows"].as_array().unwrap();
     assert_eq!(rows.len(), per_day.len());
     for row in rows {
-        assert_eq!(row["metrics"]["installs"].as_u64().unwrap(), per_day[row["bucket"].as_str().unwrap()], "{row}");
+        assert_eq!(
+            row["metrics"]["installs"].as_u64().unwrap(),
+            per_day[row["bucket"].as_str().unwrap()],
+            "{row}"
+        );
     }
     assert_eq!(body["meta"]["covered_until"], Value::String(today.clone()));
 
@@ -135,11 +190,11 @@ async fn malformed_messages_go_to_dead_letters_and_nothing_stops() {
             let mut missing: Value = serde_json::from_str(&json).unwrap();
             missing.as_object_mut().unwrap().remove("app_id");
             for payload in [
-                json.as_bytes()[..json.len() / 2].to_vec(),                  // truncated
-                b"{\"event_id\":\"\xff\xfe\"}".to_vec(),                      // invalid UTF-8
-                wrong_type.to_string().into_bytes(),                          // wrong type
-                missing.to_string().into_bytes(),                             // missing required
-                Vec::new(),                                                   // empty
+                json.as_bytes()[..json.len() / 2].to_vec(), // truncated
+                b"{\"event_id\":\"\xff\xfe\"}".to_vec(),    // invalid UTF-8
+                wrong_type.to_string().into_bytes(),        // wrong type
+                missing.to_string().into_bytes(),           // missing required
+                Vec::new(),                                 // empty
             ] {
                 records.push((format!("bad-{i}"), payload.clone()));
                 bad_payloads.push(payload);
@@ -157,9 +212,15 @@ async fn malformed_messages_go_to_dead_letters_and_nothing_stops() {
         check(view, &dims, &h.all_rows(view).await, t);
     }
     // Each malformed message is in the dead-letter table with its bytes and a reason.
-    let dlq = h.storage.open(&h.storage.layout().dead_letter("app_events")).await.unwrap().expect("dead-letter table");
+    let dlq = h
+        .storage
+        .open(&h.storage.layout().dead_letter("app_events"))
+        .await
+        .unwrap()
+        .expect("dead-letter table");
     let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_table("dlq", dlq.table_provider().await.unwrap()).unwrap();
+    ctx.register_table("dlq", dlq.table_provider().await.unwrap())
+        .unwrap();
     let batches = ctx
         .sql("SELECT reason, count(*) AS n FROM dlq GROUP BY reason ORDER BY reason")
         .await
@@ -169,27 +230,71 @@ async fn malformed_messages_go_to_dead_letters_and_nothing_stops() {
         .unwrap();
     let mut per_reason = HashMap::new();
     for b in &batches {
-        let reasons = datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
+        let reasons = datafusion::arrow::compute::cast(
+            b.column(0),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
         for i in 0..b.num_rows() {
-            per_reason.insert(reasons.as_string::<i32>().value(i).to_string(), b.column(1).as_primitive::<Int64Type>().value(i));
+            per_reason.insert(
+                reasons.as_string::<i32>().value(i).to_string(),
+                b.column(1).as_primitive::<Int64Type>().value(i),
+            );
         }
     }
-    assert_eq!(per_reason.values().sum::<i64>(), bad as i64, "{per_reason:?}");
-    assert_eq!(per_reason["decode"], bad as i64 / 5 * 3, "truncated, invalid UTF-8, empty");
-    assert_eq!(per_reason["schema"], bad as i64 / 5 * 2, "wrong type, missing field");
-    let raw = ctx.sql("SELECT raw FROM dlq").await.unwrap().collect().await.unwrap();
+    assert_eq!(
+        per_reason.values().sum::<i64>(),
+        bad as i64,
+        "{per_reason:?}"
+    );
+    assert_eq!(
+        per_reason["decode"],
+        bad as i64 / 5 * 3,
+        "truncated, invalid UTF-8, empty"
+    );
+    assert_eq!(
+        per_reason["schema"],
+        bad as i64 / 5 * 2,
+        "wrong type, missing field"
+    );
+    let raw = ctx
+        .sql("SELECT raw FROM dlq")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     let mut stored: Vec<Vec<u8>> = Vec::new();
     for b in &raw {
-        let col = datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Binary).unwrap();
+        let col = datafusion::arrow::compute::cast(
+            b.column(0),
+            &datafusion::arrow::datatypes::DataType::Binary,
+        )
+        .unwrap();
         stored.extend(col.as_binary::<i32>().iter().map(|v| v.unwrap().to_vec()));
     }
     stored.sort();
     bad_payloads.sort();
     assert_eq!(stored, bad_payloads, "the raw bytes are kept exactly");
-    let master = h.storage.open(&h.storage.layout().master("app_events")).await.unwrap().unwrap();
-    ctx.register_table("master", master.table_provider().await.unwrap()).unwrap();
-    let n = ctx.sql("SELECT count(*) FROM master").await.unwrap().collect().await.unwrap();
-    assert_eq!(n[0].column(0).as_primitive::<Int64Type>().value(0), good.len() as i64);
+    let master = h
+        .storage
+        .open(&h.storage.layout().master("app_events"))
+        .await
+        .unwrap()
+        .unwrap();
+    ctx.register_table("master", master.table_provider().await.unwrap())
+        .unwrap();
+    let n = ctx
+        .sql("SELECT count(*) FROM master")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        n[0].column(0).as_primitive::<Int64Type>().value(0),
+        good.len() as i64
+    );
 
     // Neither layer stopped: later events are still counted.
     let more = events(12, 500);
@@ -198,7 +303,12 @@ async fn malformed_messages_go_to_dead_letters_and_nothing_stops() {
     let all: Vec<Event> = good.iter().chain(&more).cloned().collect();
     let truth = oracle(&all);
     let dims = h.catalog.views["active_devices_daily"].dimensions.clone();
-    check("active_devices_daily", &dims, &h.all_rows("active_devices_daily").await, &truth["active_devices_daily"]);
+    check(
+        "active_devices_daily",
+        &dims,
+        &h.all_rows("active_devices_daily").await,
+        &truth["active_devices_daily"],
+    );
     h.stop().await;
 }
 
@@ -220,14 +330,26 @@ metrics = [
     h.produce(&events);
     h.settle().await;
     let mut truth: HashMap<(String, String), (u64, i64)> = HashMap::new();
-    for e in events.iter().filter(|e| e.platform == "ios" && e.revenue_usd.is_some_and(|r| r > 1.0)) {
-        let t = truth.entry((format_us(e.event_time / DAY_US * DAY_US), e.country.to_string())).or_insert((0, i64::MAX));
+    for e in events
+        .iter()
+        .filter(|e| e.platform == "ios" && e.revenue_usd.is_some_and(|r| r > 1.0))
+    {
+        let t = truth
+            .entry((
+                format_us(e.event_time / DAY_US * DAY_US),
+                e.country.to_string(),
+            ))
+            .or_insert((0, i64::MAX));
         t.0 += 1;
         t.1 = t.1.min(e.event_time);
     }
     let (status, listed) = h.get("/v1/views").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(listed["views"].as_array().unwrap().iter().any(|v| v["name"] == "ios_purchases_daily"));
+    assert!(listed["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "ios_purchases_daily"));
 
     for round in ["speed only", "after batch"] {
         if round == "after batch" {
@@ -236,10 +358,21 @@ metrics = [
         let rows = h.all_rows("ios_purchases_daily").await;
         assert_eq!(rows.len(), truth.len(), "{round}");
         for row in &rows {
-            let key = (row["bucket"].as_str().unwrap().to_string(), row["dims"]["country"].as_str().unwrap().to_string());
+            let key = (
+                row["bucket"].as_str().unwrap().to_string(),
+                row["dims"]["country"].as_str().unwrap().to_string(),
+            );
             let (count, first) = truth[&key];
-            assert_eq!(row["metrics"]["ios_purchases"].as_u64().unwrap(), count, "{round} {key:?}");
-            assert_eq!(row["metrics"]["first_purchase"].as_str().unwrap(), format_us(first), "{round} {key:?}");
+            assert_eq!(
+                row["metrics"]["ios_purchases"].as_u64().unwrap(),
+                count,
+                "{round} {key:?}"
+            );
+            assert_eq!(
+                row["metrics"]["first_purchase"].as_str().unwrap(),
+                format_us(first),
+                "{round} {key:?}"
+            );
         }
         if round == "after batch" {
             assert!(rows.iter().any(|r| r["source"] == "batch"));

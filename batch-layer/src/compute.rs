@@ -22,7 +22,9 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
-use datafusion::prelude::{cast as cast_expr, date_trunc, ident, lit, Expr, SessionConfig, SessionContext};
+use datafusion::prelude::{
+    cast as cast_expr, date_trunc, ident, lit, Expr, SessionConfig, SessionContext,
+};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
@@ -75,24 +77,49 @@ pub(crate) struct Published {
 
 /// Reads the newest publish metadata of a view table.
 pub(crate) async fn published(table: &DeltaTable) -> Result<Published> {
-    let infos: Vec<_> = table.history(None).try_collect().await.map_err(|e| BatchError::Core(tandem_core::storage::delta(e)))?;
+    let infos: Vec<_> = table
+        .history(None)
+        .try_collect()
+        .await
+        .map_err(|e| BatchError::Core(tandem_core::storage::delta(e)))?;
     let version = table.version().map(|v| v as i64);
     for info in infos {
-        let Some(Json::Array(ranges)) = info.info.get(COVERAGE_KEY) else { continue };
+        let Some(Json::Array(ranges)) = info.info.get(COVERAGE_KEY) else {
+            continue;
+        };
         let mut days = BTreeSet::new();
         for r in ranges {
-            let (Some(a), Some(b)) = (r.get(0).and_then(Json::as_str), r.get(1).and_then(Json::as_str)) else { continue };
+            let (Some(a), Some(b)) = (
+                r.get(0).and_then(Json::as_str),
+                r.get(1).and_then(Json::as_str),
+            ) else {
+                continue;
+            };
             if let (Some(a), Some(b)) = (parse_day(a), parse_day(b)) {
                 days.extend(a..=b);
             }
         }
         return Ok(Published {
-            coverage: Coverage { version, days, published_us: info.timestamp.map(|t| t * 1000) },
-            hash: info.info.get(HASH_KEY).and_then(Json::as_str).map(str::to_string),
+            coverage: Coverage {
+                version,
+                days,
+                published_us: info.timestamp.map(|t| t * 1000),
+            },
+            hash: info
+                .info
+                .get(HASH_KEY)
+                .and_then(Json::as_str)
+                .map(str::to_string),
             master_version: info.info.get(MASTER_VERSION_KEY).and_then(Json::as_i64),
         });
     }
-    Ok(Published { coverage: Coverage { version, ..Default::default() }, ..Default::default() })
+    Ok(Published {
+        coverage: Coverage {
+            version,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
 }
 
 /// The batch layer: recomputes and publishes views.
@@ -106,13 +133,21 @@ pub struct BatchLayer {
 /// A DataFusion session for batch work: strings read back as plain `Utf8`.
 pub(crate) fn session() -> SessionContext {
     let mut config = SessionConfig::new();
-    config.options_mut().execution.parquet.schema_force_view_types = false;
+    config
+        .options_mut()
+        .execution
+        .parquet
+        .schema_force_view_types = false;
     SessionContext::new_with_config(config)
 }
 
 impl BatchLayer {
     pub fn new(storage: Storage, catalog: Arc<Catalog>, clock: Arc<dyn Clock>) -> Self {
-        BatchLayer { storage, catalog, clock }
+        BatchLayer {
+            storage,
+            catalog,
+            clock,
+        }
     }
 
     /// Recomputes and publishes every view (or the one named).
@@ -131,7 +166,12 @@ impl BatchLayer {
     /// Recomputes the requested (or the new and dirty) closed days of `view` and publishes
     /// them in one commit.
     pub async fn run_view(&self, view: &ViewDef, req: &RunRequest) -> Result<PublishReport> {
-        let mut report = PublishReport { view: view.name.clone(), days: Vec::new(), rows: 0, version: None };
+        let mut report = PublishReport {
+            view: view.name.clone(),
+            days: Vec::new(),
+            rows: 0,
+            version: None,
+        };
         let master_url = self.storage.layout().master(&view.source);
         let Some(master) = self.storage.open(&master_url).await? else {
             tracing::info!(view = %view.name, "no master dataset yet; nothing to compute");
@@ -165,7 +205,8 @@ impl BatchLayer {
                 (a..=b).collect()
             }
             (None, None) => {
-                let closed: BTreeSet<i64> = available.iter().copied().filter(|&d| d < today).collect();
+                let closed: BTreeSet<i64> =
+                    available.iter().copied().filter(|&d| d < today).collect();
                 if req.full || !same_definition {
                     closed
                 } else {
@@ -179,7 +220,11 @@ impl BatchLayer {
                     }
                 }
             }
-            _ => return Err(BatchError::BadRequest("give both --from and --to, or neither".into())),
+            _ => {
+                return Err(BatchError::BadRequest(
+                    "give both --from and --to, or neither".into(),
+                ))
+            }
         };
         if days.is_empty() {
             tracing::info!(view = %view.name, "every closed day is covered and clean; nothing to publish");
@@ -191,11 +236,18 @@ impl BatchLayer {
         report.rows = batches.iter().map(RecordBatch::num_rows).sum();
 
         // Publish: one commit replaces exactly the recomputed days and records the coverage.
-        let mut coverage = Coverage { days: days.clone(), ..Default::default() };
+        let mut coverage = Coverage {
+            days: days.clone(),
+            ..Default::default()
+        };
         if same_definition {
             coverage.days.extend(previous.coverage.days.iter().copied());
         }
-        let ranges: Vec<Json> = coverage.ranges().into_iter().map(|(a, b)| json!([a, b])).collect();
+        let ranges: Vec<Json> = coverage
+            .ranges()
+            .into_iter()
+            .map(|(a, b)| json!([a, b]))
+            .collect();
         let props = CommitProperties::default().with_metadata([
             (COVERAGE_KEY.to_string(), Json::Array(ranges)),
             (HASH_KEY.to_string(), json!(view.definition_hash)),
@@ -204,16 +256,27 @@ impl BatchLayer {
         let schema = view.batch_schema();
         let table = match existing {
             Some(t) if same_definition => t,
-            _ => self.storage.open_or_create(&view_url, &schema, &[DAY_COLUMN]).await?,
+            _ => {
+                self.storage
+                    .open_or_create(&view_url, &schema, &[DAY_COLUMN])
+                    .await?
+            }
         };
-        let batches = if batches.is_empty() { vec![RecordBatch::new_empty(schema)] } else { batches };
+        let batches = if batches.is_empty() {
+            vec![RecordBatch::new_empty(schema)]
+        } else {
+            batches
+        };
         let mut write = table
             .write(batches)
             .with_save_mode(SaveMode::Overwrite)
             .with_partition_columns([DAY_COLUMN])
             .with_commit_properties(props);
         if same_definition {
-            write = write.with_replace_where(ident(DAY_COLUMN).in_list(day_strings.iter().map(|d| lit(d.as_str())).collect(), false));
+            write = write.with_replace_where(
+                ident(DAY_COLUMN)
+                    .in_list(day_strings.iter().map(|d| lit(d.as_str())).collect(), false),
+            );
         } else {
             write = write.with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite);
         }
@@ -225,30 +288,55 @@ impl BatchLayer {
     }
 
     async fn master_days(&self, ctx: &SessionContext) -> Result<BTreeSet<i64>> {
-        let df = ctx.table("master").await?.select(vec![ident(DAY_COLUMN)])?.distinct()?;
+        let df = ctx
+            .table("master")
+            .await?
+            .select(vec![ident(DAY_COLUMN)])?
+            .distinct()?;
         let mut days = BTreeSet::new();
         for b in df.collect().await? {
             let col = cast(b.column(0), &DataType::Utf8)?;
-            days.extend(col.as_string::<i32>().iter().flatten().filter_map(parse_day));
+            days.extend(
+                col.as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .filter_map(parse_day),
+            );
         }
         Ok(days)
     }
 
     /// The exact rows of `view` for `days`, in the view's batch schema.
-    pub(crate) async fn compute(&self, ctx: &SessionContext, view: &ViewDef, days: &[String]) -> Result<Vec<RecordBatch>> {
+    pub(crate) async fn compute(
+        &self,
+        ctx: &SessionContext,
+        view: &ViewDef,
+        days: &[String],
+    ) -> Result<Vec<RecordBatch>> {
         let schema = self.catalog.schema_of(view);
-        let mut df = ctx
-            .table("master")
-            .await?
-            .filter(ident(DAY_COLUMN).in_list(days.iter().map(|d| lit(d.as_str())).collect(), false))?;
+        let mut df = ctx.table("master").await?.filter(
+            ident(DAY_COLUMN).in_list(days.iter().map(|d| lit(d.as_str())).collect(), false),
+        )?;
         if let Some(f) = &view.filter {
             let predicate = df.parse_sql_expr(f)?;
             df = df.filter(predicate)?;
         }
-        let bucket = date_trunc(lit(view.granularity.as_str()), ident(schema.event_time_name())).alias(BUCKET_COLUMN);
-        let dims: Vec<Expr> = view.dimensions.iter().map(|d| cast_expr(ident(d), DataType::Utf8).alias(d)).collect();
-        let distinct_fields: BTreeSet<&str> =
-            view.metrics.iter().filter(|m| m.kind == MetricKind::Distinct).filter_map(|m| m.field.as_deref()).collect();
+        let bucket = date_trunc(
+            lit(view.granularity.as_str()),
+            ident(schema.event_time_name()),
+        )
+        .alias(BUCKET_COLUMN);
+        let dims: Vec<Expr> = view
+            .dimensions
+            .iter()
+            .map(|d| cast_expr(ident(d), DataType::Utf8).alias(d))
+            .collect();
+        let distinct_fields: BTreeSet<&str> = view
+            .metrics
+            .iter()
+            .filter(|m| m.kind == MetricKind::Distinct)
+            .filter_map(|m| m.field.as_deref())
+            .collect();
 
         let df = if distinct_fields.len() == 1 {
             let f = *distinct_fields.iter().next().expect("one");
@@ -280,7 +368,11 @@ impl BatchLayer {
                     MetricKind::Max => finals.push(max(p).alias(&m.name)),
                     MetricKind::Distinct => {
                         finals.push(count(ident(F)).alias(&m.name));
-                        finals.push(HllSketchUdaf::udaf(m.lg_k()).call(vec![ident(F)]).alias(m.sketch_column()));
+                        finals.push(
+                            HllSketchUdaf::udaf(m.lg_k())
+                                .call(vec![ident(F)])
+                                .alias(m.sketch_column()),
+                        );
                     }
                 }
             }
@@ -298,8 +390,15 @@ impl BatchLayer {
                     MetricKind::Max => aggs.push(max(x.expect("checked")).alias(&m.name)),
                     MetricKind::Distinct => {
                         let x = x.expect("checked");
-                        aggs.push(datafusion::functions_aggregate::expr_fn::count_distinct(x.clone()).alias(&m.name));
-                        aggs.push(HllSketchUdaf::udaf(m.lg_k()).call(vec![x]).alias(m.sketch_column()));
+                        aggs.push(
+                            datafusion::functions_aggregate::expr_fn::count_distinct(x.clone())
+                                .alias(&m.name),
+                        );
+                        aggs.push(
+                            HllSketchUdaf::udaf(m.lg_k())
+                                .call(vec![x])
+                                .alias(m.sketch_column()),
+                        );
                     }
                 }
             }
@@ -314,19 +413,35 @@ impl BatchLayer {
             let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
             for field in target.fields() {
                 if field.name() == DAY_COLUMN {
-                    let buckets = b.column_by_name(BUCKET_COLUMN).expect("bucket").as_primitive::<TimestampMicrosecondType>();
-                    let dt: StringArray = buckets.iter().map(|t| t.map(|t| day_string(day_of(t)))).collect();
+                    let buckets = b
+                        .column_by_name(BUCKET_COLUMN)
+                        .expect("bucket")
+                        .as_primitive::<TimestampMicrosecondType>();
+                    let dt: StringArray = buckets
+                        .iter()
+                        .map(|t| t.map(|t| day_string(day_of(t))))
+                        .collect();
                     columns.push(Arc::new(dt));
                     continue;
                 }
-                let col = b
-                    .column_by_name(field.name())
-                    .ok_or_else(|| BatchError::BadRequest(format!("plan lost column {}", field.name())))?;
-                columns.push(if col.data_type() == field.data_type() { Arc::clone(col) } else { cast(col, field.data_type())? });
+                let col = b.column_by_name(field.name()).ok_or_else(|| {
+                    BatchError::BadRequest(format!("plan lost column {}", field.name()))
+                })?;
+                columns.push(if col.data_type() == field.data_type() {
+                    Arc::clone(col)
+                } else {
+                    cast(col, field.data_type())?
+                });
             }
-            let nulls_ok = columns.iter().zip(target.fields()).all(|(c, f)| f.is_nullable() || c.null_count() == 0);
+            let nulls_ok = columns
+                .iter()
+                .zip(target.fields())
+                .all(|(c, f)| f.is_nullable() || c.null_count() == 0);
             if !nulls_ok {
-                return Err(BatchError::BadRequest(format!("view `{}`: a non-null column came out null", view.name)));
+                return Err(BatchError::BadRequest(format!(
+                    "view `{}`: a non-null column came out null",
+                    view.name
+                )));
             }
             out.push(RecordBatch::try_new(Arc::clone(&target), columns)?);
         }
@@ -336,17 +451,27 @@ impl BatchLayer {
 
 /// Event days that master commits after `since` touched (late events mark their day dirty);
 /// `None` when a commit does not say which days it touched, so any may be dirty.
-async fn dirty_days(master: &DeltaTable, since: Option<i64>, now: i64) -> Result<Option<BTreeSet<i64>>> {
+async fn dirty_days(
+    master: &DeltaTable,
+    since: Option<i64>,
+    now: i64,
+) -> Result<Option<BTreeSet<i64>>> {
     let Some(since) = since else { return Ok(None) };
     let newer = (now - since).max(0) as usize;
     if newer == 0 {
         return Ok(Some(BTreeSet::new()));
     }
-    let infos: Vec<_> = master.history(Some(newer)).try_collect().await.map_err(|e| BatchError::Core(tandem_core::storage::delta(e)))?;
+    let infos: Vec<_> = master
+        .history(Some(newer))
+        .try_collect()
+        .await
+        .map_err(|e| BatchError::Core(tandem_core::storage::delta(e)))?;
     let mut days = BTreeSet::new();
     for info in infos {
         match info.info.get(DAYS_KEY) {
-            Some(Json::Array(list)) => days.extend(list.iter().filter_map(Json::as_str).filter_map(parse_day)),
+            Some(Json::Array(list)) => {
+                days.extend(list.iter().filter_map(Json::as_str).filter_map(parse_day))
+            }
             // A write that does not say which days it touched (a manual write): any may be dirty.
             _ if info.operation.as_deref() == Some("WRITE") => return Ok(None),
             _ => {}
@@ -357,9 +482,10 @@ async fn dirty_days(master: &DeltaTable, since: Option<i64>, now: i64) -> Result
 
 fn conflict_or(view: &ViewDef, url: &url::Url, e: deltalake::DeltaTableError) -> BatchError {
     match e {
-        deltalake::DeltaTableError::Transaction { source } => {
-            BatchError::Conflict { view: view.name.clone(), message: source.to_string() }
-        }
+        deltalake::DeltaTableError::Transaction { source } => BatchError::Conflict {
+            view: view.name.clone(),
+            message: source.to_string(),
+        },
         e => BatchError::delta(url, e),
     }
 }

@@ -43,7 +43,10 @@ pub type Result<T, E = BatchError> = std::result::Result<T, E>;
 
 impl BatchError {
     pub(crate) fn delta(table: &url::Url, e: deltalake::DeltaTableError) -> Self {
-        BatchError::Delta { table: table.to_string(), source: Box::new(e) }
+        BatchError::Delta {
+            table: table.to_string(),
+            source: Box::new(e),
+        }
     }
 }
 

@@ -11,7 +11,9 @@ use datafusion::common::{Result, ScalarValue};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::format_state_name;
-use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility,
+};
 use tandem_core::metric::DistinctState;
 
 /// The aggregate for sketches of `lg_k`.
@@ -43,10 +45,16 @@ impl AggregateUDFImpl for HllSketchUdaf {
         Ok(DataType::Binary)
     }
     fn accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(HllAccumulator { state: DistinctState::new(self.lg_k) }))
+        Ok(Box::new(HllAccumulator {
+            state: DistinctState::new(self.lg_k),
+        }))
     }
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        Ok(vec![Arc::new(Field::new(format_state_name(args.name, "sketch"), DataType::Binary, true))])
+        Ok(vec![Arc::new(Field::new(
+            format_state_name(args.name, "sketch"),
+            DataType::Binary,
+            true,
+        ))])
     }
 }
 
@@ -83,7 +91,8 @@ impl Accumulator for HllAccumulator {
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
         let states = cast(&states[0], &DataType::Binary)?;
         for bytes in states.as_binary::<i32>().iter().flatten() {
-            let other = DistinctState::from_parts(bytes, None).map_err(|e| DataFusionError::Execution(e.to_string()))?;
+            let other = DistinctState::from_parts(bytes, None)
+                .map_err(|e| DataFusionError::Execution(e.to_string()))?;
             self.state.merge(&other);
         }
         Ok(())

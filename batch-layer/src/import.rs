@@ -31,14 +31,22 @@ pub struct ImportReport {
 
 /// Imports JSON-lines `files` of `schema` into the master dataset. `now_us` drives the
 /// event-time policy (future events are rejected).
-pub async fn import_jsonl(storage: &Storage, schema: &std::sync::Arc<EventSchema>, files: &[impl AsRef<Path>], now_us: i64) -> Result<ImportReport> {
+pub async fn import_jsonl(
+    storage: &Storage,
+    schema: &std::sync::Arc<EventSchema>,
+    files: &[impl AsRef<Path>],
+    now_us: i64,
+) -> Result<ImportReport> {
     let decoder = Decoder::new(std::sync::Arc::clone(schema));
     let master_url = storage.layout().master(&schema.name);
     let dlq_url = storage.layout().dead_letter(&schema.name);
     let mut report = ImportReport::default();
     for path in files {
         let path = path.as_ref();
-        let io = |source| BatchError::Io { path: path.display().to_string(), source };
+        let io = |source| BatchError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
         let mut batches = Vec::new();
         let mut rejects = Vec::new();
@@ -64,12 +72,20 @@ pub async fn import_jsonl(storage: &Storage, schema: &std::sync::Arc<EventSchema
                     .iter()
                     .enumerate()
                     .filter(|(_, l)| !l.is_empty())
-                    .map(|(i, l)| Message { payload: Some(l), partition: -1, offset: line_no + i as i64 + 1, timestamp_ms: None })
+                    .map(|(i, l)| Message {
+                        payload: Some(l),
+                        partition: -1,
+                        offset: line_no + i as i64 + 1,
+                        timestamp_ms: None,
+                    })
                     .collect();
                 let decoded = decoder.decode(&messages, now_us)?;
                 if decoded.batch.num_rows() > 0 {
                     let b = archive_batch(schema, &decoded)?;
-                    let dt = b.column_by_name(DAY_COLUMN).expect("archive batches have dt").as_string::<i32>();
+                    let dt = b
+                        .column_by_name(DAY_COLUMN)
+                        .expect("archive batches have dt")
+                        .as_string::<i32>();
                     days.extend(dt.iter().flatten().map(str::to_string));
                     report.events += b.num_rows();
                     batches.push(b);
@@ -85,16 +101,22 @@ pub async fn import_jsonl(storage: &Storage, schema: &std::sync::Arc<EventSchema
         }
         let name = path.display().to_string();
         if !rejects.is_empty() {
-            let dlq = storage.open_or_create(&dlq_url, &dead_letter_schema(), &[]).await?;
+            let dlq = storage
+                .open_or_create(&dlq_url, &dead_letter_schema(), &[])
+                .await?;
             dlq.write(vec![dead_letter_batch(&name, &rejects, now_us)?])
                 .with_save_mode(SaveMode::Append)
                 .await
                 .map_err(|e| BatchError::delta(&dlq_url, e))?;
         }
         if !batches.is_empty() {
-            let master = storage.open_or_create(&master_url, &schema.master_schema(), &[DAY_COLUMN]).await?;
-            let props = CommitProperties::default()
-                .with_metadata([(DAYS_KEY.to_string(), json!(days)), ("tandem.import".to_string(), json!(name))]);
+            let master = storage
+                .open_or_create(&master_url, &schema.master_schema(), &[DAY_COLUMN])
+                .await?;
+            let props = CommitProperties::default().with_metadata([
+                (DAYS_KEY.to_string(), json!(days)),
+                ("tandem.import".to_string(), json!(name)),
+            ]);
             master
                 .write(batches)
                 .with_save_mode(SaveMode::Append)

@@ -31,7 +31,13 @@ fn setup() -> Setup {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let catalog = Arc::new(Catalog::load(&root.join("schemas"), &root.join("jobs")).unwrap());
     let storage = Storage::new(Layout::local(&path.join("data")).unwrap()).unwrap();
-    Setup { _dir: dir, dir: path, storage, catalog, clock: MockClock::new(NOW) }
+    Setup {
+        _dir: dir,
+        dir: path,
+        storage,
+        catalog,
+        clock: MockClock::new(NOW),
+    }
 }
 
 fn write_lines(path: &Path, lines: &[String]) {
@@ -47,85 +53,158 @@ async fn total(s: &Setup, view: &str) -> u64 {
     let cov = views.coverage(v).await.unwrap();
     let q = ViewQuery::from_params(v, [("from", "2026-11-01"), ("to", "2026-11-27")], NOW).unwrap();
     let rows = views.query(v, &q, &cov).await.unwrap();
-    rows.iter().map(|r| match r.states[0] {
-        tandem_core::metric::MetricState::Count(c) => c,
-        _ => panic!("the first metric is a count"),
-    }).sum()
+    rows.iter()
+        .map(|r| match r.states[0] {
+            tandem_core::metric::MetricState::Count(c) => c,
+            _ => panic!("the first metric is a count"),
+        })
+        .sum()
 }
 
 #[tokio::test]
 async fn reruns_are_noops_and_late_events_mark_their_day_dirty() {
     let s = setup();
     let schema = Arc::clone(&s.catalog.schemas["app_events"]);
-    let events: Vec<String> = Generator::new(GenConfig { late_share: 0.0, ..Default::default() })
-        .history(5_000, NOW - 3 * DAY_US, NOW)
-        .map(|e| e.to_json())
-        .collect();
+    let events: Vec<String> = Generator::new(GenConfig {
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(5_000, NOW - 3 * DAY_US, NOW)
+    .map(|e| e.to_json())
+    .collect();
     let file = s.dir.join("history.jsonl");
     write_lines(&file, &events);
-    let r = import_jsonl(&s.storage, &schema, &[&file], NOW).await.unwrap();
+    let r = import_jsonl(&s.storage, &schema, &[&file], NOW)
+        .await
+        .unwrap();
     assert_eq!((r.events, r.rejected), (5_000, 0));
 
-    let batch = BatchLayer::new(s.storage.clone(), Arc::clone(&s.catalog), Arc::new(s.clock.clone()));
-    let first = batch.run(Some("active_devices_daily"), &RunRequest::default()).await.unwrap().remove(0);
+    let batch = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    );
+    let first = batch
+        .run(Some("active_devices_daily"), &RunRequest::default())
+        .await
+        .unwrap()
+        .remove(0);
     let today = day_of(NOW);
-    assert_eq!(first.days, (today - 3..today).map(day_string).collect::<Vec<_>>(), "closed days only");
-    let closed_events = Generator::new(GenConfig { late_share: 0.0, ..Default::default() })
-        .history(5_000, NOW - 3 * DAY_US, NOW)
-        .filter(|e| e.event_time < today * DAY_US)
-        .count() as u64;
+    assert_eq!(
+        first.days,
+        (today - 3..today).map(day_string).collect::<Vec<_>>(),
+        "closed days only"
+    );
+    let closed_events = Generator::new(GenConfig {
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(5_000, NOW - 3 * DAY_US, NOW)
+    .filter(|e| e.event_time < today * DAY_US)
+    .count() as u64;
     assert_eq!(total(&s, "active_devices_daily").await, closed_events);
 
     // Nothing changed: nothing to do, and the version stays.
-    let again = batch.run(Some("active_devices_daily"), &RunRequest::default()).await.unwrap().remove(0);
+    let again = batch
+        .run(Some("active_devices_daily"), &RunRequest::default())
+        .await
+        .unwrap()
+        .remove(0);
     assert!(again.days.is_empty());
     assert_eq!(again.version, first.version);
 
     // A late event for two days ago: only that day is recomputed.
-    let late = Generator::new(GenConfig { seed: 9, ..Default::default() }).next_at(NOW - 2 * DAY_US + HOUR_US);
+    let late = Generator::new(GenConfig {
+        seed: 9,
+        ..Default::default()
+    })
+    .next_at(NOW - 2 * DAY_US + HOUR_US);
     let file2 = s.dir.join("late.jsonl");
     write_lines(&file2, &[late.to_json()]);
-    import_jsonl(&s.storage, &schema, &[&file2], NOW).await.unwrap();
-    let dirty = batch.run(Some("active_devices_daily"), &RunRequest::default()).await.unwrap().remove(0);
+    import_jsonl(&s.storage, &schema, &[&file2], NOW)
+        .await
+        .unwrap();
+    let dirty = batch
+        .run(Some("active_devices_daily"), &RunRequest::default())
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(dirty.days, [day_string(today - 2)]);
     assert_eq!(total(&s, "active_devices_daily").await, closed_events + 1);
 
     // --full recomputes every closed day; a range must be closed.
-    let full = batch.run(Some("active_devices_daily"), &RunRequest { full: true, ..Default::default() }).await.unwrap().remove(0);
+    let full = batch
+        .run(
+            Some("active_devices_daily"),
+            &RunRequest {
+                full: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(full.days.len(), 3);
     assert_eq!(total(&s, "active_devices_daily").await, closed_events + 1);
-    let open = RunRequest { from_day: Some(today - 1), to_day: Some(today), full: false };
-    assert!(matches!(batch.run(None, &open).await, Err(BatchError::BadRequest(m)) if m.contains("not closed")));
+    let open = RunRequest {
+        from_day: Some(today - 1),
+        to_day: Some(today),
+        full: false,
+    };
+    assert!(
+        matches!(batch.run(None, &open).await, Err(BatchError::BadRequest(m)) if m.contains("not closed"))
+    );
 }
 
 #[tokio::test]
 async fn a_changed_definition_covers_nothing_until_recomputed() {
     let s = setup();
     let schema = Arc::clone(&s.catalog.schemas["app_events"]);
-    let lines: Vec<String> = Generator::new(GenConfig { late_share: 0.0, ..Default::default() }).history(2_000, NOW - 2 * DAY_US, NOW).map(|e| e.to_json()).collect();
+    let lines: Vec<String> = Generator::new(GenConfig {
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(2_000, NOW - 2 * DAY_US, NOW)
+    .map(|e| e.to_json())
+    .collect();
     let file = s.dir.join("h.jsonl");
     write_lines(&file, &lines);
-    import_jsonl(&s.storage, &schema, &[&file], NOW).await.unwrap();
-    BatchLayer::new(s.storage.clone(), Arc::clone(&s.catalog), Arc::new(s.clock.clone()))
-        .run(Some("purchases_daily"), &RunRequest::default())
+    import_jsonl(&s.storage, &schema, &[&file], NOW)
         .await
         .unwrap();
+    BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    )
+    .run(Some("purchases_daily"), &RunRequest::default())
+    .await
+    .unwrap();
 
     // The same view name, another meaning.
     let jobs = s.dir.join("jobs");
     std::fs::create_dir(&jobs).unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(root.join("jobs/purchases_daily.toml")).unwrap().replace("'purchase'", "'install'");
+    let text = std::fs::read_to_string(root.join("jobs/purchases_daily.toml"))
+        .unwrap()
+        .replace("'purchase'", "'install'");
     std::fs::write(jobs.join("purchases_daily.toml"), text).unwrap();
     let changed = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
     let views = DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::ZERO);
     let v = &changed.views["purchases_daily"];
-    assert!(views.coverage(v).await.unwrap().days.is_empty(), "a batch of the old definition covers nothing");
-    let r = BatchLayer::new(s.storage.clone(), Arc::clone(&changed), Arc::new(s.clock.clone()))
-        .run(Some("purchases_daily"), &RunRequest::default())
-        .await
-        .unwrap()
-        .remove(0);
+    assert!(
+        views.coverage(v).await.unwrap().days.is_empty(),
+        "a batch of the old definition covers nothing"
+    );
+    let r = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&changed),
+        Arc::new(s.clock.clone()),
+    )
+    .run(Some("purchases_daily"), &RunRequest::default())
+    .await
+    .unwrap()
+    .remove(0);
     assert_eq!(r.days.len(), 2);
     assert_eq!(views.coverage(v).await.unwrap().days.len(), 2);
 }
@@ -134,11 +213,28 @@ async fn a_changed_definition_covers_nothing_until_recomputed() {
 async fn import_rejects_go_to_the_dead_letter_table() {
     let s = setup();
     let schema = Arc::clone(&s.catalog.schemas["app_events"]);
-    let good = Generator::new(GenConfig::default()).next_at(NOW - DAY_US).to_json();
+    let good = Generator::new(GenConfig::default())
+        .next_at(NOW - DAY_US)
+        .to_json();
     let file = s.dir.join("mixed.jsonl");
-    write_lines(&file, &[good.clone(), "{not json".into(), String::new(), r#"{"event_id":"x"}"#.into(), good]);
-    let r = import_jsonl(&s.storage, &schema, &[&file], NOW).await.unwrap();
+    write_lines(
+        &file,
+        &[
+            good.clone(),
+            "{not json".into(),
+            String::new(),
+            r#"{"event_id":"x"}"#.into(),
+            good,
+        ],
+    );
+    let r = import_jsonl(&s.storage, &schema, &[&file], NOW)
+        .await
+        .unwrap();
     assert_eq!((r.events, r.rejected), (2, 2));
-    let dlq = s.storage.open(&s.storage.layout().dead_letter("app_events")).await.unwrap();
+    let dlq = s
+        .storage
+        .open(&s.storage.layout().dead_letter("app_events"))
+        .await
+        .unwrap();
     assert!(dlq.is_some());
 }

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType};
+use datafusion::arrow::datatypes::{
+    DataType, Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType,
+};
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{ident, lit, Expr};
 use deltalake::DeltaTable;
 use tandem_core::metric::{DistinctState, MetricState};
-use tandem_core::query::{AggRow, Coverage, ViewQuery};
+use tandem_core::query::{AggRow, Coverage, RowSet, ViewQuery};
 use tandem_core::schema::FieldType;
 use tandem_core::storage::Storage;
 use tandem_core::time::day_string;
@@ -44,7 +46,11 @@ pub struct DeltaBatchViews {
 
 impl DeltaBatchViews {
     pub fn new(storage: Storage) -> Self {
-        DeltaBatchViews { storage, cache: Mutex::new(HashMap::new()), refresh: Duration::from_secs(1) }
+        DeltaBatchViews {
+            storage,
+            cache: Mutex::new(HashMap::new()),
+            refresh: Duration::from_secs(1),
+        }
     }
 
     /// How long an opened view table is reused before its log is read again.
@@ -59,13 +65,23 @@ impl DeltaBatchViews {
                 return Ok(c.clone());
             }
         }
-        let table = self.storage.open(&self.storage.layout().view(&view.name)).await?;
+        let table = self
+            .storage
+            .open(&self.storage.layout().view(&view.name))
+            .await?;
         let published = match &table {
             Some(t) => published(t).await?,
             None => Published::default(),
         };
-        let c = Cached { table, published, loaded: Instant::now() };
-        self.cache.lock().expect("cache lock").insert(view.name.clone(), c.clone());
+        let c = Cached {
+            table,
+            published,
+            loaded: Instant::now(),
+        };
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(view.name.clone(), c.clone());
         Ok(c)
     }
 }
@@ -76,46 +92,84 @@ impl BatchViews for DeltaBatchViews {
         let c = self.load(view).await?;
         if c.published.hash.as_deref() != Some(view.definition_hash.as_str()) {
             // Computed under another definition (or never): covers nothing.
-            return Ok(Coverage { version: c.published.coverage.version, ..Default::default() });
+            return Ok(Coverage {
+                version: c.published.coverage.version,
+                ..Default::default()
+            });
         }
         Ok(c.published.coverage)
     }
 
-    async fn query(&self, view: &ViewDef, q: &ViewQuery, coverage: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
-        let days: Vec<String> = q.days().filter(|d| coverage.days.contains(d)).map(day_string).collect();
+    async fn query(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        coverage: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        let days: Vec<String> = q
+            .days()
+            .filter(|d| coverage.days.contains(d))
+            .map(day_string)
+            .collect();
         if days.is_empty() {
             return Ok(Vec::new());
         }
         let c = self.load(view).await?;
-        let Some(mut table) = c.table else { return Ok(Vec::new()) };
+        let Some(mut table) = c.table else {
+            return Ok(Vec::new());
+        };
         if let Some(v) = coverage.version {
             if table.version().map(|x| x as i64) != Some(v) {
-                table.load_version(v as u64).await.map_err(tandem_core::storage::delta)?;
+                table
+                    .load_version(v as u64)
+                    .await
+                    .map_err(tandem_core::storage::delta)?;
             }
         }
-        let rows = read_rows(&table, view, q, &days).await.map_err(CoreError::from)?;
+        let rows = read_rows(&table, view, q, &days)
+            .await
+            .map_err(CoreError::from)?;
         Ok(rows)
     }
 }
 
 fn ts(us: i64) -> Expr {
-    lit(ScalarValue::TimestampMicrosecond(Some(us), Some("UTC".into())))
+    lit(ScalarValue::TimestampMicrosecond(
+        Some(us),
+        Some("UTC".into()),
+    ))
 }
 
-async fn read_rows(table: &DeltaTable, view: &ViewDef, q: &ViewQuery, days: &[String]) -> Result<Vec<AggRow>, BatchError> {
+async fn read_rows(
+    table: &DeltaTable,
+    view: &ViewDef,
+    q: &ViewQuery,
+    days: &[String],
+) -> Result<Vec<AggRow>, BatchError> {
     let ctx = session();
     ctx.register_table("v", table.table_provider().await?)?;
     let mut df = ctx
         .table("v")
         .await?
         .filter(ident(DAY_COLUMN).in_list(days.iter().map(|d| lit(d.as_str())).collect(), false))?
-        .filter(ident(BUCKET_COLUMN).gt_eq(ts(q.from_us)).and(ident(BUCKET_COLUMN).lt(ts(q.to_us))))?;
+        .filter(
+            ident(BUCKET_COLUMN)
+                .gt_eq(ts(q.from_us))
+                .and(ident(BUCKET_COLUMN).lt(ts(q.to_us))),
+        )?;
     for (d, values) in &q.filters {
         // Values are literals, never SQL text.
-        df = df.filter(ident(view.dimensions[*d].as_str()).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false))?;
+        df = df.filter(
+            ident(view.dimensions[*d].as_str())
+                .in_list(values.iter().map(|v| lit(v.as_str())).collect(), false),
+        )?;
     }
     let mut columns = vec![ident(BUCKET_COLUMN)];
-    columns.extend(q.group_by.iter().map(|&d| ident(view.dimensions[d].as_str())));
+    columns.extend(
+        q.group_by
+            .iter()
+            .map(|&d| ident(view.dimensions[d].as_str())),
+    );
     for &m in &q.metrics {
         let metric = &view.metrics[m];
         columns.push(ident(metric.name.as_str()));
@@ -124,10 +178,12 @@ async fn read_rows(table: &DeltaTable, view: &ViewDef, q: &ViewQuery, days: &[St
         }
     }
     let df = df.select(columns)?;
-    let mut merged: HashMap<(i64, Vec<Option<String>>), Vec<MetricState>> = HashMap::new();
+    let mut merged = RowSet::default();
     for b in df.collect().await? {
         let buckets = b.column(0).as_primitive::<TimestampMicrosecondType>();
-        let dims: Vec<ArrayRef> = (0..q.group_by.len()).map(|i| cast(b.column(1 + i), &DataType::Utf8)).collect::<Result<_, _>>()?;
+        let dims: Vec<ArrayRef> = (0..q.group_by.len())
+            .map(|i| cast(b.column(1 + i), &DataType::Utf8))
+            .collect::<Result<_, _>>()?;
         for row in 0..b.num_rows() {
             let key_dims: Vec<Option<String>> = dims
                 .iter()
@@ -141,24 +197,28 @@ async fn read_rows(table: &DeltaTable, view: &ViewDef, q: &ViewQuery, days: &[St
                 states.push(state_of(metric, b.column(col), sketch, row)?);
                 col += if sketch.is_some() { 2 } else { 1 };
             }
-            match merged.get_mut(&(buckets.value(row), key_dims.clone())) {
-                Some(acc) => acc.iter_mut().zip(&states).for_each(|(a, s)| a.merge(s)),
-                None => {
-                    merged.insert((buckets.value(row), key_dims), states);
-                }
-            }
+            merged.add(buckets.value(row), key_dims, states);
         }
     }
-    Ok(merged.into_iter().map(|((bucket_us, dims), states)| AggRow { bucket_us, dims, states }).collect())
+    Ok(merged.into_rows())
 }
 
 /// A batch view cell as a metric state.
-fn state_of(metric: &MetricDef, col: &ArrayRef, sketch: Option<&ArrayRef>, row: usize) -> Result<MetricState, BatchError> {
+fn state_of(
+    metric: &MetricDef,
+    col: &ArrayRef,
+    sketch: Option<&ArrayRef>,
+    row: usize,
+) -> Result<MetricState, BatchError> {
     let null = col.is_null(row);
     let int = || -> i128 {
         match metric.field_type {
-            Some(FieldType::Decimal { .. }) if metric.kind != MetricKind::Count => col.as_primitive::<Decimal128Type>().value(row),
-            Some(FieldType::Timestamp) if matches!(metric.kind, MetricKind::Min | MetricKind::Max) => {
+            Some(FieldType::Decimal { .. }) if metric.kind != MetricKind::Count => {
+                col.as_primitive::<Decimal128Type>().value(row)
+            }
+            Some(FieldType::Timestamp)
+                if matches!(metric.kind, MetricKind::Min | MetricKind::Max) =>
+            {
                 col.as_primitive::<TimestampMicrosecondType>().value(row) as i128
             }
             _ => col.as_primitive::<Int64Type>().value(row) as i128,
@@ -180,7 +240,10 @@ fn state_of(metric: &MetricDef, col: &ArrayRef, sketch: Option<&ArrayRef>, row: 
             if sketch.is_null(row) {
                 MetricState::Distinct(empty)
             } else {
-                MetricState::Distinct(Box::new(DistinctState::from_parts(sketch.as_binary::<i32>().value(row), exact)?))
+                MetricState::Distinct(Box::new(DistinctState::from_parts(
+                    sketch.as_binary::<i32>().value(row),
+                    exact,
+                )?))
             }
         }
     })

@@ -46,6 +46,8 @@ impl Catalog {
     }
 
     pub fn view(&self, name: &str) -> Result<&Arc<ViewDef>> {
-        self.views.get(name).ok_or_else(|| CoreError::UnknownView(name.to_string()))
+        self.views
+            .get(name)
+            .ok_or_else(|| CoreError::UnknownView(name.to_string()))
     }
 }

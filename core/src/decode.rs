@@ -97,7 +97,9 @@ pub struct TimePolicy {
 
 impl Default for TimePolicy {
     fn default() -> Self {
-        TimePolicy { max_future_us: crate::view::DAY_US }
+        TimePolicy {
+            max_future_us: crate::view::DAY_US,
+        }
     }
 }
 
@@ -157,7 +159,9 @@ enum Builder {
 impl Builder {
     fn new(ty: FieldType, capacity: usize) -> Self {
         match ty {
-            FieldType::String => Builder::Str(StringBuilder::with_capacity(capacity, capacity * 16)),
+            FieldType::String => {
+                Builder::Str(StringBuilder::with_capacity(capacity, capacity * 16))
+            }
             FieldType::Int => Builder::I64(Int64Builder::with_capacity(capacity)),
             FieldType::Float => Builder::F64(Float64Builder::with_capacity(capacity)),
             FieldType::Decimal { scale } => Builder::Dec(
@@ -166,7 +170,9 @@ impl Builder {
                     .expect("scale is checked when the schema loads"),
             ),
             FieldType::Bool => Builder::Bool(BooleanBuilder::with_capacity(capacity)),
-            FieldType::Timestamp => Builder::Ts(TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC")),
+            FieldType::Timestamp => Builder::Ts(
+                TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC"),
+            ),
         }
     }
 
@@ -201,8 +207,17 @@ impl Builder {
 
 impl Decoder {
     pub fn new(schema: Arc<EventSchema>) -> Self {
-        let index = schema.fields.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
-        Decoder { schema, index: Arc::new(index), policy: TimePolicy::default() }
+        let index = schema
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
+        Decoder {
+            schema,
+            index: Arc::new(index),
+            policy: TimePolicy::default(),
+        }
     }
 
     pub fn with_time_policy(mut self, policy: TimePolicy) -> Self {
@@ -217,7 +232,10 @@ impl Decoder {
     /// Decodes `messages`; `now_us` is the wall clock used by the event-time policy.
     pub fn decode(&self, messages: &[Message<'_>], now_us: i64) -> Result<Decoded> {
         let fields = &self.schema.fields;
-        let mut builders: Vec<Builder> = fields.iter().map(|f| Builder::new(f.ty, messages.len())).collect();
+        let mut builders: Vec<Builder> = fields
+            .iter()
+            .map(|f| Builder::new(f.ty, messages.len()))
+            .collect();
         let mut partitions = Vec::with_capacity(messages.len());
         let mut offsets = Vec::with_capacity(messages.len());
         let mut rejected = Vec::new();
@@ -240,7 +258,10 @@ impl Decoder {
                     continue;
                 }
                 None => {
-                    rejected.push(reject(RejectReason::Decode, "null payload (tombstone)".into()));
+                    rejected.push(reject(
+                        RejectReason::Decode,
+                        "null payload (tombstone)".into(),
+                    ));
                     continue;
                 }
             };
@@ -255,16 +276,25 @@ impl Decoder {
             for (i, (slot, field)) in slots.iter().zip(fields).enumerate() {
                 match check(slot, field.ty) {
                     Ok(Value::Null) if field.required => {
-                        failure = Some((RejectReason::Schema, format!("missing required field `{}`", field.name)));
+                        failure = Some((
+                            RejectReason::Schema,
+                            format!("missing required field `{}`", field.name),
+                        ));
                     }
                     Ok(Value::I64(t)) if i == self.schema.event_time && (t < 0 || t > max_time) => {
                         failure = Some((
                             RejectReason::EventTime,
-                            format!("event time {} is outside the accepted window", crate::time::format_us(t)),
+                            format!(
+                                "event time {} is outside the accepted window",
+                                crate::time::format_us(t)
+                            ),
                         ));
                     }
                     Ok(_) => {}
-                    Err(e) => failure = Some((RejectReason::Schema, format!("field `{}`: {e}", field.name))),
+                    Err(e) => {
+                        failure =
+                            Some((RejectReason::Schema, format!("field `{}`: {e}", field.name)))
+                    }
                 }
                 if failure.is_some() {
                     break;
@@ -282,7 +312,12 @@ impl Decoder {
         }
         let columns: Vec<ArrayRef> = builders.into_iter().map(Builder::finish).collect();
         let batch = RecordBatch::try_new(self.schema.arrow_schema(), columns)?;
-        Ok(Decoded { batch, partitions, offsets, rejected })
+        Ok(Decoded {
+            batch,
+            partitions,
+            offsets,
+            rejected,
+        })
     }
 }
 
@@ -311,16 +346,23 @@ fn check<'a>(slot: &'a Slot<'_>, ty: FieldType) -> std::result::Result<Value<'a>
         (FieldType::Bool, Slot::Bool(b)) => Value::Bool(*b),
         (FieldType::Timestamp, Slot::Str(s)) => match DateTime::parse_from_rfc3339(s) {
             Ok(t) => Value::I64(t.timestamp_micros()),
-            Err(e) => return Err(format!("`{}` is not an RFC 3339 time ({e})", truncate(s, 64))),
+            Err(e) => {
+                return Err(format!(
+                    "`{}` is not an RFC 3339 time ({e})",
+                    truncate(s, 64)
+                ))
+            }
         },
         (FieldType::Timestamp, Slot::I64(ms)) => match ms.checked_mul(1000) {
             Some(us) => Value::I64(us),
             None => return Err(format!("{ms} ms is out of range")),
         },
-        (FieldType::Timestamp, Slot::U64(ms)) => match i64::try_from(*ms).ok().and_then(|ms| ms.checked_mul(1000)) {
-            Some(us) => Value::I64(us),
-            None => return Err(format!("{ms} ms is out of range")),
-        },
+        (FieldType::Timestamp, Slot::U64(ms)) => {
+            match i64::try_from(*ms).ok().and_then(|ms| ms.checked_mul(1000)) {
+                Some(us) => Value::I64(us),
+                None => return Err(format!("{ms} ms is out of range")),
+            }
+        }
         _ => return wrong(),
     })
 }
@@ -340,9 +382,15 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-fn parse_row<'de>(payload: &'de [u8], index: &HashMap<String, usize>, slots: &mut [Slot<'de>]) -> std::result::Result<(), String> {
+fn parse_row<'de>(
+    payload: &'de [u8],
+    index: &HashMap<String, usize>,
+    slots: &mut [Slot<'de>],
+) -> std::result::Result<(), String> {
     let mut de = serde_json::Deserializer::from_slice(payload);
-    RowSeed { index, slots }.deserialize(&mut de).map_err(|e| e.to_string())?;
+    RowSeed { index, slots }
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())
 }
 
@@ -381,7 +429,10 @@ struct KeySeed<'s>(&'s HashMap<String, usize>);
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     type Value = Option<usize>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Option<usize>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Option<usize>, D::Error> {
         d.deserialize_str(self)
     }
 }
@@ -439,7 +490,10 @@ impl<'de> Visitor<'de> for SlotVisitor {
     fn visit_none<E: de::Error>(self) -> std::result::Result<Slot<'de>, E> {
         Ok(Slot::Null)
     }
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Slot<'de>, A::Error> {
+    fn visit_seq<A: de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Slot<'de>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Slot::Nested("an array"))
     }
@@ -506,7 +560,10 @@ fields = [
         assert_eq!(ts.value(1), 1_795_611_600_000_000);
         assert_eq!(d.batch.column(2).as_primitive::<Int64Type>().value(0), 3);
         assert!(d.batch.column(2).is_null(1));
-        assert_eq!(d.batch.column(3).as_primitive::<Decimal128Type>().value(0), 499);
+        assert_eq!(
+            d.batch.column(3).as_primitive::<Decimal128Type>().value(0),
+            499
+        );
         assert_eq!(d.offsets, [0, 1]);
     }
 
@@ -514,15 +571,15 @@ fields = [
     fn rejects_each_bad_message_with_a_reason_and_keeps_the_rest() {
         let good = br#"{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x"}"#;
         let m = msgs(&[
-            br#"{"id":"a","ts":"2026-11-25T13:00"#,                      // truncated
-            b"{\"id\":\"\xff\xfe\",\"ts\":1,\"name\":\"x\"}",              // invalid UTF-8
+            br#"{"id":"a","ts":"2026-11-25T13:00"#,           // truncated
+            b"{\"id\":\"\xff\xfe\",\"ts\":1,\"name\":\"x\"}", // invalid UTF-8
             good,
             br#"{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x","n":"abc"}"#, // wrong type
-            br#"{"id":"a","ts":"2026-11-25T13:00:00Z"}"#,                 // missing required
-            br#"[1,2,3]"#,                                                // not an object
-            br#"{"id":"a","ts":"2099-01-01T00:00:00Z","name":"x"}"#,      // far future
-            br#"{"id":"a","ts":"yesterday","name":"x"}"#,                 // not a time
-            b"",                                                          // empty
+            br#"{"id":"a","ts":"2026-11-25T13:00:00Z"}"#,                      // missing required
+            br#"[1,2,3]"#,                                                     // not an object
+            br#"{"id":"a","ts":"2099-01-01T00:00:00Z","name":"x"}"#,           // far future
+            br#"{"id":"a","ts":"yesterday","name":"x"}"#,                      // not a time
+            b"",                                                               // empty
             good,
         ]);
         let d = decoder().decode(&m, NOW).unwrap();
@@ -532,19 +589,42 @@ fields = [
         use RejectReason::*;
         assert_eq!(
             reasons,
-            [(0, Decode), (1, Decode), (3, Schema), (4, Schema), (5, Decode), (6, EventTime), (7, Schema), (8, Decode)]
+            [
+                (0, Decode),
+                (1, Decode),
+                (3, Schema),
+                (4, Schema),
+                (5, Decode),
+                (6, EventTime),
+                (7, Schema),
+                (8, Decode)
+            ]
         );
         assert_eq!(d.rejected[1].raw, m[1].payload.unwrap());
-        assert!(d.rejected[2].error.contains("`n`"), "{}", d.rejected[2].error);
-        assert!(d.rejected[3].error.contains("`name`"), "{}", d.rejected[3].error);
+        assert!(
+            d.rejected[2].error.contains("`n`"),
+            "{}",
+            d.rejected[2].error
+        );
+        assert!(
+            d.rejected[3].error.contains("`name`"),
+            "{}",
+            d.rejected[3].error
+        );
     }
 
     #[test]
     fn deep_nesting_never_overflows_the_stack() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        let unknown = format!(r#"{{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x","extra":{deep}}}"#);
+        let unknown =
+            format!(r#"{{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x","extra":{deep}}}"#);
         let known = format!(r#"{{"id":"a","ts":"2026-11-25T13:00:00Z","name":{deep}}}"#);
-        let d = decoder().decode(&msgs(&[deep.as_bytes(), unknown.as_bytes(), known.as_bytes()]), NOW).unwrap();
+        let d = decoder()
+            .decode(
+                &msgs(&[deep.as_bytes(), unknown.as_bytes(), known.as_bytes()]),
+                NOW,
+            )
+            .unwrap();
         assert_eq!(d.offsets, [1], "an unknown deep field is skipped");
         let reasons: Vec<_> = d.rejected.iter().map(|r| r.reason).collect();
         assert_eq!(reasons, [RejectReason::Decode, RejectReason::Schema]);
@@ -552,7 +632,12 @@ fields = [
 
     #[test]
     fn tombstones_are_rejected() {
-        let m = [Message { payload: None, partition: 3, offset: 7, timestamp_ms: Some(1) }];
+        let m = [Message {
+            payload: None,
+            partition: 3,
+            offset: 7,
+            timestamp_ms: Some(1),
+        }];
         let d = decoder().decode(&m, NOW).unwrap();
         assert_eq!((d.rejected[0].partition, d.rejected[0].offset), (3, 7));
     }

@@ -63,7 +63,11 @@ pub enum CoreError {
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
 
 impl CoreError {
-    pub(crate) fn key(path: &std::path::Path, key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn key(
+        path: &std::path::Path,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         CoreError::InvalidKey {
             path: path.to_path_buf(),
             key: key.into(),

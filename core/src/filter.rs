@@ -25,7 +25,9 @@ pub struct CompiledFilter {
 impl CompiledFilter {
     /// Compiles `view`'s filter, if it has one; an error names the view's file and `filter`.
     pub fn for_view(view: &ViewDef, schema: &EventSchema) -> Result<Option<Self>> {
-        let Some(sql) = &view.filter else { return Ok(None) };
+        let Some(sql) = &view.filter else {
+            return Ok(None);
+        };
         Self::compile(sql, schema)
             .map(Some)
             .map_err(|e| CoreError::key(&view.path, "filter", e.to_string()))
@@ -38,7 +40,9 @@ impl CompiledFilter {
         let expr = ctx.parse_sql_expr(sql, &df_schema)?;
         let ty = expr.get_type(&df_schema)?;
         if ty != datafusion::arrow::datatypes::DataType::Boolean {
-            return Err(CoreError::BadQuery(format!("the filter `{sql}` is a {ty}, not a predicate")));
+            return Err(CoreError::BadQuery(format!(
+                "the filter `{sql}` is a {ty}, not a predicate"
+            )));
         }
         let expr = ctx.create_physical_expr(expr, &df_schema)?;
         Ok(CompiledFilter { expr })

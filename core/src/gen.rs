@@ -12,17 +12,44 @@ use crate::time::format_us;
 use crate::view::HOUR_US;
 
 pub const MEDIA_SOURCES: [&str; 16] = [
-    "organic", "googleadwords_int", "Facebook Ads", "tiktokglobal_int", "applovin_int", "unityads_int",
-    "ironsource_int", "Apple Search Ads", "snapchat_int", "mintegral_int", "moloco_int", "liftoff_int",
-    "vungle_int", "twitter", "digitalturbine_int", "chartboosts2s_int",
+    "organic",
+    "googleadwords_int",
+    "Facebook Ads",
+    "tiktokglobal_int",
+    "applovin_int",
+    "unityads_int",
+    "ironsource_int",
+    "Apple Search Ads",
+    "snapchat_int",
+    "mintegral_int",
+    "moloco_int",
+    "liftoff_int",
+    "vungle_int",
+    "twitter",
+    "digitalturbine_int",
+    "chartboosts2s_int",
 ];
 pub const COUNTRIES: [&str; 30] = [
-    "US", "IN", "BR", "ID", "GB", "DE", "JP", "FR", "MX", "RU", "KR", "TR", "CA", "IT", "ES", "PH", "VN", "TH", "AU",
-    "SA", "EG", "NG", "PK", "AR", "PL", "NL", "CO", "ZA", "MY", "UA",
+    "US", "IN", "BR", "ID", "GB", "DE", "JP", "FR", "MX", "RU", "KR", "TR", "CA", "IT", "ES", "PH",
+    "VN", "TH", "AU", "SA", "EG", "NG", "PK", "AR", "PL", "NL", "CO", "ZA", "MY", "UA",
 ];
-const EVENT_NAMES: [(&str, u32); 5] = [("launch", 50), ("install", 20), ("registration", 12), ("level_achieved", 10), ("purchase", 8)];
-const PRICES: [(f64, u32); 8] =
-    [(0.99, 30), (1.99, 22), (2.99, 15), (4.99, 14), (9.99, 9), (19.99, 6), (49.99, 3), (99.99, 1)];
+const EVENT_NAMES: [(&str, u32); 5] = [
+    ("launch", 50),
+    ("install", 20),
+    ("registration", 12),
+    ("level_achieved", 10),
+    ("purchase", 8),
+];
+const PRICES: [(f64, u32); 8] = [
+    (0.99, 30),
+    (1.99, 22),
+    (2.99, 15),
+    (4.99, 14),
+    (9.99, 9),
+    (19.99, 6),
+    (49.99, 3),
+    (99.99, 1),
+];
 const CAMPAIGNS_PER_SOURCE: usize = 40;
 
 /// One generated event, as the reference schema defines it.
@@ -67,7 +94,12 @@ pub struct GenConfig {
 
 impl Default for GenConfig {
     fn default() -> Self {
-        GenConfig { seed: 42, apps: 100, devices: 200_000, late_share: 0.02 }
+        GenConfig {
+            seed: 42,
+            apps: 100,
+            devices: 200_000,
+            late_share: 0.02,
+        }
     }
 }
 
@@ -125,7 +157,11 @@ impl Generator {
         let event_name = weighted(rng, &EVENT_NAMES);
         let revenue_usd = (event_name == "purchase").then(|| weighted(rng, &PRICES));
         let late = rng.random_bool(self.config.late_share.clamp(0.0, 1.0));
-        let event_time = if late { arrival_us - rng.random_range(HOUR_US..36 * HOUR_US) } else { arrival_us };
+        let event_time = if late {
+            arrival_us - rng.random_range(HOUR_US..36 * HOUR_US)
+        } else {
+            arrival_us
+        };
         let id: u128 = rng.random();
         Event {
             event_id: format!("{id:032x}"),
@@ -136,7 +172,10 @@ impl Generator {
             campaign,
             country,
             platform,
-            device_id: format!("d-{:010x}", device.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24),
+            device_id: format!(
+                "d-{:010x}",
+                device.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24
+            ),
             revenue_usd,
         }
     }
@@ -159,10 +198,19 @@ mod tests {
 
     #[test]
     fn same_seed_same_events_and_skewed() {
-        let a: Vec<_> = Generator::new(GenConfig::default()).history(5_000, 0, 1_000_000_000).collect();
-        let b: Vec<_> = Generator::new(GenConfig::default()).history(5_000, 0, 1_000_000_000).collect();
+        let a: Vec<_> = Generator::new(GenConfig::default())
+            .history(5_000, 0, 1_000_000_000)
+            .collect();
+        let b: Vec<_> = Generator::new(GenConfig::default())
+            .history(5_000, 0, 1_000_000_000)
+            .collect();
         assert_eq!(a, b);
-        let c: Vec<_> = Generator::new(GenConfig { seed: 7, ..Default::default() }).history(5_000, 0, 1_000_000_000).collect();
+        let c: Vec<_> = Generator::new(GenConfig {
+            seed: 7,
+            ..Default::default()
+        })
+        .history(5_000, 0, 1_000_000_000)
+        .collect();
         assert_ne!(a, c);
         let mut per_app: HashMap<&str, usize> = HashMap::new();
         for e in &a {
@@ -171,10 +219,17 @@ mod tests {
             assert_eq!(e.campaign.is_none(), e.media_source == "organic");
         }
         let top = per_app.values().max().unwrap();
-        assert!(*top > 5_000 / 100 * 5, "the top app should dominate, got {top}");
+        assert!(
+            *top > 5_000 / 100 * 5,
+            "the top app should dominate, got {top}"
+        );
         let devices: std::collections::HashSet<_> = a.iter().map(|e| &e.device_id).collect();
         assert!(devices.len() < a.len(), "devices repeat");
-        let late = a.iter().enumerate().filter(|(i, e)| e.event_time < *i as i64 * 200_000 - HOUR_US).count();
+        let late = a
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| e.event_time < *i as i64 * 200_000 - HOUR_US)
+            .count();
         assert!(late > 0);
     }
 
@@ -182,7 +237,16 @@ mod tests {
     fn json_lines_have_the_reference_fields() {
         let e = Generator::new(GenConfig::default()).next_at(1_764_075_600_000_000);
         let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
-        for k in ["event_id", "event_time", "app_id", "event_name", "media_source", "country", "platform", "device_id"] {
+        for k in [
+            "event_id",
+            "event_time",
+            "app_id",
+            "event_name",
+            "media_source",
+            "country",
+            "platform",
+            "device_id",
+        ] {
             assert!(v.get(k).is_some(), "{k}");
         }
     }

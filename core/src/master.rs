@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, AsArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, Int64Builder, StringArray, StringBuilder,
-    TimestampMicrosecondBuilder,
+    ArrayRef, AsArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, Int64Builder,
+    StringArray, StringBuilder, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -18,8 +18,13 @@ use crate::time::{day_of, day_string};
 /// The decoded events with their Kafka partition, offset and `dt` day, in the master schema.
 pub fn archive_batch(schema: &EventSchema, decoded: &Decoded) -> Result<RecordBatch> {
     let batch = &decoded.batch;
-    let times = batch.column(schema.event_time).as_primitive::<TimestampMicrosecondType>();
-    let days: StringArray = times.iter().map(|t| t.map(|t| day_string(day_of(t)))).collect();
+    let times = batch
+        .column(schema.event_time)
+        .as_primitive::<TimestampMicrosecondType>();
+    let days: StringArray = times
+        .iter()
+        .map(|t| t.map(|t| day_string(day_of(t))))
+        .collect();
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     columns.push(Arc::new(Int32Array::from(decoded.partitions.clone())));
     columns.push(Arc::new(Int64Array::from(decoded.offsets.clone())));

@@ -25,13 +25,19 @@ pub struct DistinctState {
 
 impl fmt::Debug for DistinctState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DistinctState").field("estimate", &self.sketch.estimate()).field("exact", &self.exact).finish()
+        f.debug_struct("DistinctState")
+            .field("estimate", &self.sketch.estimate())
+            .field("exact", &self.exact)
+            .finish()
     }
 }
 
 impl DistinctState {
     pub fn new(lg_k: u8) -> Self {
-        DistinctState { sketch: new_sketch(lg_k), exact: None }
+        DistinctState {
+            sketch: new_sketch(lg_k),
+            exact: None,
+        }
     }
 
     /// Adds a string value (hashed as its UTF-8 bytes, as DataSketches Java and C++ do; empty
@@ -109,7 +115,9 @@ impl MetricState {
             (MetricKind::Min, true) => MetricState::MinFloat(None),
             (MetricKind::Max, false) => MetricState::MaxInt(None),
             (MetricKind::Max, true) => MetricState::MaxFloat(None),
-            (MetricKind::Distinct, _) => MetricState::Distinct(Box::new(DistinctState::new(metric.lg_k()))),
+            (MetricKind::Distinct, _) => {
+                MetricState::Distinct(Box::new(DistinctState::new(metric.lg_k())))
+            }
         }
     }
 
@@ -136,7 +144,9 @@ impl MetricState {
         let int = |v: i128| -> Json {
             match metric.scale() {
                 Some(s) if s > 0 => json!(v as f64 / 10f64.powi(s as i32)),
-                _ => i64::try_from(v).map(Json::from).unwrap_or_else(|_| json!(v as f64)),
+                _ => i64::try_from(v)
+                    .map(Json::from)
+                    .unwrap_or_else(|_| json!(v as f64)),
             }
         };
         let time_or_int = |v: i128| -> Json {
@@ -176,7 +186,11 @@ impl MetricState {
             SumFloat(v) => Some(*v),
             MinInt(v) | MaxInt(v) => v.map(scaled),
             MinFloat(v) | MaxFloat(v) => *v,
-            Distinct(d) => Some(d.exact.map(|n| n as f64).unwrap_or_else(|| d.estimate().round())),
+            Distinct(d) => Some(
+                d.exact
+                    .map(|n| n as f64)
+                    .unwrap_or_else(|| d.estimate().round()),
+            ),
         }
     }
 }
@@ -204,7 +218,11 @@ mod tests {
 
     #[test]
     fn sketches_merge_commutatively_and_associatively_within_bound() {
-        let (a, b, c) = (sketch_of(0..30_000), sketch_of(20_000..60_000), sketch_of(50_000..90_000));
+        let (a, b, c) = (
+            sketch_of(0..30_000),
+            sketch_of(20_000..60_000),
+            sketch_of(50_000..90_000),
+        );
         let m = |x: &DistinctState, y: &DistinctState| {
             let mut s = MetricState::Distinct(Box::new(x.clone()));
             s.merge(&MetricState::Distinct(Box::new(y.clone())));

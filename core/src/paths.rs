@@ -22,10 +22,17 @@ pub const SCHEMES: [&str; 5] = ["file", "memory", "s3", "gs", "az"];
 impl Layout {
     /// Parses a storage URL (`file:///abs/dir`, `memory:///`, `s3://bucket/prefix`, ...).
     pub fn parse(url: &str) -> Result<Self> {
-        let err = |message: String| CoreError::Storage { url: url.to_string(), message };
+        let err = |message: String| CoreError::Storage {
+            url: url.to_string(),
+            message,
+        };
         let mut root = Url::parse(url).map_err(|e| err(e.to_string()))?;
         if !SCHEMES.contains(&root.scheme()) {
-            return Err(err(format!("scheme `{}` is not one of {}", root.scheme(), SCHEMES.join(", "))));
+            return Err(err(format!(
+                "scheme `{}` is not one of {}",
+                root.scheme(),
+                SCHEMES.join(", ")
+            )));
         }
         if !root.path().ends_with('/') {
             let p = format!("{}/", root.path());
@@ -36,9 +43,14 @@ impl Layout {
 
     /// A local directory as a `file://` layout.
     pub fn local(dir: &std::path::Path) -> Result<Self> {
-        let abs = std::path::absolute(dir).map_err(|e| CoreError::Storage { url: dir.display().to_string(), message: e.to_string() })?;
-        let url = Url::from_directory_path(&abs)
-            .map_err(|_| CoreError::Storage { url: abs.display().to_string(), message: "not an absolute path".into() })?;
+        let abs = std::path::absolute(dir).map_err(|e| CoreError::Storage {
+            url: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let url = Url::from_directory_path(&abs).map_err(|_| CoreError::Storage {
+            url: abs.display().to_string(),
+            message: "not an absolute path".into(),
+        })?;
         Self::parse(url.as_str())
     }
 
@@ -70,7 +82,9 @@ impl Layout {
 
     /// Whether the root is a local directory (and which).
     pub fn local_dir(&self) -> Option<std::path::PathBuf> {
-        (self.root.scheme() == "file").then(|| self.root.to_file_path().ok()).flatten()
+        (self.root.scheme() == "file")
+            .then(|| self.root.to_file_path().ok())
+            .flatten()
     }
 }
 
@@ -81,9 +95,15 @@ mod tests {
     #[test]
     fn tables_sit_under_the_root() {
         let l = Layout::parse("s3://bucket/prefix").unwrap();
-        assert_eq!(l.master("app_events").as_str(), "s3://bucket/prefix/master/app_events/");
+        assert_eq!(
+            l.master("app_events").as_str(),
+            "s3://bucket/prefix/master/app_events/"
+        );
         assert_eq!(l.view("v").as_str(), "s3://bucket/prefix/views/v/");
-        assert!(Layout::parse("ftp://x").unwrap_err().to_string().contains("scheme"));
+        assert!(Layout::parse("ftp://x")
+            .unwrap_err()
+            .to_string()
+            .contains("scheme"));
         let m = Layout::parse("memory:///").unwrap();
         assert_eq!(m.dead_letter("e").as_str(), "memory:///dead_letter/e/");
     }

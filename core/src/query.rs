@@ -5,7 +5,8 @@
 //! Parameters are checked against the view's definition: dimensions and metrics must be the
 //! view's own, so no user string ever reaches SQL as anything but a literal value.
 
-use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use serde_json::{json, Map, Value as Json};
@@ -29,9 +30,14 @@ pub const MAX_VALUE_LEN: usize = 1_024;
 /// What to sort the rows by.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrderBy {
-    Bucket { descending: bool },
+    Bucket {
+        descending: bool,
+    },
     /// An index into `ViewQuery::metrics`.
-    Metric { index: usize, descending: bool },
+    Metric {
+        index: usize,
+        descending: bool,
+    },
 }
 
 /// A checked query on one view.
@@ -61,7 +67,11 @@ impl ViewQuery {
     /// Builds a query from `key=value` parameters (the HTTP query string, the CLI's flags or a
     /// JSON body flattened). `filter` may repeat; `group_by` and `metrics` are comma lists.
     /// Without `to`, the range ends now; without `from`, it starts a day before `to`.
-    pub fn from_params<'a>(view: &ViewDef, params: impl IntoIterator<Item = (&'a str, &'a str)>, now_us: i64) -> Result<Self> {
+    pub fn from_params<'a>(
+        view: &ViewDef,
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+        now_us: i64,
+    ) -> Result<Self> {
         let (mut from, mut to, mut gran, mut group_by, mut metrics, mut order, mut limit) =
             (None, None, None, None, None, None, None);
         let mut filters: Vec<(usize, Vec<String>)> = Vec::new();
@@ -103,7 +113,12 @@ impl ViewQuery {
             }
         }
         let instant = |name: &str, v: &str| {
-            parse_instant(v).ok_or_else(|| bad(format!("`{name}` = `{}` is not RFC 3339, a date or epoch milliseconds", clip(v))))
+            parse_instant(v).ok_or_else(|| {
+                bad(format!(
+                    "`{name}` = `{}` is not RFC 3339, a date or epoch milliseconds",
+                    clip(v)
+                ))
+            })
         };
         let to_us = match to {
             Some(v) => instant("to", v)?,
@@ -117,7 +132,9 @@ impl ViewQuery {
             return Err(bad("`from` must be before `to`"));
         }
         if to_us - from_us > MAX_RANGE_DAYS * DAY_US {
-            return Err(bad(format!("range too large: at most {MAX_RANGE_DAYS} days")));
+            return Err(bad(format!(
+                "range too large: at most {MAX_RANGE_DAYS} days"
+            )));
         }
         if (to_us - from_us) / view.granularity.micros() > MAX_BUCKETS {
             return Err(bad(format!(
@@ -128,10 +145,17 @@ impl ViewQuery {
         let granularity = match gran {
             None => view.granularity,
             Some(g) => {
-                let g = Granularity::parse(g)
-                    .ok_or_else(|| bad(format!("granularity `{}` (expected minute, hour or day)", clip(g))))?;
+                let g = Granularity::parse(g).ok_or_else(|| {
+                    bad(format!(
+                        "granularity `{}` (expected minute, hour or day)",
+                        clip(g)
+                    ))
+                })?;
                 if g < view.granularity {
-                    return Err(bad(format!("granularity `{g}` is finer than the view's `{}`", view.granularity)));
+                    return Err(bad(format!(
+                        "granularity `{g}` is finer than the view's `{}`",
+                        view.granularity
+                    )));
                 }
                 g
             }
@@ -172,10 +196,11 @@ impl ViewQuery {
                     None => (false, o),
                 };
                 let m = metric(view, name)?;
-                let index = metrics
-                    .iter()
-                    .position(|&i| i == m)
-                    .ok_or_else(|| bad(format!("order_by `{name}` is not among the metrics asked for")))?;
+                let index = metrics.iter().position(|&i| i == m).ok_or_else(|| {
+                    bad(format!(
+                        "order_by `{name}` is not among the metrics asked for"
+                    ))
+                })?;
                 OrderBy::Metric { index, descending }
             }
         };
@@ -183,10 +208,24 @@ impl ViewQuery {
             None => DEFAULT_LIMIT,
             Some(l) => match l.parse::<usize>() {
                 Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-                _ => return Err(bad(format!("limit `{}` must be a whole number from 1 to {MAX_LIMIT}", clip(l)))),
+                _ => {
+                    return Err(bad(format!(
+                        "limit `{}` must be a whole number from 1 to {MAX_LIMIT}",
+                        clip(l)
+                    )))
+                }
             },
         };
-        Ok(ViewQuery { from_us, to_us, granularity, group_by, filters, metrics, order_by, limit })
+        Ok(ViewQuery {
+            from_us,
+            to_us,
+            granularity,
+            group_by,
+            filters,
+            metrics,
+            order_by,
+            limit,
+        })
     }
 
     /// Whether a row's full dimension values pass the filters.
@@ -215,14 +254,25 @@ fn clip(s: &str) -> &str {
 }
 
 fn dimension(view: &ViewDef, name: &str) -> Result<usize> {
-    view.dimension(name)
-        .ok_or_else(|| bad(format!("view `{}` has no dimension `{}` (it has: {})", view.name, clip(name), view.dimensions.join(", "))))
+    view.dimension(name).ok_or_else(|| {
+        bad(format!(
+            "view `{}` has no dimension `{}` (it has: {})",
+            view.name,
+            clip(name),
+            view.dimensions.join(", ")
+        ))
+    })
 }
 
 fn metric(view: &ViewDef, name: &str) -> Result<usize> {
     view.metric(name).ok_or_else(|| {
         let names: Vec<_> = view.metrics.iter().map(|m| m.name.as_str()).collect();
-        bad(format!("view `{}` has no metric `{}` (it has: {})", view.name, clip(name), names.join(", ")))
+        bad(format!(
+            "view `{}` has no metric `{}` (it has: {})",
+            view.name,
+            clip(name),
+            names.join(", ")
+        ))
     })
 }
 
@@ -234,6 +284,39 @@ pub struct AggRow {
     pub dims: Vec<Option<String>>,
     /// In `ViewQuery::metrics` order.
     pub states: Vec<MetricState>,
+}
+
+/// A row's identity: its bucket and its group-by values.
+pub type GroupKey = (i64, Vec<Option<String>>);
+
+/// Rows keyed by bucket and group-by values; adding a row whose key is present merges states.
+#[derive(Debug, Default)]
+pub struct RowSet(HashMap<GroupKey, Vec<MetricState>>);
+
+impl RowSet {
+    pub fn add(&mut self, bucket_us: i64, dims: Vec<Option<String>>, states: Vec<MetricState>) {
+        match self.0.entry((bucket_us, dims)) {
+            Entry::Occupied(mut e) => e
+                .get_mut()
+                .iter_mut()
+                .zip(&states)
+                .for_each(|(a, b)| a.merge(b)),
+            Entry::Vacant(e) => {
+                e.insert(states);
+            }
+        }
+    }
+
+    pub fn into_rows(self) -> Vec<AggRow> {
+        self.0
+            .into_iter()
+            .map(|((bucket_us, dims), states)| AggRow {
+                bucket_us,
+                dims,
+                states,
+            })
+            .collect()
+    }
 }
 
 /// Which layer a served row came from.
@@ -285,7 +368,9 @@ impl Coverage {
                 _ => out.push((d, d)),
             }
         }
-        out.into_iter().map(|(a, b)| (crate::time::day_string(a), crate::time::day_string(b))).collect()
+        out.into_iter()
+            .map(|(a, b)| (crate::time::day_string(a), crate::time::day_string(b)))
+            .collect()
     }
 }
 
@@ -384,7 +469,9 @@ impl QueryResult {
             for (&m, s) in self.metrics.iter().zip(&r.states) {
                 out.push(',');
                 match s.to_json(&view.metrics[m]) {
-                    Json::Object(o) => out.push_str(&o.get("value").map(|v| v.to_string()).unwrap_or_default()),
+                    Json::Object(o) => {
+                        out.push_str(&o.get("value").map(|v| v.to_string()).unwrap_or_default())
+                    }
                     Json::Null => {}
                     Json::String(s) => out.push_str(&csv_field(&s)),
                     v => out.push_str(&v.to_string()),
@@ -458,7 +545,13 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
         assert_eq!(q.group_by, [1]);
         assert_eq!(q.filters, [(0, vec!["a".to_string(), "b".to_string()])]);
         assert_eq!(q.metrics, [1]);
-        assert_eq!(q.order_by, OrderBy::Metric { index: 0, descending: true });
+        assert_eq!(
+            q.order_by,
+            OrderBy::Metric {
+                index: 0,
+                descending: true
+            }
+        );
         assert!(q.accepts(&[Some("b"), None]) && !q.accepts(&[Some("c"), None]));
     }
 
@@ -472,7 +565,10 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
             (vec![("limit", "-1")], "limit"),
             (vec![("limit", "100000000")], "limit"),
             (vec![("granularity", "minute")], "finer"),
-            (vec![("from", "2000-01-01"), ("to", "2026-01-01")], "range too large"),
+            (
+                vec![("from", "2000-01-01"), ("to", "2026-01-01")],
+                "range too large",
+            ),
             (vec![("filter", "country")], "DIMENSION=VALUE"),
             (vec![("colour", "red")], "unknown parameter"),
             (vec![("order_by", "n"), ("metrics", "users")], "not among"),
@@ -485,7 +581,11 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
 
     #[test]
     fn coverage_ranges_and_until() {
-        let c = Coverage { version: Some(1), days: [10, 11, 12, 20].into(), published_us: None };
+        let c = Coverage {
+            version: Some(1),
+            days: [10, 11, 12, 20].into(),
+            published_us: None,
+        };
         assert_eq!(c.ranges().len(), 2);
         assert_eq!(c.covered_until_us(), Some(21 * DAY_US));
         assert!(c.covers(11 * DAY_US + 5) && !c.covers(13 * DAY_US));

@@ -70,7 +70,10 @@ impl FieldType {
 
     /// Whether `sum`, `min` and `max` apply.
     pub fn is_numeric(self) -> bool {
-        matches!(self, FieldType::Int | FieldType::Float | FieldType::Decimal { .. })
+        matches!(
+            self,
+            FieldType::Int | FieldType::Float | FieldType::Decimal { .. }
+        )
     }
 }
 
@@ -146,7 +149,11 @@ impl EventSchema {
             message: e.to_string(),
         })?;
         if file.fields.is_empty() {
-            return Err(CoreError::key(path, "fields", "a schema needs at least one field"));
+            return Err(CoreError::key(
+                path,
+                "fields",
+                "a schema needs at least one field",
+            ));
         }
         let mut fields = Vec::with_capacity(file.fields.len());
         for (i, f) in file.fields.iter().enumerate() {
@@ -159,7 +166,11 @@ impl EventSchema {
                 ));
             }
             if fields.iter().any(|g: &FieldDef| g.name == f.name) {
-                return Err(CoreError::key(path, format!("{key}.name"), format!("duplicate field `{}`", f.name)));
+                return Err(CoreError::key(
+                    path,
+                    format!("{key}.name"),
+                    format!("duplicate field `{}`", f.name),
+                ));
             }
             let ty = match (f.ty.as_str(), f.scale) {
                 ("string", None) => FieldType::String,
@@ -185,7 +196,11 @@ impl EventSchema {
                     ))
                 }
             };
-            fields.push(FieldDef { name: f.name.clone(), ty, required: f.required });
+            fields.push(FieldDef {
+                name: f.name.clone(),
+                ty,
+                required: f.required,
+            });
         }
         let find = |key: &str, want: &str, ty: FieldType| -> Result<usize> {
             let i = fields
@@ -193,7 +208,11 @@ impl EventSchema {
                 .position(|f| f.name == want)
                 .ok_or_else(|| CoreError::key(path, key, format!("no field named `{want}`")))?;
             if fields[i].ty != ty {
-                return Err(CoreError::key(path, key, format!("field `{want}` must have type {}", ty.name())));
+                return Err(CoreError::key(
+                    path,
+                    key,
+                    format!("field `{want}` must have type {}", ty.name()),
+                ));
             }
             Ok(i)
         };
@@ -212,7 +231,15 @@ impl EventSchema {
         if topic.is_empty() {
             return Err(CoreError::key(path, "topic", "must not be empty"));
         }
-        Ok(EventSchema { name, topic, fields, event_time, event_id, path: path.to_path_buf(), arrow })
+        Ok(EventSchema {
+            name,
+            topic,
+            fields,
+            event_time,
+            event_id,
+            path: path.to_path_buf(),
+            arrow,
+        })
     }
 
     /// The Arrow schema of decoded events (one column per field, in file order).
@@ -228,7 +255,12 @@ impl EventSchema {
     /// The master dataset's schema: the event columns, then the Kafka partition and offset each
     /// event came from, then the `dt` day partition of its event time.
     pub fn master_schema(&self) -> SchemaRef {
-        let mut fields: Vec<Field> = self.arrow.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = self
+            .arrow
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         fields.push(Field::new(PARTITION_COLUMN, DataType::Int32, false));
         fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
         fields.push(Field::new(crate::view::DAY_COLUMN, DataType::Utf8, false));
@@ -253,7 +285,11 @@ pub fn load_schemas(dir: &Path) -> Result<BTreeMap<String, Arc<EventSchema>>> {
 }
 
 pub(crate) fn stem(path: &Path) -> Result<String> {
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
     if !is_identifier(&stem) {
         return Err(CoreError::Definition {
             path: path.to_path_buf(),
@@ -264,15 +300,24 @@ pub(crate) fn stem(path: &Path) -> Result<String> {
 }
 
 pub(crate) fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| CoreError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The `*.toml` files of a directory, sorted by name.
 pub(crate) fn toml_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|source| CoreError::Io { path: dir.to_path_buf(), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| CoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| CoreError::Io { path: dir.to_path_buf(), source })?;
+        let entry = entry.map_err(|source| CoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let path = entry.path();
         if path.extension().and_then(|e| e.to_str()) == Some("toml") {
             files.push(path);
@@ -304,21 +349,38 @@ fields = [
         assert_eq!(s.topic, "t");
         assert!(s.fields[1].required);
         assert_eq!(s.fields[2].ty, FieldType::Decimal { scale: 2 });
-        assert_eq!(s.arrow_schema().field(2).data_type(), &DataType::Decimal128(38, 2));
+        assert_eq!(
+            s.arrow_schema().field(2).data_type(),
+            &DataType::Decimal128(38, 2)
+        );
     }
 
     #[test]
     fn errors_name_the_file_and_key() {
         let bad = OK.replace("\"decimal\"", "\"money\"");
-        let err = EventSchema::from_toml(Path::new("schemas/ev.toml"), &bad).unwrap_err().to_string();
-        assert!(err.contains("schemas/ev.toml") && err.contains("fields[2].type") && err.contains("money"), "{err}");
+        let err = EventSchema::from_toml(Path::new("schemas/ev.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("schemas/ev.toml")
+                && err.contains("fields[2].type")
+                && err.contains("money"),
+            "{err}"
+        );
 
         let bad = OK.replace("event_time = \"ts\"", "event_time = \"id\"");
-        let err = EventSchema::from_toml(Path::new("ev.toml"), &bad).unwrap_err().to_string();
-        assert!(err.contains("key `event_time`") && err.contains("timestamp"), "{err}");
+        let err = EventSchema::from_toml(Path::new("ev.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `event_time`") && err.contains("timestamp"),
+            "{err}"
+        );
 
         let bad = format!("colour = 1\n{OK}");
-        let err = EventSchema::from_toml(Path::new("ev.toml"), &bad).unwrap_err().to_string();
+        let err = EventSchema::from_toml(Path::new("ev.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ev.toml") && err.contains("colour"), "{err}");
     }
 }

@@ -69,7 +69,12 @@ impl Storage {
     }
 
     /// The table at `url`, created with `schema` and `partitions` if there is none.
-    pub async fn open_or_create(&self, url: &Url, schema: &ArrowSchema, partitions: &[&str]) -> Result<DeltaTable> {
+    pub async fn open_or_create(
+        &self,
+        url: &Url,
+        schema: &ArrowSchema,
+        partitions: &[&str],
+    ) -> Result<DeltaTable> {
         if let Some(t) = self.open(url).await? {
             return Ok(t);
         }

@@ -27,7 +27,9 @@ pub fn parse_instant(s: &str) -> Option<i64> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.timestamp_micros());
     }
-    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().map(|d| day_start_us(day_number(d)))
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .map(|d| day_start_us(day_number(d)))
 }
 
 /// Days since 1970-01-01 of the day holding `us`.
@@ -42,7 +44,8 @@ pub fn day_start_us(day: i64) -> i64 {
 
 /// The day number of a calendar date.
 pub fn day_number(d: NaiveDate) -> i64 {
-    d.signed_duration_since(NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days()
+    d.signed_duration_since(NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid"))
+        .num_days()
 }
 
 /// `YYYY-MM-DD` of a day number (the master dataset's `dt` partition value).
@@ -53,7 +56,9 @@ pub fn day_string(day: i64) -> String {
 
 /// Parses a `YYYY-MM-DD` day into its day number.
 pub fn parse_day(s: &str) -> Option<i64> {
-    NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").ok().map(day_number)
+    NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+        .ok()
+        .map(day_number)
 }
 
 /// A source of "now", in microseconds since the epoch.

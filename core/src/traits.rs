@@ -24,7 +24,12 @@ pub trait BatchViews: Send + Sync + std::fmt::Debug {
     async fn coverage(&self, view: &ViewDef) -> Result<Coverage>;
 
     /// Rows of the covered buckets in the query's range, grouped and filtered as asked.
-    async fn query(&self, view: &ViewDef, query: &ViewQuery, coverage: &Coverage) -> Result<Vec<AggRow>>;
+    async fn query(
+        &self,
+        view: &ViewDef,
+        query: &ViewQuery,
+        coverage: &Coverage,
+    ) -> Result<Vec<AggRow>>;
 }
 
 /// A speed layer that is not there (e.g. `tandem serve` without a speed role): answers nothing
@@ -37,6 +42,9 @@ impl RealtimeView for NoRealtime {
         Ok(Vec::new())
     }
     fn status(&self) -> RealtimeStatus {
-        RealtimeStatus { available: false, ..Default::default() }
+        RealtimeStatus {
+            available: false,
+            ..Default::default()
+        }
     }
 }

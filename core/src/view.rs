@@ -122,7 +122,9 @@ impl MetricDef {
     pub fn value_type(&self) -> DataType {
         match (self.kind, self.field_type) {
             (MetricKind::Count | MetricKind::Distinct, _) => DataType::Int64,
-            (MetricKind::Sum, Some(FieldType::Decimal { scale })) => DataType::Decimal128(38, scale as i8),
+            (MetricKind::Sum, Some(FieldType::Decimal { scale })) => {
+                DataType::Decimal128(38, scale as i8)
+            }
             (_, Some(t)) => t.arrow_type(),
             (_, None) => DataType::Int64,
         }
@@ -131,7 +133,9 @@ impl MetricDef {
     /// The decimal scale of the value, if it is a decimal.
     pub fn scale(&self) -> Option<u8> {
         match self.field_type {
-            Some(FieldType::Decimal { scale }) if self.kind != MetricKind::Distinct && self.kind != MetricKind::Count => {
+            Some(FieldType::Decimal { scale })
+                if self.kind != MetricKind::Distinct && self.kind != MetricKind::Count =>
+            {
                 Some(scale)
             }
             _ => None,
@@ -194,47 +198,90 @@ impl ViewDef {
     /// Parses a view from TOML text, checking it against the event schemas.
     /// The filter is checked separately ([`crate::filter::CompiledFilter`]), since that needs
     /// the SQL parser.
-    pub fn from_toml(path: &Path, text: &str, schemas: &BTreeMap<String, Arc<EventSchema>>) -> Result<Self> {
+    pub fn from_toml(
+        path: &Path,
+        text: &str,
+        schemas: &BTreeMap<String, Arc<EventSchema>>,
+    ) -> Result<Self> {
         let name = crate::schema::stem(path)?;
         let file: ViewFile = toml::from_str(text).map_err(|e| CoreError::Definition {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
         if file.kind != "view" {
-            return Err(CoreError::key(path, "kind", format!("`{}` is not a view (expected \"view\")", file.kind)));
+            return Err(CoreError::key(
+                path,
+                "kind",
+                format!("`{}` is not a view (expected \"view\")", file.kind),
+            ));
         }
         let schema = schemas.get(&file.source).ok_or_else(|| {
             let known: Vec<_> = schemas.keys().cloned().collect();
-            CoreError::key(path, "source", format!("no schema `{}` (known: {})", file.source, known.join(", ")))
+            CoreError::key(
+                path,
+                "source",
+                format!("no schema `{}` (known: {})", file.source, known.join(", ")),
+            )
         })?;
         let granularity = Granularity::parse(&file.granularity).ok_or_else(|| {
-            CoreError::key(path, "granularity", format!("`{}` (expected minute, hour or day)", file.granularity))
+            CoreError::key(
+                path,
+                "granularity",
+                format!("`{}` (expected minute, hour or day)", file.granularity),
+            )
         })?;
         let mut seen: Vec<&str> = vec![BUCKET_COLUMN, DAY_COLUMN];
         for (i, d) in file.dimensions.iter().enumerate() {
             let key = format!("dimensions[{i}]");
-            let (_, f) = schema
-                .field(d)
-                .ok_or_else(|| CoreError::key(path, &key, format!("schema `{}` has no field `{d}`", schema.name)))?;
+            let (_, f) = schema.field(d).ok_or_else(|| {
+                CoreError::key(
+                    path,
+                    &key,
+                    format!("schema `{}` has no field `{d}`", schema.name),
+                )
+            })?;
             if !matches!(f.ty, FieldType::String | FieldType::Int | FieldType::Bool) {
-                return Err(CoreError::key(path, &key, format!("`{d}` is a {} field; dimensions are string, int or bool", f.ty.name())));
+                return Err(CoreError::key(
+                    path,
+                    &key,
+                    format!(
+                        "`{d}` is a {} field; dimensions are string, int or bool",
+                        f.ty.name()
+                    ),
+                ));
             }
             if seen.contains(&d.as_str()) {
-                return Err(CoreError::key(path, &key, format!("`{d}` is used twice or is reserved")));
+                return Err(CoreError::key(
+                    path,
+                    &key,
+                    format!("`{d}` is used twice or is reserved"),
+                ));
             }
             seen.push(d);
         }
         if file.metrics.is_empty() {
-            return Err(CoreError::key(path, "metrics", "a view needs at least one metric"));
+            return Err(CoreError::key(
+                path,
+                "metrics",
+                "a view needs at least one metric",
+            ));
         }
         let mut metrics = Vec::new();
         for (i, m) in file.metrics.iter().enumerate() {
             let key = format!("metrics[{i}]");
             if !is_identifier(&m.name) || m.name.contains("__") {
-                return Err(CoreError::key(path, format!("{key}.name"), format!("`{}` is not a valid metric name", m.name)));
+                return Err(CoreError::key(
+                    path,
+                    format!("{key}.name"),
+                    format!("`{}` is not a valid metric name", m.name),
+                ));
             }
             if seen.contains(&m.name.as_str()) {
-                return Err(CoreError::key(path, format!("{key}.name"), format!("`{}` is used twice", m.name)));
+                return Err(CoreError::key(
+                    path,
+                    format!("{key}.name"),
+                    format!("`{}` is used twice", m.name),
+                ));
             }
             seen.push(&m.name);
             let kind = match m.kind.as_str() {
@@ -247,30 +294,52 @@ impl ViewDef {
                     return Err(CoreError::key(
                         path,
                         format!("{key}.kind"),
-                        format!("unknown kind `{other}` (expected count, sum, min, max or distinct)"),
+                        format!(
+                            "unknown kind `{other}` (expected count, sum, min, max or distinct)"
+                        ),
                     ))
                 }
             };
             let field_type = match (kind, &m.field) {
                 (MetricKind::Count, None) => None,
                 (MetricKind::Count, Some(_)) => {
-                    return Err(CoreError::key(path, format!("{key}.field"), "count takes no field"));
+                    return Err(CoreError::key(
+                        path,
+                        format!("{key}.field"),
+                        "count takes no field",
+                    ));
                 }
-                (_, None) => return Err(CoreError::key(path, format!("{key}.field"), format!("{} needs a field", m.kind))),
+                (_, None) => {
+                    return Err(CoreError::key(
+                        path,
+                        format!("{key}.field"),
+                        format!("{} needs a field", m.kind),
+                    ))
+                }
                 (_, Some(f)) => {
                     let (_, def) = schema.field(f).ok_or_else(|| {
-                        CoreError::key(path, format!("{key}.field"), format!("schema `{}` has no field `{f}`", schema.name))
+                        CoreError::key(
+                            path,
+                            format!("{key}.field"),
+                            format!("schema `{}` has no field `{f}`", schema.name),
+                        )
                     })?;
                     let ok = match kind {
                         MetricKind::Sum => def.ty.is_numeric(),
-                        MetricKind::Min | MetricKind::Max => def.ty.is_numeric() || def.ty == FieldType::Timestamp,
+                        MetricKind::Min | MetricKind::Max => {
+                            def.ty.is_numeric() || def.ty == FieldType::Timestamp
+                        }
                         _ => def.ty != FieldType::Float,
                     };
                     if !ok {
                         return Err(CoreError::key(
                             path,
                             format!("{key}.field"),
-                            format!("{} does not apply to `{f}`, a {} field", m.kind, def.ty.name()),
+                            format!(
+                                "{} does not apply to `{f}`, a {} field",
+                                m.kind,
+                                def.ty.name()
+                            ),
                         ));
                     }
                     Some(def.ty)
@@ -278,14 +347,28 @@ impl ViewDef {
             };
             if let Some(lg_k) = m.lg_k {
                 if kind != MetricKind::Distinct || !(4..=21).contains(&lg_k) {
-                    return Err(CoreError::key(path, format!("{key}.lg_k"), "only distinct takes lg_k, between 4 and 21"));
+                    return Err(CoreError::key(
+                        path,
+                        format!("{key}.lg_k"),
+                        "only distinct takes lg_k, between 4 and 21",
+                    ));
                 }
             }
-            metrics.push(MetricDef { name: m.name.clone(), kind, field: m.field.clone(), field_type, lg_k: m.lg_k });
+            metrics.push(MetricDef {
+                name: m.name.clone(),
+                kind,
+                field: m.field.clone(),
+                field_type,
+                lg_k: m.lg_k,
+            });
         }
         if let Some(f) = &file.filter {
             if f.trim().is_empty() {
-                return Err(CoreError::key(path, "filter", "is empty; leave the key out to keep every event"));
+                return Err(CoreError::key(
+                    path,
+                    "filter",
+                    "is empty; leave the key out to keep every event",
+                ));
             }
         }
         let mut view = ViewDef {
@@ -310,7 +393,11 @@ impl ViewDef {
             "metrics": self.metrics.iter().map(|m| (&m.name, m.kind, &m.field, m.lg_k())).collect::<Vec<_>>(),
         });
         h.update(canonical.to_string().as_bytes());
-        h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect()
+        h.finalize()
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The index of a metric by name.
@@ -349,7 +436,10 @@ struct KindOnly {
 
 /// Loads every `kind = "view"` file of `dir`. Files of other kinds (SQL jobs) are skipped here;
 /// a file without a kind is an error.
-pub fn load_views(dir: &Path, schemas: &BTreeMap<String, Arc<EventSchema>>) -> Result<BTreeMap<String, Arc<ViewDef>>> {
+pub fn load_views(
+    dir: &Path,
+    schemas: &BTreeMap<String, Arc<EventSchema>>,
+) -> Result<BTreeMap<String, Arc<ViewDef>>> {
     let mut out = BTreeMap::new();
     for path in crate::schema::toml_files(dir)? {
         let text = crate::schema::read(&path)?;
@@ -363,8 +453,20 @@ pub fn load_views(dir: &Path, schemas: &BTreeMap<String, Arc<EventSchema>>) -> R
                 out.insert(view.name.clone(), Arc::new(view));
             }
             Some("sql") => {}
-            Some(other) => return Err(CoreError::key(&path, "kind", format!("unknown kind `{other}` (expected view or sql)"))),
-            None => return Err(CoreError::key(&path, "kind", "missing (expected \"view\" or \"sql\")")),
+            Some(other) => {
+                return Err(CoreError::key(
+                    &path,
+                    "kind",
+                    format!("unknown kind `{other}` (expected view or sql)"),
+                ))
+            }
+            None => {
+                return Err(CoreError::key(
+                    &path,
+                    "kind",
+                    "missing (expected \"view\" or \"sql\")",
+                ))
+            }
         }
     }
     Ok(out)
@@ -405,8 +507,16 @@ metrics = [
     fn parses_a_view_and_its_batch_schema() {
         let v = ViewDef::from_toml(Path::new("v.toml"), VIEW, &schemas()).unwrap();
         assert_eq!(v.granularity, Granularity::Hour);
-        let names: Vec<_> = v.batch_schema().fields().iter().map(|f| f.name().clone()).collect();
-        assert_eq!(names, ["bucket", "app", "n", "revenue", "users", "users__hll", "dt"]);
+        let names: Vec<_> = v
+            .batch_schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(
+            names,
+            ["bucket", "app", "n", "revenue", "users", "users__hll", "dt"]
+        );
         assert_eq!(v.metrics[1].value_type(), DataType::Decimal128(38, 2));
         assert_eq!(v.definition_hash.len(), 24);
     }
@@ -414,7 +524,12 @@ metrics = [
     #[test]
     fn hash_changes_with_meaning() {
         let a = ViewDef::from_toml(Path::new("v.toml"), VIEW, &schemas()).unwrap();
-        let b = ViewDef::from_toml(Path::new("v.toml"), &VIEW.replace("hour", "day"), &schemas()).unwrap();
+        let b = ViewDef::from_toml(
+            Path::new("v.toml"),
+            &VIEW.replace("hour", "day"),
+            &schemas(),
+        )
+        .unwrap();
         assert_ne!(a.definition_hash, b.definition_hash);
     }
 
@@ -423,15 +538,30 @@ metrics = [
         for (from, to, key) in [
             ("\"hour\"", "\"week\"", "granularity"),
             ("[\"app\"]", "[\"nope\"]", "dimensions[0]"),
-            ("kind = \"sum\", field = \"price\"", "kind = \"sum\", field = \"app\"", "metrics[1].field"),
+            (
+                "kind = \"sum\", field = \"price\"",
+                "kind = \"sum\", field = \"app\"",
+                "metrics[1].field",
+            ),
             ("kind = \"count\"", "kind = \"median\"", "metrics[0].kind"),
             ("source = \"ev\"", "source = \"other\"", "source"),
-            ("kind = \"count\"", "kind = \"distinct\", field = \"score\"", "metrics[0].field"),
+            (
+                "kind = \"count\"",
+                "kind = \"distinct\", field = \"score\"",
+                "metrics[0].field",
+            ),
         ] {
-            let err = ViewDef::from_toml(Path::new("jobs/v.toml"), &VIEW.replace(from, to), &schemas())
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("jobs/v.toml") && err.contains(&format!("`{key}`")), "{key}: {err}");
+            let err = ViewDef::from_toml(
+                Path::new("jobs/v.toml"),
+                &VIEW.replace(from, to),
+                &schemas(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("jobs/v.toml") && err.contains(&format!("`{key}`")),
+                "{key}: {err}"
+            );
         }
     }
 

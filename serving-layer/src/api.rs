@@ -51,7 +51,12 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .fallback(|| async { ApiError(CoreError::BadQuery("no such endpoint; see /v1/views".into()), StatusCode::NOT_FOUND) })
+        .fallback(|| async {
+            ApiError(
+                CoreError::BadQuery("no such endpoint; see /v1/views".into()),
+                StatusCode::NOT_FOUND,
+            )
+        })
         .with_state(state)
 }
 
@@ -86,14 +91,20 @@ impl IntoResponse for ApiError {
             "status": status.as_u16(),
             "detail": detail,
         });
-        (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response()
     }
 }
 
 async fn view_json(state: &AppState, name: &str) -> Result<Json_, ApiError> {
     let view = state.catalog.view(name)?;
     let coverage = state.batch.coverage(view).await?;
-    let mut v = serde_json::to_value(view.as_ref()).map_err(|e| CoreError::Backend(e.to_string()))?;
+    let mut v =
+        serde_json::to_value(view.as_ref()).map_err(|e| CoreError::Backend(e.to_string()))?;
     v["coverage"] = json!({
         "batch_version": coverage.version,
         "covered_until": coverage.covered_until_us().map(format_us),
@@ -110,7 +121,10 @@ async fn list_views(State(state): State<AppState>) -> Result<Json<Json_>, ApiErr
     Ok(Json(json!({ "views": views })))
 }
 
-async fn get_view(State(state): State<AppState>, Path(view): Path<String>) -> Result<Json<Json_>, ApiError> {
+async fn get_view(
+    State(state): State<AppState>,
+    Path(view): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
     Ok(Json(view_json(&state, &view).await?))
 }
 
@@ -120,7 +134,10 @@ async fn query_get(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params: Vec<(String, String)> = url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).into_owned().collect();
+    let params: Vec<(String, String)> =
+        url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
     run_query(&state, &view, params, &headers).await
 }
 
@@ -131,7 +148,8 @@ async fn query_post(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| ApiError(CoreError::BadQuery(r.body_text()), r.status()))?;
-    let body: Json_ = serde_json::from_slice(&body).map_err(|e| CoreError::BadQuery(format!("the body is not JSON: {e}")))?;
+    let body: Json_ = serde_json::from_slice(&body)
+        .map_err(|e| CoreError::BadQuery(format!("the body is not JSON: {e}")))?;
     let Json_::Object(map) = body else {
         return Err(CoreError::BadQuery("the body must be a JSON object".into()).into());
     };
@@ -166,31 +184,61 @@ fn scalar(v: &Json_) -> Result<String, ApiError> {
         Json_::String(s) => Ok(s.clone()),
         Json_::Number(n) => Ok(n.to_string()),
         Json_::Bool(b) => Ok(b.to_string()),
-        other => Err(CoreError::BadQuery(format!("expected a string or number, got {other}")).into()),
+        other => {
+            Err(CoreError::BadQuery(format!("expected a string or number, got {other}")).into())
+        }
     }
 }
 
-async fn run_query(state: &AppState, view: &str, params: Vec<(String, String)>, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn run_query(
+    state: &AppState,
+    view: &str,
+    params: Vec<(String, String)>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     state.metrics.queries.fetch_add(1, Ordering::Relaxed);
     let result = async {
         let view = state.catalog.view(view)?;
-        let csv = match params.iter().find(|(k, _)| k == "format").map(|(_, v)| v.as_str()) {
+        let csv = match params
+            .iter()
+            .find(|(k, _)| k == "format")
+            .map(|(_, v)| v.as_str())
+        {
             Some("csv") => true,
             Some("json") => false,
-            Some(other) => return Err(CoreError::BadQuery(format!("format `{other}` (expected json or csv)")).into()),
-            None => headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.starts_with("text/csv")),
+            Some(other) => {
+                return Err(
+                    CoreError::BadQuery(format!("format `{other}` (expected json or csv)")).into(),
+                )
+            }
+            None => headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.starts_with("text/csv")),
         };
-        let q = ViewQuery::from_params(view, params.iter().map(|(k, v)| (k.as_str(), v.as_str())), state.clock.now_us())?;
+        let q = ViewQuery::from_params(
+            view,
+            params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            state.clock.now_us(),
+        )?;
         let result = answer(view, &q, state.batch.as_ref(), state.speed.as_ref()).await?;
         Ok::<_, ApiError>(if csv {
-            ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], result.to_csv(view)).into_response()
+            (
+                [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+                result.to_csv(view),
+            )
+                .into_response()
         } else {
             Json(result.to_json(view)).into_response()
         })
     }
     .await;
     if let Err(ApiError(_, status)) = &result {
-        let counter = if status.is_server_error() { &state.metrics.server_errors } else { &state.metrics.client_errors };
+        let counter = if status.is_server_error() {
+            &state.metrics.server_errors
+        } else {
+            &state.metrics.client_errors
+        };
         counter.fetch_add(1, Ordering::Relaxed);
     }
     result
@@ -201,11 +249,25 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let status = state.speed.status();
     let mut out = String::new();
     for (name, help, v) in [
-        ("tandem_api_queries_total", "Queries received.", m.queries.load(Ordering::Relaxed)),
-        ("tandem_api_client_errors_total", "Queries answered with a 4xx.", m.client_errors.load(Ordering::Relaxed)),
-        ("tandem_api_server_errors_total", "Queries answered with a 5xx.", m.server_errors.load(Ordering::Relaxed)),
+        (
+            "tandem_api_queries_total",
+            "Queries received.",
+            m.queries.load(Ordering::Relaxed),
+        ),
+        (
+            "tandem_api_client_errors_total",
+            "Queries answered with a 4xx.",
+            m.client_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "tandem_api_server_errors_total",
+            "Queries answered with a 5xx.",
+            m.server_errors.load(Ordering::Relaxed),
+        ),
     ] {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
     }
     if let Some(lag) = status.lag_ms {
         out.push_str(&format!(

@@ -5,24 +5,34 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use tandem_core::metric::MetricState;
-use tandem_core::query::{OrderBy, QueryResult, ResultRow, Source, ViewQuery};
+use tandem_core::query::{GroupKey, OrderBy, QueryResult, ResultRow, Source, ViewQuery};
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::Result;
 
 /// Answers `q` on `view` from both layers.
-pub async fn answer(view: &ViewDef, q: &ViewQuery, batch: &dyn BatchViews, speed: &dyn RealtimeView) -> Result<QueryResult> {
+pub async fn answer(
+    view: &ViewDef,
+    q: &ViewQuery,
+    batch: &dyn BatchViews,
+    speed: &dyn RealtimeView,
+) -> Result<QueryResult> {
     let coverage = batch.coverage(view).await?;
     let batch_rows = batch.query(view, q, &coverage).await?;
     let speed_rows = speed.query(view, q)?;
     let realtime = speed.status();
 
-    let mut groups: HashMap<(i64, Vec<Option<String>>), (Source, Vec<MetricState>)> = HashMap::new();
+    let mut groups: HashMap<GroupKey, (Source, Vec<MetricState>)> = HashMap::new();
     let rows = batch_rows
         .into_iter()
         .filter(|r| coverage.covers(r.bucket_us))
         .map(|r| (Source::Batch, r))
-        .chain(speed_rows.into_iter().filter(|r| !coverage.covers(r.bucket_us)).map(|r| (Source::Speed, r)));
+        .chain(
+            speed_rows
+                .into_iter()
+                .filter(|r| !coverage.covers(r.bucket_us))
+                .map(|r| (Source::Speed, r)),
+        );
     for (source, r) in rows {
         if !q.in_range(r.bucket_us) {
             continue;
@@ -33,7 +43,10 @@ pub async fn answer(view: &ViewDef, q: &ViewQuery, batch: &dyn BatchViews, speed
                 if *s != source {
                     *s = Source::Mixed;
                 }
-                states.iter_mut().zip(&r.states).for_each(|(a, b)| a.merge(b));
+                states
+                    .iter_mut()
+                    .zip(&r.states)
+                    .for_each(|(a, b)| a.merge(b));
             }
             None => {
                 groups.insert(key, (source, r.states));
@@ -42,7 +55,12 @@ pub async fn answer(view: &ViewDef, q: &ViewQuery, batch: &dyn BatchViews, speed
     }
     let mut rows: Vec<ResultRow> = groups
         .into_iter()
-        .map(|((bucket_us, dims), (source, states))| ResultRow { bucket_us, source, dims, states })
+        .map(|((bucket_us, dims), (source, states))| ResultRow {
+            bucket_us,
+            source,
+            dims,
+            states,
+        })
         .collect();
     sort(&mut rows, view, q);
     let truncated = rows.len() > q.limit;
@@ -52,7 +70,11 @@ pub async fn answer(view: &ViewDef, q: &ViewQuery, batch: &dyn BatchViews, speed
         granularity: q.granularity,
         coverage,
         realtime,
-        dims: q.group_by.iter().map(|&d| view.dimensions[d].clone()).collect(),
+        dims: q
+            .group_by
+            .iter()
+            .map(|&d| view.dimensions[d].clone())
+            .collect(),
         metrics: q.metrics.clone(),
         rows,
         truncated,
@@ -60,7 +82,11 @@ pub async fn answer(view: &ViewDef, q: &ViewQuery, batch: &dyn BatchViews, speed
 }
 
 fn sort(rows: &mut [ResultRow], view: &ViewDef, q: &ViewQuery) {
-    let natural = |a: &ResultRow, b: &ResultRow| a.bucket_us.cmp(&b.bucket_us).then_with(|| a.dims.cmp(&b.dims));
+    let natural = |a: &ResultRow, b: &ResultRow| {
+        a.bucket_us
+            .cmp(&b.bucket_us)
+            .then_with(|| a.dims.cmp(&b.dims))
+    };
     match q.order_by {
         OrderBy::Bucket { descending } => rows.sort_by(|a, b| {
             let o = natural(a, b);
@@ -73,7 +99,10 @@ fn sort(rows: &mut [ResultRow], view: &ViewDef, q: &ViewQuery) {
         OrderBy::Metric { index, descending } => {
             let metric = &view.metrics[q.metrics[index]];
             rows.sort_by(|a, b| {
-                let (x, y) = (a.states[index].as_f64(metric), b.states[index].as_f64(metric));
+                let (x, y) = (
+                    a.states[index].as_f64(metric),
+                    b.states[index].as_f64(metric),
+                );
                 let o = x.partial_cmp(&y).unwrap_or(Ordering::Equal);
                 let o = if descending { o.reverse() } else { o };
                 o.then_with(|| natural(a, b))

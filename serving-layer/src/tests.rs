@@ -37,7 +37,13 @@ fn rows(hours: &[(i64, u64)], q: &ViewQuery) -> Vec<AggRow> {
             states: q
                 .metrics
                 .iter()
-                .map(|&m| if m == 0 { MetricState::Count(n) } else { MetricState::Distinct(Box::new(tandem_core::metric::DistinctState::new(12))) })
+                .map(|&m| {
+                    if m == 0 {
+                        MetricState::Count(n)
+                    } else {
+                        MetricState::Distinct(Box::new(tandem_core::metric::DistinctState::new(12)))
+                    }
+                })
                 .collect(),
         })
         .collect()
@@ -49,9 +55,18 @@ struct FakeBatch(Vec<(i64, u64)>, BTreeSet<i64>);
 #[async_trait]
 impl BatchViews for FakeBatch {
     async fn coverage(&self, _: &ViewDef) -> tandem_core::Result<Coverage> {
-        Ok(Coverage { version: Some(3), days: self.1.clone(), published_us: None })
+        Ok(Coverage {
+            version: Some(3),
+            days: self.1.clone(),
+            published_us: None,
+        })
     }
-    async fn query(&self, _: &ViewDef, q: &ViewQuery, _: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
+    async fn query(
+        &self,
+        _: &ViewDef,
+        q: &ViewQuery,
+        _: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
         Ok(rows(&self.0, q))
     }
 }
@@ -61,17 +76,27 @@ struct FakeSpeed(Vec<(i64, u64)>);
 
 impl RealtimeView for FakeSpeed {
     fn query(&self, _: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
-        Ok(rows(&self.0, q).into_iter().filter(|r| q.in_range(r.bucket_us)).collect())
+        Ok(rows(&self.0, q)
+            .into_iter()
+            .filter(|r| q.in_range(r.bucket_us))
+            .collect())
     }
     fn status(&self) -> RealtimeStatus {
-        RealtimeStatus { lag_ms: Some(42), stale_partitions: vec![], available: true }
+        RealtimeStatus {
+            lag_ms: Some(42),
+            stale_partitions: vec![],
+            available: true,
+        }
     }
 }
 
 fn app() -> axum::Router {
     let d = DAY * DAY_US;
     // Batch covers DAY; it also (wrongly) holds a row of DAY+1, which must not be served.
-    let batch = FakeBatch(vec![(d, 10), (d + HOUR_US, 20), (d + DAY_US, 999)], [DAY].into());
+    let batch = FakeBatch(
+        vec![(d, 10), (d + HOUR_US, 20), (d + DAY_US, 999)],
+        [DAY].into(),
+    );
     // Speed holds DAY too (not yet pruned): covered, so not served; and DAY+1.
     let speed = FakeSpeed(vec![(d, 7), (d + DAY_US, 5), (d + DAY_US + HOUR_US, 6)]);
     router(AppState {
@@ -86,12 +111,20 @@ fn app() -> axum::Router {
 async fn call(req: Request<Body>) -> (StatusCode, Value) {
     let resp = app().oneshot(req).await.unwrap();
     let status = resp.status();
-    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     if status.is_client_error() {
         assert_eq!(ct, "application/problem+json");
     }
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())))
+    (
+        status,
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())),
+    )
 }
 
 async fn get(uri: &str) -> (StatusCode, Value) {
@@ -100,13 +133,20 @@ async fn get(uri: &str) -> (StatusCode, Value) {
 
 #[tokio::test]
 async fn covered_buckets_from_batch_the_rest_from_speed() {
-    let (status, body) = get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&metrics=installs").await;
+    let (status, body) =
+        get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&metrics=installs").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let got: Vec<(String, String, u64)> = body["rows"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["bucket"].as_str().unwrap().to_string(), r["source"].as_str().unwrap().to_string(), r["metrics"]["installs"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["bucket"].as_str().unwrap().to_string(),
+                r["source"].as_str().unwrap().to_string(),
+                r["metrics"]["installs"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -148,28 +188,70 @@ async fn post_and_get_answer_the_same() {
 #[tokio::test]
 async fn bad_requests_get_a_reason_never_a_500() {
     let cases = [
-        ("/v1/views/nope/query", StatusCode::NOT_FOUND, "unknown view"),
-        ("/v1/views/installs_hourly/query?metrics=revenue", StatusCode::BAD_REQUEST, "no metric `revenue`"),
-        ("/v1/views/installs_hourly/query?group_by=country%3B%20DROP%20TABLE%20x", StatusCode::BAD_REQUEST, "no dimension"),
-        ("/v1/views/installs_hourly/query?from=tomorrow", StatusCode::BAD_REQUEST, "RFC 3339"),
-        ("/v1/views/installs_hourly/query?from=2024-10-05&to=2024-10-04", StatusCode::BAD_REQUEST, "before"),
-        ("/v1/views/installs_hourly/query?limit=0", StatusCode::BAD_REQUEST, "limit"),
-        ("/v1/views/installs_hourly/query?format=xml", StatusCode::BAD_REQUEST, "format"),
-        ("/v1/views/installs_hourly/query?from=1990-01-01", StatusCode::BAD_REQUEST, "range too large"),
+        (
+            "/v1/views/nope/query",
+            StatusCode::NOT_FOUND,
+            "unknown view",
+        ),
+        (
+            "/v1/views/installs_hourly/query?metrics=revenue",
+            StatusCode::BAD_REQUEST,
+            "no metric `revenue`",
+        ),
+        (
+            "/v1/views/installs_hourly/query?group_by=country%3B%20DROP%20TABLE%20x",
+            StatusCode::BAD_REQUEST,
+            "no dimension",
+        ),
+        (
+            "/v1/views/installs_hourly/query?from=tomorrow",
+            StatusCode::BAD_REQUEST,
+            "RFC 3339",
+        ),
+        (
+            "/v1/views/installs_hourly/query?from=2024-10-05&to=2024-10-04",
+            StatusCode::BAD_REQUEST,
+            "before",
+        ),
+        (
+            "/v1/views/installs_hourly/query?limit=0",
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "/v1/views/installs_hourly/query?format=xml",
+            StatusCode::BAD_REQUEST,
+            "format",
+        ),
+        (
+            "/v1/views/installs_hourly/query?from=1990-01-01",
+            StatusCode::BAD_REQUEST,
+            "range too large",
+        ),
         ("/v2/anything", StatusCode::NOT_FOUND, "no such endpoint"),
     ];
     for (uri, want, needle) in cases {
         let (status, body) = get(uri).await;
         assert_eq!(status, want, "{uri}: {body}");
-        assert!(body["detail"].as_str().unwrap().contains(needle), "{uri}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(needle),
+            "{uri}: {body}"
+        );
     }
     for body in ["not json", "[1,2]", r#"{"metrics":{"a":1}}"#] {
-        let req = Request::post("/v1/views/installs_hourly/query").body(Body::from(body)).unwrap();
+        let req = Request::post("/v1/views/installs_hourly/query")
+            .body(Body::from(body))
+            .unwrap();
         let (status, b) = call(req).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {b}");
     }
     let huge = format!(r#"{{"from":"{}"}}"#, "x".repeat(crate::api::MAX_BODY + 1));
-    let (status, _) = call(Request::post("/v1/views/installs_hourly/query").body(Body::from(huge)).unwrap()).await;
+    let (status, _) = call(
+        Request::post("/v1/views/installs_hourly/query")
+            .body(Body::from(huge))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
@@ -177,20 +259,34 @@ async fn bad_requests_get_a_reason_never_a_500() {
 async fn views_list_their_definition_and_coverage() {
     let (status, body) = get("/v1/views").await;
     assert_eq!(status, StatusCode::OK);
-    let v = body["views"].as_array().unwrap().iter().find(|v| v["name"] == "installs_hourly").unwrap().clone();
+    let v = body["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "installs_hourly")
+        .unwrap()
+        .clone();
     assert_eq!(v["granularity"], "hour");
     assert_eq!(v["filter"], "event_name = 'install'");
-    assert_eq!(v["coverage"]["days"], serde_json::json!([{"from": "2024-10-04", "to": "2024-10-04"}]));
+    assert_eq!(
+        v["coverage"]["days"],
+        serde_json::json!([{"from": "2024-10-04", "to": "2024-10-04"}])
+    );
     assert_eq!(v["definition_hash"].as_str().unwrap().len(), 24);
 }
 
 #[tokio::test]
 async fn csv_by_accept_header() {
-    let req = Request::get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-05&metrics=installs")
-        .header("accept", "text/csv")
-        .body(Body::empty())
-        .unwrap();
+    let req = Request::get(
+        "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-05&metrics=installs",
+    )
+    .header("accept", "text/csv")
+    .body(Body::empty())
+    .unwrap();
     let (status, body) = call(req).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body.as_str().unwrap(), "bucket,source,installs\n2024-10-04T00:00:00Z,batch,10\n2024-10-04T01:00:00Z,batch,20\n");
+    assert_eq!(
+        body.as_str().unwrap(),
+        "bucket,source,installs\n2024-10-04T00:00:00Z,batch,10\n2024-10-04T01:00:00Z,batch,20\n"
+    );
 }

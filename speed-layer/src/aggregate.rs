@@ -7,11 +7,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
-use datafusion::arrow::datatypes::{Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType};
+use datafusion::arrow::datatypes::{
+    Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType,
+};
 use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::filter::CompiledFilter;
 use tandem_core::metric::MetricState;
-use tandem_core::query::{AggRow, ViewQuery};
+use tandem_core::query::{RowSet, ViewQuery};
 use tandem_core::schema::{EventSchema, FieldType};
 use tandem_core::view::ViewDef;
 
@@ -66,22 +68,52 @@ fn join(hi: u32, lo: u32) -> i64 {
 impl ViewAggregator {
     pub fn new(view: Arc<ViewDef>, schema: &EventSchema) -> Result<Self> {
         let filter = CompiledFilter::for_view(&view, schema)?;
-        let field = |name: &str| schema.field(name).map(|(i, f)| (i, f.ty)).expect("checked when the view loaded");
+        let field = |name: &str| {
+            schema
+                .field(name)
+                .map(|(i, f)| (i, f.ty))
+                .expect("checked when the view loaded")
+        };
         let dims = view.dimensions.iter().map(|d| field(d)).collect();
-        let inputs = view.metrics.iter().map(|m| m.field.as_deref().map(field)).collect();
-        Ok(ViewAggregator { filter, event_time: schema.event_time, dims, inputs, view })
+        let inputs = view
+            .metrics
+            .iter()
+            .map(|m| m.field.as_deref().map(field))
+            .collect();
+        Ok(ViewAggregator {
+            filter,
+            event_time: schema.event_time,
+            dims,
+            inputs,
+            view,
+        })
     }
 
     /// Folds `batch` (decoded events of the view's schema) into `groups`.
-    pub fn apply(&self, batch: &RecordBatch, groups: &mut Groups, interner: &mut Interner) -> Result<()> {
+    pub fn apply(
+        &self,
+        batch: &RecordBatch,
+        groups: &mut Groups,
+        interner: &mut Interner,
+    ) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
         }
-        let mask: Option<BooleanArray> = self.filter.as_ref().map(|f| f.evaluate(batch)).transpose()?;
-        let times = batch.column(self.event_time).as_primitive::<TimestampMicrosecondType>();
+        let mask: Option<BooleanArray> = self
+            .filter
+            .as_ref()
+            .map(|f| f.evaluate(batch))
+            .transpose()?;
+        let times = batch
+            .column(self.event_time)
+            .as_primitive::<TimestampMicrosecondType>();
         let dim_cols: Vec<&ArrayRef> = self.dims.iter().map(|(i, _)| batch.column(*i)).collect();
-        let metric_cols: Vec<Option<&ArrayRef>> = self.inputs.iter().map(|i| i.map(|(c, _)| batch.column(c))).collect();
+        let metric_cols: Vec<Option<&ArrayRef>> = self
+            .inputs
+            .iter()
+            .map(|i| i.map(|(c, _)| batch.column(c)))
+            .collect();
         let mut key: Vec<u32> = Vec::with_capacity(2 + self.dims.len());
         let mut text = String::new();
         for row in 0..n {
@@ -104,7 +136,11 @@ impl ViewAggregator {
                             text.push_str(&col.as_primitive::<Int64Type>().value(row).to_string());
                             interner.id(&text)
                         }
-                        _ => interner.id(if col.as_boolean().value(row) { "true" } else { "false" }),
+                        _ => interner.id(if col.as_boolean().value(row) {
+                            "true"
+                        } else {
+                            "false"
+                        }),
                     }
                 };
                 key.push(id);
@@ -122,8 +158,8 @@ impl ViewAggregator {
         Ok(())
     }
 
-    /// The rows of `groups` the query asks for, grouped by its dimensions.
-    pub fn query(&self, groups: &Groups, interner: &Interner, q: &ViewQuery, out: &mut HashMap<(i64, Vec<Option<String>>), Vec<MetricState>>) {
+    /// Adds the rows of `groups` the query asks for, grouped by its dimensions, to `out`.
+    pub fn query(&self, groups: &Groups, interner: &Interner, q: &ViewQuery, out: &mut RowSet) {
         let mut dims: Vec<Option<&str>> = Vec::with_capacity(self.dims.len());
         for (key, states) in groups {
             let bucket = join(key[0], key[1]);
@@ -135,24 +171,18 @@ impl ViewAggregator {
             if !q.accepts(&dims) {
                 continue;
             }
-            let group: Vec<Option<String>> = q.group_by.iter().map(|&d| dims[d].map(str::to_string)).collect();
-            match out.get_mut(&(bucket, group.clone())) {
-                Some(acc) => {
-                    for (a, &m) in acc.iter_mut().zip(&q.metrics) {
-                        a.merge(&states[m]);
-                    }
-                }
-                None => {
-                    out.insert((bucket, group), q.metrics.iter().map(|&m| states[m].clone()).collect());
-                }
-            }
+            let group = q
+                .group_by
+                .iter()
+                .map(|&d| dims[d].map(str::to_string))
+                .collect();
+            out.add(
+                bucket,
+                group,
+                q.metrics.iter().map(|&m| states[m].clone()).collect(),
+            );
         }
     }
-}
-
-/// Turns merged groups into rows.
-pub fn into_rows(groups: HashMap<(i64, Vec<Option<String>>), Vec<MetricState>>) -> Vec<AggRow> {
-    groups.into_iter().map(|((bucket_us, dims), states)| AggRow { bucket_us, dims, states }).collect()
 }
 
 fn update(state: &mut MetricState, col: Option<&ArrayRef>, ty: Option<FieldType>, row: usize) {
@@ -168,7 +198,9 @@ fn update(state: &mut MetricState, col: Option<&ArrayRef>, ty: Option<FieldType>
     let int = || -> i128 {
         match ty {
             Some(FieldType::Decimal { .. }) => col.as_primitive::<Decimal128Type>().value(row),
-            Some(FieldType::Timestamp) => col.as_primitive::<TimestampMicrosecondType>().value(row) as i128,
+            Some(FieldType::Timestamp) => {
+                col.as_primitive::<TimestampMicrosecondType>().value(row) as i128
+            }
             _ => col.as_primitive::<Int64Type>().value(row) as i128,
         }
     };
@@ -183,7 +215,11 @@ fn update(state: &mut MetricState, col: Option<&ArrayRef>, ty: Option<FieldType>
         MetricState::MaxFloat(m) => *m = Some(m.map_or(float(), |v| v.max(float()))),
         MetricState::Distinct(d) => match ty {
             Some(FieldType::String) => d.update_str(col.as_string::<i32>().value(row)),
-            Some(FieldType::Bool) => d.update_str(if col.as_boolean().value(row) { "true" } else { "false" }),
+            Some(FieldType::Bool) => d.update_str(if col.as_boolean().value(row) {
+                "true"
+            } else {
+                "false"
+            }),
             _ => d.update_i64(int() as i64),
         },
     }

@@ -49,7 +49,10 @@ pub struct ArchiverConfig {
 
 impl Default for ArchiverConfig {
     fn default() -> Self {
-        ArchiverConfig { flush_interval: Duration::from_secs(2), flush_rows: 200_000 }
+        ArchiverConfig {
+            flush_interval: Duration::from_secs(2),
+            flush_rows: 200_000,
+        }
     }
 }
 
@@ -87,18 +90,32 @@ pub struct Archiver {
 }
 
 /// The version stored with `app_id` in `table`'s `txn` actions, -1 if none.
-async fn txn_version(table: &DeltaTable, app_id: String) -> Result<i64, deltalake::DeltaTableError> {
+async fn txn_version(
+    table: &DeltaTable,
+    app_id: String,
+) -> Result<i64, deltalake::DeltaTableError> {
     let snapshot = table.snapshot()?;
-    Ok(snapshot.transaction_version(table.log_store().as_ref(), app_id).await?.unwrap_or(-1))
+    Ok(snapshot
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await?
+        .unwrap_or(-1))
 }
 
 fn write_err(table: &url::Url, e: deltalake::DeltaTableError) -> SpeedError {
-    SpeedError::Write { table: table.to_string(), source: Box::new(e) }
+    SpeedError::Write {
+        table: table.to_string(),
+        source: Box::new(e),
+    }
 }
 
 impl Archiver {
     /// Opens (creating if needed) the master and dead-letter tables of `schema`.
-    pub async fn open(storage: Storage, schema: Arc<EventSchema>, config: ArchiverConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+    pub async fn open(
+        storage: Storage,
+        schema: Arc<EventSchema>,
+        config: ArchiverConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
         let master_url = storage.layout().master(&schema.name);
         let dlq_url = storage.layout().dead_letter(&schema.name);
         let mut a = Archiver {
@@ -127,8 +144,16 @@ impl Archiver {
     /// (Re)opens both tables and forgets cached versions, so they are read again.
     async fn reload(&mut self) -> Result<()> {
         let master_schema = self.decoder.schema().master_schema();
-        self.master = Some(self.storage.open_or_create(&self.master_url, &master_schema, &[DAY_COLUMN]).await?);
-        self.dlq = Some(self.storage.open_or_create(&self.dlq_url, &dead_letter_schema(), &[]).await?);
+        self.master = Some(
+            self.storage
+                .open_or_create(&self.master_url, &master_schema, &[DAY_COLUMN])
+                .await?,
+        );
+        self.dlq = Some(
+            self.storage
+                .open_or_create(&self.dlq_url, &dead_letter_schema(), &[])
+                .await?,
+        );
         self.archived.clear();
         self.dead_lettered.clear();
         Ok(())
@@ -146,9 +171,13 @@ impl Archiver {
     async fn versions(&mut self, partition: i32) -> Result<(i64, i64)> {
         if !self.archived.contains_key(&partition) {
             let master = self.master.as_ref().expect("opened");
-            let mv = txn_version(master, self.master_app_id(partition)).await.map_err(|e| write_err(&self.master_url, e))?;
+            let mv = txn_version(master, self.master_app_id(partition))
+                .await
+                .map_err(|e| write_err(&self.master_url, e))?;
             let dlq = self.dlq.as_ref().expect("opened");
-            let dv = txn_version(dlq, self.dlq_app_id(partition)).await.map_err(|e| write_err(&self.dlq_url, e))?;
+            let dv = txn_version(dlq, self.dlq_app_id(partition))
+                .await
+                .map_err(|e| write_err(&self.dlq_url, e))?;
             self.archived.insert(partition, mv);
             self.dead_lettered.insert(partition, dv);
         }
@@ -170,7 +199,10 @@ impl Archiver {
             let mut props = CommitProperties::default();
             let mut last: BTreeMap<i32, i64> = BTreeMap::new();
             for r in &self.pending_rejects {
-                last.insert(r.partition, r.offset.max(*last.get(&r.partition).unwrap_or(&-1)));
+                last.insert(
+                    r.partition,
+                    r.offset.max(*last.get(&r.partition).unwrap_or(&-1)),
+                );
             }
             for (&p, &o) in &last {
                 props = props.with_application_transaction(Transaction::new(self.dlq_app_id(p), o));
@@ -184,7 +216,9 @@ impl Archiver {
                 .await
                 .map_err(|e| write_err(&self.dlq_url, e))?;
             self.dlq = Some(table);
-            self.stats.dead_lettered.fetch_add(self.pending_rejects.len() as u64, Ordering::Relaxed);
+            self.stats
+                .dead_lettered
+                .fetch_add(self.pending_rejects.len() as u64, Ordering::Relaxed);
             self.dead_lettered.extend(last);
             self.pending_rejects.clear();
         }
@@ -195,7 +229,10 @@ impl Archiver {
         }
         let mut days = BTreeSet::new();
         for b in &self.pending {
-            let col = b.column_by_name(DAY_COLUMN).expect("archive batches have dt").as_string::<i32>();
+            let col = b
+                .column_by_name(DAY_COLUMN)
+                .expect("archive batches have dt")
+                .as_string::<i32>();
             days.extend(col.iter().flatten().map(str::to_string));
         }
         props = props.with_metadata([("tandem.days".to_string(), json!(days))]);
@@ -224,10 +261,16 @@ impl Archiver {
             }
         };
         self.master = Some(table);
-        self.stats.archived.fetch_add(rows as u64, Ordering::Relaxed);
+        self.stats
+            .archived
+            .fetch_add(rows as u64, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.pending_rows = 0;
-        let done: Vec<(i32, i64)> = self.pending_last.iter().map(|(&p, &o)| (p, o + 1)).collect();
+        let done: Vec<(i32, i64)> = self
+            .pending_last
+            .iter()
+            .map(|(&p, &o)| (p, o + 1))
+            .collect();
         self.archived.extend(std::mem::take(&mut self.pending_last));
         tracing::debug!(rows, ?done, "archived");
         Ok(done)
@@ -240,8 +283,13 @@ impl BatchSink for Archiver {
         for (partition, messages) in batch.by_partition() {
             let (archived, dead_lettered) = self.versions(partition).await?;
             let total = messages.len();
-            let fresh: Vec<_> = messages.into_iter().filter(|m| m.offset > archived).collect();
-            self.stats.skipped_replayed.fetch_add((total - fresh.len()) as u64, Ordering::Relaxed);
+            let fresh: Vec<_> = messages
+                .into_iter()
+                .filter(|m| m.offset > archived)
+                .collect();
+            self.stats
+                .skipped_replayed
+                .fetch_add((total - fresh.len()) as u64, Ordering::Relaxed);
             let Some(last) = fresh.last() else { continue };
             let last = last.offset;
             let decoded = self.decoder.decode(&fresh, now)?;
@@ -250,7 +298,12 @@ impl BatchSink for Archiver {
                 self.pending_rows += b.num_rows();
                 self.pending.push(b);
             }
-            self.pending_rejects.extend(decoded.rejected.into_iter().filter(|r| r.offset > dead_lettered));
+            self.pending_rejects.extend(
+                decoded
+                    .rejected
+                    .into_iter()
+                    .filter(|r| r.offset > dead_lettered),
+            );
             self.pending_last.insert(partition, last);
         }
         if self.pending_rows >= self.config.flush_rows {

@@ -78,13 +78,24 @@ struct Item {
 }
 
 impl MessageBatch {
-    pub fn push(&mut self, partition: i32, offset: i64, timestamp_ms: Option<i64>, payload: Option<&[u8]>) {
+    pub fn push(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        payload: Option<&[u8]>,
+    ) {
         let payload = payload.map(|p| {
             let start = self.buf.len();
             self.buf.extend_from_slice(p);
             start..self.buf.len()
         });
-        self.items.push(Item { partition, offset, timestamp_ms, payload });
+        self.items.push(Item {
+            partition,
+            offset,
+            timestamp_ms,
+            payload,
+        });
     }
 
     pub fn len(&self) -> usize {

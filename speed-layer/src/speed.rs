@@ -5,18 +5,18 @@
 //! so a redelivery never counts twice. Without checkpoints, a restarted speed layer replays its
 //! topic from the earliest retained offset (its consumer group never commits).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tandem_core::decode::{Decoder, Message};
-use tandem_core::query::{AggRow, RealtimeStatus, ViewQuery};
+use tandem_core::query::{AggRow, RealtimeStatus, RowSet, ViewQuery};
 use tandem_core::time::Clock;
 use tandem_core::traits::RealtimeView;
 use tandem_core::view::ViewDef;
 use tandem_core::{Catalog, CoreError};
 
-use crate::aggregate::{into_rows, Groups, Interner, ViewAggregator};
+use crate::aggregate::{Groups, Interner, ViewAggregator};
 use crate::error::{Result, SpeedError};
 use crate::kafka::{BatchSink, MessageBatch};
 
@@ -50,7 +50,10 @@ pub struct SpeedLayer {
 impl SpeedLayer {
     /// The speed layer for `schema`'s views in `catalog`.
     pub fn new(catalog: &Catalog, schema: &str, clock: Arc<dyn Clock>) -> Result<Self> {
-        let s = catalog.schemas.get(schema).ok_or_else(|| SpeedError::UnknownSchema(schema.to_string()))?;
+        let s = catalog
+            .schemas
+            .get(schema)
+            .ok_or_else(|| SpeedError::UnknownSchema(schema.to_string()))?;
         let aggregators = catalog
             .views_of(schema)
             .map(|v| ViewAggregator::new(Arc::clone(v), s))
@@ -71,18 +74,29 @@ impl SpeedLayer {
             groups: vec![Groups::default(); self.aggregators.len()],
             ..Default::default()
         });
-        let fresh = messages.iter().position(|m| m.offset >= state.next_offset).unwrap_or(messages.len());
-        self.stats.skipped_redelivered.fetch_add(fresh as u64, Ordering::Relaxed);
+        let fresh = messages
+            .iter()
+            .position(|m| m.offset >= state.next_offset)
+            .unwrap_or(messages.len());
+        self.stats
+            .skipped_redelivered
+            .fetch_add(fresh as u64, Ordering::Relaxed);
         let messages = &messages[fresh..];
-        let Some(last) = messages.last() else { return Ok(()) };
+        let Some(last) = messages.last() else {
+            return Ok(());
+        };
         let decoded = self.decoder.decode(messages, self.clock.now_us())?;
         for (agg, groups) in self.aggregators.iter().zip(state.groups.iter_mut()) {
             agg.apply(&decoded.batch, groups, &mut state.interner)?;
         }
         state.next_offset = last.offset + 1;
         state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
-        self.stats.events.fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
-        self.stats.rejected.fetch_add(decoded.rejected.len() as u64, Ordering::Relaxed);
+        self.stats
+            .events
+            .fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
+        self.stats
+            .rejected
+            .fetch_add(decoded.rejected.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -95,21 +109,28 @@ impl SpeedLayer {
     /// The number of groups held, over all views and partitions.
     pub fn group_count(&self) -> usize {
         let parts = self.partitions.read().expect("speed state lock poisoned");
-        parts.values().map(|s| s.groups.iter().map(|g| g.len()).sum::<usize>()).sum()
+        parts
+            .values()
+            .map(|s| s.groups.iter().map(|g| g.len()).sum::<usize>())
+            .sum()
     }
 }
 
 impl RealtimeView for SpeedLayer {
     fn query(&self, view: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
-        let Some(i) = self.aggregators.iter().position(|a| a.view.name == view.name) else {
+        let Some(i) = self
+            .aggregators
+            .iter()
+            .position(|a| a.view.name == view.name)
+        else {
             return Err(CoreError::UnknownView(view.name.clone()));
         };
         let parts = self.partitions.read().expect("speed state lock poisoned");
-        let mut out = HashMap::new();
+        let mut out = RowSet::default();
         for state in parts.values() {
             self.aggregators[i].query(&state.groups[i], &state.interner, q, &mut out);
         }
-        Ok(into_rows(out))
+        Ok(out.into_rows())
     }
 
     fn status(&self) -> RealtimeStatus {
@@ -164,7 +185,10 @@ impl RealtimeView for SpeedLayers {
     }
 
     fn status(&self) -> RealtimeStatus {
-        let mut out = RealtimeStatus { available: !self.0.is_empty(), ..Default::default() };
+        let mut out = RealtimeStatus {
+            available: !self.0.is_empty(),
+            ..Default::default()
+        };
         for layer in self.0.values() {
             let s = layer.status();
             out.lag_ms = match (out.lag_ms, s.lag_ms) {

@@ -24,7 +24,16 @@ fn layer() -> (Arc<Catalog>, SpeedLayer) {
 
 fn total_events(catalog: &Catalog, layer: &SpeedLayer) -> u64 {
     let v = &catalog.views["active_devices_daily"];
-    let q = ViewQuery::from_params(v, [("from", "2026-11-01"), ("to", "2026-11-27"), ("metrics", "events")], NOW).unwrap();
+    let q = ViewQuery::from_params(
+        v,
+        [
+            ("from", "2026-11-01"),
+            ("to", "2026-11-27"),
+            ("metrics", "events"),
+        ],
+        NOW,
+    )
+    .unwrap();
     layer
         .query(v, &q)
         .unwrap()
@@ -39,11 +48,19 @@ fn total_events(catalog: &Catalog, layer: &SpeedLayer) -> u64 {
 #[test]
 fn redelivered_offsets_are_not_counted_twice() {
     let (catalog, layer) = layer();
-    let payloads: Vec<String> = Generator::new(GenConfig::default()).history(1_000, NOW - DAY_US, NOW).map(|e| e.to_json()).collect();
+    let payloads: Vec<String> = Generator::new(GenConfig::default())
+        .history(1_000, NOW - DAY_US, NOW)
+        .map(|e| e.to_json())
+        .collect();
     let msgs: Vec<Message<'_>> = payloads
         .iter()
         .enumerate()
-        .map(|(i, p)| Message { payload: Some(p.as_bytes()), partition: 0, offset: i as i64, timestamp_ms: Some(NOW / 1000) })
+        .map(|(i, p)| Message {
+            payload: Some(p.as_bytes()),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: Some(NOW / 1000),
+        })
         .collect();
     layer.apply(0, &msgs[..600]).unwrap();
     // A rebalance or a retry delivers 400..1000 again, overlapping what was applied.
@@ -57,12 +74,20 @@ fn redelivered_offsets_are_not_counted_twice() {
 #[test]
 fn partitions_are_kept_apart_and_merged_on_query() {
     let (catalog, layer) = layer();
-    let payloads: Vec<String> = Generator::new(GenConfig::default()).history(900, NOW - DAY_US, NOW).map(|e| e.to_json()).collect();
+    let payloads: Vec<String> = Generator::new(GenConfig::default())
+        .history(900, NOW - DAY_US, NOW)
+        .map(|e| e.to_json())
+        .collect();
     for p in 0..3 {
         let msgs: Vec<Message<'_>> = payloads[p * 300..(p + 1) * 300]
             .iter()
             .enumerate()
-            .map(|(i, x)| Message { payload: Some(x.as_bytes()), partition: p as i32, offset: i as i64, timestamp_ms: None })
+            .map(|(i, x)| Message {
+                payload: Some(x.as_bytes()),
+                partition: p as i32,
+                offset: i as i64,
+                timestamp_ms: None,
+            })
             .collect();
         layer.apply(p as i32, &msgs).unwrap();
     }

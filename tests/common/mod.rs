@@ -76,23 +76,63 @@ impl Harness {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic(TOPIC, partitions, 1).unwrap();
         let brokers = cluster.bootstrap_servers();
-        let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "1").create().unwrap();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "1")
+            .create()
+            .unwrap();
         let data = tempfile::tempdir().unwrap();
-        let storage = Storage::new(tandem_core::paths::Layout::local(data.path()).unwrap()).unwrap();
+        let storage =
+            Storage::new(tandem_core::paths::Layout::local(data.path()).unwrap()).unwrap();
         let clock = MockClock::new(NOW_US);
         let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
         let schema = Arc::clone(&catalog.schemas["app_events"]);
-        let kafka_config = KafkaConfig { max_batch: 2_000, batch_wait: Duration::from_millis(20), ..KafkaConfig::new(&brokers) };
+        let kafka_config = KafkaConfig {
+            max_batch: 2_000,
+            batch_wait: Duration::from_millis(20),
+            ..KafkaConfig::new(&brokers)
+        };
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let archiver_config = ArchiverConfig { flush_interval: Duration::from_millis(300), flush_rows: 5_000 };
-        let mut archiver = Archiver::open(storage.clone(), Arc::clone(&schema), archiver_config, Arc::clone(&dyn_clock)).await.unwrap();
+        let archiver_config = ArchiverConfig {
+            flush_interval: Duration::from_millis(300),
+            flush_rows: 5_000,
+        };
+        let mut archiver = Archiver::open(
+            storage.clone(),
+            Arc::clone(&schema),
+            archiver_config,
+            Arc::clone(&dyn_clock),
+        )
+        .await
+        .unwrap();
         let archiver_stats = Arc::clone(&archiver.stats);
         let (cfg, token) = (kafka_config.clone(), shutdown.clone());
-        tasks.spawn(async move { kafka::run(&cfg, "archive", TOPIC, &mut archiver, Duration::from_millis(100), token).await });
-        let speed = Arc::new(SpeedLayer::new(&catalog, "app_events", Arc::clone(&dyn_clock)).unwrap());
+        tasks.spawn(async move {
+            kafka::run(
+                &cfg,
+                "archive",
+                TOPIC,
+                &mut archiver,
+                Duration::from_millis(100),
+                token,
+            )
+            .await
+        });
+        let speed =
+            Arc::new(SpeedLayer::new(&catalog, "app_events", Arc::clone(&dyn_clock)).unwrap());
         let (cfg, token, layer) = (kafka_config, shutdown.clone(), Arc::clone(&speed));
-        tasks.spawn(async move { kafka::run(&cfg, "speed", TOPIC, &mut SpeedSink(layer), Duration::from_millis(100), token).await });
+        tasks.spawn(async move {
+            kafka::run(
+                &cfg,
+                "speed",
+                TOPIC,
+                &mut SpeedSink(layer),
+                Duration::from_millis(100),
+                token,
+            )
+            .await
+        });
         Harness {
             cluster,
             producer,
@@ -112,7 +152,9 @@ impl Harness {
     /// Produces raw payloads (keyed so that a device's events share a partition).
     pub fn produce_raw(&mut self, records: &[(String, Vec<u8>)]) {
         for (key, payload) in records {
-            let mut rec = BaseRecord::to(TOPIC).key(key.as_str()).payload(payload.as_slice());
+            let mut rec = BaseRecord::to(TOPIC)
+                .key(key.as_str())
+                .payload(payload.as_slice());
             loop {
                 match self.producer.send(rec) {
                     Ok(()) => break,
@@ -129,7 +171,10 @@ impl Harness {
     }
 
     pub fn produce(&mut self, events: &[Event]) {
-        let records: Vec<_> = events.iter().map(|e| (e.device_id.clone(), e.to_json().into_bytes())).collect();
+        let records: Vec<_> = events
+            .iter()
+            .map(|e| (e.device_id.clone(), e.to_json().into_bytes()))
+            .collect();
         self.produce_raw(&records);
     }
 
@@ -138,31 +183,46 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let speed: i64 = self.speed.offsets().values().sum();
-            let archived = self.archiver.archived.load(Ordering::Relaxed) + self.archiver.dead_lettered.load(Ordering::Relaxed);
+            let archived = self.archiver.archived.load(Ordering::Relaxed)
+                + self.archiver.dead_lettered.load(Ordering::Relaxed);
             if speed as usize >= self.produced && archived as usize >= self.produced {
                 return;
             }
             if let Some(r) = self.tasks.try_join_next() {
                 panic!("a consumer stopped: {r:?}");
             }
-            assert!(Instant::now() < deadline, "consumers did not catch up: speed {speed}, archive {archived}, produced {}", self.produced);
+            assert!(
+                Instant::now() < deadline,
+                "consumers did not catch up: speed {speed}, archive {archived}, produced {}",
+                self.produced
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub fn batch(&self) -> BatchLayer {
-        BatchLayer::new(self.storage.clone(), Arc::clone(&self.catalog), Arc::new(self.clock.clone()))
+        BatchLayer::new(
+            self.storage.clone(),
+            Arc::clone(&self.catalog),
+            Arc::new(self.clock.clone()),
+        )
     }
 
     pub async fn run_batch(&self) {
-        let reports = self.batch().run(None, &RunRequest::default()).await.unwrap();
+        let reports = self
+            .batch()
+            .run(None, &RunRequest::default())
+            .await
+            .unwrap();
         assert!(reports.iter().all(|r| !r.days.is_empty()), "{reports:?}");
     }
 
     pub fn router(&self) -> axum::Router {
         router(AppState {
             catalog: Arc::clone(&self.catalog),
-            batch: Arc::new(DeltaBatchViews::new(self.storage.clone()).with_refresh(Duration::ZERO)),
+            batch: Arc::new(
+                DeltaBatchViews::new(self.storage.clone()).with_refresh(Duration::ZERO),
+            ),
             speed: Arc::clone(&self.speed) as _,
             clock: Arc::new(self.clock.clone()),
             metrics: Arc::new(ApiMetrics::default()),
@@ -170,10 +230,17 @@ impl Harness {
     }
 
     pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        let resp = self.router().oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
+        let resp = self
+            .router()
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     /// Every row of `view` at its own granularity, grouped by all its dimensions.
@@ -229,10 +296,24 @@ pub fn oracle(events: &[Event]) -> BTreeMap<&'static str, HashMap<Key, Truth>> {
             t.devices.insert(e.device_id.clone());
         };
         if e.event_name == "install" {
-            add("installs_hourly", (hour, vec![s(&e.app_id), s(e.media_source), e.campaign.clone(), s(e.country)]));
+            add(
+                "installs_hourly",
+                (
+                    hour,
+                    vec![
+                        s(&e.app_id),
+                        s(e.media_source),
+                        e.campaign.clone(),
+                        s(e.country),
+                    ],
+                ),
+            );
         }
         if e.event_name == "purchase" {
-            add("purchases_daily", (day.clone(), vec![s(&e.app_id), s(e.country)]));
+            add(
+                "purchases_daily",
+                (day.clone(), vec![s(&e.app_id), s(e.country)]),
+            );
         }
         add("active_devices_daily", (day, vec![s(&e.app_id)]));
     }
@@ -242,7 +323,10 @@ pub fn oracle(events: &[Event]) -> BTreeMap<&'static str, HashMap<Key, Truth>> {
 /// A served row's key, in the view's dimension order.
 pub fn row_key(row: &Value, dims: &[String]) -> Key {
     let bucket = row["bucket"].as_str().unwrap().to_string();
-    let d = dims.iter().map(|k| row["dims"][k].as_str().map(str::to_string)).collect();
+    let d = dims
+        .iter()
+        .map(|k| row["dims"][k].as_str().map(str::to_string))
+        .collect();
     (bucket, d)
 }
 
