@@ -20,11 +20,10 @@ use tandem_core::storage::Storage;
 use tandem_core::time::format_us;
 use tandem_core::view::{DAY_US, HOUR_US};
 use tandem_speed::KafkaConfig;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, GlobalOpts};
 use crate::produce::EventProducer;
-use crate::roles::{app_state, catalog, clock, drain, serve_api, shutdown_signal, start_consumers};
+use crate::roles::{catalog, clock, start_all};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -97,25 +96,20 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let brokers = cluster.bootstrap_servers();
     tracing::info!(%brokers, topic = %schema.topic, "mock Kafka cluster up");
 
-    let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
-    let kafka_config = KafkaConfig::new(&brokers);
-    let mut consumers = start_consumers(
+    let running = start_all(
         &catalog,
         &storage,
-        &kafka_config,
+        &KafkaConfig::new(&brokers),
         Arc::clone(&clock),
-        &backend,
-        true,
-        true,
+        config.listen,
     )
     .await?;
-    let state = app_state(
-        Arc::clone(&catalog),
-        &storage,
-        consumers.speed.clone(),
-        Arc::clone(&clock),
-    );
-    let server = tokio::spawn(serve_api(state, config.listen, frontend.clone()));
+    let archiver = running
+        .consumers
+        .archiver_stats
+        .get(&schema.name)
+        .cloned()
+        .context("archiver")?;
 
     // History: a file, or synthetic days before now.
     let producer = Arc::new(EventProducer::new(&brokers)?);
@@ -153,19 +147,14 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     );
 
     // Once the archiver has everything, the batch layer recomputes the closed days.
-    let stats = consumers
-        .archiver_stats
-        .get(&schema.name)
-        .cloned()
-        .context("archiver")?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let done =
-            stats.archived.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
+        let done = archiver.archived.load(Ordering::Relaxed)
+            + archiver.dead_lettered.load(Ordering::Relaxed);
         if done >= produced as u64 {
             break;
         }
-        if Instant::now() > deadline || consumers.tasks.len() < 2 * catalog.schemas.len() {
+        if Instant::now() > deadline || running.consumers.tasks.len() < 2 * catalog.schemas.len() {
             tracing::warn!(
                 done,
                 produced,
@@ -202,7 +191,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         let (producer, topic, token, clock) = (
             Arc::clone(&producer),
             schema.topic.clone(),
-            backend.clone(),
+            running.backend.clone(),
             Arc::clone(&clock),
         );
         let rate = args.rate;
@@ -211,8 +200,13 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
                 seed: args.seed.wrapping_add(1),
                 ..Default::default()
             });
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            let per_tick = (rate / 10).max(1);
+            // Ten ticks a second, or one event a tick below ten a second.
+            let (per_tick, period) = if rate >= 10 {
+                (rate / 10, 100)
+            } else {
+                (1, 1000 / rate as u64)
+            };
+            let mut tick = tokio::time::interval(Duration::from_millis(period));
             while !token.is_cancelled() {
                 tick.tick().await;
                 for _ in 0..per_tick {
@@ -227,15 +221,10 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         None
     };
 
-    tokio::select! {
-        _ = shutdown_signal() => println!("stopping..."),
-        Some(r) = consumers.tasks.join_next() => tracing::error!("a consumer stopped: {r:?}"),
-    }
-    let result = drain(consumers.tasks, backend, frontend).await;
+    let result = running.until_stopped().await;
     if let Some(live) = live {
         live.abort();
     }
-    server.await??;
     drop(cluster);
     result
 }

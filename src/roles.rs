@@ -237,47 +237,73 @@ pub async fn drain(
     first_err.map_or(Ok(()), Err)
 }
 
-pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
-    let (catalog, storage, clock) = (
-        catalog(config)?,
-        Storage::new(config.layout.clone())?,
-        clock(),
-    );
-    let kafka_config = KafkaConfig {
-        group_prefix: config.group_prefix.clone(),
-        ..KafkaConfig::new(config.brokers()?)
-    };
+/// A whole deployment in one process: consumers of every schema and the API.
+pub struct Running {
+    pub consumers: Consumers,
+    /// Cancelled to stop the consumers (and whatever else feeds them).
+    pub backend: CancellationToken,
+    frontend: CancellationToken,
+    server: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Starts the archiver and the speed layer of every schema, and the API on `listen`.
+pub async fn start_all(
+    catalog: &Arc<Catalog>,
+    storage: &Storage,
+    kafka_config: &KafkaConfig,
+    clock: Arc<dyn Clock>,
+    listen: std::net::SocketAddr,
+) -> Result<Running> {
     let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
-    let mut consumers = start_consumers(
-        &catalog,
-        &storage,
-        &kafka_config,
+    let consumers = start_consumers(
+        catalog,
+        storage,
+        kafka_config,
         Arc::clone(&clock),
         &backend,
         true,
         true,
     )
     .await?;
-    let state = app_state(
-        Arc::clone(&catalog),
-        &storage,
-        consumers.speed.clone(),
-        clock,
-    );
-    let server = tokio::spawn(serve_api(
-        state,
-        listen(config, args.port),
-        frontend.clone(),
-    ));
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("stopping"),
-        Some(r) = consumers.tasks.join_next() => {
-            tracing::error!("a consumer stopped: {r:?}");
+    let state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
+    let server = tokio::spawn(serve_api(state, listen, frontend.clone()));
+    Ok(Running {
+        consumers,
+        backend,
+        frontend,
+        server,
+    })
+}
+
+impl Running {
+    /// Runs until Ctrl-C, SIGTERM or a failed consumer; then stops in order.
+    pub async fn until_stopped(mut self) -> Result<()> {
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("stopping"),
+            Some(r) = self.consumers.tasks.join_next() => tracing::error!("a consumer stopped: {r:?}"),
         }
+        let result = drain(self.consumers.tasks, self.backend, self.frontend).await;
+        self.server.await??;
+        result
     }
-    let result = drain(consumers.tasks, backend, frontend).await;
-    server.await??;
-    result
+}
+
+pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
+    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    let kafka_config = KafkaConfig {
+        group_prefix: config.group_prefix.clone(),
+        ..KafkaConfig::new(config.brokers()?)
+    };
+    start_all(
+        &catalog,
+        &storage,
+        &kafka_config,
+        clock(),
+        listen(config, args.port),
+    )
+    .await?
+    .until_stopped()
+    .await
 }
 
 pub async fn archive(config: &Config) -> Result<()> {

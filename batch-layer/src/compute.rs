@@ -76,13 +76,24 @@ pub(crate) struct Published {
 }
 
 /// Reads the newest publish metadata of a view table.
+///
+/// Publishes are normally the newest commits, so the newest few are read first; the whole
+/// history only when none of them is a publish (e.g. after many maintenance commits).
 pub(crate) async fn published(table: &DeltaTable) -> Result<Published> {
-    let infos: Vec<_> = table
-        .history(None)
+    const NEWEST: usize = 8;
+    let version = table.version().map(|v| v as i64);
+    let mut infos: Vec<_> = table
+        .history(Some(NEWEST))
         .try_collect()
         .await
         .map_err(|e| BatchError::Core(tandem_core::storage::delta(e)))?;
-    let version = table.version().map(|v| v as i64);
+    if infos.len() == NEWEST && !infos.iter().any(|i| i.info.contains_key(COVERAGE_KEY)) {
+        infos = table
+            .history(None)
+            .try_collect()
+            .await
+            .map_err(|e| BatchError::Core(tandem_core::storage::delta(e)))?;
+    }
     for info in infos {
         let Some(Json::Array(ranges)) = info.info.get(COVERAGE_KEY) else {
             continue;

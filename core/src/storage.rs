@@ -54,9 +54,27 @@ impl Storage {
 
     /// The table at `url`, or `None` if there is none yet.
     pub async fn open(&self, url: &Url) -> Result<Option<DeltaTable>> {
+        // A table exists when its log does; look before loading, since a missing location is
+        // reported differently by each store.
         if url.scheme() == "file" {
             let log = url.to_file_path().map(|p| p.join("_delta_log"));
             if !log.is_ok_and(|l| l.is_dir()) {
+                return Ok(None);
+            }
+        } else if let Some(store) = &self.shared {
+            let log = object_store::path::Path::from(format!(
+                "{}/_delta_log",
+                url.path().trim_matches('/')
+            ));
+            let listed =
+                store
+                    .list_with_delimiter(Some(&log))
+                    .await
+                    .map_err(|e| CoreError::Storage {
+                        url: url.to_string(),
+                        message: e.to_string(),
+                    })?;
+            if listed.objects.is_empty() && listed.common_prefixes.is_empty() {
                 return Ok(None);
             }
         }
@@ -96,4 +114,37 @@ impl Storage {
 /// A Delta error as a core error.
 pub fn delta(e: DeltaTableError) -> CoreError {
     CoreError::Delta(Box::new(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::{DataType, Field};
+
+    #[tokio::test]
+    async fn memory_tables_are_shared_within_a_process() {
+        let storage = Storage::new(Layout::parse("memory:///").unwrap()).unwrap();
+        let url = storage.layout().view("v");
+        assert!(storage.open(&url).await.unwrap().is_none());
+        let schema = ArrowSchema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("dt", DataType::Utf8, false),
+        ]);
+        let created = storage
+            .open_or_create(&url, &schema, &["dt"])
+            .await
+            .unwrap();
+        assert_eq!(created.version(), Some(0));
+        let again = storage
+            .clone()
+            .open(&url)
+            .await
+            .unwrap()
+            .expect("the same store sees the table");
+        assert_eq!(again.version(), Some(0));
+        assert!(Storage::new(Layout::parse("s3://bucket/x").unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("s3://"));
+    }
 }

@@ -282,11 +282,10 @@ impl BatchSink for Archiver {
         let now = self.clock.now_us();
         for (partition, messages) in batch.by_partition() {
             let (archived, dead_lettered) = self.versions(partition).await?;
+            // Skip what is committed, and what is pending already (a redelivery before a flush).
+            let seen = archived.max(self.pending_last.get(&partition).copied().unwrap_or(-1));
             let total = messages.len();
-            let fresh: Vec<_> = messages
-                .into_iter()
-                .filter(|m| m.offset > archived)
-                .collect();
+            let fresh: Vec<_> = messages.into_iter().filter(|m| m.offset > seen).collect();
             self.stats
                 .skipped_replayed
                 .fetch_add((total - fresh.len()) as u64, Ordering::Relaxed);
