@@ -40,7 +40,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3)]
     pub history_days: u32,
     /// Synthetic history events.
-    #[arg(long, default_value_t = 300_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub history_events: usize,
     /// Seed of the synthetic events.
     #[arg(long, default_value_t = 42)]
