@@ -184,11 +184,6 @@ impl Archiver {
         Ok((self.archived[&partition], self.dead_lettered[&partition]))
     }
 
-    /// The last archived offset per partition seen so far.
-    pub fn archived_offsets(&self) -> &BTreeMap<i32, i64> {
-        &self.archived
-    }
-
     async fn write(&mut self) -> Result<Vec<(i32, i64)>> {
         self.last_flush = Instant::now();
         if self.pending_last.is_empty() {

@@ -170,10 +170,6 @@ impl SpeedLayers {
     pub fn new(layers: BTreeMap<String, Arc<SpeedLayer>>) -> Self {
         SpeedLayers(layers)
     }
-
-    pub fn get(&self, schema: &str) -> Option<&Arc<SpeedLayer>> {
-        self.0.get(schema)
-    }
 }
 
 impl RealtimeView for SpeedLayers {
