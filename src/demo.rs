@@ -19,11 +19,12 @@ use tandem_core::gen::{GenConfig, Generator};
 use tandem_core::storage::Storage;
 use tandem_core::time::format_us;
 use tandem_core::view::{DAY_US, HOUR_US};
-use tandem_speed::KafkaConfig;
+use tandem_speed::archiver::ArchiverStats;
+use tandem_speed::{KafkaConfig, SpeedLayer};
 
 use crate::config::{Config, GlobalOpts};
 use crate::produce::EventProducer;
-use crate::roles::{catalog, clock, start_all};
+use crate::roles::{catalog, clock, start_all, Running};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -40,7 +41,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3)]
     pub history_days: u32,
     /// Synthetic history events.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 300_000)]
     pub history_events: usize,
     /// Seed of the synthetic events.
     #[arg(long, default_value_t = 42)]
@@ -111,19 +112,33 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         .cloned()
         .context("archiver")?;
 
-    // History: a file, or synthetic days before now.
+    // History: a file, or synthetic days before now, paced to what the mock broker keeps.
     let producer = Arc::new(EventProducer::new(&brokers)?);
+    let pace = Pace {
+        archiver: Arc::clone(&archiver),
+        speed: Arc::clone(
+            running
+                .consumers
+                .speed
+                .get(&schema.name)
+                .context("speed layer")?,
+        ),
+        window: PACE_EVENTS_PER_PARTITION * args.partitions.max(1) as u64,
+    };
     let now = clock.now_us();
     let started = Instant::now();
     let produced = match &args.events {
         Some(file) => {
             let f =
                 std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-            let mut n = 0;
+            let mut n = 0u64;
             for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
                 let line = line.with_context(|| format!("reading {}", file.display()))?;
                 producer.send(&schema.topic, &i.to_string(), line.as_bytes())?;
                 n += 1;
+                if n.is_multiple_of(PACE_STEP) {
+                    pace.wait(n, &running).await?;
+                }
             }
             n
         }
@@ -133,11 +148,15 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
                 seed: args.seed,
                 ..Default::default()
             });
-            producer.send_all(
-                &schema.topic,
-                gen.history(args.history_events, start, now)
-                    .map(|e| (e.device_id.clone(), e.to_json())),
-            )?
+            let mut n = 0u64;
+            for e in gen.history(args.history_events, start, now) {
+                producer.send(&schema.topic, &e.device_id, e.to_json().as_bytes())?;
+                n += 1;
+                if n.is_multiple_of(PACE_STEP) {
+                    pace.wait(n, &running).await?;
+                }
+            }
+            n
         }
     };
     producer.finish()?;
@@ -147,18 +166,28 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     );
 
     // Once the archiver has everything, the batch layer recomputes the closed days.
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut last, mut last_progress) = (0, Instant::now());
     loop {
+        let missed = archiver.missed_offsets.load(Ordering::Relaxed);
         let done = archiver.archived.load(Ordering::Relaxed)
-            + archiver.dead_lettered.load(Ordering::Relaxed);
-        if done >= produced as u64 {
+            + archiver.dead_lettered.load(Ordering::Relaxed)
+            + missed;
+        if done >= produced {
+            if missed > 0 {
+                tracing::warn!(
+                    missed,
+                    "the broker dropped events before they were archived; the batch run lacks them"
+                );
+            }
             break;
         }
-        if Instant::now() > deadline || running.consumers.tasks.len() < 2 * catalog.schemas.len() {
+        if done > last {
+            (last, last_progress) = (done, Instant::now());
+        } else if last_progress.elapsed() > Duration::from_secs(60) {
             tracing::warn!(
                 done,
                 produced,
-                "the archiver did not catch up; serving without a batch run"
+                "the archiver made no progress for a minute; the batch run covers what it archived"
             );
             break;
         }
@@ -176,7 +205,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     }
     println!("batch run took {:.1}s", t.elapsed().as_secs_f64());
 
-    let base = format!("http://{}", config.listen);
+    let base = format!("http://{}", running.address);
     let from = format_us(clock.now_us() / HOUR_US * HOUR_US - 36 * HOUR_US);
     println!("\nTandem demo is serving at {base}");
     println!("  views:            curl -s {base}/v1/views");
@@ -224,7 +253,58 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let result = running.until_stopped().await;
     if let Some(live) = live {
         live.abort();
+        let _ = live.await;
     }
+    // Clients go before the broker, so none of them logs the broker's disappearance.
+    drop(producer);
     drop(cluster);
     result
+}
+
+/// Events produced between two looks at the consumers.
+const PACE_STEP: u64 = 2_000;
+/// How far the producer may run ahead of the slower consumer group, per partition.
+///
+/// librdkafka's mock broker keeps only the newest 5 MB (or 100,000 message sets) of each
+/// partition (`max_size` in `rdkafka_mock.c`) and drops older message sets however far behind
+/// the consumers are. A reference event is about 350 bytes on the wire, so 4,000 unread events
+/// a partition stay well inside what the broker keeps, even with skewed keys.
+const PACE_EVENTS_PER_PARTITION: u64 = 4_000;
+
+/// Holds the history producer back until both consumer groups have nearly caught up.
+struct Pace {
+    archiver: Arc<ArchiverStats>,
+    speed: Arc<SpeedLayer>,
+    window: u64,
+}
+
+impl Pace {
+    /// Messages the slower consumer group has taken in (or learned it will never see).
+    fn consumed(&self) -> u64 {
+        let a = &self.archiver;
+        let s = &self.speed.stats;
+        let archived =
+            a.received.load(Ordering::Relaxed) + a.missed_offsets.load(Ordering::Relaxed);
+        let speed = s.events.load(Ordering::Relaxed)
+            + s.rejected.load(Ordering::Relaxed)
+            + s.missed_offsets.load(Ordering::Relaxed);
+        archived.min(speed)
+    }
+
+    async fn wait(&self, produced: u64, running: &Running) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while produced.saturating_sub(self.consumed()) > self.window {
+            if running.backend.is_cancelled() {
+                bail!("stopped while producing the history");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the consumers stopped at {} of {produced} produced events; see the log above",
+                    self.consumed()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
 }

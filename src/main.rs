@@ -4,6 +4,7 @@
 // A binary exports nothing: `pub` here means "for the other modules of the CLI".
 #![allow(unreachable_pub)]
 
+mod bench;
 mod config;
 mod defs;
 mod demo;
@@ -65,6 +66,9 @@ enum Command {
     Gen(produce::GenArgs),
     /// Query a view through a running server's API.
     Query(roles::QueryArgs),
+    /// Measure decode and decode+aggregate throughput on the reference events, next to a
+    /// Python peer on the same events.
+    Bench(bench::BenchArgs),
 }
 
 fn init_tracing() {
@@ -118,5 +122,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Import { files, schema } => roles::import(&config, files, schema).await,
         Command::Gen(args) => produce::gen(&config, args).await,
         Command::Query(args) => roles::query(&config, args),
+        Command::Bench(args) => bench::run(&config, args).await,
     }
 }

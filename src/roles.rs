@@ -180,16 +180,21 @@ pub async fn start_consumers(
     })
 }
 
-/// Serves the API on `listen` until `shutdown`.
-pub async fn serve_api(
-    state: AppState,
-    listen: std::net::SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<()> {
+/// Binds the API's address, so a taken port fails at start.
+pub async fn bind(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, "serving");
+    Ok(listener)
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve_api(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -239,6 +244,8 @@ pub async fn drain(
 
 /// A whole deployment in one process: consumers of every schema and the API.
 pub struct Running {
+    /// The API's bound address.
+    pub address: std::net::SocketAddr,
     pub consumers: Consumers,
     /// Cancelled to stop the consumers (and whatever else feeds them).
     pub backend: CancellationToken,
@@ -254,6 +261,8 @@ pub async fn start_all(
     clock: Arc<dyn Clock>,
     listen: std::net::SocketAddr,
 ) -> Result<Running> {
+    let listener = bind(listen).await?;
+    let address = listener.local_addr()?;
     let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
     let consumers = start_consumers(
         catalog,
@@ -266,8 +275,9 @@ pub async fn start_all(
     )
     .await?;
     let state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
-    let server = tokio::spawn(serve_api(state, listen, frontend.clone()));
+    let server = tokio::spawn(serve_api(state, listener, frontend.clone()));
     Ok(Running {
+        address,
         consumers,
         backend,
         frontend,
@@ -341,9 +351,13 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
         clock(),
     );
     let state = app_state(catalog, &storage, Arc::new(NoRealtime), clock);
+    let listener = bind(listen(config, args.port)).await?;
     let token = CancellationToken::new();
-    let server = tokio::spawn(serve_api(state, listen(config, args.port), token.clone()));
-    shutdown_signal().await;
+    let mut server = tokio::spawn(serve_api(state, listener, token.clone()));
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping"),
+        r = &mut server => return r?,
+    }
     token.cancel();
     server.await?
 }

@@ -185,3 +185,73 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
         "{err}"
     );
 }
+
+/// The mock broker keeps only the newest 5 MB of a partition; 40,000 events (about 13 MB) on one
+/// partition are more than it keeps, so the demo must pace its history to lose none of them.
+/// Ctrl-C then stops the demo cleanly.
+#[test]
+fn demo_serves_every_history_event_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tandem(dir.path())
+        .args(["--data", "d", "demo", "--port", "0", "--partitions", "1"])
+        .args(["--history-events", "40000", "--rate", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let mut server = Server(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("Tandem demo is serving at ") {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(600))
+        .expect("the demo says where it serves");
+    let day = |d: i64| {
+        (chrono::Utc::now() + chrono::Duration::days(d))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let body = ureq::get(format!(
+        "{url}/v1/views/active_devices_daily/query?from={}&to={}&metrics=events",
+        day(-10),
+        day(2)
+    ))
+    .call()
+    .unwrap()
+    .into_body()
+    .read_to_string()
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    let events: u64 = rows
+        .iter()
+        .map(|r| r["metrics"]["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(events, 40_000, "{body}");
+    assert!(rows.iter().any(|r| r["source"] == "batch"), "{body}");
+    assert!(rows.iter().any(|r| r["source"] == "speed"), "{body}");
+
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = server.0.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(status.success(), "the demo did not stop cleanly:\n{log}");
+    assert!(!log.contains("never delivered"), "{log}");
+}

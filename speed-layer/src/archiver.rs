@@ -63,6 +63,11 @@ pub struct ArchiverStats {
     pub dead_lettered: AtomicU64,
     pub commits: AtomicU64,
     pub skipped_replayed: AtomicU64,
+    /// Messages taken in (valid or not), before they are written.
+    pub received: AtomicU64,
+    /// Offsets never delivered: the broker no longer had them (retention ran ahead of the
+    /// archiver) or they were transaction markers.
+    pub missed_offsets: AtomicU64,
 }
 
 /// The archiver of one event schema.
@@ -284,8 +289,26 @@ impl BatchSink for Archiver {
             self.stats
                 .skipped_replayed
                 .fetch_add((total - fresh.len()) as u64, Ordering::Relaxed);
-            let Some(last) = fresh.last() else { continue };
+            let (Some(first), Some(last)) = (fresh.first(), fresh.last()) else {
+                continue;
+            };
+            if first.offset > seen + 1 {
+                let missed = first.offset - seen - 1;
+                self.stats
+                    .missed_offsets
+                    .fetch_add(missed as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition,
+                    from = seen + 1,
+                    to = first.offset - 1,
+                    "offsets were never delivered to the archiver: the broker's retention removed them before they were archived, or they are transaction markers"
+                );
+            }
             let last = last.offset;
+            self.stats
+                .received
+                .fetch_add(fresh.len() as u64, Ordering::Relaxed);
             let decoded = self.decoder.decode(&fresh, now)?;
             if decoded.batch.num_rows() > 0 {
                 let b = archive_batch(self.decoder.schema(), &decoded)?;

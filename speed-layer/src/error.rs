@@ -26,6 +26,10 @@ pub enum SpeedError {
     /// A schema named by the configuration does not exist.
     #[error("no schema `{0}`")]
     UnknownSchema(String),
+
+    /// A benchmark run did not process what it was given.
+    #[error("benchmark: {0}")]
+    Bench(String),
 }
 
 /// Result alias of tandem-speed.

@@ -6,10 +6,11 @@
 //! [`speed`] aggregation keeps every view of the topic's schema per Kafka partition, for the
 //! buckets no batch covers yet, and answers the serving layer through core's `RealtimeView`.
 //! [`kafka`] holds the consumer loop both share; [`aggregate`] is a view compiled for
-//! incremental, per-batch application.
+//! incremental, per-batch application; [`bench`] measures decode and aggregation throughput.
 
 pub mod aggregate;
 pub mod archiver;
+pub mod bench;
 pub mod error;
 pub mod kafka;
 pub mod speed;

@@ -35,6 +35,9 @@ pub struct SpeedStats {
     pub events: AtomicU64,
     pub rejected: AtomicU64,
     pub skipped_redelivered: AtomicU64,
+    /// Offsets never delivered (removed by retention before they were read, or transaction
+    /// markers): events the speed view lacks until a batch covers their buckets.
+    pub missed_offsets: AtomicU64,
 }
 
 /// The speed layer of one event schema.
@@ -82,9 +85,20 @@ impl SpeedLayer {
             .skipped_redelivered
             .fetch_add(fresh as u64, Ordering::Relaxed);
         let messages = &messages[fresh..];
-        let Some(last) = messages.last() else {
+        let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
             return Ok(());
         };
+        if first.offset > state.next_offset {
+            self.stats
+                .missed_offsets
+                .fetch_add((first.offset - state.next_offset) as u64, Ordering::Relaxed);
+            tracing::warn!(
+                partition,
+                from = state.next_offset,
+                to = first.offset - 1,
+                "offsets were never delivered to the speed layer (removed by retention, or transaction markers)"
+            );
+        }
         let decoded = self.decoder.decode(messages, self.clock.now_us())?;
         for (agg, groups) in self.aggregators.iter().zip(state.groups.iter_mut()) {
             agg.apply(&decoded.batch, groups, &mut state.interner)?;
@@ -169,6 +183,11 @@ pub struct SpeedLayers(BTreeMap<String, Arc<SpeedLayer>>);
 impl SpeedLayers {
     pub fn new(layers: BTreeMap<String, Arc<SpeedLayer>>) -> Self {
         SpeedLayers(layers)
+    }
+
+    /// The speed layer of `schema`.
+    pub fn get(&self, schema: &str) -> Option<&Arc<SpeedLayer>> {
+        self.0.get(schema)
     }
 }
 

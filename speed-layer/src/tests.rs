@@ -1,6 +1,7 @@
 //! The speed layer without Kafka: batches applied directly.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tandem_core::decode::Message;
@@ -69,6 +70,32 @@ fn redelivered_offsets_are_not_counted_twice() {
     assert_eq!(total_events(&catalog, &layer), 1_000);
     assert_eq!(layer.offsets()[&0], 1_000);
     assert_eq!(layer.status().lag_ms, Some(0));
+    assert_eq!(layer.stats.missed_offsets.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn offsets_the_broker_no_longer_had_are_counted_as_missed() {
+    let (catalog, layer) = layer();
+    let payloads: Vec<String> = Generator::new(GenConfig::default())
+        .history(100, NOW - DAY_US, NOW)
+        .map(|e| e.to_json())
+        .collect();
+    let msgs: Vec<Message<'_>> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Message {
+            payload: Some(p.as_bytes()),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+        })
+        .collect();
+    // Retention removed 30..50 before the consumer read them.
+    layer.apply(0, &msgs[..30]).unwrap();
+    layer.apply(0, &msgs[50..]).unwrap();
+    assert_eq!(layer.stats.missed_offsets.load(Ordering::Relaxed), 20);
+    assert_eq!(total_events(&catalog, &layer), 80);
+    assert_eq!(layer.offsets()[&0], 100);
 }
 
 #[test]

@@ -1,0 +1,118 @@
+//! `tandem bench`: decode and decode+aggregate throughput of the speed layer on the reference
+//! events, and the Python peer's parse+aggregate loop on the same events, in the same run, so
+//! the number comes with its ratio.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tandem_speed::bench::{decode_aggregate, reference_payloads};
+
+use crate::config::Config;
+use crate::roles::catalog;
+
+/// The inner loop of `shared/bench/speed_consumer_ck.py` on a file instead of a topic.
+const PYTHON_PEER: &str = include_str!("../bench/python_parse_aggregate.py");
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Number of reference events.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Rounds; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seed of the generated events.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The Python interpreter of the peer; `none` skips the peer.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+}
+
+pub async fn run(config: &Config, args: BenchArgs) -> Result<()> {
+    if args.events == 0 {
+        bail!("--events must be at least 1");
+    }
+    let catalog = catalog(config)?;
+    let schema = catalog
+        .schemas
+        .keys()
+        .next()
+        .context("no schema defined")?
+        .clone();
+    let t = Instant::now();
+    let payloads = reference_payloads(args.events, args.seed);
+    eprintln!(
+        "generated {} reference events in {:.1}s",
+        payloads.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let (payloads, r) = tokio::task::spawn_blocking(move || {
+        let r = decode_aggregate(&catalog, &schema, &payloads, args.rounds);
+        (payloads, r)
+    })
+    .await?;
+    let r = r?;
+    println!(
+        "reference events:   {:>10} ({:.0} MB of JSON, {:.0} bytes each)",
+        r.events,
+        r.bytes as f64 / 1e6,
+        r.bytes as f64 / r.events as f64
+    );
+    println!(
+        "decode:             {:>10.0} events/s  {:>6.0} MB/s",
+        r.decode_events_per_s(),
+        r.bytes as f64 / r.decode_s / 1e6
+    );
+    println!(
+        "decode + aggregate: {:>10.0} events/s  ({} views, one core, best of {})",
+        r.aggregate_events_per_s(),
+        r.views,
+        args.rounds.max(1)
+    );
+    if args.python == "none" {
+        return Ok(());
+    }
+    match python_peer(&args.python, &payloads) {
+        Ok(peer) => {
+            println!(
+                "python peer:        {peer:>10.0} events/s  (json.loads + dicts, same events)"
+            );
+            println!(
+                "ratio:              {:>10.1}x  (decode + aggregate / python peer)",
+                r.aggregate_events_per_s() / peer
+            );
+        }
+        Err(e) => println!("python peer not run: {e:#}"),
+    }
+    Ok(())
+}
+
+/// Runs the Python peer on `payloads` written as JSON lines; its events/s.
+fn python_peer(python: &str, payloads: &[String]) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let events = dir.path().join("events.jsonl");
+    let script = dir.path().join("python_parse_aggregate.py");
+    std::fs::write(&script, PYTHON_PEER)?;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&events)?);
+    for p in payloads {
+        writeln!(w, "{p}")?;
+    }
+    w.flush()?;
+    drop(w);
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(&events)
+        .output()
+        .with_context(|| format!("starting {python}"))?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("unexpected peer output: {text}"))
+}
