@@ -2,16 +2,24 @@
 //!
 //! `file://` tables are opened by deltalake from their URL. A `memory://` root gets one shared
 //! in-memory store per process, so every table of the deployment (and DataFusion reading them)
-//! sees the same bytes. Other schemes need their deltalake feature compiled in; without it the
-//! URL is refused at start with a clear error.
+//! sees the same bytes. An `s3://bucket/prefix` root gets one object_store S3 client for the
+//! bucket, configured from the standard `AWS_*` environment (credentials, `AWS_REGION`,
+//! `AWS_ENDPOINT_URL` for S3-compatible stores, `AWS_ALLOW_HTTP`); Delta commits on it are
+//! conditional puts (`If-None-Match: *`), which S3 and most S3-compatible stores support, so no
+//! lock table is needed. Other schemes are refused at start with a clear error.
 
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::Schema as ArrowSchema;
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::StructType;
+use deltalake::logstore::{
+    default_logstore, LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig,
+};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use object_store::aws::AmazonS3Builder;
 use object_store::ObjectStore;
 use url::Url;
 
@@ -27,14 +35,26 @@ pub struct Storage {
 
 impl Storage {
     pub fn new(layout: Layout) -> Result<Self> {
-        let shared: Option<Arc<dyn ObjectStore>> = match layout.root().scheme() {
+        let root = layout.root();
+        let refuse = |message: String| CoreError::Storage {
+            url: root.to_string(),
+            message,
+        };
+        let shared: Option<Arc<dyn ObjectStore>> = match root.scheme() {
             "memory" => Some(Arc::new(object_store::memory::InMemory::new())),
             "file" => None,
+            "s3" | "s3a" => {
+                register_conditional_put_logstore(root.scheme());
+                let store = AmazonS3Builder::from_env()
+                    .with_url(root.as_str())
+                    .build()
+                    .map_err(|e| refuse(e.to_string()))?;
+                Some(Arc::new(store))
+            }
             other => {
-                return Err(CoreError::Storage {
-                    url: layout.root().to_string(),
-                    message: format!("`{other}://` storage is not compiled into this build (file:// and memory:// are)"),
-                })
+                return Err(refuse(format!(
+                    "`{other}://` storage is not supported by this build (file://, memory:// and s3:// are)"
+                )))
             }
         };
         Ok(Storage { layout, shared })
@@ -101,13 +121,51 @@ impl Storage {
         }
         let table = self.builder(url)?.build().map_err(delta)?;
         let columns = StructType::try_from_arrow(schema).map_err(|e| delta(e.into()))?;
-        table
+        // Two writers may create the table at once. Without retries the loser's create fails
+        // instead of landing as a second metadata commit, which would make every append that
+        // started from version 0 fail its conflict check; the loser then opens the winner's.
+        let created = table
             .create()
             .with_columns(columns.fields().cloned())
             .with_partition_columns(partitions.iter().map(|p| p.to_string()))
             .with_save_mode(SaveMode::Ignore)
-            .await
-            .map_err(delta)
+            .with_commit_properties(CommitProperties::default().with_max_retries(0))
+            .await;
+        match created {
+            Ok(t) => Ok(t),
+            Err(e) => match self.open(url).await? {
+                Some(t) => Ok(t),
+                None => Err(delta(e)),
+            },
+        }
+    }
+}
+
+/// Delta tables under `scheme://` commit through deltalake's default log store: each commit
+/// is a put-if-absent of the next log entry, which the store itself keeps atomic.
+fn register_conditional_put_logstore(scheme: &str) {
+    let url = Url::parse(&format!("{scheme}://")).expect("a scheme makes a URL");
+    deltalake::logstore::logstore_factories()
+        .entry(url)
+        .or_insert_with(|| Arc::new(ConditionalPutLogStores));
+}
+
+struct ConditionalPutLogStores;
+
+impl LogStoreFactory for ConditionalPutLogStores {
+    fn with_options(
+        &self,
+        prefixed_store: ObjectStoreRef,
+        root_store: ObjectStoreRef,
+        location: &Url,
+        options: &StorageConfig,
+    ) -> deltalake::DeltaResult<Arc<dyn LogStore>> {
+        Ok(default_logstore(
+            prefixed_store,
+            root_store,
+            location,
+            options,
+        ))
     }
 }
 
@@ -142,9 +200,9 @@ mod tests {
             .unwrap()
             .expect("the same store sees the table");
         assert_eq!(again.version(), Some(0));
-        assert!(Storage::new(Layout::parse("s3://bucket/x").unwrap())
+        assert!(Storage::new(Layout::parse("gs://bucket/x").unwrap())
             .unwrap_err()
             .to_string()
-            .contains("s3://"));
+            .contains("gs://"));
     }
 }
