@@ -274,5 +274,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "# HELP tandem_speed_lag_ms Age of the newest applied message.\n# TYPE tandem_speed_lag_ms gauge\ntandem_speed_lag_ms {lag}\n"
         ));
     }
+    out.push_str(&format!(
+        "# HELP tandem_speed_stale_partitions Partitions whose speed state is known to be incomplete.\n# TYPE tandem_speed_stale_partitions gauge\ntandem_speed_stale_partitions {}\n",
+        status.stale_partitions.len()
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

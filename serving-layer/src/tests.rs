@@ -84,7 +84,7 @@ impl RealtimeView for FakeSpeed {
     fn status(&self) -> RealtimeStatus {
         RealtimeStatus {
             lag_ms: Some(42),
-            stale_partitions: vec![],
+            stale_partitions: vec![3],
             available: true,
         }
     }
@@ -289,4 +289,22 @@ async fn csv_by_accept_header() {
         body.as_str().unwrap(),
         "bucket,source,installs\n2024-10-04T00:00:00Z,batch,10\n2024-10-04T01:00:00Z,batch,20\n"
     );
+}
+
+#[tokio::test]
+async fn freshness_and_incomplete_partitions_are_reported() {
+    let (status, body) =
+        get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&metrics=installs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["meta"]["speed_lag_ms"], 42);
+    assert_eq!(body["meta"]["stale_partitions"], serde_json::json!([3]));
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().unwrap();
+    assert!(text.contains("\ntandem_speed_lag_ms 42\n"), "{text}");
+    assert!(
+        text.contains("\ntandem_speed_stale_partitions 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("\ntandem_api_queries_total "), "{text}");
 }

@@ -27,6 +27,8 @@ struct PartitionState {
     groups: Vec<Groups>,
     interner: Interner,
     last_broker_ms: Option<i64>,
+    /// Offsets skipped after this partition's first applied message.
+    missed: u64,
 }
 
 /// Counters of the speed layer.
@@ -88,10 +90,14 @@ impl SpeedLayer {
         let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
             return Ok(());
         };
-        if first.offset > state.next_offset {
+        // A fresh partition starts wherever the broker's retention begins (older events are the
+        // batch layer's); after that, a jump forward means events this state will never hold.
+        if state.next_offset > 0 && first.offset > state.next_offset {
+            let missed = (first.offset - state.next_offset) as u64;
+            state.missed += missed;
             self.stats
                 .missed_offsets
-                .fetch_add((first.offset - state.next_offset) as u64, Ordering::Relaxed);
+                .fetch_add(missed, Ordering::Relaxed);
             tracing::warn!(
                 partition,
                 from = state.next_offset,
@@ -152,7 +158,11 @@ impl RealtimeView for SpeedLayer {
         let newest = parts.values().filter_map(|s| s.last_broker_ms).max();
         RealtimeStatus {
             lag_ms: newest.map(|t| (self.clock.now_us() / 1000 - t).max(0)),
-            stale_partitions: Vec::new(),
+            stale_partitions: parts
+                .iter()
+                .filter(|(_, s)| s.missed > 0)
+                .map(|(p, _)| *p)
+                .collect(),
             available: true,
         }
     }

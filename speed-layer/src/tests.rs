@@ -96,6 +96,19 @@ fn offsets_the_broker_no_longer_had_are_counted_as_missed() {
     assert_eq!(layer.stats.missed_offsets.load(Ordering::Relaxed), 20);
     assert_eq!(total_events(&catalog, &layer), 80);
     assert_eq!(layer.offsets()[&0], 100);
+    // The API's meta lists the partition as stale: its state is known to be incomplete.
+    assert_eq!(layer.status().stale_partitions, vec![0]);
+
+    // A partition whose first message is past offset 0 (retention trimmed the topic before
+    // this process started) is not incomplete: those events are the batch layer's.
+    let on_partition_1: Vec<Message<'_>> = msgs[60..70]
+        .iter()
+        .map(|m| Message { partition: 1, ..*m })
+        .collect();
+    layer.apply(1, &on_partition_1).unwrap();
+    assert_eq!(layer.offsets()[&1], 70);
+    assert_eq!(layer.stats.missed_offsets.load(Ordering::Relaxed), 20);
+    assert_eq!(layer.status().stale_partitions, vec![0]);
 }
 
 #[test]
