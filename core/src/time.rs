@@ -19,17 +19,19 @@ pub fn format_us(us: i64) -> String {
 
 /// Parses an instant given by a user: RFC 3339, a date (`2026-11-25`, midnight UTC) or epoch
 /// milliseconds (as Grafana's `${__from}` sends).
+/// Instants outside what a calendar date can name are refused.
 pub fn parse_instant(s: &str) -> Option<i64> {
     let s = s.trim();
-    if let Ok(ms) = s.parse::<i64>() {
-        return ms.checked_mul(1000);
-    }
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.timestamp_micros());
-    }
-    NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .ok()
-        .map(|d| day_start_us(day_number(d)))
+    let us = if let Ok(ms) = s.parse::<i64>() {
+        ms.checked_mul(1000)?
+    } else if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        t.timestamp_micros()
+    } else {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .ok()
+            .map(|d| day_start_us(day_number(d)))?
+    };
+    DateTime::<Utc>::from_timestamp_micros(us).map(|_| us)
 }
 
 /// Days since 1970-01-01 of the day holding `us`.
@@ -50,8 +52,12 @@ pub fn day_number(d: NaiveDate) -> i64 {
 
 /// `YYYY-MM-DD` of a day number (the master dataset's `dt` partition value).
 pub fn day_string(day: i64) -> String {
-    let d = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid") + chrono::Duration::days(day);
-    d.format("%Y-%m-%d").to_string()
+    NaiveDate::from_ymd_opt(1970, 1, 1)
+        .and_then(|epoch| epoch.checked_add_signed(chrono::Duration::try_days(day)?))
+        .map_or_else(
+            || format!("day {day}"),
+            |d| d.format("%Y-%m-%d").to_string(),
+        )
 }
 
 /// Parses a `YYYY-MM-DD` day into its day number.

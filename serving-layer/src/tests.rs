@@ -228,6 +228,16 @@ async fn bad_requests_get_a_reason_never_a_500() {
             StatusCode::BAD_REQUEST,
             "range too large",
         ),
+        (
+            "/v1/views/installs_hourly/query?from=-9223372036854775&to=-9223372036854000",
+            StatusCode::BAD_REQUEST,
+            "RFC 3339",
+        ),
+        (
+            "/v1/views/installs_hourly/query?from=9223372036854775807",
+            StatusCode::BAD_REQUEST,
+            "RFC 3339",
+        ),
         ("/v2/anything", StatusCode::NOT_FOUND, "no such endpoint"),
     ];
     for (uri, want, needle) in cases {
