@@ -173,6 +173,28 @@ impl MetricState {
         }
     }
 
+    /// The integer value of a count, or of a sum, min or max of an int, decimal (in units of
+    /// its scale) or timestamp field; `None` if empty or not an integer.
+    pub fn as_i128(&self) -> Option<i128> {
+        use MetricState::*;
+        match self {
+            Count(c) => Some(*c as i128),
+            SumInt(v) => Some(*v),
+            MinInt(v) | MaxInt(v) => *v,
+            _ => None,
+        }
+    }
+
+    /// The value of a float sum, min or max; `None` if empty or not a float.
+    pub fn as_float(&self) -> Option<f64> {
+        use MetricState::*;
+        match self {
+            SumFloat(v) => Some(*v),
+            MinFloat(v) | MaxFloat(v) => *v,
+            _ => None,
+        }
+    }
+
     /// A plain number for CSV output and comparisons.
     pub fn as_f64(&self, metric: &MetricDef) -> Option<f64> {
         use MetricState::*;

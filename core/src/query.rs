@@ -9,12 +9,20 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Decimal128Array, Float64Array, Int64Array, RecordBatch,
+    RecordBatchOptions, StringArray, StructArray, TimestampMicrosecondArray, UInt64Array,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use serde_json::{json, Map, Value as Json};
 
 use crate::error::{CoreError, Result};
-use crate::metric::MetricState;
+use crate::metric::{hll_rse, MetricState};
+use crate::schema::FieldType;
 use crate::time::{format_us, parse_instant};
-use crate::view::{Granularity, ViewDef, DAY_US};
+use crate::view::{Granularity, MetricKind, ViewDef, DAY_US};
 
 /// The most rows one answer may hold.
 pub const MAX_LIMIT: usize = 100_000;
@@ -436,16 +444,126 @@ impl QueryResult {
         json!({
             "view": self.view,
             "granularity": self.granularity,
-            "meta": {
-                "batch_version": self.coverage.version,
-                "covered_until": self.coverage.covered_until_us().map(format_us),
-                "speed_available": self.realtime.available,
-                "speed_lag_ms": self.realtime.lag_ms,
-                "stale_partitions": self.realtime.stale_partitions,
-                "truncated": self.truncated,
-            },
+            "meta": self.meta(),
             "rows": rows,
         })
+    }
+
+    /// Provenance and freshness of the whole answer.
+    pub fn meta(&self) -> Json {
+        json!({
+            "batch_version": self.coverage.version,
+            "covered_until": self.coverage.covered_until_us().map(format_us),
+            "speed_available": self.realtime.available,
+            "speed_lag_ms": self.realtime.lag_ms,
+            "stale_partitions": self.realtime.stale_partitions,
+            "truncated": self.truncated,
+        })
+    }
+
+    /// Arrow: a column per bucket (UTC timestamp), source, dimension and metric. Counts are
+    /// UInt64; sums of int and decimal fields Decimal128 (exact); float metrics Float64; min and
+    /// max keep their field's type; a distinct is a struct of `value`, `exact` and `rse`, as in
+    /// JSON. The answer's `meta` (as in JSON) is in the schema metadata under `tandem.meta`,
+    /// with `tandem.view` and `tandem.granularity`.
+    pub fn to_arrow(&self, view: &ViewDef) -> Result<RecordBatch> {
+        let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        let mut fields = vec![
+            Field::new("bucket", utc.clone(), false),
+            Field::new("source", DataType::Utf8, false),
+        ];
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(self.rows.iter().map(|r| r.bucket_us))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from_iter_values(
+                self.rows.iter().map(|r| r.source.as_str()),
+            )),
+        ];
+        for (i, d) in self.dims.iter().enumerate() {
+            fields.push(Field::new(d, DataType::Utf8, true));
+            columns.push(Arc::new(StringArray::from_iter(
+                self.rows
+                    .iter()
+                    .map(|r| r.dims.get(i).and_then(|d| d.as_deref())),
+            )));
+        }
+        for (j, &m) in self.metrics.iter().enumerate() {
+            let def = &view.metrics[m];
+            let states = || self.rows.iter().map(move |r| r.states.get(j));
+            let ints = || states().map(|s| s.and_then(MetricState::as_i128));
+            let column: ArrayRef = match (def.kind, def.field_type) {
+                (MetricKind::Count, _) => Arc::new(UInt64Array::from_iter(
+                    ints().map(|v| v.and_then(|v| u64::try_from(v).ok())),
+                )),
+                (MetricKind::Distinct, _) => {
+                    let parts: Vec<(u64, bool, Option<f64>)> = states()
+                        .map(|s| match s {
+                            Some(MetricState::Distinct(d)) => match d.exact {
+                                Some(n) => (n, true, None),
+                                None => (
+                                    d.estimate().round() as u64,
+                                    false,
+                                    Some(hll_rse(d.sketch.lg_config_k())),
+                                ),
+                            },
+                            _ => (0, false, None),
+                        })
+                        .collect();
+                    Arc::new(StructArray::from(vec![
+                        (
+                            Arc::new(Field::new("value", DataType::UInt64, false)),
+                            Arc::new(UInt64Array::from_iter_values(parts.iter().map(|p| p.0)))
+                                as ArrayRef,
+                        ),
+                        (
+                            Arc::new(Field::new("exact", DataType::Boolean, false)),
+                            Arc::new(BooleanArray::from_iter(parts.iter().map(|p| Some(p.1)))),
+                        ),
+                        (
+                            Arc::new(Field::new("rse", DataType::Float64, true)),
+                            Arc::new(Float64Array::from_iter(parts.iter().map(|p| p.2))),
+                        ),
+                    ]))
+                }
+                (_, Some(FieldType::Float)) => Arc::new(Float64Array::from_iter(
+                    states().map(|s| s.and_then(MetricState::as_float)),
+                )),
+                (_, Some(FieldType::Timestamp)) => Arc::new(
+                    TimestampMicrosecondArray::from_iter(
+                        ints().map(|v| v.and_then(|v| i64::try_from(v).ok())),
+                    )
+                    .with_timezone("UTC"),
+                ),
+                (MetricKind::Sum, _) | (_, Some(FieldType::Decimal { .. })) => Arc::new(
+                    Decimal128Array::from_iter(ints())
+                        .with_precision_and_scale(38, def.scale().unwrap_or(0) as i8)?,
+                ),
+                _ => Arc::new(Int64Array::from_iter(
+                    ints().map(|v| v.and_then(|v| i64::try_from(v).ok())),
+                )),
+            };
+            fields.push(Field::new(&def.name, column.data_type().clone(), true));
+            columns.push(column);
+        }
+        let metadata = HashMap::from([
+            ("tandem.view".to_string(), self.view.clone()),
+            (
+                "tandem.granularity".to_string(),
+                json!(self.granularity)
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+            ("tandem.meta".to_string(), self.meta().to_string()),
+        ]);
+        let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+        Ok(RecordBatch::try_new_with_options(
+            schema,
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(self.rows.len())),
+        )?)
     }
 
     /// CSV: `bucket,source,<dims>,<metrics>`; distinct metrics give their value.
@@ -589,5 +707,81 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
         assert_eq!(c.ranges().len(), 2);
         assert_eq!(c.covered_until_us(), Some(21 * DAY_US));
         assert!(c.covers(11 * DAY_US + 5) && !c.covers(13 * DAY_US));
+    }
+
+    #[test]
+    fn arrow_answers_keep_exact_types() {
+        use datafusion::arrow::array::Array;
+        use datafusion::arrow::array::AsArray;
+        use datafusion::arrow::datatypes::{Decimal128Type, TimestampMicrosecondType, UInt64Type};
+
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let catalog = crate::Catalog::load(&root.join("schemas"), &root.join("jobs")).unwrap();
+        let view = &catalog.views["purchases_daily"];
+        let result = QueryResult {
+            view: view.name.clone(),
+            granularity: Granularity::Day,
+            coverage: Coverage::default(),
+            realtime: RealtimeStatus::default(),
+            dims: vec!["country".into()],
+            metrics: vec![0, 1, 2],
+            rows: vec![
+                ResultRow {
+                    bucket_us: 20_000 * DAY_US,
+                    source: Source::Batch,
+                    dims: vec![Some("DE".into())],
+                    // 0.1 + 0.2 dollars, exactly, in micro-dollars.
+                    states: vec![
+                        MetricState::Count(2),
+                        MetricState::SumInt(300_000),
+                        MetricState::MaxInt(Some(200_000)),
+                    ],
+                },
+                ResultRow {
+                    bucket_us: 20_001 * DAY_US,
+                    source: Source::Speed,
+                    dims: vec![None],
+                    states: vec![
+                        MetricState::Count(0),
+                        MetricState::SumInt(0),
+                        MetricState::MaxInt(None),
+                    ],
+                },
+            ],
+            truncated: false,
+        };
+        let b = result.to_arrow(view).unwrap();
+        assert_eq!(b.num_rows(), 2);
+        let names: Vec<_> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "bucket",
+                "source",
+                "country",
+                "purchases",
+                "revenue",
+                "max_revenue"
+            ]
+        );
+        let bucket = b.column(0).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(bucket.value(1), 20_001 * DAY_US);
+        assert_eq!(b.column(1).as_string::<i32>().value(1), "speed");
+        assert!(b.column(2).is_null(1));
+        assert_eq!(b.column(3).as_primitive::<UInt64Type>().value(0), 2);
+        let revenue = b.column(4).as_primitive::<Decimal128Type>();
+        assert_eq!(revenue.data_type(), &DataType::Decimal128(38, 6));
+        assert_eq!(revenue.value_as_string(0), "0.300000");
+        let max = b.column(5).as_primitive::<Decimal128Type>();
+        assert_eq!(max.value_as_string(0), "0.200000");
+        assert!(max.is_null(1));
+        let meta: Json = serde_json::from_str(&b.schema().metadata()["tandem.meta"]).unwrap();
+        assert_eq!(meta["truncated"], false);
+        assert_eq!(b.schema().metadata()["tandem.granularity"], "day");
     }
 }

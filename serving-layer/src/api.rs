@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use datafusion::arrow::ipc::writer::StreamWriter;
 use serde_json::{json, Value as Json_};
 use tandem_core::query::ViewQuery;
 use tandem_core::time::{format_us, Clock};
@@ -199,22 +200,33 @@ async fn run_query(
     state.metrics.queries.fetch_add(1, Ordering::Relaxed);
     let result = async {
         let view = state.catalog.view(view)?;
-        let csv = match params
+        let format = match params
             .iter()
             .find(|(k, _)| k == "format")
             .map(|(_, v)| v.as_str())
         {
-            Some("csv") => true,
-            Some("json") => false,
+            Some("csv") => Format::Csv,
+            Some("json") => Format::Json,
+            Some("arrow") => Format::Arrow,
             Some(other) => {
-                return Err(
-                    CoreError::BadQuery(format!("format `{other}` (expected json or csv)")).into(),
-                )
+                return Err(CoreError::BadQuery(format!(
+                    "format `{other}` (expected json, csv or arrow)"
+                ))
+                .into())
             }
-            None => headers
-                .get(header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|a| a.starts_with("text/csv")),
+            None => {
+                let accept = headers
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if accept.starts_with("text/csv") {
+                    Format::Csv
+                } else if accept.starts_with(ARROW_STREAM) {
+                    Format::Arrow
+                } else {
+                    Format::Json
+                }
+            }
         };
         let q = ViewQuery::from_params(
             view,
@@ -222,14 +234,23 @@ async fn run_query(
             state.clock.now_us(),
         )?;
         let result = answer(view, &q, state.batch.as_ref(), state.speed.as_ref()).await?;
-        Ok::<_, ApiError>(if csv {
-            (
+        Ok::<_, ApiError>(match format {
+            Format::Csv => (
                 [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
                 result.to_csv(view),
             )
-                .into_response()
-        } else {
-            Json(result.to_json(view)).into_response()
+                .into_response(),
+            Format::Json => Json(result.to_json(view)).into_response(),
+            Format::Arrow => {
+                let batch = result.to_arrow(view)?;
+                let mut out = Vec::new();
+                let mut w =
+                    StreamWriter::try_new(&mut out, &batch.schema()).map_err(CoreError::from)?;
+                w.write(&batch).map_err(CoreError::from)?;
+                w.finish().map_err(CoreError::from)?;
+                drop(w);
+                ([(header::CONTENT_TYPE, ARROW_STREAM)], out).into_response()
+            }
         })
     }
     .await;
@@ -242,6 +263,15 @@ async fn run_query(
         counter.fetch_add(1, Ordering::Relaxed);
     }
     result
+}
+
+/// The media type of an Arrow IPC stream.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+enum Format {
+    Json,
+    Csv,
+    Arrow,
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

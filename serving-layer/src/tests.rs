@@ -318,3 +318,62 @@ async fn freshness_and_incomplete_partitions_are_reported() {
     );
     assert!(text.contains("\ntandem_api_queries_total "), "{text}");
 }
+
+#[tokio::test]
+async fn arrow_stream_answers_the_same_as_json() {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::UInt64Type;
+    use datafusion::arrow::ipc::reader::StreamReader;
+
+    let uri = "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&group_by=country";
+    let (status, json) = get(uri).await;
+    assert_eq!(status, StatusCode::OK);
+    let req = Request::get(uri)
+        .header("accept", crate::api::ARROW_STREAM)
+        .body(Body::empty())
+        .unwrap();
+    let resp = app().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], crate::api::ARROW_STREAM);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let batches: Vec<_> = StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(batches.len(), 1);
+    let b = &batches[0];
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(b.num_rows(), rows.len());
+    let meta: Value = serde_json::from_str(&b.schema().metadata()["tandem.meta"]).unwrap();
+    assert_eq!(meta, json["meta"]);
+    let source = b.column_by_name("source").unwrap().as_string::<i32>();
+    let country = b.column_by_name("country").unwrap().as_string::<i32>();
+    let installs = b
+        .column_by_name("installs")
+        .unwrap()
+        .as_primitive::<UInt64Type>();
+    let devices = b.column_by_name("devices").unwrap().as_struct();
+    let device_values = devices.column(0).as_primitive::<UInt64Type>();
+    let device_exact = devices.column(1).as_boolean();
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(source.value(i), r["source"]);
+        assert_eq!(country.value(i), r["dims"]["country"]);
+        assert_eq!(
+            installs.value(i),
+            r["metrics"]["installs"].as_u64().unwrap()
+        );
+        assert_eq!(
+            device_values.value(i),
+            r["metrics"]["devices"]["value"].as_u64().unwrap()
+        );
+        assert_eq!(
+            device_exact.value(i),
+            r["metrics"]["devices"]["exact"].as_bool().unwrap()
+        );
+    }
+    assert!(!devices.is_null(0));
+
+    let (status, body) = get(&format!("{uri}&format=parquet")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["detail"].as_str().unwrap().contains("arrow"), "{body}");
+}
