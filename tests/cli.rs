@@ -1,9 +1,13 @@
 //! The real binary: configuration errors at start, and gen → import → batch → serve → query.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use support::{day, get_json, serving_address, sum_of, Killed};
 
 fn tandem(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
@@ -77,15 +81,6 @@ fn bad_configuration_fails_at_start_naming_the_key() {
     );
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn gen_import_batch_serve_and_query_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,31 +120,8 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let _server = Server(child);
-    // Read the bound address from the log, and keep draining the log afterwards.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("address=") {
-                let _ = tx.send(
-                    line[i + 8..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server logs its address");
-    let url = format!("http://{addr}");
-    let day = |d: i64| {
-        (chrono::Utc::now() + chrono::Duration::days(d))
-            .format("%Y-%m-%d")
-            .to_string()
-    };
+    let _server = Killed(child);
+    let url = format!("http://{}", serving_address(stderr));
     let (from, to) = (day(-10), day(1));
     let out = run_ok(tandem(dir.path()).args([
         "query",
@@ -200,7 +172,7 @@ fn demo_serves_every_history_event_and_stops_on_ctrl_c() {
         .spawn()
         .unwrap();
     let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let mut server = Server(child);
+    let mut server = Killed(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -219,28 +191,13 @@ fn demo_serves_every_history_event_and_stops_on_ctrl_c() {
     let url = rx
         .recv_timeout(Duration::from_secs(600))
         .expect("the demo says where it serves");
-    let day = |d: i64| {
-        (chrono::Utc::now() + chrono::Duration::days(d))
-            .format("%Y-%m-%d")
-            .to_string()
-    };
-    let body = ureq::get(format!(
+    let (body, json) = get_json(&format!(
         "{url}/v1/views/active_devices_daily/query?from={}&to={}&metrics=events",
         day(-10),
         day(2)
-    ))
-    .call()
-    .unwrap()
-    .into_body()
-    .read_to_string()
-    .unwrap();
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    ));
+    assert_eq!(sum_of(&json, "events"), 40_000, "{body}");
     let rows = json["rows"].as_array().unwrap();
-    let events: u64 = rows
-        .iter()
-        .map(|r| r["metrics"]["events"].as_u64().unwrap())
-        .sum();
-    assert_eq!(events, 40_000, "{body}");
     assert!(rows.iter().any(|r| r["source"] == "batch"), "{body}");
     assert!(rows.iter().any(|r| r["source"] == "speed"), "{body}");
 

@@ -4,20 +4,14 @@
 //!
 //! Needs `moto_server` (`pip install 'moto[server]'`; `.ci/run` installs it).
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{get_json, serving_address, sum_of, Killed};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -98,7 +92,7 @@ fn ok(c: &mut Command) -> String {
 fn import_batch_and_serve_on_s3() {
     let (_moto, endpoint) = moto("tandem-test");
     let dir = tempfile::tempdir().unwrap();
-    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let today = support::day(0);
 
     // Two files, imported at the same time: both commit to the master dataset, and a lost
     // commit would show up as missing events below.
@@ -157,32 +151,13 @@ fn import_batch_and_serve_on_s3() {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let _server = Killed(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("address=") {
-                let addr = line[i + 8..].split_whitespace().next().unwrap_or_default();
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    let body = ureq::get(format!(
+    let addr = serving_address(stderr);
+    let (body, json) = get_json(&format!(
         "http://{addr}/v1/views/active_devices_daily/query?from=2026-01-01&to={today}&metrics=events"
-    ))
-    .call()
-    .unwrap()
-    .into_body()
-    .read_to_string()
-    .unwrap();
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    ));
     let rows = json["rows"].as_array().unwrap();
     assert!(rows.iter().all(|r| r["source"] == "batch"), "{body}");
-    let served: u64 = rows
-        .iter()
-        .map(|r| r["metrics"]["events"].as_u64().unwrap())
-        .sum();
-    assert_eq!(served as usize, closed, "{body}");
+    assert_eq!(sum_of(&json, "events") as usize, closed, "{body}");
 
     // Without the bucket, a command fails and says why.
     let out = tandem_at(dir.path(), &endpoint, "s3://no-such-bucket/x")

@@ -65,8 +65,8 @@ pub struct ArchiverStats {
     pub skipped_replayed: AtomicU64,
     /// Messages taken in (valid or not), before they are written.
     pub received: AtomicU64,
-    /// Offsets never delivered: the broker no longer had them (retention ran ahead of the
-    /// archiver) or they were transaction markers.
+    /// Offsets never delivered, in gaps wider than a transaction marker: the broker no longer
+    /// had them (retention ran ahead of the archiver), or an aborted transaction's.
     pub missed_offsets: AtomicU64,
 }
 
@@ -292,7 +292,8 @@ impl BatchSink for Archiver {
             let (Some(first), Some(last)) = (fresh.first(), fresh.last()) else {
                 continue;
             };
-            if first.offset > seen + 1 {
+            // A gap of one is a transaction's commit marker, not an event.
+            if first.offset > seen + 2 {
                 let missed = first.offset - seen - 1;
                 self.stats
                     .missed_offsets
@@ -302,7 +303,7 @@ impl BatchSink for Archiver {
                     partition,
                     from = seen + 1,
                     to = first.offset - 1,
-                    "offsets were never delivered to the archiver: the broker's retention removed them before they were archived, or they are transaction markers"
+                    "offsets were never delivered to the archiver: the broker's retention removed them before they were archived, or a transaction was aborted"
                 );
             }
             let last = last.offset;

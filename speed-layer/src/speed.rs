@@ -37,8 +37,9 @@ pub struct SpeedStats {
     pub events: AtomicU64,
     pub rejected: AtomicU64,
     pub skipped_redelivered: AtomicU64,
-    /// Offsets never delivered (removed by retention before they were read, or transaction
-    /// markers): events the speed view lacks until a batch covers their buckets.
+    /// Offsets never delivered, in gaps wider than a transaction marker (removed by retention
+    /// before they were read, or an aborted transaction's): events the speed view may lack
+    /// until a batch covers their buckets.
     pub missed_offsets: AtomicU64,
 }
 
@@ -92,7 +93,8 @@ impl SpeedLayer {
         };
         // A fresh partition starts wherever the broker's retention begins (older events are the
         // batch layer's); after that, a jump forward means events this state will never hold.
-        if state.next_offset > 0 && first.offset > state.next_offset {
+        // A gap of one is a transaction's commit marker, not an event.
+        if state.next_offset > 0 && first.offset > state.next_offset + 1 {
             let missed = (first.offset - state.next_offset) as u64;
             state.missed += missed;
             self.stats
@@ -102,7 +104,7 @@ impl SpeedLayer {
                 partition,
                 from = state.next_offset,
                 to = first.offset - 1,
-                "offsets were never delivered to the speed layer (removed by retention, or transaction markers)"
+                "offsets were never delivered to the speed layer (removed by retention, or an aborted transaction)"
             );
         }
         let decoded = self.decoder.decode(messages, self.clock.now_us())?;

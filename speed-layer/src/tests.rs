@@ -46,23 +46,33 @@ fn total_events(catalog: &Catalog, layer: &SpeedLayer) -> u64 {
         .sum()
 }
 
-#[test]
-fn redelivered_offsets_are_not_counted_twice() {
-    let (catalog, layer) = layer();
-    let payloads: Vec<String> = Generator::new(GenConfig::default())
-        .history(1_000, NOW - DAY_US, NOW)
+/// `n` generated reference events as JSON.
+fn payloads(n: usize) -> Vec<String> {
+    Generator::new(GenConfig::default())
+        .history(n, NOW - DAY_US, NOW)
         .map(|e| e.to_json())
-        .collect();
-    let msgs: Vec<Message<'_>> = payloads
+        .collect()
+}
+
+/// `payloads` as consecutive messages of `partition` from offset 0.
+fn messages(payloads: &[String], partition: i32, timestamp_ms: Option<i64>) -> Vec<Message<'_>> {
+    payloads
         .iter()
         .enumerate()
         .map(|(i, p)| Message {
             payload: Some(p.as_bytes()),
-            partition: 0,
+            partition,
             offset: i as i64,
-            timestamp_ms: Some(NOW / 1000),
+            timestamp_ms,
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn redelivered_offsets_are_not_counted_twice() {
+    let (catalog, layer) = layer();
+    let payloads = payloads(1_000);
+    let msgs = messages(&payloads, 0, Some(NOW / 1000));
     layer.apply(0, &msgs[..600]).unwrap();
     // A rebalance or a retry delivers 400..1000 again, overlapping what was applied.
     layer.apply(0, &msgs[400..]).unwrap();
@@ -76,20 +86,8 @@ fn redelivered_offsets_are_not_counted_twice() {
 #[test]
 fn offsets_the_broker_no_longer_had_are_counted_as_missed() {
     let (catalog, layer) = layer();
-    let payloads: Vec<String> = Generator::new(GenConfig::default())
-        .history(100, NOW - DAY_US, NOW)
-        .map(|e| e.to_json())
-        .collect();
-    let msgs: Vec<Message<'_>> = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Message {
-            payload: Some(p.as_bytes()),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: None,
-        })
-        .collect();
+    let payloads = payloads(100);
+    let msgs = messages(&payloads, 0, None);
     // Retention removed 30..50 before the consumer read them.
     layer.apply(0, &msgs[..30]).unwrap();
     layer.apply(0, &msgs[50..]).unwrap();
@@ -101,11 +99,8 @@ fn offsets_the_broker_no_longer_had_are_counted_as_missed() {
 
     // A partition whose first message is past offset 0 (retention trimmed the topic before
     // this process started) is not incomplete: those events are the batch layer's.
-    let on_partition_1: Vec<Message<'_>> = msgs[60..70]
-        .iter()
-        .map(|m| Message { partition: 1, ..*m })
-        .collect();
-    layer.apply(1, &on_partition_1).unwrap();
+    let on_partition_1 = messages(&payloads, 1, None);
+    layer.apply(1, &on_partition_1[60..70]).unwrap();
     assert_eq!(layer.offsets()[&1], 70);
     assert_eq!(layer.stats.missed_offsets.load(Ordering::Relaxed), 20);
     assert_eq!(layer.status().stale_partitions, vec![0]);
@@ -114,21 +109,9 @@ fn offsets_the_broker_no_longer_had_are_counted_as_missed() {
 #[test]
 fn partitions_are_kept_apart_and_merged_on_query() {
     let (catalog, layer) = layer();
-    let payloads: Vec<String> = Generator::new(GenConfig::default())
-        .history(900, NOW - DAY_US, NOW)
-        .map(|e| e.to_json())
-        .collect();
+    let payloads = payloads(900);
     for p in 0..3 {
-        let msgs: Vec<Message<'_>> = payloads[p * 300..(p + 1) * 300]
-            .iter()
-            .enumerate()
-            .map(|(i, x)| Message {
-                payload: Some(x.as_bytes()),
-                partition: p as i32,
-                offset: i as i64,
-                timestamp_ms: None,
-            })
-            .collect();
+        let msgs = messages(&payloads[p * 300..(p + 1) * 300], p as i32, None);
         layer.apply(p as i32, &msgs).unwrap();
     }
     assert_eq!(layer.offsets().len(), 3);
