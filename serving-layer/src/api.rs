@@ -1,6 +1,6 @@
 //! The HTTP API (DESIGN §7): `/v1/views`, `/v1/views/{view}`, `/v1/views/{view}/query` (GET and
-//! POST), `/livez`, `/readyz`, `/metrics`. Every error becomes a JSON problem body here and only
-//! here; bad queries are 400, never 500.
+//! POST; JSON, CSV or an Arrow IPC stream), `/livez`, `/readyz`, `/metrics`. Every error becomes
+//! a JSON problem body here and only here; bad queries are 400, never 500.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
