@@ -24,7 +24,7 @@ use tandem_speed::{KafkaConfig, SpeedLayer};
 
 use crate::config::{Config, GlobalOpts};
 use crate::produce::EventProducer;
-use crate::roles::{catalog, clock, start_all, Running};
+use crate::roles::{catalog, clock, start_all};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -137,7 +137,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
                 producer.send(&schema.topic, &i.to_string(), line.as_bytes())?;
                 n += 1;
                 if n.is_multiple_of(PACE_STEP) {
-                    pace.wait(n, &running).await?;
+                    pace.wait(n).await?;
                 }
             }
             n
@@ -153,7 +153,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
                 producer.send(&schema.topic, &e.device_id, e.to_json().as_bytes())?;
                 n += 1;
                 if n.is_multiple_of(PACE_STEP) {
-                    pace.wait(n, &running).await?;
+                    pace.wait(n).await?;
                 }
             }
             n
@@ -291,12 +291,9 @@ impl Pace {
         archived.min(speed)
     }
 
-    async fn wait(&self, produced: u64, running: &Running) -> Result<()> {
+    async fn wait(&self, produced: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         while produced.saturating_sub(self.consumed()) > self.window {
-            if running.backend.is_cancelled() {
-                bail!("stopped while producing the history");
-            }
             if Instant::now() > deadline {
                 bail!(
                     "the consumers stopped at {} of {produced} produced events; see the log above",
