@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tandem_speed::bench::{decode_aggregate, reference_payloads};
+use tandem_workload::bench::{decode_aggregate, reference_payloads};
 
 use crate::config::Config;
 use crate::roles::catalog;

@@ -1,11 +1,15 @@
-//! Configuration: flags, then `TANDEM_*` environment variables (clap reads both), then
-//! `tandem.toml`, then defaults. Unknown keys in the file are errors that name the key.
+//! Configuration: a flag beats its `TANDEM_*` environment variable, which beats `tandem.toml`,
+//! which beats the default. Unknown keys in the file are errors that name the key. Every
+//! resolved value remembers where it came from, for `tandem config`.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 use serde::Deserialize;
 use tandem_core::paths::Layout;
 
@@ -18,10 +22,10 @@ pub struct GlobalOpts {
     /// Shorthand for a local store in DIR (same as --storage file:///abs/DIR).
     #[arg(long, global = true, env = "TANDEM_DATA")]
     pub data: Option<PathBuf>,
-    /// Storage URL: file:///dir or memory:///.
+    /// Storage URL: file:///dir, memory:/// or s3://bucket/prefix.
     #[arg(long, global = true, env = "TANDEM_STORAGE")]
     pub storage: Option<String>,
-    /// Kafka bootstrap servers.
+    /// Kafka bootstrap servers (HOST:PORT,...).
     #[arg(long, global = true, env = "TANDEM_KAFKA_BROKERS")]
     pub brokers: Option<String>,
     /// Directory of event schema definitions.
@@ -33,6 +37,43 @@ pub struct GlobalOpts {
     /// Address the HTTP API listens on.
     #[arg(long, global = true, env = "TANDEM_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Where each option above was given (flag or environment), from the parsed arguments.
+    #[arg(skip)]
+    pub origins: BTreeMap<&'static str, Origin>,
+}
+
+/// The ids of the global options, as clap names them.
+const GLOBAL_IDS: [&str; 7] = [
+    "config", "data", "storage", "brokers", "schemas", "jobs", "listen",
+];
+
+impl GlobalOpts {
+    /// Records which options came from a flag and which from the environment.
+    pub fn with_origins(mut self, matches: &ArgMatches) -> Self {
+        for id in GLOBAL_IDS {
+            let origin = match matches.value_source(id) {
+                Some(ValueSource::CommandLine) => Origin::Flag,
+                Some(ValueSource::EnvVariable) => Origin::Env,
+                _ => continue,
+            };
+            self.origins.insert(id, origin);
+        }
+        self
+    }
+
+    fn origin(&self, id: &str) -> Origin {
+        // A value set in code (the demo's own store) counts as a flag.
+        self.origins.get(id).copied().unwrap_or(Origin::Flag)
+    }
+}
+
+/// Where a setting came from, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Origin {
+    Default,
+    File,
+    Env,
+    Flag,
 }
 
 /// `tandem.toml`.
@@ -55,6 +96,15 @@ pub struct KafkaFile {
     pub group_prefix: Option<String>,
 }
 
+/// One resolved setting, for `tandem config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    pub key: &'static str,
+    pub value: String,
+    /// Where it came from, in words: `flag --data`, `environment TANDEM_STORAGE`, ...
+    pub from: String,
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -66,21 +116,53 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Whether the definition directories were named (not defaults).
     pub definitions_given: bool,
+    /// Every setting with its origin.
+    pub settings: Vec<Setting>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
+/// A value and where it came from.
+struct Given<T> {
+    value: T,
+    origin: Origin,
+    /// The option's name at that origin.
+    name: String,
+}
+
+fn given<T>(value: T, (origin, name): (Origin, String)) -> Given<T> {
+    Given {
+        value,
+        origin,
+        name,
+    }
+}
+
+impl<T> Given<T> {
+    fn describe(&self) -> String {
+        match self.origin {
+            Origin::Default => "default".to_string(),
+            Origin::File => format!("tandem.toml key `{}`", self.name),
+            Origin::Env => format!("environment {}", self.name),
+            Origin::Flag => format!("flag --{}", self.name),
+        }
+    }
+}
+
 impl Config {
     pub fn resolve(opts: &GlobalOpts) -> Result<Self> {
-        let (file, base) = match &opts.config {
+        let (file, base, file_name) = match &opts.config {
             Some(p) => (
                 read_file(p)?,
                 p.parent().map(Path::to_path_buf).unwrap_or_default(),
+                Some(p.clone()),
             ),
-            None if Path::new("tandem.toml").exists() => {
-                (read_file(Path::new("tandem.toml"))?, PathBuf::new())
-            }
-            None => (FileConfig::default(), PathBuf::new()),
+            None if Path::new("tandem.toml").exists() => (
+                read_file(Path::new("tandem.toml"))?,
+                PathBuf::new(),
+                Some(PathBuf::from("tandem.toml")),
+            ),
+            None => (FileConfig::default(), PathBuf::new(), None),
         };
         // Paths in the file are relative to the file.
         let rel = |p: &PathBuf| {
@@ -90,40 +172,136 @@ impl Config {
                 base.join(p)
             }
         };
-        let layout = if let Some(d) = &opts.data {
-            Layout::local(d)?
-        } else if let Some(s) = &opts.storage {
-            Layout::parse(s).context("--storage / TANDEM_STORAGE")?
-        } else if let Some(s) = &file.storage {
-            Layout::parse(s).context("tandem.toml: key `storage`")?
-        } else if let Some(d) = &file.data {
-            Layout::local(&rel(d))?
-        } else {
-            Layout::local(Path::new("tandem-data"))?
+        let cli = |id: &str, env: &str| {
+            let origin = opts.origin(id);
+            let name = if origin == Origin::Env { env } else { id };
+            (origin, name.to_string())
         };
-        let definitions_given = opts.schemas.is_some()
-            || opts.jobs.is_some()
-            || file.schemas.is_some()
-            || file.jobs.is_some();
+        let file_key = |key: &str| (Origin::File, key.to_string());
+        let default = (Origin::Default, String::new());
+
+        // Storage: `data` and `storage` name the same thing, so the strongest origin wins,
+        // and both at one origin is a mistake.
+        let mut stores: Vec<Given<StoreSpec>> = Vec::new();
+        let dirs = [
+            (opts.data.clone(), cli("data", "TANDEM_DATA")),
+            (file.data.as_ref().map(&rel), file_key("data")),
+        ];
+        let urls = [
+            (opts.storage.clone(), cli("storage", "TANDEM_STORAGE")),
+            (file.storage.clone(), file_key("storage")),
+        ];
+        for (d, from) in dirs {
+            stores.extend(d.map(|d| given(StoreSpec::Dir(d), from)));
+        }
+        for (u, from) in urls {
+            stores.extend(u.map(|u| given(StoreSpec::Url(u), from)));
+        }
+        let strongest = stores.iter().map(|s| s.origin).max();
+        let mut at_strongest = stores.into_iter().filter(|s| Some(s.origin) == strongest);
+        let store = match (at_strongest.next(), at_strongest.next()) {
+            (Some(a), Some(b)) => bail!(
+                "the store is given twice: {} and {}; give one of them",
+                a.describe(),
+                b.describe()
+            ),
+            (Some(a), None) => a,
+            (None, _) => given(
+                StoreSpec::Dir(PathBuf::from("tandem-data")),
+                default.clone(),
+            ),
+        };
+        let layout = match &store.value {
+            StoreSpec::Dir(d) => Layout::local(d),
+            StoreSpec::Url(u) => Layout::parse(u),
+        }
+        .with_context(|| store.describe())?;
+
+        let brokers = match (&opts.brokers, &file.kafka.brokers) {
+            (Some(b), _) => Some(given(b.clone(), cli("brokers", "TANDEM_KAFKA_BROKERS"))),
+            (None, Some(b)) => Some(given(b.clone(), file_key("kafka.brokers"))),
+            (None, None) => None,
+        };
+        let group_prefix = match &file.kafka.group_prefix {
+            Some(p) => given(p.clone(), file_key("kafka.group_prefix")),
+            None => given("tandem".to_string(), default.clone()),
+        };
+        let dir = |flag: &Option<PathBuf>, id: &str, env: &str, f: &Option<PathBuf>, d: &str| match (
+            flag, f,
+        ) {
+            (Some(p), _) => given(p.clone(), cli(id, env)),
+            (None, Some(p)) => given(rel(p), file_key(id)),
+            (None, None) => given(PathBuf::from(d), default.clone()),
+        };
+        let schemas = dir(
+            &opts.schemas,
+            "schemas",
+            "TANDEM_SCHEMAS",
+            &file.schemas,
+            "schemas",
+        );
+        let jobs = dir(&opts.jobs, "jobs", "TANDEM_JOBS", &file.jobs, "jobs");
+        let listen = match (opts.listen, file.listen) {
+            (Some(l), _) => given(l, cli("listen", "TANDEM_LISTEN")),
+            (None, Some(l)) => given(l, file_key("listen")),
+            (None, None) => given(DEFAULT_LISTEN.parse().expect("valid"), default.clone()),
+        };
+        let config_from = match opts.config {
+            Some(_) => given((), cli("config", "TANDEM_CONFIG")).describe(),
+            None => "default".to_string(),
+        };
+        let mut settings = vec![
+            Setting {
+                key: "config",
+                value: file_name
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none)".into()),
+                from: config_from,
+            },
+            Setting {
+                key: "storage",
+                value: layout.root().to_string(),
+                from: store.describe(),
+            },
+        ];
+        match &brokers {
+            Some(b) => settings.push(Setting {
+                key: "kafka.brokers",
+                value: b.value.clone(),
+                from: b.describe(),
+            }),
+            None => settings.push(Setting {
+                key: "kafka.brokers",
+                value: "(none)".into(),
+                from: "default".into(),
+            }),
+        }
+        settings.push(Setting {
+            key: "kafka.group_prefix",
+            value: group_prefix.value.clone(),
+            from: group_prefix.describe(),
+        });
+        for (key, g) in [("schemas", &schemas), ("jobs", &jobs)] {
+            settings.push(Setting {
+                key,
+                value: g.value.display().to_string(),
+                from: g.describe(),
+            });
+        }
+        settings.push(Setting {
+            key: "listen",
+            value: listen.value.to_string(),
+            from: listen.describe(),
+        });
         Ok(Config {
             layout,
-            brokers: opts.brokers.clone().or(file.kafka.brokers),
-            group_prefix: file.kafka.group_prefix.unwrap_or_else(|| "tandem".into()),
-            schemas: opts
-                .schemas
-                .clone()
-                .or(file.schemas.as_ref().map(rel))
-                .unwrap_or_else(|| "schemas".into()),
-            jobs: opts
-                .jobs
-                .clone()
-                .or(file.jobs.as_ref().map(rel))
-                .unwrap_or_else(|| "jobs".into()),
-            listen: opts
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid")),
-            definitions_given,
+            brokers: brokers.map(|b| b.value),
+            group_prefix: group_prefix.value,
+            definitions_given: schemas.origin != Origin::Default || jobs.origin != Origin::Default,
+            schemas: schemas.value,
+            jobs: jobs.value,
+            listen: listen.value,
+            settings,
         })
     }
 
@@ -135,6 +313,33 @@ impl Config {
     }
 }
 
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self.settings.iter().map(|s| s.key.len()).max().unwrap_or(0);
+        let value_width = self
+            .settings
+            .iter()
+            .map(|s| s.value.len())
+            .max()
+            .unwrap_or(0);
+        for s in &self.settings {
+            writeln!(
+                f,
+                "{:width$} = {:value_width$}  # {}",
+                s.key, s.value, s.from
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A store given as a directory or as a URL.
+#[derive(Debug, Clone)]
+enum StoreSpec {
+    Dir(PathBuf),
+    Url(String),
+}
+
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -144,6 +349,44 @@ fn read_file(path: &Path) -> Result<FileConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        global: GlobalOpts,
+    }
+
+    /// The option a `TANDEM_*` variable sets.
+    fn id_of(var: &str) -> &'static str {
+        match var {
+            "TANDEM_KAFKA_BROKERS" => "brokers",
+            v => GLOBAL_IDS
+                .into_iter()
+                .find(|id| v == format!("TANDEM_{}", id.to_uppercase()))
+                .expect("a known variable"),
+        }
+    }
+
+    /// Parses `args` as if `env` were the environment. (Tests run in parallel, so the process
+    /// environment is left alone: clap reads a variable as a default value of its argument,
+    /// and the origin is then marked as the environment.)
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> GlobalOpts {
+        let mut cmd = Cli::command();
+        for (k, v) in env {
+            cmd = cmd.mut_arg(id_of(k), |a| a.default_value(v.to_string().leak() as &str));
+        }
+        let argv = std::iter::once("tandem").chain(args.iter().copied());
+        let matches = cmd.try_get_matches_from(argv).unwrap();
+        let mut opts = Cli::from_arg_matches(&matches)
+            .unwrap()
+            .global
+            .with_origins(&matches);
+        for (k, _) in env {
+            opts.origins.entry(id_of(k)).or_insert(Origin::Env);
+        }
+        opts
+    }
 
     #[test]
     fn unknown_keys_are_named() {
@@ -155,19 +398,63 @@ mod tests {
     }
 
     #[test]
-    fn flags_win_over_the_file() {
+    fn flag_beats_environment_beats_file_beats_default() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tandem.toml");
         std::fs::write(&path, "storage = \"memory:///\"\nlisten = \"127.0.0.1:9000\"\nschemas = \"defs\"\n[kafka]\nbrokers = \"file:9092\"\n").unwrap();
-        let opts = GlobalOpts {
-            config: Some(path),
-            brokers: Some("flag:9092".into()),
-            ..Default::default()
-        };
-        let c = Config::resolve(&opts).unwrap();
-        assert_eq!(c.brokers.as_deref(), Some("flag:9092"));
-        assert_eq!(c.listen.port(), 9000);
+        let config = path.to_str().unwrap();
+
+        // The file beats the defaults.
+        let c = Config::resolve(&parse(&["--config", config], &[])).unwrap();
         assert_eq!(c.layout.root().scheme(), "memory");
+        assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.schemas, dir.path().join("defs"));
+        assert_eq!(c.jobs, PathBuf::from("jobs"));
+        assert_eq!(c.brokers.as_deref(), Some("file:9092"));
+
+        // The environment beats the file; a flag beats the environment.
+        let env = [
+            ("TANDEM_KAFKA_BROKERS", "env:9092"),
+            ("TANDEM_DATA", "/tmp/from-env"),
+        ];
+        let c = Config::resolve(&parse(&["--config", config], &env)).unwrap();
+        assert_eq!(c.brokers.as_deref(), Some("env:9092"));
+        assert_eq!(c.layout.root().as_str(), "file:///tmp/from-env/");
+        let c = Config::resolve(&parse(
+            &[
+                "--config",
+                config,
+                "--brokers",
+                "flag:9092",
+                "--storage",
+                "memory:///",
+            ],
+            &env,
+        ))
+        .unwrap();
+        assert_eq!(c.brokers.as_deref(), Some("flag:9092"));
+        // A --storage flag beats TANDEM_DATA: they name the same setting.
+        assert_eq!(c.layout.root().scheme(), "memory");
+        let shown = c.to_string();
+        assert!(shown.contains("flag --storage"), "{shown}");
+        assert!(shown.contains("tandem.toml key `listen`"), "{shown}");
+
+        let env_only = Config::resolve(&parse(&[], &env)).unwrap().to_string();
+        assert!(
+            env_only.contains("environment TANDEM_KAFKA_BROKERS"),
+            "{env_only}"
+        );
+        assert!(env_only.contains("environment TANDEM_DATA"), "{env_only}");
+    }
+
+    #[test]
+    fn data_together_with_storage_is_an_error() {
+        let err = Config::resolve(&parse(
+            &["--data", "/tmp/x", "--storage", "memory:///"],
+            &[],
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--data") && err.contains("--storage"), "{err}");
     }
 }

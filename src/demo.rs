@@ -15,12 +15,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rdkafka::mocking::MockCluster;
 use tandem_batch::{BatchLayer, RunRequest};
-use tandem_core::gen::{GenConfig, Generator};
 use tandem_core::storage::Storage;
 use tandem_core::time::format_us;
 use tandem_core::view::{DAY_US, HOUR_US};
 use tandem_speed::archiver::ArchiverStats;
 use tandem_speed::{KafkaConfig, SpeedLayer};
+use tandem_workload::{GenConfig, Generator};
 
 use crate::config::{Config, GlobalOpts};
 use crate::produce::EventProducer;

@@ -14,7 +14,7 @@ mod roles;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{Config, GlobalOpts};
 
@@ -46,10 +46,13 @@ enum Command {
     Batch(roles::BatchCommand),
     /// Recompute one view over a range of days (same as `batch run --view V --from --to`).
     Backfill {
+        /// The view to recompute.
         #[arg(long)]
         view: String,
+        /// First day (YYYY-MM-DD).
         #[arg(long)]
         from: String,
+        /// Last day (YYYY-MM-DD), inclusive.
         #[arg(long)]
         to: String,
     },
@@ -69,6 +72,8 @@ enum Command {
     /// Measure decode and decode+aggregate throughput on the reference events, next to a
     /// Python peer on the same events.
     Bench(bench::BenchArgs),
+    /// Print the effective configuration and where each value came from.
+    Config,
 }
 
 fn init_tracing() {
@@ -89,7 +94,12 @@ fn init_tracing() {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     init_tracing();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli.global = cli.global.with_origins(&matches);
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -123,5 +133,36 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Gen(args) => produce::gen(&config, args).await,
         Command::Query(args) => roles::query(&config, args),
         Command::Bench(args) => bench::run(&config, args).await,
+        Command::Config => {
+            print!("{config}");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand's every flag and argument says what it is for.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "tandem", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
     }
 }

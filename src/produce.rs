@@ -12,9 +12,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use tandem_core::gen::{GenConfig, Generator};
 use tandem_core::time::{Clock, SystemClock};
 use tandem_core::view::DAY_US;
+use tandem_workload::{GenConfig, Generator};
 
 use crate::config::Config;
 

@@ -1,9 +1,7 @@
 //! The roles: wiring of the layers for `run`, `archive`, `serve`, `batch`, `import`, `query`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -12,9 +10,9 @@ use tandem_core::storage::Storage;
 use tandem_core::time::{parse_day, Clock, SystemClock};
 use tandem_core::traits::{NoRealtime, RealtimeView};
 use tandem_core::Catalog;
-use tandem_serving::{router, ApiMetrics, AppState};
-use tandem_speed::speed::SpeedLayers;
-use tandem_speed::{kafka, Archiver, ArchiverConfig, KafkaConfig, SpeedLayer, SpeedSink};
+use tandem_serving::params::{Filters, Names, Scalar};
+use tandem_serving::{router, ApiMetrics, AppState, Format, QueryParams};
+use tandem_speed::{ConsumerName, ConsumerOptions, Consumers, KafkaConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -50,10 +48,13 @@ pub enum BatchCommand {
 pub struct QueryArgs {
     /// The view to query.
     pub view: String,
+    /// Start of the range: RFC 3339, a date or epoch milliseconds (default: a day before --to).
     #[arg(long)]
     pub from: Option<String>,
+    /// End of the range, exclusive (default: now).
     #[arg(long)]
     pub to: Option<String>,
+    /// minute, hour or day: the view's own or coarser.
     #[arg(long)]
     pub granularity: Option<String>,
     /// Comma-separated dimensions.
@@ -65,12 +66,14 @@ pub struct QueryArgs {
     /// Comma-separated metrics.
     #[arg(long)]
     pub metrics: Option<String>,
+    /// bucket, -bucket, METRIC or -METRIC (descending).
     #[arg(long)]
     pub order_by: Option<String>,
+    /// The most rows.
     #[arg(long)]
     pub limit: Option<usize>,
     /// json or csv.
-    #[arg(long, default_value = "json")]
+    #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
     pub format: String,
     /// The server (default: http:// + the configured listen address).
     #[arg(long)]
@@ -107,77 +110,6 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-}
-
-/// The running consumers of a deployment.
-pub struct Consumers {
-    pub tasks: JoinSet<Result<()>>,
-    pub speed: Arc<SpeedLayers>,
-    pub archiver_stats: BTreeMap<String, Arc<tandem_speed::archiver::ArchiverStats>>,
-}
-
-/// Starts an archiver and a speed layer for every schema (either may be left out).
-pub async fn start_consumers(
-    catalog: &Catalog,
-    storage: &Storage,
-    kafka_config: &KafkaConfig,
-    clock: Arc<dyn Clock>,
-    shutdown: &CancellationToken,
-    archive: bool,
-    speed: bool,
-) -> Result<Consumers> {
-    let mut tasks = JoinSet::new();
-    let mut layers = BTreeMap::new();
-    let mut archiver_stats = BTreeMap::new();
-    for (name, schema) in &catalog.schemas {
-        if archive {
-            let mut archiver = Archiver::open(
-                storage.clone(),
-                Arc::clone(schema),
-                ArchiverConfig::default(),
-                Arc::clone(&clock),
-            )
-            .await?;
-            archiver_stats.insert(name.clone(), Arc::clone(&archiver.stats));
-            let (cfg, topic, token) =
-                (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                kafka::run(
-                    &cfg,
-                    "archive",
-                    &topic,
-                    &mut archiver,
-                    Duration::from_millis(500),
-                    token,
-                )
-                .await
-                .context("archiver")
-            });
-        }
-        if speed {
-            let layer = Arc::new(SpeedLayer::new(catalog, name, Arc::clone(&clock))?);
-            layers.insert(name.clone(), Arc::clone(&layer));
-            let (cfg, topic, token) =
-                (kafka_config.clone(), schema.topic.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                kafka::run(
-                    &cfg,
-                    "speed",
-                    &topic,
-                    &mut SpeedSink(layer),
-                    Duration::from_secs(1),
-                    token,
-                )
-                .await
-                .context("speed layer")
-            });
-        }
-    }
-    Ok(Consumers {
-        tasks,
-        speed: Arc::new(SpeedLayers::new(layers)),
-        archiver_stats,
-    })
 }
 
 /// Binds the API's address, so a taken port fails at start.
@@ -224,18 +156,35 @@ fn listen(config: &Config, port: Option<u16>) -> std::net::SocketAddr {
     addr
 }
 
-/// Stops in order: consumers flush and finish first, then the HTTP frontend.
+/// A consumer's end as an error: every consumer runs until it is told to stop, so one that
+/// ends by itself has failed.
+fn consumer_ended(
+    joined: Result<(ConsumerName, tandem_speed::Result<()>), tokio::task::JoinError>,
+) -> anyhow::Error {
+    match joined {
+        Ok((name, Err(e))) => anyhow::Error::new(e).context(format!("the {name} failed")),
+        Ok((name, Ok(()))) => anyhow::anyhow!("the {name} stopped by itself"),
+        Err(e) => anyhow::Error::new(e).context("a consumer task panicked"),
+    }
+}
+
+/// Stops in order: the consumers flush and finish first, then the HTTP frontend. Returns the
+/// first error a consumer ended with.
 pub async fn drain(
-    mut tasks: JoinSet<Result<()>>,
+    mut tasks: JoinSet<(ConsumerName, tandem_speed::Result<()>)>,
     backend: CancellationToken,
     frontend: CancellationToken,
 ) -> Result<()> {
     backend.cancel();
     let mut first_err = None;
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
-            tracing::error!(error = %format!("{e:#}"), "task failed");
-            first_err.get_or_insert(e);
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Ok(()))) => tracing::info!(consumer = %name, "stopped"),
+            other => {
+                let e = consumer_ended(other);
+                tracing::error!(error = %format!("{e:#}"), "while stopping");
+                first_err.get_or_insert(e);
+            }
         }
     }
     frontend.cancel();
@@ -264,14 +213,13 @@ pub async fn start_all(
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
     let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
-    let consumers = start_consumers(
+    let consumers = tandem_speed::start(
         catalog,
         storage,
         kafka_config,
         Arc::clone(&clock),
         &backend,
-        true,
-        true,
+        &ConsumerOptions::default(),
     )
     .await?;
     let state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
@@ -286,15 +234,44 @@ pub async fn start_all(
 }
 
 impl Running {
-    /// Runs until Ctrl-C, SIGTERM or a failed consumer; then stops in order.
+    /// Runs until Ctrl-C, SIGTERM or a failed role; then stops the others in order (consumers
+    /// drain, then the HTTP server). A failed role's error is the result, so the process exits
+    /// non-zero with it.
     pub async fn until_stopped(mut self) -> Result<()> {
-        tokio::select! {
-            _ = shutdown_signal() => tracing::info!("stopping"),
-            Some(r) = self.consumers.tasks.join_next() => tracing::error!("a consumer stopped: {r:?}"),
+        let mut server_done = None;
+        let failed = tokio::select! {
+            _ = shutdown_signal() => {
+                tracing::info!("stopping");
+                None
+            }
+            Some(joined) = self.consumers.tasks.join_next() => {
+                let e = consumer_ended(joined);
+                tracing::error!(error = %format!("{e:#}"), "a role failed; stopping the others");
+                Some(e)
+            }
+            r = &mut self.server => {
+                let e = match r {
+                    Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped by itself"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::Error::new(e).context("the HTTP server panicked"),
+                };
+                tracing::error!(error = %format!("{e:#}"), "a role failed; stopping the others");
+                server_done = Some(());
+                Some(e)
+            }
+        };
+        let drained = drain(self.consumers.tasks, self.backend, self.frontend).await;
+        if server_done.is_none() {
+            let served = self.server.await;
+            tracing::info!("HTTP server stopped");
+            if failed.is_none() {
+                served??;
+            }
         }
-        let result = drain(self.consumers.tasks, self.backend, self.frontend).await;
-        self.server.await??;
-        result
+        match failed {
+            Some(e) => Err(e),
+            None => drained,
+        }
     }
 }
 
@@ -327,21 +304,24 @@ pub async fn archive(config: &Config) -> Result<()> {
         ..KafkaConfig::new(config.brokers()?)
     };
     let backend = CancellationToken::new();
-    let mut consumers = start_consumers(
-        &catalog,
-        &storage,
-        &kafka_config,
-        clock,
-        &backend,
-        true,
-        false,
-    )
-    .await?;
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("stopping"),
-        Some(r) = consumers.tasks.join_next() => tracing::error!("the archiver stopped: {r:?}"),
+    let options = ConsumerOptions {
+        speed: false,
+        ..Default::default()
+    };
+    let mut consumers =
+        tandem_speed::start(&catalog, &storage, &kafka_config, clock, &backend, &options).await?;
+    let failed = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("stopping");
+            None
+        }
+        Some(joined) = consumers.tasks.join_next() => Some(consumer_ended(joined)),
+    };
+    let drained = drain(consumers.tasks, backend, CancellationToken::new()).await;
+    match failed {
+        Some(e) => Err(e),
+        None => drained,
     }
-    drain(consumers.tasks, backend, CancellationToken::new()).await
 }
 
 pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
@@ -423,39 +403,34 @@ pub fn query(config: &Config, args: QueryArgs) -> Result<()> {
         .url
         .clone()
         .unwrap_or_else(|| format!("http://{}", config.listen));
-    let mut q = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in [
-        ("from", &args.from),
-        ("to", &args.to),
-        ("granularity", &args.granularity),
-        ("group_by", &args.group_by),
-        ("metrics", &args.metrics),
-        ("order_by", &args.order_by),
-    ] {
-        if let Some(v) = v {
-            q.append_pair(k, v);
-        }
-    }
-    for f in &args.filters {
-        q.append_pair("filter", f);
-    }
-    if let Some(l) = args.limit {
-        q.append_pair("limit", &l.to_string());
-    }
-    q.append_pair("format", &args.format);
+    let params = QueryParams {
+        from: args.from.as_deref().map(Scalar::from),
+        to: args.to.as_deref().map(Scalar::from),
+        granularity: args.granularity,
+        group_by: args.group_by.map(Names::Comma),
+        filter: Filters::Items(args.filters),
+        metrics: args.metrics.map(Names::Comma),
+        order_by: args.order_by,
+        limit: args.limit.map(|l| Scalar::Number(l.into())),
+        format: Some(if args.format == "csv" {
+            Format::Csv
+        } else {
+            Format::Json
+        }),
+    };
     let view: String = url::form_urlencoded::byte_serialize(args.view.as_bytes()).collect();
-    let url = format!(
-        "{}/v1/views/{view}/query?{}",
-        base.trim_end_matches('/'),
-        q.finish()
-    );
+    let url = format!("{}/v1/views/{view}/query", base.trim_end_matches('/'));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    let mut resp = agent.get(&url).call().with_context(|| {
-        format!("cannot reach {base}; is `tandem run` or `tandem demo` running?")
-    })?;
+    let mut resp = agent
+        .post(&url)
+        .content_type("application/json")
+        .send(serde_json::to_string(&params)?)
+        .with_context(|| {
+            format!("cannot reach {base}; is `tandem run` or `tandem demo` running?")
+        })?;
     let status = resp.status();
     let body = resp
         .body_mut()

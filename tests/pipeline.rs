@@ -2,19 +2,19 @@
 //! generated events; the batch layer recomputes from the archive; the API merges. Every answer
 //! is compared to an oracle computed directly from the generated events.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 
 use axum::http::StatusCode;
-use common::*;
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Int64Type;
 use serde_json::Value;
-use tandem_core::gen::{Event, GenConfig, Generator};
+use support::*;
 use tandem_core::metric::hll_rse;
 use tandem_core::time::format_us;
 use tandem_core::view::DAY_US;
+use tandem_workload::{Event, GenConfig, Generator};
 
 fn events(seed: u64, n: usize) -> Vec<Event> {
     Generator::new(GenConfig {

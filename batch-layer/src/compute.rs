@@ -21,7 +21,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
 use datafusion::prelude::{
     cast as cast_expr, date_trunc, ident, lit, Expr, SessionConfig, SessionContext,
 };
@@ -30,10 +30,11 @@ use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use futures::TryStreamExt;
 use serde_json::{json, Value as Json};
+use tandem_core::metric::{MetricDef, MetricKind};
 use tandem_core::query::Coverage;
 use tandem_core::storage::Storage;
 use tandem_core::time::{day_of, day_string, parse_day, Clock};
-use tandem_core::view::{MetricKind, ViewDef, BUCKET_COLUMN, DAY_COLUMN};
+use tandem_core::view::{ViewDef, BUCKET_COLUMN, DAY_COLUMN};
 use tandem_core::Catalog;
 
 use crate::error::{BatchError, Result};
@@ -43,8 +44,7 @@ use crate::hll::HllSketchUdaf;
 pub const COVERAGE_KEY: &str = "tandem.coverage";
 pub const HASH_KEY: &str = "tandem.definition_hash";
 pub const MASTER_VERSION_KEY: &str = "tandem.master_version";
-/// Commit metadata key of the archiver: the event days a master commit touched.
-pub const DAYS_KEY: &str = "tandem.days";
+pub use tandem_core::master::DAYS_KEY;
 
 /// Which days to recompute.
 #[derive(Debug, Clone, Default)]
@@ -349,70 +349,30 @@ impl BatchLayer {
             .filter_map(|m| m.field.as_deref())
             .collect();
 
+        let metrics = || view.metrics.iter().enumerate();
         let df = if distinct_fields.len() == 1 {
+            // Two phases: first grouped by the keys and the distinct field, then by the keys.
             let f = *distinct_fields.iter().next().expect("one");
             const F: &str = "__distinct";
             let mut group = vec![bucket];
             group.extend(dims);
             group.push(ident(f).alias(F));
-            let mut partial = Vec::new();
-            for (i, m) in view.metrics.iter().enumerate() {
-                let x = m.field.as_deref().map(ident);
-                let name = format!("__m{i}");
-                match m.kind {
-                    MetricKind::Count => partial.push(count(lit(1)).alias(name)),
-                    MetricKind::Sum => partial.push(sum(x.expect("checked")).alias(name)),
-                    MetricKind::Min => partial.push(min(x.expect("checked")).alias(name)),
-                    MetricKind::Max => partial.push(max(x.expect("checked")).alias(name)),
-                    MetricKind::Distinct => {}
-                }
-            }
+            let partial = metrics()
+                .flat_map(|(i, m)| metric_exprs(i, m, Phase::Partial))
+                .collect();
             let phase1 = df.aggregate(group, partial)?;
             let mut keys = vec![ident(BUCKET_COLUMN)];
             keys.extend(view.dimensions.iter().map(|d| ident(d.as_str())));
-            let mut finals = Vec::new();
-            for (i, m) in view.metrics.iter().enumerate() {
-                let p = ident(format!("__m{i}"));
-                match m.kind {
-                    MetricKind::Count | MetricKind::Sum => finals.push(sum(p).alias(&m.name)),
-                    MetricKind::Min => finals.push(min(p).alias(&m.name)),
-                    MetricKind::Max => finals.push(max(p).alias(&m.name)),
-                    MetricKind::Distinct => {
-                        finals.push(count(ident(F)).alias(&m.name));
-                        finals.push(
-                            HllSketchUdaf::udaf(m.lg_k())
-                                .call(vec![ident(F)])
-                                .alias(m.sketch_column()),
-                        );
-                    }
-                }
-            }
+            let finals = metrics()
+                .flat_map(|(i, m)| metric_exprs(i, m, Phase::Final { distinct: F }))
+                .collect();
             phase1.aggregate(keys, finals)?
         } else {
             let mut group = vec![bucket];
             group.extend(dims);
-            let mut aggs = Vec::new();
-            for m in &view.metrics {
-                let x = m.field.as_deref().map(ident);
-                match m.kind {
-                    MetricKind::Count => aggs.push(count(lit(1)).alias(&m.name)),
-                    MetricKind::Sum => aggs.push(sum(x.expect("checked")).alias(&m.name)),
-                    MetricKind::Min => aggs.push(min(x.expect("checked")).alias(&m.name)),
-                    MetricKind::Max => aggs.push(max(x.expect("checked")).alias(&m.name)),
-                    MetricKind::Distinct => {
-                        let x = x.expect("checked");
-                        aggs.push(
-                            datafusion::functions_aggregate::expr_fn::count_distinct(x.clone())
-                                .alias(&m.name),
-                        );
-                        aggs.push(
-                            HllSketchUdaf::udaf(m.lg_k())
-                                .call(vec![x])
-                                .alias(m.sketch_column()),
-                        );
-                    }
-                }
-            }
+            let aggs = metrics()
+                .flat_map(|(i, m)| metric_exprs(i, m, Phase::Direct))
+                .collect();
             df.aggregate(group, aggs)?
         };
         let target = view.batch_schema();
@@ -457,6 +417,49 @@ impl BatchLayer {
             out.push(RecordBatch::try_new(Arc::clone(&target), columns)?);
         }
         Ok(out)
+    }
+}
+
+/// Where a metric's aggregates sit in the plan.
+#[derive(Debug, Clone, Copy)]
+enum Phase<'a> {
+    /// One aggregation over the events.
+    Direct,
+    /// The first of two: grouped by the keys and the distinct field.
+    Partial,
+    /// The second of two, over the partials; `distinct` is the grouped distinct field.
+    Final { distinct: &'a str },
+}
+
+/// The batch expressions of every metric kind: the aggregates that compute metric `i`'s batch
+/// view columns ([`MetricDef::batch_fields`], named as they are), in a one-phase plan, or as
+/// partials (`__m{i}_{j}`) and their combination in a two-phase plan.
+fn metric_exprs(i: usize, m: &MetricDef, phase: Phase<'_>) -> Vec<Expr> {
+    let columns: Vec<String> = m.batch_fields().iter().map(|f| f.name().clone()).collect();
+    let field = || ident(m.field.as_deref().unwrap_or_default());
+    let part = |j: usize| format!("__m{i}_{j}");
+    let named = |j: usize, e: Expr| e.alias(&columns[j]);
+    let hll = |x: Expr| HllSketchUdaf::udaf(m.lg_k()).call(vec![x]);
+    // A kind whose partials combine with the same aggregate (sum of sums, min of mins).
+    let same = |agg: fn(Expr) -> Expr, input: Expr| match phase {
+        Phase::Direct => vec![named(0, agg(input))],
+        Phase::Partial => vec![agg(input).alias(part(0))],
+        Phase::Final { .. } => vec![named(0, agg(ident(part(0))))],
+    };
+    match (m.kind, phase) {
+        (MetricKind::Count, Phase::Final { .. }) => vec![named(0, sum(ident(part(0))))],
+        (MetricKind::Count, _) => same(count, lit(1)),
+        (MetricKind::Sum, _) => same(sum, field()),
+        (MetricKind::Min, _) => same(min, field()),
+        (MetricKind::Max, _) => same(max, field()),
+        (MetricKind::Distinct, Phase::Direct) => {
+            vec![named(0, count_distinct(field())), named(1, hll(field()))]
+        }
+        (MetricKind::Distinct, Phase::Partial) => Vec::new(),
+        (MetricKind::Distinct, Phase::Final { distinct }) => vec![
+            named(0, count(ident(distinct))),
+            named(1, hll(ident(distinct))),
+        ],
     }
 }
 

@@ -7,14 +7,14 @@ pub enum BatchError {
     #[error(transparent)]
     Core(#[from] tandem_core::CoreError),
 
-    #[error("datafusion: {0}")]
+    #[error("datafusion")]
     DataFusion(#[from] datafusion::error::DataFusionError),
 
     #[error(transparent)]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
 
     /// A Delta table could not be read or written.
-    #[error("{table}: {source}")]
+    #[error("{table}")]
     Delta {
         table: String,
         #[source]
@@ -26,7 +26,7 @@ pub enum BatchError {
     Conflict { view: String, message: String },
 
     /// An input file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: String,
         #[source]
@@ -54,7 +54,14 @@ impl From<BatchError> for tandem_core::CoreError {
     fn from(e: BatchError) -> Self {
         match e {
             BatchError::Core(c) => c,
-            other => tandem_core::CoreError::Backend(other.to_string()),
+            BatchError::DataFusion(e) => tandem_core::CoreError::DataFusion(e),
+            BatchError::Arrow(e) => tandem_core::CoreError::Arrow(e),
+            BatchError::Delta { table, source } => tandem_core::CoreError::Table { table, source },
+            other => tandem_core::CoreError::Layer {
+                layer: "batch layer",
+                retryable: false,
+                source: Box::new(other),
+            },
         }
     }
 }

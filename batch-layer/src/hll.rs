@@ -1,12 +1,15 @@
 //! `hll_sketch(value)`: a DataFusion aggregate that builds the same Apache DataSketches HLL
-//! sketch the speed layer keeps, hashing values the same way (strings as UTF-8 bytes, integers
-//! as 8 little-endian bytes, booleans as "true"/"false"), so batch and speed sketches merge.
+//! sketch the speed layer keeps, hashing values the same way (strings as UTF-8 bytes; integers,
+//! decimals in units of their scale and timestamps in microseconds as 8 little-endian bytes;
+//! booleans as "true"/"false"), so batch and speed sketches merge.
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Int64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Decimal128Type, Field, FieldRef, Int64Type, TimeUnit, TimestampMicrosecondType,
+};
 use datafusion::common::{Result, ScalarValue};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
@@ -70,6 +73,20 @@ impl Accumulator for HllAccumulator {
             DataType::Int64 | DataType::Int32 | DataType::Int16 | DataType::Int8 => {
                 let v = cast(v, &DataType::Int64)?;
                 for x in v.as_primitive::<Int64Type>().iter().flatten() {
+                    self.state.update_i64(x);
+                }
+            }
+            DataType::Decimal128(..) => {
+                for x in v.as_primitive::<Decimal128Type>().iter().flatten() {
+                    self.state.update_i64(x as i64);
+                }
+            }
+            DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                for x in v
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .iter()
+                    .flatten()
+                {
                     self.state.update_i64(x);
                 }
             }

@@ -1,21 +1,17 @@
 //! `tandem import`: history from JSON-lines files into the master dataset, through the same
-//! decoder as Kafka messages. Rejected lines go to the dead-letter table with the file's name as
-//! their topic and the line number as their offset. Each file is one commit.
+//! decoder as Kafka messages and the same writer (core's `MasterWriter`) as the archiver.
+//! Rejected lines go to the dead-letter table with the file's name as their topic and the line
+//! number as their offset. Each file is one commit.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use datafusion::arrow::array::AsArray;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::protocol::SaveMode;
 use serde_json::json;
 use tandem_core::decode::{Decoder, Message};
-use tandem_core::master::{archive_batch, dead_letter_batch, dead_letter_schema};
+use tandem_core::master::{archive_batch, MasterCommit, MasterWriter};
 use tandem_core::schema::EventSchema;
 use tandem_core::storage::Storage;
-use tandem_core::view::DAY_COLUMN;
 
-use crate::compute::DAYS_KEY;
 use crate::error::{BatchError, Result};
 
 /// Lines decoded per batch.
@@ -38,8 +34,7 @@ pub async fn import_jsonl(
     now_us: i64,
 ) -> Result<ImportReport> {
     let decoder = Decoder::new(std::sync::Arc::clone(schema));
-    let master_url = storage.layout().master(&schema.name);
-    let dlq_url = storage.layout().dead_letter(&schema.name);
+    let mut writer: Option<MasterWriter> = None;
     let mut report = ImportReport::default();
     for path in files {
         let path = path.as_ref();
@@ -50,7 +45,6 @@ pub async fn import_jsonl(
         let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
         let mut batches = Vec::new();
         let mut rejects = Vec::new();
-        let mut days = std::collections::BTreeSet::new();
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
         let mut line_no = 0i64;
         let mut split = reader.split(b'\n');
@@ -82,11 +76,6 @@ pub async fn import_jsonl(
                 let decoded = decoder.decode(&messages, now_us)?;
                 if decoded.batch.num_rows() > 0 {
                     let b = archive_batch(schema, &decoded)?;
-                    let dt = b
-                        .column_by_name(DAY_COLUMN)
-                        .expect("archive batches have dt")
-                        .as_string::<i32>();
-                    days.extend(dt.iter().flatten().map(str::to_string));
                     report.events += b.num_rows();
                     batches.push(b);
                 }
@@ -100,30 +89,24 @@ pub async fn import_jsonl(
             }
         }
         let name = path.display().to_string();
-        if !rejects.is_empty() {
-            let dlq = storage
-                .open_or_create(&dlq_url, &dead_letter_schema(), &[])
-                .await?;
-            dlq.write(vec![dead_letter_batch(&name, &rejects, now_us)?])
-                .with_save_mode(SaveMode::Append)
-                .await
-                .map_err(|e| BatchError::delta(&dlq_url, e))?;
-        }
-        if !batches.is_empty() {
-            let master = storage
-                .open_or_create(&master_url, &schema.master_schema(), &[DAY_COLUMN])
-                .await?;
-            let props = CommitProperties::default().with_metadata([
-                (DAYS_KEY.to_string(), json!(days)),
-                ("tandem.import".to_string(), json!(name)),
-            ]);
-            master
-                .write(batches)
-                .with_save_mode(SaveMode::Append)
-                .with_partition_columns([DAY_COLUMN])
-                .with_commit_properties(props)
-                .await
-                .map_err(|e| BatchError::delta(&master_url, e))?;
+        if !batches.is_empty() || !rejects.is_empty() {
+            let w = match &mut writer {
+                Some(w) => w,
+                None => writer.insert(
+                    MasterWriter::open(storage.clone(), std::sync::Arc::clone(schema)).await?,
+                ),
+            };
+            w.commit(
+                MasterCommit {
+                    rows: batches,
+                    rejects,
+                    source: name.clone(),
+                    metadata: vec![("tandem.import".to_string(), json!(name))],
+                    ..Default::default()
+                },
+                now_us,
+            )
+            .await?;
         }
         report.files += 1;
         tracing::info!(file = %name, events = report.events, rejected = report.rejected, "imported");

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tandem_core::gen::{GenConfig, Generator};
 use tandem_core::paths::Layout;
 use tandem_core::query::ViewQuery;
 use tandem_core::storage::Storage;
@@ -12,6 +11,7 @@ use tandem_core::time::{day_of, day_string, MockClock};
 use tandem_core::traits::BatchViews;
 use tandem_core::view::{DAY_US, HOUR_US};
 use tandem_core::Catalog;
+use tandem_workload::{GenConfig, Generator};
 
 use crate::{import_jsonl, BatchError, BatchLayer, DeltaBatchViews, RunRequest};
 
@@ -51,7 +51,8 @@ async fn total(s: &Setup, view: &str) -> u64 {
     let v = &s.catalog.views[view];
     let views = DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::ZERO);
     let cov = views.coverage(v).await.unwrap();
-    let q = ViewQuery::from_params(v, [("from", "2026-11-01"), ("to", "2026-11-27")], NOW).unwrap();
+    let from = tandem_core::time::parse_instant("2026-11-01").unwrap();
+    let q = ViewQuery::all(v, from, from + 26 * DAY_US);
     let rows = views.query(v, &q, &cov).await.unwrap();
     rows.iter()
         .map(|r| match r.states[0] {

@@ -11,19 +11,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{
-    DataType, Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType,
-};
+use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{ident, lit, Expr};
 use deltalake::DeltaTable;
-use tandem_core::metric::{DistinctState, MetricState};
 use tandem_core::query::{AggRow, Coverage, RowSet, ViewQuery};
-use tandem_core::schema::FieldType;
 use tandem_core::storage::Storage;
 use tandem_core::time::day_string;
 use tandem_core::traits::BatchViews;
-use tandem_core::view::{MetricDef, MetricKind, ViewDef, BUCKET_COLUMN, DAY_COLUMN};
+use tandem_core::view::{ViewDef, BUCKET_COLUMN, DAY_COLUMN};
 use tandem_core::CoreError;
 
 use crate::compute::{published, session, Published};
@@ -170,13 +166,16 @@ async fn read_rows(
             .iter()
             .map(|&d| ident(view.dimensions[d].as_str())),
     );
-    for &m in &q.metrics {
-        let metric = &view.metrics[m];
-        columns.push(ident(metric.name.as_str()));
-        if metric.kind == MetricKind::Distinct {
-            columns.push(ident(metric.sketch_column()));
-        }
-    }
+    // Each asked metric's columns, as its kind stores them.
+    let widths: Vec<usize> = q
+        .metrics
+        .iter()
+        .map(|&m| {
+            let fields = view.metrics[m].batch_fields();
+            columns.extend(fields.iter().map(|f| ident(f.name().as_str())));
+            fields.len()
+        })
+        .collect();
     let df = df.select(columns)?;
     let mut merged = RowSet::default();
     for b in df.collect().await? {
@@ -191,60 +190,12 @@ async fn read_rows(
                 .collect();
             let mut col = 1 + q.group_by.len();
             let mut states = Vec::with_capacity(q.metrics.len());
-            for &m in &q.metrics {
-                let metric = &view.metrics[m];
-                let sketch = (metric.kind == MetricKind::Distinct).then(|| b.column(col + 1));
-                states.push(state_of(metric, b.column(col), sketch, row)?);
-                col += if sketch.is_some() { 2 } else { 1 };
+            for (&m, &width) in q.metrics.iter().zip(&widths) {
+                states.push(view.metrics[m].state_from_batch(&b.columns()[col..col + width], row)?);
+                col += width;
             }
             merged.add(buckets.value(row), key_dims, states);
         }
     }
     Ok(merged.into_rows())
-}
-
-/// A batch view cell as a metric state.
-fn state_of(
-    metric: &MetricDef,
-    col: &ArrayRef,
-    sketch: Option<&ArrayRef>,
-    row: usize,
-) -> Result<MetricState, BatchError> {
-    let null = col.is_null(row);
-    let int = || -> i128 {
-        match metric.field_type {
-            Some(FieldType::Decimal { .. }) if metric.kind != MetricKind::Count => {
-                col.as_primitive::<Decimal128Type>().value(row)
-            }
-            Some(FieldType::Timestamp)
-                if matches!(metric.kind, MetricKind::Min | MetricKind::Max) =>
-            {
-                col.as_primitive::<TimestampMicrosecondType>().value(row) as i128
-            }
-            _ => col.as_primitive::<Int64Type>().value(row) as i128,
-        }
-    };
-    let float = || col.as_primitive::<Float64Type>().value(row);
-    Ok(match MetricState::empty(metric) {
-        MetricState::Count(_) => MetricState::Count(if null { 0 } else { int() as u64 }),
-        MetricState::SumInt(_) => MetricState::SumInt(if null { 0 } else { int() }),
-        MetricState::SumFloat(_) => MetricState::SumFloat(if null { 0.0 } else { float() }),
-        MetricState::MinInt(_) => MetricState::MinInt((!null).then(int)),
-        MetricState::MaxInt(_) => MetricState::MaxInt((!null).then(int)),
-        MetricState::MinFloat(_) => MetricState::MinFloat((!null).then(float)),
-        MetricState::MaxFloat(_) => MetricState::MaxFloat((!null).then(float)),
-        MetricState::Distinct(empty) => {
-            let sketch = sketch.expect("distinct has a sketch column");
-            let sketch = cast(sketch, &DataType::Binary)?;
-            let exact = (!null).then(|| int() as u64);
-            if sketch.is_null(row) {
-                MetricState::Distinct(empty)
-            } else {
-                MetricState::Distinct(Box::new(DistinctState::from_parts(
-                    sketch.as_binary::<i32>().value(row),
-                    exact,
-                )?))
-            }
-        }
-    })
 }

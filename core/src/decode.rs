@@ -18,8 +18,11 @@ use datafusion::arrow::array::{
     ArrayRef, BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, StringBuilder,
     TimestampMicrosecondBuilder,
 };
+use datafusion::arrow::compute::kernels::cast_utils;
+use datafusion::arrow::datatypes::Decimal128Type;
 use datafusion::arrow::record_batch::RecordBatch;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 use crate::error::Result;
 use crate::schema::{EventSchema, FieldType};
@@ -98,7 +101,7 @@ pub struct TimePolicy {
 impl Default for TimePolicy {
     fn default() -> Self {
         TimePolicy {
-            max_future_us: crate::view::DAY_US,
+            max_future_us: crate::time::DAY_US,
         }
     }
 }
@@ -108,6 +111,8 @@ impl Default for TimePolicy {
 pub struct Decoder {
     schema: Arc<EventSchema>,
     index: Arc<HashMap<String, usize>>,
+    /// Per field: whether it is a decimal, kept as its JSON text until parsed exactly.
+    decimal: Arc<[bool]>,
     policy: TimePolicy,
 }
 
@@ -122,6 +127,8 @@ enum Slot<'de> {
     F64(f64),
     Bool(bool),
     Nested(&'static str),
+    /// The JSON text of a decimal field's value, parsed without passing through f64.
+    Raw(&'de str),
 }
 
 impl Slot<'_> {
@@ -133,6 +140,14 @@ impl Slot<'_> {
             Slot::I64(_) | Slot::U64(_) | Slot::F64(_) => "a number",
             Slot::Bool(_) => "a boolean",
             Slot::Nested(t) => t,
+            Slot::Raw(text) => match text.as_bytes().first() {
+                Some(b'"') => "a string",
+                Some(b'{') => "an object",
+                Some(b'[') => "an array",
+                Some(b't' | b'f') => "a boolean",
+                Some(b'n') => "null",
+                _ => "a number",
+            },
         }
     }
 }
@@ -213,9 +228,15 @@ impl Decoder {
             .enumerate()
             .map(|(i, f)| (f.name.clone(), i))
             .collect();
+        let decimal = schema
+            .fields
+            .iter()
+            .map(|f| matches!(f.ty, FieldType::Decimal { .. }))
+            .collect();
         Decoder {
             schema,
             index: Arc::new(index),
+            decimal,
             policy: TimePolicy::default(),
         }
     }
@@ -267,7 +288,7 @@ impl Decoder {
             };
             slots.clear();
             slots.resize(fields.len(), Slot::Missing);
-            if let Err(e) = parse_row(payload, &self.index, &mut slots) {
+            if let Err(e) = parse_row(payload, &self.index, &self.decimal, &mut slots) {
                 rejected.push(reject(RejectReason::Decode, e));
                 continue;
             }
@@ -334,14 +355,16 @@ fn check<'a>(slot: &'a Slot<'_>, ty: FieldType) -> std::result::Result<Value<'a>
         (FieldType::Float, Slot::I64(x)) => Value::F64(*x as f64),
         (FieldType::Float, Slot::U64(x)) => Value::F64(*x as f64),
         (FieldType::Float, Slot::F64(x)) => Value::F64(*x),
-        (FieldType::Decimal { scale }, Slot::I64(_) | Slot::U64(_) | Slot::F64(_)) => {
-            let x = match slot {
-                Slot::I64(x) => *x as f64,
-                Slot::U64(x) => *x as f64,
-                Slot::F64(x) => *x,
-                _ => unreachable!("matched above"),
+        (FieldType::Decimal { .. }, Slot::Raw("null")) => Value::Null,
+        (FieldType::Decimal { scale }, Slot::Raw(text)) => {
+            let number = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+                // A numeric string; an escape cannot be part of a number.
+                Some(inner) if !inner.contains('\\') => inner.trim(),
+                Some(_) => return wrong(),
+                None if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => text,
+                None => return wrong(),
             };
-            Value::I128(to_decimal(x, scale)?)
+            Value::I128(parse_decimal(number, scale)?)
         }
         (FieldType::Bool, Slot::Bool(b)) => Value::Bool(*b),
         (FieldType::Timestamp, Slot::Str(s)) => match DateTime::parse_from_rfc3339(s) {
@@ -367,12 +390,22 @@ fn check<'a>(slot: &'a Slot<'_>, ty: FieldType) -> std::result::Result<Value<'a>
     })
 }
 
-/// A JSON number as a decimal with `scale` digits, rounded half away from zero.
-pub fn to_decimal(x: f64, scale: u8) -> std::result::Result<i128, String> {
-    if !x.is_finite() || x.abs() >= 1e24 {
-        return Err(format!("{x} is out of range for a decimal"));
+/// A decimal with `scale` digits after the point, in units of its scale, from its text (a JSON
+/// number or a numeric string), exactly: the text never passes through f64. A value with more
+/// digits after the point than the scale keeps is refused, not rounded.
+pub fn parse_decimal(text: &str, scale: u8) -> std::result::Result<i128, String> {
+    let shown = truncate(text, 64);
+    if !text.contains(['e', 'E']) {
+        if let Some((_, fraction)) = text.split_once('.') {
+            if fraction.trim_end_matches('0').len() > scale as usize {
+                return Err(format!(
+                    "`{shown}` has more than {scale} digits after the point"
+                ));
+            }
+        }
     }
-    Ok((x * 10f64.powi(scale as i32)).round() as i128)
+    cast_utils::parse_decimal::<Decimal128Type>(text, crate::metric::DECIMAL_PRECISION, scale as i8)
+        .map_err(|_| format!("`{shown}` is not a decimal number that fits 38 digits"))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -385,17 +418,23 @@ fn truncate(s: &str, max: usize) -> &str {
 fn parse_row<'de>(
     payload: &'de [u8],
     index: &HashMap<String, usize>,
+    decimal: &[bool],
     slots: &mut [Slot<'de>],
 ) -> std::result::Result<(), String> {
     let mut de = serde_json::Deserializer::from_slice(payload);
-    RowSeed { index, slots }
-        .deserialize(&mut de)
-        .map_err(|e| e.to_string())?;
+    RowSeed {
+        index,
+        decimal,
+        slots,
+    }
+    .deserialize(&mut de)
+    .map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())
 }
 
 struct RowSeed<'s, 'de> {
     index: &'s HashMap<String, usize>,
+    decimal: &'s [bool],
     slots: &'s mut [Slot<'de>],
 }
 
@@ -414,6 +453,7 @@ impl<'de> Visitor<'de> for RowSeed<'_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
         while let Some(key) = map.next_key_seed(KeySeed(self.index))? {
             match key {
+                Some(i) if self.decimal[i] => self.slots[i] = map.next_value_seed(RawSeed)?,
                 Some(i) => self.slots[i] = map.next_value_seed(SlotSeed)?,
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -444,6 +484,16 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
     }
     fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Option<usize>, E> {
         Ok(self.0.get(v).copied())
+    }
+}
+
+/// A value kept as its JSON text, borrowed from the payload.
+struct RawSeed;
+
+impl<'de> DeserializeSeed<'de> for RawSeed {
+    type Value = Slot<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Slot<'de>, D::Error> {
+        <&'de RawValue>::deserialize(d).map(|raw| Slot::Raw(raw.get()))
     }
 }
 
@@ -628,6 +678,37 @@ fields = [
         assert_eq!(d.offsets, [1], "an unknown deep field is skipped");
         let reasons: Vec<_> = d.rejected.iter().map(|r| r.reason).collect();
         assert_eq!(reasons, [RejectReason::Decode, RejectReason::Schema]);
+    }
+
+    #[test]
+    fn decimals_are_parsed_from_their_text_exactly() {
+        let row = |price: &str| {
+            format!(r#"{{"id":"a","ts":"2026-11-25T13:00:00Z","name":"x","price":{price}}}"#)
+        };
+        let texts = [
+            row("0.1"),
+            row("\"0.2\""),
+            row("123456789012345678901234567890.12"),
+            row("-7"),
+            row("1.5e2"),
+            row("null"),
+            row("4.999"),
+            row("\"abc\""),
+            row("true"),
+        ];
+        let payloads: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+        let d = decoder().decode(&msgs(&payloads), NOW).unwrap();
+        let price = d.batch.column(3).as_primitive::<Decimal128Type>();
+        assert_eq!(price.value(0), 10);
+        assert_eq!(price.value(1), 20);
+        assert_eq!(price.value(2), 12_345_678_901_234_567_890_123_456_789_012);
+        assert_eq!(price.value(3), -700);
+        assert_eq!(price.value(4), 15_000);
+        assert!(price.is_null(5));
+        let rejected: Vec<_> = d.rejected.iter().map(|r| r.offset).collect();
+        assert_eq!(rejected, [6, 7, 8]);
+        assert!(d.rejected[0].error.contains("digits after the point"));
+        assert!(d.rejected[2].error.contains("a boolean"));
     }
 
     #[test]

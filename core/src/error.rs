@@ -34,9 +34,18 @@ pub enum CoreError {
     #[error("unknown view `{0}`")]
     UnknownView(String),
 
-    /// A storage URL that cannot be used.
+    /// A storage URL that cannot be used (configuration).
     #[error("storage URL `{url}`: {message}")]
     Storage { url: String, message: String },
+
+    /// The object store did not answer as asked (unreachable, refused, failed): a retry may
+    /// help.
+    #[error("object store at {url}")]
+    ObjectStore {
+        url: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
 
     /// A sketch that cannot be read back.
     #[error("sketch: {0}")]
@@ -47,12 +56,30 @@ pub enum CoreError {
     DataFusion(#[from] datafusion::error::DataFusionError),
 
     /// A Delta table could not be read or written.
-    #[error("delta table: {0}")]
+    #[error("delta table")]
     Delta(#[source] Box<deltalake::DeltaTableError>),
 
-    /// A layer behind a seam failed (storage, broker); a retry may help.
-    #[error("{0}")]
-    Backend(String),
+    /// A named Delta table could not be read or written.
+    #[error("delta table {table}")]
+    Table {
+        table: String,
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
+
+    /// A layer behind a seam failed; `retryable` says whether a retry may help (storage or a
+    /// broker that is away) or not (a bug or corrupt data).
+    #[error("{layer}")]
+    Layer {
+        layer: &'static str,
+        retryable: bool,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A broken invariant: a bug, never the user's input.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     /// An Arrow error while building or reading a batch.
     #[error(transparent)]
@@ -62,7 +89,36 @@ pub enum CoreError {
 /// Result alias of tandem-core.
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
 
+/// Whose the fault is, and whether a retry helps: how an error is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request or the input is wrong (HTTP 400 / 404).
+    User,
+    /// A dependency is unavailable; a retry may help (HTTP 503).
+    Unavailable,
+    /// A bug or corrupt data (HTTP 500).
+    Internal,
+}
+
 impl CoreError {
+    /// Classifies the error by its variant and, for wrapped errors, by the cause underneath.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            CoreError::BadQuery(_) | CoreError::UnknownView(_) => ErrorClass::User,
+            CoreError::ObjectStore { .. } => ErrorClass::Unavailable,
+            CoreError::Layer { retryable, .. } => {
+                if *retryable {
+                    ErrorClass::Unavailable
+                } else {
+                    ErrorClass::Internal
+                }
+            }
+            CoreError::Delta(e) | CoreError::Table { source: e, .. } => delta_class(e),
+            CoreError::DataFusion(e) => datafusion_class(e),
+            _ => ErrorClass::Internal,
+        }
+    }
+
     pub(crate) fn key(
         path: &std::path::Path,
         key: impl Into<String>,
@@ -73,5 +129,30 @@ impl CoreError {
             key: key.into(),
             message: message.into(),
         }
+    }
+}
+
+/// Storage that cannot be reached is `Unavailable`; anything else from Delta is `Internal`.
+pub fn delta_class(e: &deltalake::DeltaTableError) -> ErrorClass {
+    use deltalake::DeltaTableError as D;
+    match e {
+        D::ObjectStore { .. } | D::Io { .. } => ErrorClass::Unavailable,
+        _ => ErrorClass::Internal,
+    }
+}
+
+/// DataFusion errors that come from storage are `Unavailable`; the rest `Internal`.
+pub fn datafusion_class(e: &datafusion::error::DataFusionError) -> ErrorClass {
+    use datafusion::error::DataFusionError as D;
+    match e.find_root() {
+        D::ObjectStore(_) | D::IoError(_) => ErrorClass::Unavailable,
+        D::External(inner) => match inner.downcast_ref::<deltalake::DeltaTableError>() {
+            Some(d) => delta_class(d),
+            None if inner.downcast_ref::<object_store::Error>().is_some() => {
+                ErrorClass::Unavailable
+            }
+            None => ErrorClass::Internal,
+        },
+        _ => ErrorClass::Internal,
     }
 }

@@ -1,17 +1,18 @@
 //! tandem-core: the contracts every layer shares, and nothing that talks to the outside.
 //!
 //! It owns event schemas ([`schema`]) and view definitions ([`view`]) as data, the columnar
-//! decoder from Kafka messages to Arrow ([`decode`]), a view's filter ([`filter`]), the metric
-//! states that merge across partitions, layers and time ([`metric`]), the query contract and
-//! the merged answer ([`query`]), the storage layout and Delta tables ([`paths`], [`storage`]), the synthetic reference
-//! workload ([`gen`]), and the traits at the seams between layers ([`traits`]). It has no
-//! sockets, no Kafka and no query planning: the speed, batch and serving crates build on it.
+//! decoder from Kafka messages to Arrow ([`decode`]), a view's filter ([`filter`]), every
+//! metric kind in one place ([`metric`]: its state, update, merge, batch columns and answer
+//! column), the query model and the merged answer ([`query`]), the storage layout and Delta
+//! tables ([`paths`], [`storage`]), the one writer of the master dataset ([`master`]), time and
+//! an injectable clock ([`time`]), and the traits at the seams between layers ([`traits`]).
+//! It has no sockets, no Kafka, no HTTP parsing or rendering, no query planning and no
+//! generator: the speed, batch and serving crates build on it.
 
 pub mod catalog;
 pub mod decode;
 pub mod error;
 pub mod filter;
-pub mod gen;
 pub mod master;
 pub mod metric;
 pub mod paths;
@@ -23,4 +24,4 @@ pub mod traits;
 pub mod view;
 
 pub use catalog::Catalog;
-pub use error::{CoreError, Result};
+pub use error::{CoreError, ErrorClass, Result};

@@ -1,6 +1,21 @@
-//! The master dataset's and the dead-letter table's rows, built from decoded messages. The
-//! archiver (from Kafka) and the importer (from files) write the same shapes.
+//! The one writer of the master dataset and its dead-letter table. The archiver (from Kafka)
+//! and `tandem import` (from files) both commit through [`MasterWriter`]:
+//!
+//! ```text
+//!  decoded events ─► archive_batch (events + _partition, _offset, dt)
+//!  rejected messages ─────────────────────────────────────────────┐
+//!                                                                 ▼
+//!  commit: 1. dead-letter table: rejects + txn(app id, version) per source
+//!          2. master dataset: rows + txn(app id, version) per source
+//!                             + the event days touched (DAYS_KEY), so late events mark
+//!                               their day dirty for the next batch run
+//! ```
+//!
+//! Dead letters go first, so a master commit implies its rejects are stored. The `txn` versions
+//! make a replayed commit detectable by its writer: a message at or below the stored version
+//! of its source is already there.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -10,10 +25,177 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::Transaction;
+use deltalake::protocol::SaveMode;
+use deltalake::DeltaTable;
+use serde_json::{json, Value as Json};
+use url::Url;
+
 use crate::decode::{Decoded, Rejected};
-use crate::error::Result;
+use crate::error::{CoreError, Result};
+use crate::paths::DAY_COLUMN;
 use crate::schema::{timestamp_type, EventSchema};
+use crate::storage::Storage;
 use crate::time::{day_of, day_string};
+
+/// Commit metadata key of a master commit: the event days (`YYYY-MM-DD`) it touched.
+pub const DAYS_KEY: &str = "tandem.days";
+
+/// What one commit writes: rows of the master schema ([`archive_batch`]), rejected messages,
+/// and the transaction versions that let the writer recognise a replay.
+#[derive(Debug, Default)]
+pub struct MasterCommit {
+    pub rows: Vec<RecordBatch>,
+    pub rejects: Vec<Rejected>,
+    /// The topic (or imported file) the rejects came from, for the dead-letter rows.
+    pub source: String,
+    /// `txn` (app id, version) actions of the master commit.
+    pub master_txns: Vec<(String, i64)>,
+    /// `txn` (app id, version) actions of the dead-letter commit.
+    pub dead_letter_txns: Vec<(String, i64)>,
+    /// More metadata for the master commit.
+    pub metadata: Vec<(String, Json)>,
+}
+
+/// What one commit did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommitReport {
+    pub rows: usize,
+    pub rejects: usize,
+    /// The event days the rows touched.
+    pub days: BTreeSet<String>,
+}
+
+/// Writes one event schema's master dataset and dead-letter table.
+#[derive(Debug)]
+pub struct MasterWriter {
+    storage: Storage,
+    schema: Arc<EventSchema>,
+    master_url: Url,
+    dlq_url: Url,
+    master: DeltaTable,
+    dlq: DeltaTable,
+}
+
+impl MasterWriter {
+    /// Opens (creating if needed) the master and dead-letter tables of `schema`.
+    pub async fn open(storage: Storage, schema: Arc<EventSchema>) -> Result<Self> {
+        let master_url = storage.layout().master(&schema.name);
+        let dlq_url = storage.layout().dead_letter(&schema.name);
+        let master = storage
+            .open_or_create(&master_url, &schema.master_schema(), &[DAY_COLUMN])
+            .await?;
+        let dlq = storage
+            .open_or_create(&dlq_url, &dead_letter_schema(), &[])
+            .await?;
+        Ok(MasterWriter {
+            storage,
+            schema,
+            master_url,
+            dlq_url,
+            master,
+            dlq,
+        })
+    }
+
+    pub fn schema(&self) -> &Arc<EventSchema> {
+        &self.schema
+    }
+
+    /// Reads both tables' logs again (after a failed commit, whose outcome is unknown).
+    pub async fn reload(&mut self) -> Result<()> {
+        *self = Self::open(self.storage.clone(), Arc::clone(&self.schema)).await?;
+        Ok(())
+    }
+
+    /// The versions stored with `app_id` in the master's and the dead-letter table's `txn`
+    /// actions (-1 where none).
+    pub async fn txn_versions(&self, master_app: &str, dlq_app: &str) -> Result<(i64, i64)> {
+        Ok((
+            txn_version(&self.master, &self.master_url, master_app).await?,
+            txn_version(&self.dlq, &self.dlq_url, dlq_app).await?,
+        ))
+    }
+
+    /// Commits `commit`: dead letters first, then the rows with the days they touched.
+    /// Nothing is written for an empty part.
+    pub async fn commit(&mut self, commit: MasterCommit, now_us: i64) -> Result<CommitReport> {
+        let mut report = CommitReport::default();
+        if !commit.rejects.is_empty() {
+            let batch = dead_letter_batch(&commit.source, &commit.rejects, now_us)?;
+            let props = with_txns(CommitProperties::default(), &commit.dead_letter_txns);
+            self.dlq = self
+                .dlq
+                .clone()
+                .write(vec![batch])
+                .with_save_mode(SaveMode::Append)
+                .with_commit_properties(props)
+                .await
+                .map_err(|e| table_err(&self.dlq_url, e))?;
+            report.rejects = commit.rejects.len();
+        }
+        let rows: usize = commit.rows.iter().map(RecordBatch::num_rows).sum();
+        if rows == 0 && commit.master_txns.is_empty() {
+            return Ok(report);
+        }
+        for b in &commit.rows {
+            let dt = b
+                .column_by_name(DAY_COLUMN)
+                .ok_or_else(|| {
+                    CoreError::Internal(format!("a master batch without `{DAY_COLUMN}`"))
+                })?
+                .as_string::<i32>();
+            report.days.extend(dt.iter().flatten().map(str::to_string));
+        }
+        let mut metadata = commit.metadata;
+        metadata.push((DAYS_KEY.to_string(), json!(report.days)));
+        let props = with_txns(
+            CommitProperties::default().with_metadata(metadata),
+            &commit.master_txns,
+        );
+        let batches = if commit.rows.is_empty() {
+            vec![RecordBatch::new_empty(self.schema.master_schema())]
+        } else {
+            commit.rows
+        };
+        self.master = self
+            .master
+            .clone()
+            .write(batches)
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns([DAY_COLUMN])
+            .with_commit_properties(props)
+            .await
+            .map_err(|e| table_err(&self.master_url, e))?;
+        report.rows = rows;
+        Ok(report)
+    }
+}
+
+fn with_txns(mut props: CommitProperties, txns: &[(String, i64)]) -> CommitProperties {
+    for (app, version) in txns {
+        props = props.with_application_transaction(Transaction::new(app, *version));
+    }
+    props
+}
+
+fn table_err(url: &Url, source: deltalake::DeltaTableError) -> CoreError {
+    CoreError::Table {
+        table: url.to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// The version stored with `app_id` in `table`'s `txn` actions, -1 if none.
+async fn txn_version(table: &DeltaTable, url: &Url, app_id: &str) -> Result<i64> {
+    let snapshot = table.snapshot().map_err(|e| table_err(url, e))?;
+    Ok(snapshot
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await
+        .map_err(|e| table_err(url, e))?
+        .unwrap_or(-1))
+}
 
 /// The decoded events with their Kafka partition, offset and `dt` day, in the master schema.
 pub fn archive_batch(schema: &EventSchema, decoded: &Decoded) -> Result<RecordBatch> {

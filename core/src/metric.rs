@@ -1,4 +1,8 @@
-//! Metric states: the partial aggregates both layers produce and serving merges.
+//! Metric kinds, in one place: what each kind of metric reads, its partial state, how an event
+//! updates the state, how states merge, how a state is stored in and read back from a batch
+//! view's columns, and how it is answered (its Arrow column; JSON and CSV print from that).
+//! The batch layer's aggregate expressions for each kind sit in one function beside its plan
+//! (`tandem_batch::compute::metric_exprs`).
 //!
 //! Every state merges associatively and commutatively, so speed partitions, batch rows and
 //! time rollups all combine the same way. `distinct` is an Apache DataSketches HLL sketch
@@ -6,13 +10,310 @@
 //! long as nothing is merged into it.
 
 use std::fmt;
+use std::sync::Arc;
 
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Float64Array, Int64Array, StructArray,
+    TimestampMicrosecondArray, UInt64Array,
+};
+use datafusion::arrow::datatypes::{
+    DataType, Decimal128Type, Field, Float64Type, Int64Type, TimestampMicrosecondType,
+};
 use datasketches::hash::value::raw_bytes;
 use datasketches::hll::{HllSketch, HllType, HllUnion};
-use serde_json::{json, Value as Json};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
-use crate::view::{MetricDef, MetricKind};
+use crate::schema::FieldType;
+
+/// Default log2 register count of HLL sketches: relative standard error 1.04/sqrt(4096) = 1.6 %.
+pub const DEFAULT_LG_K: u8 = 12;
+
+/// The widest decimal Arrow holds; sums of decimal fields use it.
+pub const DECIMAL_PRECISION: u8 = 38;
+
+/// What a metric computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricKind {
+    /// Number of events (exact).
+    Count,
+    /// Sum of a numeric field (exact for int and decimal fields).
+    Sum,
+    /// Smallest value of a numeric or timestamp field.
+    Min,
+    /// Largest value of a numeric or timestamp field.
+    Max,
+    /// Distinct values of a field: exact in batch, an HLL sketch in speed and in rollups.
+    Distinct,
+}
+
+impl MetricKind {
+    /// Every kind, in the order messages list them.
+    pub const ALL: [MetricKind; 5] = [
+        MetricKind::Count,
+        MetricKind::Sum,
+        MetricKind::Min,
+        MetricKind::Max,
+        MetricKind::Distinct,
+    ];
+
+    /// The name in a view file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Count => "count",
+            MetricKind::Sum => "sum",
+            MetricKind::Min => "min",
+            MetricKind::Max => "max",
+            MetricKind::Distinct => "distinct",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether the kind reads a field of type `ty` (`None`: no field). The error says why not.
+    pub fn check_field(self, ty: Option<FieldType>) -> std::result::Result<(), String> {
+        let ok = match (self, ty) {
+            (MetricKind::Count, None) => return Ok(()),
+            (MetricKind::Count, Some(_)) => return Err("count takes no field".into()),
+            (_, None) => return Err(format!("{} needs a field", self.as_str())),
+            (MetricKind::Sum, Some(t)) => t.is_numeric(),
+            (MetricKind::Min | MetricKind::Max, Some(t)) => {
+                t.is_numeric() || t == FieldType::Timestamp
+            }
+            (MetricKind::Distinct, Some(t)) => t != FieldType::Float,
+        };
+        match (ok, ty) {
+            (true, _) => Ok(()),
+            (false, Some(t)) => Err(format!(
+                "{} does not apply to a {} field",
+                self.as_str(),
+                t.name()
+            )),
+            (false, None) => Err(format!("{} needs a field", self.as_str())),
+        }
+    }
+}
+
+impl fmt::Display for MetricKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One metric of a view.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricDef {
+    pub name: String,
+    pub kind: MetricKind,
+    /// The event field it reads (none for `count`).
+    pub field: Option<String>,
+    /// The field's type (none for `count`).
+    #[serde(skip)]
+    pub field_type: Option<FieldType>,
+    /// log2 of the HLL sketch's register count, for `distinct` (4..=21, default 12).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lg_k: Option<u8>,
+}
+
+impl MetricDef {
+    /// The decimal scale of the value, if it is a decimal.
+    pub fn scale(&self) -> Option<u8> {
+        match (self.kind, self.field_type) {
+            (
+                MetricKind::Sum | MetricKind::Min | MetricKind::Max,
+                Some(FieldType::Decimal { scale }),
+            ) => Some(scale),
+            _ => None,
+        }
+    }
+
+    pub fn lg_k(&self) -> u8 {
+        self.lg_k.unwrap_or(DEFAULT_LG_K)
+    }
+
+    /// The columns this metric keeps in a batch view table, in order: first its value (named
+    /// as the metric), then any parts serving needs to merge it (a distinct's sketch).
+    pub fn batch_fields(&self) -> Vec<Field> {
+        let value = |ty: DataType| Field::new(&self.name, ty, true);
+        match (self.kind, self.field_type) {
+            (MetricKind::Count, _) => vec![value(DataType::Int64)],
+            (MetricKind::Distinct, _) => vec![
+                value(DataType::Int64),
+                Field::new(format!("{}__hll", self.name), DataType::Binary, true),
+            ],
+            (MetricKind::Sum, Some(FieldType::Decimal { scale })) => {
+                vec![value(DataType::Decimal128(DECIMAL_PRECISION, scale as i8))]
+            }
+            (_, Some(t)) => vec![value(t.arrow_type())],
+            (_, None) => vec![value(DataType::Int64)],
+        }
+    }
+
+    /// The empty state.
+    pub fn empty_state(&self) -> MetricState {
+        let float = self.field_type == Some(FieldType::Float);
+        match (self.kind, float) {
+            (MetricKind::Count, _) => MetricState::Count(0),
+            (MetricKind::Sum, false) => MetricState::SumInt(0),
+            (MetricKind::Sum, true) => MetricState::SumFloat(0.0),
+            (MetricKind::Min, false) => MetricState::MinInt(None),
+            (MetricKind::Min, true) => MetricState::MinFloat(None),
+            (MetricKind::Max, false) => MetricState::MaxInt(None),
+            (MetricKind::Max, true) => MetricState::MaxFloat(None),
+            (MetricKind::Distinct, _) => {
+                MetricState::Distinct(Box::new(DistinctState::new(self.lg_k())))
+            }
+        }
+    }
+
+    /// The state stored in row `row` of this metric's batch view columns (as [`batch_fields`]
+    /// lists them).
+    ///
+    /// [`batch_fields`]: MetricDef::batch_fields
+    pub fn state_from_batch(&self, columns: &[ArrayRef], row: usize) -> Result<MetricState> {
+        let value = &columns[0];
+        let null = value.is_null(row);
+        let int = || cell_i128(value, row);
+        let float = || value.as_primitive::<Float64Type>().value(row);
+        Ok(match self.empty_state() {
+            MetricState::Count(_) => MetricState::Count(if null { 0 } else { int()? as u64 }),
+            MetricState::SumInt(_) => MetricState::SumInt(if null { 0 } else { int()? }),
+            MetricState::SumFloat(_) => MetricState::SumFloat(if null { 0.0 } else { float() }),
+            MetricState::MinInt(_) => MetricState::MinInt((!null).then(int).transpose()?),
+            MetricState::MaxInt(_) => MetricState::MaxInt((!null).then(int).transpose()?),
+            MetricState::MinFloat(_) => MetricState::MinFloat((!null).then(float)),
+            MetricState::MaxFloat(_) => MetricState::MaxFloat((!null).then(float)),
+            MetricState::Distinct(empty) => {
+                let sketch = columns.get(1).ok_or_else(|| {
+                    CoreError::Sketch(format!("`{}` has no sketch column", self.name))
+                })?;
+                if sketch.is_null(row) {
+                    MetricState::Distinct(empty)
+                } else {
+                    let exact = if null { None } else { Some(int()? as u64) };
+                    MetricState::Distinct(Box::new(DistinctState::from_parts(
+                        binary_cell(sketch, row)?,
+                        exact,
+                    )?))
+                }
+            }
+        })
+    }
+
+    /// The Arrow type of this metric in an answer. Counts are UInt64; sums of int and decimal
+    /// fields Decimal128 (exact); float metrics Float64; min and max keep their field's type;
+    /// a distinct is a struct of `value`, `exact` and `rse`.
+    pub fn answer_type(&self) -> DataType {
+        match (self.kind, self.field_type) {
+            (MetricKind::Count, _) => DataType::UInt64,
+            (MetricKind::Distinct, _) => DataType::Struct(distinct_fields().into()),
+            (_, Some(FieldType::Float)) => DataType::Float64,
+            (_, Some(FieldType::Timestamp)) => crate::schema::timestamp_type(),
+            (MetricKind::Sum, _) | (_, Some(FieldType::Decimal { .. })) => {
+                DataType::Decimal128(DECIMAL_PRECISION, self.scale().unwrap_or(0) as i8)
+            }
+            _ => DataType::Int64,
+        }
+    }
+
+    /// The answer column of these states (one per row; `None` for a missing state).
+    pub fn answer_column<'a>(
+        &self,
+        states: impl Iterator<Item = Option<&'a MetricState>>,
+    ) -> Result<ArrayRef> {
+        let states: Vec<Option<&MetricState>> = states.collect();
+        let ints = || states.iter().map(|s| s.and_then(|s| s.as_i128()));
+        let column: ArrayRef = match self.answer_type() {
+            DataType::UInt64 => Arc::new(UInt64Array::from_iter(
+                ints().map(|v| v.and_then(|v| u64::try_from(v).ok())),
+            )),
+            DataType::Struct(_) => {
+                let parts: Vec<(u64, bool, Option<f64>)> = states
+                    .iter()
+                    .map(|s| match s {
+                        Some(MetricState::Distinct(d)) => match d.exact {
+                            Some(n) => (n, true, None),
+                            None => (
+                                d.estimate().round() as u64,
+                                false,
+                                Some(hll_rse(d.sketch.lg_config_k())),
+                            ),
+                        },
+                        _ => (0, false, None),
+                    })
+                    .collect();
+                let fields = distinct_fields();
+                Arc::new(StructArray::new(
+                    fields.into(),
+                    vec![
+                        Arc::new(UInt64Array::from_iter_values(parts.iter().map(|p| p.0))),
+                        Arc::new(BooleanArray::from_iter(parts.iter().map(|p| Some(p.1)))),
+                        Arc::new(Float64Array::from_iter(
+                            parts.iter().map(|p| p.2.map(|r| (r * 1e4).round() / 1e4)),
+                        )),
+                    ],
+                    None,
+                ))
+            }
+            DataType::Float64 => Arc::new(Float64Array::from_iter(
+                states.iter().map(|s| s.and_then(MetricState::as_float)),
+            )),
+            DataType::Timestamp(..) => Arc::new(
+                TimestampMicrosecondArray::from_iter(
+                    ints().map(|v| v.and_then(|v| i64::try_from(v).ok())),
+                )
+                .with_timezone("UTC"),
+            ),
+            DataType::Decimal128(p, s) => {
+                Arc::new(Decimal128Array::from_iter(ints()).with_precision_and_scale(p, s)?)
+            }
+            _ => Arc::new(Int64Array::from_iter(
+                ints().map(|v| v.and_then(|v| i64::try_from(v).ok())),
+            )),
+        };
+        Ok(column)
+    }
+}
+
+/// The fields of a distinct metric's answer: its value, whether it is exact, and if not, the
+/// sketch's relative standard error.
+fn distinct_fields() -> Vec<Field> {
+    vec![
+        Field::new("value", DataType::UInt64, false),
+        Field::new("exact", DataType::Boolean, false),
+        Field::new("rse", DataType::Float64, true),
+    ]
+}
+
+/// An integer cell of a batch view column (Int64, Decimal128 in units, or timestamp µs).
+fn cell_i128(col: &ArrayRef, row: usize) -> Result<i128> {
+    Ok(match col.data_type() {
+        DataType::Decimal128(..) => col.as_primitive::<Decimal128Type>().value(row),
+        DataType::Timestamp(..) => {
+            col.as_primitive::<TimestampMicrosecondType>().value(row) as i128
+        }
+        DataType::Int64 => col.as_primitive::<Int64Type>().value(row) as i128,
+        other => {
+            let cast = datafusion::arrow::compute::cast(&col.slice(row, 1), &DataType::Int64)
+                .map_err(|e| CoreError::Sketch(format!("a {other} cell: {e}")))?;
+            cast.as_primitive::<Int64Type>().value(0) as i128
+        }
+    })
+}
+
+fn binary_cell(col: &ArrayRef, row: usize) -> Result<&[u8]> {
+    match col.data_type() {
+        DataType::Binary => Ok(col.as_binary::<i32>().value(row)),
+        DataType::LargeBinary => Ok(col.as_binary::<i64>().value(row)),
+        DataType::BinaryView => Ok(col.as_binary_view().value(row)),
+        other => Err(CoreError::Sketch(format!(
+            "a sketch column of type {other}"
+        ))),
+    }
+}
 
 /// A distinct-count state.
 #[derive(Clone, PartialEq)]
@@ -104,20 +405,45 @@ pub enum MetricState {
 }
 
 impl MetricState {
-    /// The empty state of `metric`.
-    pub fn empty(metric: &MetricDef) -> Self {
-        use crate::schema::FieldType::Float;
-        match (metric.kind, metric.field_type == Some(Float)) {
-            (MetricKind::Count, _) => MetricState::Count(0),
-            (MetricKind::Sum, false) => MetricState::SumInt(0),
-            (MetricKind::Sum, true) => MetricState::SumFloat(0.0),
-            (MetricKind::Min, false) => MetricState::MinInt(None),
-            (MetricKind::Min, true) => MetricState::MinFloat(None),
-            (MetricKind::Max, false) => MetricState::MaxInt(None),
-            (MetricKind::Max, true) => MetricState::MaxFloat(None),
-            (MetricKind::Distinct, _) => {
-                MetricState::Distinct(Box::new(DistinctState::new(metric.lg_k())))
+    /// Folds row `row` of `input` (the metric's field column; `None` for a count) into the
+    /// state. Null values change nothing but a count.
+    pub fn update(&mut self, input: Option<&ArrayRef>, row: usize) {
+        let Some(col) = input else {
+            if let MetricState::Count(c) = self {
+                *c += 1;
             }
+            return;
+        };
+        if col.is_null(row) {
+            return;
+        }
+        let int = || -> i128 {
+            match col.data_type() {
+                DataType::Decimal128(..) => col.as_primitive::<Decimal128Type>().value(row),
+                DataType::Timestamp(..) => {
+                    col.as_primitive::<TimestampMicrosecondType>().value(row) as i128
+                }
+                _ => col.as_primitive::<Int64Type>().value(row) as i128,
+            }
+        };
+        let float = || col.as_primitive::<Float64Type>().value(row);
+        match self {
+            MetricState::Count(c) => *c += 1,
+            MetricState::SumInt(s) => *s += int(),
+            MetricState::SumFloat(s) => *s += float(),
+            MetricState::MinInt(m) => *m = Some(m.map_or(int(), |v| v.min(int()))),
+            MetricState::MaxInt(m) => *m = Some(m.map_or(int(), |v| v.max(int()))),
+            MetricState::MinFloat(m) => *m = Some(m.map_or(float(), |v| v.min(float()))),
+            MetricState::MaxFloat(m) => *m = Some(m.map_or(float(), |v| v.max(float()))),
+            MetricState::Distinct(d) => match col.data_type() {
+                DataType::Utf8 => d.update_str(col.as_string::<i32>().value(row)),
+                DataType::Boolean => d.update_str(if col.as_boolean().value(row) {
+                    "true"
+                } else {
+                    "false"
+                }),
+                _ => d.update_i64(int() as i64),
+            },
         }
     }
 
@@ -134,42 +460,6 @@ impl MetricState {
             (MaxFloat(a), MaxFloat(b)) => *a = opt(*a, *b, f64::max),
             (Distinct(a), Distinct(b)) => a.merge(b),
             (a, b) => panic!("merging states of different metrics: {a:?} and {b:?}; this is a bug"),
-        }
-    }
-
-    /// The value served for this state, as JSON. Distinct values say whether they are exact
-    /// and, if not, their relative standard error.
-    pub fn to_json(&self, metric: &MetricDef) -> Json {
-        use MetricState::*;
-        let int = |v: i128| -> Json {
-            match metric.scale() {
-                Some(s) if s > 0 => json!(v as f64 / 10f64.powi(s as i32)),
-                _ => i64::try_from(v)
-                    .map(Json::from)
-                    .unwrap_or_else(|_| json!(v as f64)),
-            }
-        };
-        let time_or_int = |v: i128| -> Json {
-            if metric.field_type == Some(crate::schema::FieldType::Timestamp) {
-                json!(crate::time::format_us(v as i64))
-            } else {
-                int(v)
-            }
-        };
-        match self {
-            Count(c) => json!(c),
-            SumInt(v) => int(*v),
-            SumFloat(v) => json!(v),
-            MinInt(v) | MaxInt(v) => v.map(time_or_int).unwrap_or(Json::Null),
-            MinFloat(v) | MaxFloat(v) => v.map(|v| json!(v)).unwrap_or(Json::Null),
-            Distinct(d) => match d.exact {
-                Some(n) => json!({ "value": n, "exact": true }),
-                None => json!({
-                    "value": d.estimate().round() as u64,
-                    "exact": false,
-                    "rse": (hll_rse(d.sketch.lg_config_k()) * 1e4).round() / 1e4,
-                }),
-            },
         }
     }
 
@@ -195,8 +485,8 @@ impl MetricState {
         }
     }
 
-    /// A plain number for CSV output and comparisons.
-    pub fn as_f64(&self, metric: &MetricDef) -> Option<f64> {
+    /// The value as a plain number, to order rows by.
+    pub fn sort_key(&self, metric: &MetricDef) -> Option<f64> {
         use MetricState::*;
         let scaled = |v: i128| match metric.scale() {
             Some(s) => v as f64 / 10f64.powi(s as i32),
@@ -288,5 +578,22 @@ mod tests {
         let mut t = MetricState::SumInt(499);
         t.merge(&MetricState::SumInt(1));
         assert_eq!(t, MetricState::SumInt(500));
+    }
+
+    #[test]
+    fn kinds_check_their_fields() {
+        assert!(MetricKind::Count.check_field(None).is_ok());
+        assert!(MetricKind::Sum
+            .check_field(Some(FieldType::String))
+            .is_err());
+        assert!(MetricKind::Distinct
+            .check_field(Some(FieldType::Float))
+            .is_err());
+        assert!(MetricKind::Max
+            .check_field(Some(FieldType::Timestamp))
+            .is_ok());
+        for k in MetricKind::ALL {
+            assert_eq!(MetricKind::parse(k.as_str()), Some(k));
+        }
     }
 }

@@ -10,6 +10,11 @@ use url::Url;
 
 use crate::error::{CoreError, Result};
 
+/// The day partition column of the master dataset and of every view table (`YYYY-MM-DD`).
+pub const DAY_COLUMN: &str = "dt";
+/// A view table's bucket start column.
+pub const BUCKET_COLUMN: &str = "bucket";
+
 /// The root of a deployment's storage, parsed once from its URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {

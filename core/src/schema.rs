@@ -263,7 +263,7 @@ impl EventSchema {
             .collect();
         fields.push(Field::new(PARTITION_COLUMN, DataType::Int32, false));
         fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
-        fields.push(Field::new(crate::view::DAY_COLUMN, DataType::Utf8, false));
+        fields.push(Field::new(crate::paths::DAY_COLUMN, DataType::Utf8, false));
         Arc::new(ArrowSchema::new(fields))
     }
 

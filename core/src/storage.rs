@@ -86,14 +86,12 @@ impl Storage {
                 "{}/_delta_log",
                 url.path().trim_matches('/')
             ));
-            let listed =
-                store
-                    .list_with_delimiter(Some(&log))
-                    .await
-                    .map_err(|e| CoreError::Storage {
-                        url: url.to_string(),
-                        message: e.to_string(),
-                    })?;
+            let listed = store.list_with_delimiter(Some(&log)).await.map_err(|e| {
+                CoreError::ObjectStore {
+                    url: url.to_string(),
+                    source: Box::new(e),
+                }
+            })?;
             if listed.objects.is_empty() && listed.common_prefixes.is_empty() {
                 return Ok(None);
             }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 
-use crate::view::DAY_US;
+/// Microseconds in one minute, hour and day.
+pub const MINUTE_US: i64 = 60_000_000;
+pub const HOUR_US: i64 = 60 * MINUTE_US;
+pub const DAY_US: i64 = 24 * HOUR_US;
 
 /// RFC 3339 in UTC, seconds precision unless there are fractions.
 pub fn format_us(us: i64) -> String {

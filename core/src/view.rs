@@ -28,12 +28,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{CoreError, Result};
+pub use crate::metric::{MetricDef, MetricKind, DEFAULT_LG_K};
+pub use crate::paths::{BUCKET_COLUMN, DAY_COLUMN};
 use crate::schema::{is_identifier, timestamp_type, EventSchema, FieldType};
-
-/// Microseconds in one minute, hour and day.
-pub const MINUTE_US: i64 = 60_000_000;
-pub const HOUR_US: i64 = 60 * MINUTE_US;
-pub const DAY_US: i64 = 24 * HOUR_US;
+pub use crate::time::{DAY_US, HOUR_US, MINUTE_US};
 
 /// The width of a view's time buckets. Buckets are aligned to UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -83,75 +81,6 @@ impl fmt::Display for Granularity {
     }
 }
 
-/// What a metric computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MetricKind {
-    /// Number of events (exact).
-    Count,
-    /// Sum of a numeric field (exact for int and decimal fields).
-    Sum,
-    /// Smallest value of a numeric or timestamp field.
-    Min,
-    /// Largest value of a numeric or timestamp field.
-    Max,
-    /// Distinct values of a field: exact in batch, an HLL sketch in speed and in rollups.
-    Distinct,
-}
-
-/// One metric of a view.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct MetricDef {
-    pub name: String,
-    pub kind: MetricKind,
-    /// The event field it reads (none for `count`).
-    pub field: Option<String>,
-    /// The field's type (none for `count`).
-    #[serde(skip)]
-    pub field_type: Option<FieldType>,
-    /// log2 of the HLL sketch's register count, for `distinct` (4..=21, default 12).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lg_k: Option<u8>,
-}
-
-/// Default log2 register count of HLL sketches: relative standard error 1.04/sqrt(4096) = 1.6 %.
-pub const DEFAULT_LG_K: u8 = 12;
-
-impl MetricDef {
-    /// The Arrow type of this metric's value column in a batch view.
-    pub fn value_type(&self) -> DataType {
-        match (self.kind, self.field_type) {
-            (MetricKind::Count | MetricKind::Distinct, _) => DataType::Int64,
-            (MetricKind::Sum, Some(FieldType::Decimal { scale })) => {
-                DataType::Decimal128(38, scale as i8)
-            }
-            (_, Some(t)) => t.arrow_type(),
-            (_, None) => DataType::Int64,
-        }
-    }
-
-    /// The decimal scale of the value, if it is a decimal.
-    pub fn scale(&self) -> Option<u8> {
-        match self.field_type {
-            Some(FieldType::Decimal { scale })
-                if self.kind != MetricKind::Distinct && self.kind != MetricKind::Count =>
-            {
-                Some(scale)
-            }
-            _ => None,
-        }
-    }
-
-    /// The sketch column that sits beside a `distinct` metric in a batch view.
-    pub fn sketch_column(&self) -> String {
-        format!("{}__hll", self.name)
-    }
-
-    pub fn lg_k(&self) -> u8 {
-        self.lg_k.unwrap_or(DEFAULT_LG_K)
-    }
-}
-
 /// A view: the parsed definition both layers compute from.
 #[derive(Debug, Clone, Serialize)]
 pub struct ViewDef {
@@ -189,10 +118,6 @@ struct MetricFile {
     field: Option<String>,
     lg_k: Option<u8>,
 }
-
-/// Column names a view's batch table uses for itself.
-pub const BUCKET_COLUMN: &str = "bucket";
-pub const DAY_COLUMN: &str = "dt";
 
 impl ViewDef {
     /// Parses a view from TOML text, checking it against the event schemas.
@@ -284,67 +209,42 @@ impl ViewDef {
                 ));
             }
             seen.push(&m.name);
-            let kind = match m.kind.as_str() {
-                "count" => MetricKind::Count,
-                "sum" => MetricKind::Sum,
-                "min" => MetricKind::Min,
-                "max" => MetricKind::Max,
-                "distinct" => MetricKind::Distinct,
-                other => {
-                    return Err(CoreError::key(
-                        path,
-                        format!("{key}.kind"),
-                        format!(
-                            "unknown kind `{other}` (expected count, sum, min, max or distinct)"
-                        ),
-                    ))
-                }
+            let kind = MetricKind::parse(&m.kind).ok_or_else(|| {
+                let known: Vec<_> = MetricKind::ALL.iter().map(|k| k.as_str()).collect();
+                CoreError::key(
+                    path,
+                    format!("{key}.kind"),
+                    format!(
+                        "unknown kind `{}` (expected one of {})",
+                        m.kind,
+                        known.join(", ")
+                    ),
+                )
+            })?;
+            let field_type = match &m.field {
+                None => None,
+                Some(f) => Some(
+                    schema
+                        .field(f)
+                        .ok_or_else(|| {
+                            CoreError::key(
+                                path,
+                                format!("{key}.field"),
+                                format!("schema `{}` has no field `{f}`", schema.name),
+                            )
+                        })?
+                        .1
+                        .ty,
+                ),
             };
-            let field_type = match (kind, &m.field) {
-                (MetricKind::Count, None) => None,
-                (MetricKind::Count, Some(_)) => {
-                    return Err(CoreError::key(
-                        path,
-                        format!("{key}.field"),
-                        "count takes no field",
-                    ));
-                }
-                (_, None) => {
-                    return Err(CoreError::key(
-                        path,
-                        format!("{key}.field"),
-                        format!("{} needs a field", m.kind),
-                    ))
-                }
-                (_, Some(f)) => {
-                    let (_, def) = schema.field(f).ok_or_else(|| {
-                        CoreError::key(
-                            path,
-                            format!("{key}.field"),
-                            format!("schema `{}` has no field `{f}`", schema.name),
-                        )
-                    })?;
-                    let ok = match kind {
-                        MetricKind::Sum => def.ty.is_numeric(),
-                        MetricKind::Min | MetricKind::Max => {
-                            def.ty.is_numeric() || def.ty == FieldType::Timestamp
-                        }
-                        _ => def.ty != FieldType::Float,
-                    };
-                    if !ok {
-                        return Err(CoreError::key(
-                            path,
-                            format!("{key}.field"),
-                            format!(
-                                "{} does not apply to `{f}`, a {} field",
-                                m.kind,
-                                def.ty.name()
-                            ),
-                        ));
-                    }
-                    Some(def.ty)
-                }
-            };
+            kind.check_field(field_type).map_err(|e| {
+                let f = m
+                    .field
+                    .as_deref()
+                    .map(|f| format!(" `{f}`"))
+                    .unwrap_or_default();
+                CoreError::key(path, format!("{key}.field"), format!("{e}{f}"))
+            })?;
             if let Some(lg_k) = m.lg_k {
                 if kind != MetricKind::Distinct || !(4..=21).contains(&lg_k) {
                     return Err(CoreError::key(
@@ -410,18 +310,15 @@ impl ViewDef {
         self.dimensions.iter().position(|d| d == name)
     }
 
-    /// The Arrow schema of this view's batch table: bucket, dimensions (as text), one column per
-    /// metric, a sketch column after each `distinct`, and the day partition `dt`.
+    /// The Arrow schema of this view's batch table: bucket, dimensions (as text), each metric's
+    /// columns ([`MetricDef::batch_fields`]), and the day partition `dt`.
     pub fn batch_schema(&self) -> SchemaRef {
         let mut fields = vec![Field::new(BUCKET_COLUMN, timestamp_type(), false)];
         for d in &self.dimensions {
             fields.push(Field::new(d, DataType::Utf8, true));
         }
         for m in &self.metrics {
-            fields.push(Field::new(&m.name, m.value_type(), true));
-            if m.kind == MetricKind::Distinct {
-                fields.push(Field::new(m.sketch_column(), DataType::Binary, true));
-            }
+            fields.extend(m.batch_fields());
         }
         fields.push(Field::new(DAY_COLUMN, DataType::Utf8, false));
         Arc::new(ArrowSchema::new(fields))
@@ -517,7 +414,10 @@ metrics = [
             names,
             ["bucket", "app", "n", "revenue", "users", "users__hll", "dt"]
         );
-        assert_eq!(v.metrics[1].value_type(), DataType::Decimal128(38, 2));
+        assert_eq!(
+            v.metrics[1].batch_fields()[0].data_type(),
+            &DataType::Decimal128(38, 2)
+        );
         assert_eq!(v.definition_hash.len(), 24);
     }
 

@@ -1,25 +1,27 @@
-//! The HTTP API (DESIGN §7): `/v1/views`, `/v1/views/{view}`, `/v1/views/{view}/query` (GET and
-//! POST; JSON, CSV or an Arrow IPC stream), `/livez`, `/readyz`, `/metrics`. Every error becomes
-//! a JSON problem body here and only here; bad queries are 400, never 500.
+//! The HTTP API (DESIGN §7): `/v1/views`, `/v1/views/{view}`, `/v1/views/{view}/query` (GET
+//! with a query string, POST with a JSON body of the same [`QueryParams`]; JSON, CSV or an
+//! Arrow IPC stream), `/livez`, `/readyz`, `/metrics`. Errors become problem bodies in
+//! [`crate::error`] only; bad queries are 400, never 500.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use datafusion::arrow::ipc::writer::StreamWriter;
 use serde_json::{json, Value as Json_};
-use tandem_core::query::ViewQuery;
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
-use tandem_core::{Catalog, CoreError};
+use tandem_core::Catalog;
 
+use crate::error::{problem_bodies, ApiError};
 use crate::merge::answer;
+use crate::params::{Format, Params, QueryParams};
+use crate::render::{self, ARROW_STREAM};
 
 /// What the API serves from.
 #[derive(Debug, Clone)]
@@ -51,61 +53,19 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .fallback(|| async {
-            ApiError(
-                CoreError::BadQuery("no such endpoint; see /v1/views".into()),
-                StatusCode::NOT_FOUND,
-            )
+            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /v1/views")
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(problem_bodies))
         .with_state(state)
-}
-
-/// An error on its way to becoming a response.
-#[derive(Debug)]
-pub struct ApiError(pub CoreError, pub StatusCode);
-
-impl From<CoreError> for ApiError {
-    fn from(e: CoreError) -> Self {
-        let status = match &e {
-            CoreError::BadQuery(_) => StatusCode::BAD_REQUEST,
-            CoreError::UnknownView(_) => StatusCode::NOT_FOUND,
-            CoreError::Backend(_) | CoreError::Delta(_) => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(e, status)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let ApiError(e, status) = self;
-        let detail = if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
-            "the server could not answer; the error is in its log".to_string()
-        } else {
-            e.to_string()
-        };
-        let body = json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("error"),
-            "status": status.as_u16(),
-            "detail": detail,
-        });
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body.to_string(),
-        )
-            .into_response()
-    }
 }
 
 async fn view_json(state: &AppState, name: &str) -> Result<Json_, ApiError> {
     let view = state.catalog.view(name)?;
     let coverage = state.batch.coverage(view).await?;
-    let mut v =
-        serde_json::to_value(view.as_ref()).map_err(|e| CoreError::Backend(e.to_string()))?;
+    let mut v = serde_json::to_value(view.as_ref())
+        .map_err(|e| tandem_core::CoreError::Internal(format!("a view as JSON: {e}")))?;
     v["coverage"] = json!({
         "batch_version": coverage.version,
         "covered_until": coverage.covered_until_us().map(format_us),
@@ -132,14 +92,10 @@ async fn get_view(
 async fn query_get(
     State(state): State<AppState>,
     Path(view): Path<String>,
-    RawQuery(raw): RawQuery,
     headers: HeaderMap,
+    Params(params): Params,
 ) -> Result<Response, ApiError> {
-    let params: Vec<(String, String)> =
-        url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-            .into_owned()
-            .collect();
-    run_query(&state, &view, params, &headers).await
+    run_query(&state, &view, &params, &headers).await
 }
 
 async fn query_post(
@@ -148,114 +104,65 @@ async fn query_post(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| ApiError(CoreError::BadQuery(r.body_text()), r.status()))?;
-    let body: Json_ = serde_json::from_slice(&body)
-        .map_err(|e| CoreError::BadQuery(format!("the body is not JSON: {e}")))?;
-    let Json_::Object(map) = body else {
-        return Err(CoreError::BadQuery("the body must be a JSON object".into()).into());
-    };
-    // The body's keys are the query parameters; lists become comma lists, and `filter` may be an
-    // object of dimension -> value or list of values.
-    let mut params = Vec::new();
-    for (k, v) in map {
-        match (k.as_str(), v) {
-            ("filter", Json_::Object(f)) => {
-                for (dim, val) in f {
-                    let values = match val {
-                        Json_::Array(a) => a,
-                        other => vec![other],
-                    };
-                    for x in values {
-                        params.push(("filter".to_string(), format!("{dim}={}", scalar(&x)?)));
-                    }
-                }
-            }
-            (_, Json_::Array(a)) => {
-                let items: Result<Vec<String>, ApiError> = a.iter().map(scalar).collect();
-                params.push((k, items?.join(",")));
-            }
-            (_, v) => params.push((k, scalar(&v)?)),
-        }
+    // The body is JSON whatever its declared type (`curl -d` says form-urlencoded).
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let value: Json_ = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
     }
-    run_query(&state, &view, params, &headers).await
-}
-
-fn scalar(v: &Json_) -> Result<String, ApiError> {
-    match v {
-        Json_::String(s) => Ok(s.clone()),
-        Json_::Number(n) => Ok(n.to_string()),
-        Json_::Bool(b) => Ok(b.to_string()),
-        other => {
-            Err(CoreError::BadQuery(format!("expected a string or number, got {other}")).into())
-        }
-    }
+    let params = QueryParams::from_json(value).map_err(ApiError::bad_request)?;
+    run_query(&state, &view, &params, &headers).await
 }
 
 async fn run_query(
     state: &AppState,
     view: &str,
-    params: Vec<(String, String)>,
+    params: &QueryParams,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     state.metrics.queries.fetch_add(1, Ordering::Relaxed);
     let result = async {
         let view = state.catalog.view(view)?;
-        let format = match params
-            .iter()
-            .find(|(k, _)| k == "format")
-            .map(|(_, v)| v.as_str())
-        {
-            Some("csv") => Format::Csv,
-            Some("json") => Format::Json,
-            Some("arrow") => Format::Arrow,
-            Some(other) => {
-                return Err(CoreError::BadQuery(format!(
-                    "format `{other}` (expected json, csv or arrow)"
-                ))
-                .into())
+        let format = params.format.unwrap_or_else(|| {
+            let accept = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if accept.starts_with("text/csv") {
+                Format::Csv
+            } else if accept.starts_with(ARROW_STREAM) {
+                Format::Arrow
+            } else {
+                Format::Json
             }
-            None => {
-                let accept = headers
-                    .get(header::ACCEPT)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                if accept.starts_with("text/csv") {
-                    Format::Csv
-                } else if accept.starts_with(ARROW_STREAM) {
-                    Format::Arrow
-                } else {
-                    Format::Json
-                }
-            }
-        };
-        let q = ViewQuery::from_params(
-            view,
-            params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            state.clock.now_us(),
-        )?;
+        });
+        let q = params
+            .resolve(view, state.clock.now_us())
+            .map_err(ApiError::bad_request)?;
         let result = answer(view, &q, state.batch.as_ref(), state.speed.as_ref()).await?;
+        let batch = render::to_arrow(&result, view)?;
         Ok::<_, ApiError>(match format {
             Format::Csv => (
                 [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-                result.to_csv(view),
+                render::to_csv(&batch)?,
             )
                 .into_response(),
-            Format::Json => Json(result.to_json(view)).into_response(),
-            Format::Arrow => {
-                let batch = result.to_arrow(view)?;
-                let mut out = Vec::new();
-                let mut w =
-                    StreamWriter::try_new(&mut out, &batch.schema()).map_err(CoreError::from)?;
-                w.write(&batch).map_err(CoreError::from)?;
-                w.finish().map_err(CoreError::from)?;
-                drop(w);
-                ([(header::CONTENT_TYPE, ARROW_STREAM)], out).into_response()
-            }
+            Format::Json => (
+                [(header::CONTENT_TYPE, "application/json")],
+                render::to_json(&result, &batch),
+            )
+                .into_response(),
+            Format::Arrow => (
+                [(header::CONTENT_TYPE, ARROW_STREAM)],
+                render::to_ipc(&batch)?,
+            )
+                .into_response(),
         })
     }
     .await;
-    if let Err(ApiError(_, status)) = &result {
-        let counter = if status.is_server_error() {
+    if let Err(e) = &result {
+        let counter = if e.status.is_server_error() {
             &state.metrics.server_errors
         } else {
             &state.metrics.client_errors
@@ -263,15 +170,6 @@ async fn run_query(
         counter.fetch_add(1, Ordering::Relaxed);
     }
     result
-}
-
-/// The media type of an Arrow IPC stream.
-pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
-
-enum Format {
-    Json,
-    Csv,
-    Arrow,
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -1,16 +1,24 @@
-//! tandem-serving: the HTTP API that dashboards read.
+//! tandem-serving: the HTTP API that dashboards read, and everything about its requests and
+//! answers.
 //!
 //! A query names a view, a time range, a granularity, group-by dimensions, filters and
-//! metrics. [`merge`] answers it from the batch layer for the buckets its published batch
-//! covers and from the speed layer for the rest, rolls the buckets up and says per row which
-//! layer answered. [`api`] is the axum router around it. The layers are reached only through
-//! core's `BatchViews` and `RealtimeView` traits.
+//! metrics: [`params`] reads them (query string or JSON body) into core's `ViewQuery`.
+//! [`merge`] answers it from the batch layer for the buckets its published batch covers and
+//! from the speed layer for the rest, rolls the buckets up and says per row which layer
+//! answered. [`render`] prints the answer as JSON, CSV or Arrow from one Arrow batch. [`api`]
+//! is the axum router around them; [`error`] turns every error into a problem body. The layers
+//! are reached only through core's `BatchViews` and `RealtimeView` traits.
 
 pub mod api;
+pub mod error;
 pub mod merge;
+pub mod params;
+pub mod render;
 
 #[cfg(test)]
 mod tests;
 
 pub use api::{router, ApiMetrics, AppState};
+pub use error::ApiError;
 pub use merge::answer;
+pub use params::{Format, QueryParams};

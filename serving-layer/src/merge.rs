@@ -100,8 +100,8 @@ fn sort(rows: &mut [ResultRow], view: &ViewDef, q: &ViewQuery) {
             let metric = &view.metrics[q.metrics[index]];
             rows.sort_by(|a, b| {
                 let (x, y) = (
-                    a.states[index].as_f64(metric),
-                    b.states[index].as_f64(metric),
+                    a.states[index].sort_key(metric),
+                    b.states[index].sort_key(metric),
                 );
                 let o = x.partial_cmp(&y).unwrap_or(Ordering::Equal);
                 let o = if descending { o.reverse() } else { o };

@@ -329,12 +329,12 @@ async fn arrow_stream_answers_the_same_as_json() {
     let (status, json) = get(uri).await;
     assert_eq!(status, StatusCode::OK);
     let req = Request::get(uri)
-        .header("accept", crate::api::ARROW_STREAM)
+        .header("accept", crate::render::ARROW_STREAM)
         .body(Body::empty())
         .unwrap();
     let resp = app().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.headers()["content-type"], crate::api::ARROW_STREAM);
+    assert_eq!(resp.headers()["content-type"], crate::render::ARROW_STREAM);
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let batches: Vec<_> = StreamReader::try_new(std::io::Cursor::new(bytes), None)
         .unwrap()

@@ -7,9 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
-use datafusion::arrow::datatypes::{
-    Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType,
-};
+use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::filter::CompiledFilter;
 use tandem_core::metric::MetricState;
@@ -52,8 +50,8 @@ pub struct ViewAggregator {
     filter: Option<CompiledFilter>,
     event_time: usize,
     dims: Vec<(usize, FieldType)>,
-    /// Per metric: the column it reads and the field's type.
-    inputs: Vec<Option<(usize, FieldType)>>,
+    /// Per metric: the column it reads.
+    inputs: Vec<Option<usize>>,
 }
 
 fn split(bucket: i64) -> [u32; 2] {
@@ -78,7 +76,7 @@ impl ViewAggregator {
         let inputs = view
             .metrics
             .iter()
-            .map(|m| m.field.as_deref().map(field))
+            .map(|m| m.field.as_deref().map(|f| field(f).0))
             .collect();
         Ok(ViewAggregator {
             filter,
@@ -112,7 +110,7 @@ impl ViewAggregator {
         let metric_cols: Vec<Option<&ArrayRef>> = self
             .inputs
             .iter()
-            .map(|i| i.map(|(c, _)| batch.column(c)))
+            .map(|i| i.map(|c| batch.column(c)))
             .collect();
         let mut key: Vec<u32> = Vec::with_capacity(2 + self.dims.len());
         let mut text = String::new();
@@ -149,10 +147,10 @@ impl ViewAggregator {
                 Some(s) => s,
                 None => groups
                     .entry(key.clone().into_boxed_slice())
-                    .or_insert_with(|| self.view.metrics.iter().map(MetricState::empty).collect()),
+                    .or_insert_with(|| self.view.metrics.iter().map(|m| m.empty_state()).collect()),
             };
-            for ((state, col), input) in states.iter_mut().zip(&metric_cols).zip(&self.inputs) {
-                update(state, *col, input.map(|(_, t)| t), row);
+            for (state, col) in states.iter_mut().zip(&metric_cols) {
+                state.update(*col, row);
             }
         }
         Ok(())
@@ -182,45 +180,5 @@ impl ViewAggregator {
                 q.metrics.iter().map(|&m| states[m].clone()).collect(),
             );
         }
-    }
-}
-
-fn update(state: &mut MetricState, col: Option<&ArrayRef>, ty: Option<FieldType>, row: usize) {
-    let Some(col) = col else {
-        if let MetricState::Count(c) = state {
-            *c += 1;
-        }
-        return;
-    };
-    if col.is_null(row) {
-        return;
-    }
-    let int = || -> i128 {
-        match ty {
-            Some(FieldType::Decimal { .. }) => col.as_primitive::<Decimal128Type>().value(row),
-            Some(FieldType::Timestamp) => {
-                col.as_primitive::<TimestampMicrosecondType>().value(row) as i128
-            }
-            _ => col.as_primitive::<Int64Type>().value(row) as i128,
-        }
-    };
-    let float = || col.as_primitive::<Float64Type>().value(row);
-    match state {
-        MetricState::Count(c) => *c += 1,
-        MetricState::SumInt(s) => *s += int(),
-        MetricState::SumFloat(s) => *s += float(),
-        MetricState::MinInt(m) => *m = Some(m.map_or(int(), |v| v.min(int()))),
-        MetricState::MaxInt(m) => *m = Some(m.map_or(int(), |v| v.max(int()))),
-        MetricState::MinFloat(m) => *m = Some(m.map_or(float(), |v| v.min(float()))),
-        MetricState::MaxFloat(m) => *m = Some(m.map_or(float(), |v| v.max(float()))),
-        MetricState::Distinct(d) => match ty {
-            Some(FieldType::String) => d.update_str(col.as_string::<i32>().value(row)),
-            Some(FieldType::Bool) => d.update_str(if col.as_boolean().value(row) {
-                "true"
-            } else {
-                "false"
-            }),
-            _ => d.update_i64(int() as i64),
-        },
     }
 }

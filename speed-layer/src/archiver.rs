@@ -15,27 +15,21 @@
 //! version is already there. Replays after a crash, a lost commit response or a rebalance are
 //! dropped on that rule, so every offset lands in exactly one committed file. Each commit also
 //! records the event days it touched (`tandem.days`), so late events mark their day dirty.
+//! Both commits go through core's `MasterWriter`, the one writer `tandem import` uses too.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::AsArray;
 use datafusion::arrow::record_batch::RecordBatch;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::Transaction;
-use deltalake::protocol::SaveMode;
-use deltalake::DeltaTable;
-use serde_json::json;
 use tandem_core::decode::{Decoder, Rejected};
-use tandem_core::master::{archive_batch, dead_letter_batch, dead_letter_schema};
+use tandem_core::master::{archive_batch, MasterCommit, MasterWriter};
 use tandem_core::schema::EventSchema;
 use tandem_core::storage::Storage;
 use tandem_core::time::Clock;
-use tandem_core::view::DAY_COLUMN;
 
-use crate::error::{Result, SpeedError};
+use crate::error::Result;
 use crate::kafka::{BatchSink, MessageBatch};
 
 /// When the archiver writes.
@@ -75,11 +69,7 @@ pub struct ArchiverStats {
 pub struct Archiver {
     topic: String,
     decoder: Decoder,
-    storage: Storage,
-    master_url: url::Url,
-    dlq_url: url::Url,
-    master: Option<DeltaTable>,
-    dlq: Option<DeltaTable>,
+    writer: MasterWriter,
     /// Last archived offset per partition (master txn), and last dead-lettered (dlq txn).
     archived: BTreeMap<i32, i64>,
     dead_lettered: BTreeMap<i32, i64>,
@@ -94,25 +84,6 @@ pub struct Archiver {
     pub stats: Arc<ArchiverStats>,
 }
 
-/// The version stored with `app_id` in `table`'s `txn` actions, -1 if none.
-async fn txn_version(
-    table: &DeltaTable,
-    app_id: String,
-) -> Result<i64, deltalake::DeltaTableError> {
-    let snapshot = table.snapshot()?;
-    Ok(snapshot
-        .transaction_version(table.log_store().as_ref(), app_id)
-        .await?
-        .unwrap_or(-1))
-}
-
-fn write_err(table: &url::Url, e: deltalake::DeltaTableError) -> SpeedError {
-    SpeedError::Write {
-        table: table.to_string(),
-        source: Box::new(e),
-    }
-}
-
 impl Archiver {
     /// Opens (creating if needed) the master and dead-letter tables of `schema`.
     pub async fn open(
@@ -121,15 +92,10 @@ impl Archiver {
         config: ArchiverConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        let master_url = storage.layout().master(&schema.name);
-        let dlq_url = storage.layout().dead_letter(&schema.name);
-        let mut a = Archiver {
+        Ok(Archiver {
             topic: schema.topic.clone(),
             decoder: Decoder::new(Arc::clone(&schema)),
-            master_url,
-            dlq_url,
-            master: None,
-            dlq: None,
+            writer: MasterWriter::open(storage, schema).await?,
             archived: BTreeMap::new(),
             dead_lettered: BTreeMap::new(),
             pending: Vec::new(),
@@ -140,28 +106,7 @@ impl Archiver {
             config,
             clock,
             stats: Arc::new(ArchiverStats::default()),
-            storage,
-        };
-        a.reload().await?;
-        Ok(a)
-    }
-
-    /// (Re)opens both tables and forgets cached versions, so they are read again.
-    async fn reload(&mut self) -> Result<()> {
-        let master_schema = self.decoder.schema().master_schema();
-        self.master = Some(
-            self.storage
-                .open_or_create(&self.master_url, &master_schema, &[DAY_COLUMN])
-                .await?,
-        );
-        self.dlq = Some(
-            self.storage
-                .open_or_create(&self.dlq_url, &dead_letter_schema(), &[])
-                .await?,
-        );
-        self.archived.clear();
-        self.dead_lettered.clear();
-        Ok(())
+        })
     }
 
     fn master_app_id(&self, partition: i32) -> String {
@@ -175,14 +120,10 @@ impl Archiver {
     /// The last offset stored with each table for `partition` (-1 if none).
     async fn versions(&mut self, partition: i32) -> Result<(i64, i64)> {
         if !self.archived.contains_key(&partition) {
-            let master = self.master.as_ref().expect("opened");
-            let mv = txn_version(master, self.master_app_id(partition))
-                .await
-                .map_err(|e| write_err(&self.master_url, e))?;
-            let dlq = self.dlq.as_ref().expect("opened");
-            let dv = txn_version(dlq, self.dlq_app_id(partition))
-                .await
-                .map_err(|e| write_err(&self.dlq_url, e))?;
+            let (mv, dv) = self
+                .writer
+                .txn_versions(&self.master_app_id(partition), &self.dlq_app_id(partition))
+                .await?;
             self.archived.insert(partition, mv);
             self.dead_lettered.insert(partition, dv);
         }
@@ -194,85 +135,53 @@ impl Archiver {
         if self.pending_last.is_empty() {
             return Ok(Vec::new());
         }
-        // 1. Dead letters first: a master commit implies its rejects are stored.
-        if !self.pending_rejects.is_empty() {
-            let mut props = CommitProperties::default();
-            let mut last: BTreeMap<i32, i64> = BTreeMap::new();
-            for r in &self.pending_rejects {
-                last.insert(
-                    r.partition,
-                    r.offset.max(*last.get(&r.partition).unwrap_or(&-1)),
-                );
-            }
-            for (&p, &o) in &last {
-                props = props.with_application_transaction(Transaction::new(self.dlq_app_id(p), o));
-            }
-            let batch = dead_letter_batch(&self.topic, &self.pending_rejects, self.clock.now_us())?;
-            let table = self.dlq.take().expect("opened");
-            let table = table
-                .write(vec![batch])
-                .with_save_mode(SaveMode::Append)
-                .with_commit_properties(props)
-                .await
-                .map_err(|e| write_err(&self.dlq_url, e))?;
-            self.dlq = Some(table);
-            self.stats
-                .dead_lettered
-                .fetch_add(self.pending_rejects.len() as u64, Ordering::Relaxed);
-            self.dead_lettered.extend(last);
-            self.pending_rejects.clear();
+        let mut dlq_last: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in &self.pending_rejects {
+            let last = dlq_last.entry(r.partition).or_insert(-1);
+            *last = (*last).max(r.offset);
         }
-        // 2. The events, with every partition's last offset, in one commit.
-        let mut props = CommitProperties::default();
-        for (&p, &o) in &self.pending_last {
-            props = props.with_application_transaction(Transaction::new(self.master_app_id(p), o));
-        }
-        let mut days = BTreeSet::new();
-        for b in &self.pending {
-            let col = b
-                .column_by_name(DAY_COLUMN)
-                .expect("archive batches have dt")
-                .as_string::<i32>();
-            days.extend(col.iter().flatten().map(str::to_string));
-        }
-        props = props.with_metadata([("tandem.days".to_string(), json!(days))]);
-        let batches = std::mem::take(&mut self.pending);
-        let rows = self.pending_rows;
-        let table = self.master.take().expect("opened");
-        let result = table
-            .write(batches)
-            .with_save_mode(SaveMode::Append)
-            .with_partition_columns([DAY_COLUMN])
-            .with_commit_properties(props)
-            .await;
-        let table = match result {
-            Ok(t) => t,
+        let commit = MasterCommit {
+            rows: std::mem::take(&mut self.pending),
+            rejects: std::mem::take(&mut self.pending_rejects),
+            source: self.topic.clone(),
+            master_txns: self
+                .pending_last
+                .iter()
+                .map(|(&p, &o)| (self.master_app_id(p), o))
+                .collect(),
+            dead_letter_txns: dlq_last
+                .iter()
+                .map(|(&p, &o)| (self.dlq_app_id(p), o))
+                .collect(),
+            metadata: Vec::new(),
+        };
+        let pending_last = std::mem::take(&mut self.pending_last);
+        self.pending_rows = 0;
+        let report = match self.writer.commit(commit, self.clock.now_us()).await {
+            Ok(r) => r,
             Err(e) => {
                 // The batches are gone with the failed write; so is our certainty about what
-                // committed. Reopen so the next poll reads the stored versions again; the
-                // consumer group resumes from the last reported offset and replays the rest.
-                self.pending_rows = 0;
-                self.pending_last.clear();
-                let err = write_err(&self.master_url, e);
-                if let Err(reload) = self.reload().await {
+                // committed. Read the tables again, so the next poll reads the stored versions;
+                // the consumer group resumes from the last reported offset and replays the rest.
+                self.archived.clear();
+                self.dead_lettered.clear();
+                if let Err(reload) = self.writer.reload().await {
                     tracing::warn!(error = %reload, "reopening the master dataset failed");
                 }
-                return Err(err);
+                return Err(e.into());
             }
         };
-        self.master = Some(table);
+        self.stats
+            .dead_lettered
+            .fetch_add(report.rejects as u64, Ordering::Relaxed);
+        self.dead_lettered.extend(dlq_last);
         self.stats
             .archived
-            .fetch_add(rows as u64, Ordering::Relaxed);
+            .fetch_add(report.rows as u64, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.pending_rows = 0;
-        let done: Vec<(i32, i64)> = self
-            .pending_last
-            .iter()
-            .map(|(&p, &o)| (p, o + 1))
-            .collect();
-        self.archived.extend(std::mem::take(&mut self.pending_last));
-        tracing::debug!(rows, ?done, "archived");
+        let done: Vec<(i32, i64)> = pending_last.iter().map(|(&p, &o)| (p, o + 1)).collect();
+        self.archived.extend(pending_last);
+        tracing::debug!(rows = report.rows, ?done, "archived");
         Ok(done)
     }
 }

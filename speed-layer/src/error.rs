@@ -5,20 +5,12 @@
 #[non_exhaustive]
 pub enum SpeedError {
     /// The broker or the client failed; retrying may help.
-    #[error("kafka: {0}")]
+    #[error("kafka")]
     Kafka(#[from] rdkafka::error::KafkaError),
 
     /// A definition, decoding or storage error from core.
     #[error(transparent)]
     Core(#[from] tandem_core::CoreError),
-
-    /// Writing to the master dataset or the dead-letter table failed.
-    #[error("writing {table}: {source}")]
-    Write {
-        table: String,
-        #[source]
-        source: Box<deltalake::DeltaTableError>,
-    },
 
     #[error(transparent)]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
@@ -26,10 +18,6 @@ pub enum SpeedError {
     /// A schema named by the configuration does not exist.
     #[error("no schema `{0}`")]
     UnknownSchema(String),
-
-    /// A benchmark run did not process what it was given.
-    #[error("benchmark: {0}")]
-    Bench(String),
 }
 
 /// Result alias of tandem-speed.

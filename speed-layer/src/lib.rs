@@ -2,15 +2,16 @@
 //!
 //! Two consumer groups read each event topic. The [`archiver`] writes every valid event into
 //! the master dataset (a Delta table partitioned by event day) and every rejected message into
-//! the dead-letter table, exactly once, with the Kafka offsets stored in the same commits. The
-//! [`speed`] aggregation keeps every view of the topic's schema per Kafka partition, for the
-//! buckets no batch covers yet, and answers the serving layer through core's `RealtimeView`.
-//! [`kafka`] holds the consumer loop both share; [`aggregate`] is a view compiled for
-//! incremental, per-batch application; [`bench`] measures decode and aggregation throughput.
+//! the dead-letter table, exactly once, with the Kafka offsets stored in the same commits
+//! (through core's `MasterWriter`). The [`speed`] aggregation keeps every view of the topic's
+//! schema per Kafka partition, for the buckets no batch covers yet, and answers the serving
+//! layer through core's `RealtimeView`. [`kafka`] holds the consumer loop both share;
+//! [`aggregate`] is a view compiled for incremental, per-batch application; [`consumers`]
+//! starts them all, for production and tests alike.
 
 pub mod aggregate;
 pub mod archiver;
-pub mod bench;
+pub mod consumers;
 pub mod error;
 pub mod kafka;
 pub mod speed;
@@ -18,7 +19,8 @@ pub mod speed;
 #[cfg(test)]
 mod tests;
 
-pub use archiver::{Archiver, ArchiverConfig};
+pub use archiver::{Archiver, ArchiverConfig, ArchiverStats};
+pub use consumers::{start, ConsumerName, ConsumerOptions, Consumers};
 pub use error::{Result, SpeedError};
 pub use kafka::KafkaConfig;
-pub use speed::{SpeedLayer, SpeedSink};
+pub use speed::{SpeedLayer, SpeedLayers, SpeedSink};

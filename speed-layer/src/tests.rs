@@ -5,12 +5,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tandem_core::decode::Message;
-use tandem_core::gen::{GenConfig, Generator};
 use tandem_core::query::ViewQuery;
+use tandem_core::time::parse_instant;
 use tandem_core::time::MockClock;
 use tandem_core::traits::RealtimeView;
 use tandem_core::view::DAY_US;
 use tandem_core::Catalog;
+use tandem_workload::{GenConfig, Generator};
 
 use crate::SpeedLayer;
 
@@ -25,16 +26,12 @@ fn layer() -> (Arc<Catalog>, SpeedLayer) {
 
 fn total_events(catalog: &Catalog, layer: &SpeedLayer) -> u64 {
     let v = &catalog.views["active_devices_daily"];
-    let q = ViewQuery::from_params(
+    let mut q = ViewQuery::all(
         v,
-        [
-            ("from", "2026-11-01"),
-            ("to", "2026-11-27"),
-            ("metrics", "events"),
-        ],
-        NOW,
-    )
-    .unwrap();
+        parse_instant("2026-11-01").unwrap(),
+        parse_instant("2026-11-27").unwrap(),
+    );
+    q.metrics = vec![v.metric("events").unwrap()];
     layer
         .query(v, &q)
         .unwrap()

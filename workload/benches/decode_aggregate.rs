@@ -1,5 +1,5 @@
 //! Decode and decode+aggregate throughput of the speed layer on the reference events, without
-//! Kafka. Run with `cargo bench -p tandem-speed`; `tandem bench` measures the same and also
+//! Kafka. Run with `cargo bench -p tandem-workload`; `tandem bench` measures the same and also
 //! runs the Python peer on the same events for the ratio.
 //!
 //! TANDEM_BENCH_EVENTS sets the number of events (default 1,000,000).
@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use tandem_core::Catalog;
-use tandem_speed::bench::{decode_aggregate, reference_payloads};
+use tandem_workload::bench::{decode_aggregate, reference_payloads};
 
 fn main() {
     let n: usize = std::env::var("TANDEM_BENCH_EVENTS")

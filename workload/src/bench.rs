@@ -1,18 +1,19 @@
 //! The decode and decode+aggregate benchmark of the speed layer on the reference events,
-//! without Kafka: what `tandem bench` and `cargo bench -p tandem-speed` measure.
+//! without Kafka: what `tandem bench` and `cargo bench -p tandem-workload` measure.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tandem_core::decode::{Decoder, Message};
-use tandem_core::gen::{GenConfig, Generator};
-use tandem_core::time::{Clock, SystemClock};
-use tandem_core::view::DAY_US;
+use tandem_core::time::{Clock, SystemClock, DAY_US};
 use tandem_core::Catalog;
+use tandem_speed::SpeedLayer;
 
-use crate::error::{Result, SpeedError};
-use crate::SpeedLayer;
+use crate::gen::{GenConfig, Generator};
+use crate::WorkloadError;
+
+type Result<T> = std::result::Result<T, WorkloadError>;
 
 /// Messages per decoded batch, as the consumer loop gathers them.
 const CHUNK: usize = 10_000;
@@ -63,7 +64,7 @@ pub fn decode_aggregate(
     let s = catalog
         .schemas
         .get(schema)
-        .ok_or_else(|| SpeedError::UnknownSchema(schema.to_string()))?;
+        .ok_or_else(|| WorkloadError::UnknownSchema(schema.to_string()))?;
     let n = payloads.len();
     // Messages as a consumer sees them: partition by position, offsets per partition.
     let mut by_partition: Vec<Vec<Message<'_>>> = vec![Vec::new(); PARTITIONS];
@@ -101,7 +102,7 @@ pub fn decode_aggregate(
         let seen = layer.stats.events.load(Ordering::Relaxed)
             + layer.stats.rejected.load(Ordering::Relaxed);
         if seen != n as u64 {
-            return Err(SpeedError::Bench(format!(
+            return Err(WorkloadError::Bench(format!(
                 "the speed layer took in {seen} of {n} events"
             )));
         }

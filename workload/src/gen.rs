@@ -8,8 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use serde::Serialize;
 
-use crate::time::format_us;
-use crate::view::HOUR_US;
+use tandem_core::time::{format_us, HOUR_US};
 
 pub const MEDIA_SOURCES: [&str; 16] = [
     "organic",

@@ -1,0 +1,502 @@
+//! A query's parameters, as the API takes them: one serde struct, [`QueryParams`], read from a
+//! GET query string (`filter` may repeat; lists are comma-separated) by the [`Params`]
+//! extractor and from a POST body by axum's `Json`, and written by `tandem query`. Unknown
+//! parameters are refused by name. [`QueryParams::resolve`] checks them against a view into
+//! core's `ViewQuery`: dimensions and metrics must be the view's own, so no user string ever
+//! reaches SQL as anything but a literal value, and every arithmetic on request values is
+//! checked.
+
+use std::collections::BTreeMap;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use tandem_core::query::{OrderBy, ViewQuery, DEFAULT_LIMIT};
+use tandem_core::time::{parse_instant, DAY_US};
+use tandem_core::view::{Granularity, ViewDef};
+
+use crate::error::ApiError;
+
+/// The most rows one answer may hold.
+pub const MAX_LIMIT: usize = 100_000;
+/// The widest range one query may cover.
+pub const MAX_RANGE_DAYS: i64 = 3_660;
+/// The most native buckets one query may scan (10 years of hours, ~60 days of minutes).
+pub const MAX_BUCKETS: i64 = 88_000;
+/// The longest value a filter may carry.
+pub const MAX_VALUE_LEN: usize = 1_024;
+
+/// The parameters of a query on one view.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryParams {
+    /// Start of the range: RFC 3339, a date, or epoch milliseconds. Default: a day before `to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Scalar>,
+    /// End of the range (exclusive), in the same forms. Default: now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Scalar>,
+    /// `minute`, `hour` or `day`; the view's own or coarser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granularity: Option<String>,
+    /// Dimensions to group by: a comma list or a list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_by: Option<Names>,
+    /// `DIMENSION=VALUE` items (a list; repeated in a query string), or an object of
+    /// dimension to value or values. Values of one dimension OR, dimensions AND.
+    #[serde(default, skip_serializing_if = "Filters::is_empty")]
+    pub filter: Filters,
+    /// Metrics to answer: a comma list or a list. Default: all of the view's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Names>,
+    /// `bucket`, `-bucket`, `METRIC` or `-METRIC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_by: Option<String>,
+    /// The most rows, 1 to 100,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Scalar>,
+    /// The answer's format; without it, the `Accept` header decides (JSON by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+}
+
+/// A string or a number (JSON bodies may send either for instants and limits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl Scalar {
+    pub fn text(&self) -> String {
+        match self {
+            Scalar::Text(s) => s.clone(),
+            Scalar::Number(n) => n.to_string(),
+        }
+    }
+}
+
+impl From<&str> for Scalar {
+    fn from(s: &str) -> Self {
+        Scalar::Text(s.to_string())
+    }
+}
+
+/// Names as a comma list or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Names {
+    List(Vec<String>),
+    Comma(String),
+}
+
+impl Names {
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Names::List(l) => l.iter().map(|s| s.trim().to_string()).collect(),
+            Names::Comma(s) if s.is_empty() => Vec::new(),
+            Names::Comma(s) => s.split(',').map(|n| n.trim().to_string()).collect(),
+        }
+    }
+}
+
+/// Equality filters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Filters {
+    /// `DIMENSION=VALUE` items.
+    Items(Vec<String>),
+    /// Dimension to one value or several.
+    ByDimension(BTreeMap<String, OneOrMany>),
+}
+
+impl Default for Filters {
+    fn default() -> Self {
+        Filters::Items(Vec::new())
+    }
+}
+
+/// One value or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(Scalar),
+    Many(Vec<Scalar>),
+}
+
+impl Filters {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Filters::Items(i) => i.is_empty(),
+            Filters::ByDimension(m) => m.is_empty(),
+        }
+    }
+
+    /// (dimension, value) pairs, in order.
+    fn pairs(&self) -> Result<Vec<(String, String)>, String> {
+        match self {
+            Filters::Items(items) => items
+                .iter()
+                .map(|item| {
+                    item.split_once('=')
+                        .map(|(d, v)| (d.to_string(), v.to_string()))
+                        .ok_or_else(|| format!("filter `{}` is not DIMENSION=VALUE", clip(item)))
+                })
+                .collect(),
+            Filters::ByDimension(map) => Ok(map
+                .iter()
+                .flat_map(|(d, v)| {
+                    let values = match v {
+                        OneOrMany::One(s) => vec![s.text()],
+                        OneOrMany::Many(l) => l.iter().map(Scalar::text).collect(),
+                    };
+                    values.into_iter().map(move |v| (d.clone(), v))
+                })
+                .collect()),
+        }
+    }
+}
+
+/// The formats of an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+impl TryFrom<String> for Format {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "json" => Ok(Format::Json),
+            "csv" => Ok(Format::Csv),
+            "arrow" => Ok(Format::Arrow),
+            other => Err(format!(
+                "format `{}` (expected json, csv or arrow)",
+                clip(other)
+            )),
+        }
+    }
+}
+
+/// The query string's parameters as [`QueryParams`]: an axum extractor whose refusals are
+/// problem bodies naming what is wrong.
+#[derive(Debug, Clone)]
+pub struct Params(pub QueryParams);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        QueryParams::from_query_string(parts.uri.query().unwrap_or_default())
+            .map(Params)
+            .map_err(ApiError::bad_request)
+    }
+}
+
+impl QueryParams {
+    /// Reads a query string: `filter` may repeat, any other key is given once.
+    pub fn from_query_string(query: &str) -> Result<Self, String> {
+        let mut map = Map::new();
+        let mut filters = Vec::new();
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            if key.contains('\u{FFFD}') || value.contains('\u{FFFD}') {
+                return Err("the query string is not valid UTF-8 once percent-decoded".into());
+            }
+            if key == "filter" {
+                filters.push(Json::String(value.into_owned()));
+            } else if map.contains_key(key.as_ref()) {
+                return Err(format!("`{}` is given twice", clip(&key)));
+            } else {
+                map.insert(key.into_owned(), Json::String(value.into_owned()));
+            }
+        }
+        if !filters.is_empty() {
+            map.insert("filter".into(), Json::Array(filters));
+        }
+        Self::from_json(Json::Object(map))
+    }
+
+    /// Reads a JSON object (a POST body).
+    pub fn from_json(value: Json) -> Result<Self, String> {
+        serde_json::from_value(value).map_err(|e| {
+            let e = e.to_string();
+            if e.starts_with("unknown field") {
+                format!("unknown parameter {}", e.trim_start_matches("unknown field "))
+            } else if e.starts_with("data did not match any variant") {
+                "a parameter has the wrong shape (lists of names, `filter` as DIMENSION=VALUE items or an object)".into()
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Checks the parameters against `view` into a query; `now_us` ends a range without `to`.
+    pub fn resolve(&self, view: &ViewDef, now_us: i64) -> Result<ViewQuery, String> {
+        let instant = |name: &str, v: &Scalar| {
+            let text = v.text();
+            parse_instant(&text).ok_or_else(|| {
+                format!(
+                    "`{name}` = `{}` is not RFC 3339, a date or epoch milliseconds",
+                    clip(&text)
+                )
+            })
+        };
+        let to_us = match &self.to {
+            Some(v) => instant("to", v)?,
+            None => now_us,
+        };
+        let from_us = match &self.from {
+            Some(v) => instant("from", v)?,
+            None => to_us
+                .checked_sub(DAY_US)
+                .ok_or("`to` is too early to start a day before it")?,
+        };
+        if from_us >= to_us {
+            return Err("`from` must be before `to`".into());
+        }
+        let span = to_us
+            .checked_sub(from_us)
+            .filter(|&s| s <= MAX_RANGE_DAYS * DAY_US)
+            .ok_or_else(|| format!("range too large: at most {MAX_RANGE_DAYS} days"))?;
+        if span / view.granularity.micros() > MAX_BUCKETS {
+            return Err(format!(
+                "range too large: more than {MAX_BUCKETS} {} buckets; narrow the range",
+                view.granularity
+            ));
+        }
+        let granularity = match &self.granularity {
+            None => view.granularity,
+            Some(g) => {
+                let parsed = Granularity::parse(g).ok_or_else(|| {
+                    format!("granularity `{}` (expected minute, hour or day)", clip(g))
+                })?;
+                if parsed < view.granularity {
+                    return Err(format!(
+                        "granularity `{parsed}` is finer than the view's `{}`",
+                        view.granularity
+                    ));
+                }
+                parsed
+            }
+        };
+        let mut group_by = Vec::new();
+        for name in self.group_by.as_ref().map(Names::names).unwrap_or_default() {
+            let d = dimension(view, &name)?;
+            if group_by.contains(&d) {
+                return Err(format!("`{}` is grouped by twice", clip(&name)));
+            }
+            group_by.push(d);
+        }
+        let mut filters: Vec<(usize, Vec<String>)> = Vec::new();
+        for (dim, value) in self.filter.pairs()? {
+            let d = dimension(view, &dim)?;
+            if value.len() > MAX_VALUE_LEN {
+                return Err(format!(
+                    "filter value of `{}` is longer than {MAX_VALUE_LEN} bytes",
+                    clip(&dim)
+                ));
+            }
+            match filters.iter_mut().find(|(i, _)| *i == d) {
+                Some((_, values)) => values.push(value),
+                None => filters.push((d, vec![value])),
+            }
+        }
+        let metrics = match self.metrics.as_ref().map(Names::names) {
+            None => (0..view.metrics.len()).collect(),
+            Some(names) if names.is_empty() => (0..view.metrics.len()).collect(),
+            Some(names) => {
+                let mut out = Vec::new();
+                for name in names {
+                    let m = metric(view, &name)?;
+                    if !out.contains(&m) {
+                        out.push(m);
+                    }
+                }
+                out
+            }
+        };
+        let order_by = match self.order_by.as_deref() {
+            None | Some("bucket") => OrderBy::Bucket { descending: false },
+            Some("-bucket") => OrderBy::Bucket { descending: true },
+            Some(o) => {
+                let (descending, name) = match o.strip_prefix('-') {
+                    Some(n) => (true, n),
+                    None => (false, o),
+                };
+                let m = metric(view, name)?;
+                let index = metrics.iter().position(|&i| i == m).ok_or_else(|| {
+                    format!(
+                        "order_by `{}` is not among the metrics asked for",
+                        clip(name)
+                    )
+                })?;
+                OrderBy::Metric { index, descending }
+            }
+        };
+        let limit = match &self.limit {
+            None => DEFAULT_LIMIT,
+            Some(l) => match l.text().parse::<usize>() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(format!(
+                        "limit `{}` must be a whole number from 1 to {MAX_LIMIT}",
+                        clip(&l.text())
+                    ))
+                }
+            },
+        };
+        Ok(ViewQuery {
+            from_us,
+            to_us,
+            granularity,
+            group_by,
+            filters,
+            metrics,
+            order_by,
+            limit,
+        })
+    }
+}
+
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn dimension(view: &ViewDef, name: &str) -> Result<usize, String> {
+    view.dimension(name).ok_or_else(|| {
+        format!(
+            "view `{}` has no dimension `{}` (it has: {})",
+            view.name,
+            clip(name),
+            view.dimensions.join(", ")
+        )
+    })
+}
+
+fn metric(view: &ViewDef, name: &str) -> Result<usize, String> {
+    view.metric(name).ok_or_else(|| {
+        let names: Vec<_> = view.metrics.iter().map(|m| m.name.as_str()).collect();
+        format!(
+            "view `{}` has no metric `{}` (it has: {})",
+            view.name,
+            clip(name),
+            names.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+    use tandem_core::schema::EventSchema;
+
+    fn view() -> ViewDef {
+        let s = EventSchema::from_toml(
+            Path::new("ev.toml"),
+            r#"
+event_time = "ts"
+event_id = "id"
+fields = [{ name = "id", type = "string" }, { name = "ts", type = "timestamp" }, { name = "app", type = "string" }, { name = "country", type = "string" }]"#,
+        )
+        .unwrap();
+        let schemas = BTreeMap::from([("ev".to_string(), Arc::new(s))]);
+        ViewDef::from_toml(
+            Path::new("v.toml"),
+            r#"
+kind = "view"
+source = "ev"
+granularity = "hour"
+dimensions = ["app", "country"]
+metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", field = "id" }]"#,
+            &schemas,
+        )
+        .unwrap()
+    }
+
+    const NOW: i64 = 1_795_611_600_000_000;
+
+    fn resolve(query: &str) -> Result<ViewQuery, String> {
+        QueryParams::from_query_string(query)?.resolve(&view(), NOW)
+    }
+
+    #[test]
+    fn a_query_string_and_a_json_body_mean_the_same() {
+        let q = resolve(
+            "from=2026-11-24T00:00:00Z&to=1795611600000&granularity=day&group_by=country\
+             &filter=app%3Da&filter=app=b&metrics=users&order_by=-users&limit=5",
+        )
+        .unwrap();
+        assert_eq!(q.group_by, [1]);
+        assert_eq!(q.filters, [(0, vec!["a".to_string(), "b".to_string()])]);
+        assert_eq!(q.metrics, [1]);
+        assert_eq!(
+            q.order_by,
+            OrderBy::Metric {
+                index: 0,
+                descending: true
+            }
+        );
+        assert_eq!(q.limit, 5);
+        assert!(q.accepts(&[Some("b"), None]) && !q.accepts(&[Some("c"), None]));
+        let body = serde_json::json!({
+            "from": "2026-11-24T00:00:00Z", "to": 1795611600000u64, "granularity": "day",
+            "group_by": ["country"], "filter": {"app": ["a", "b"]}, "metrics": "users",
+            "order_by": "-users", "limit": 5,
+        });
+        let from_body = QueryParams::from_json(body).unwrap().resolve(&view(), NOW);
+        assert_eq!(from_body.unwrap(), q);
+    }
+
+    #[test]
+    fn the_struct_round_trips_through_json() {
+        let p = QueryParams {
+            from: Some("2026-11-24".into()),
+            group_by: Some(Names::List(vec!["app".into()])),
+            filter: Filters::Items(vec!["country=DE".into()]),
+            format: Some(Format::Csv),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&p).unwrap();
+        let back = QueryParams::from_json(serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn bad_queries_say_why() {
+        for (query, needle) in [
+            ("metrics=nope", "no metric `nope`"),
+            ("group_by=%27%3B%20DROP%20TABLE%20x%3B%20--", "no dimension"),
+            ("from=2026-11-25&to=2026-11-24", "before"),
+            ("from=garbage", "RFC 3339"),
+            ("limit=-1", "limit"),
+            ("limit=100000000", "limit"),
+            ("granularity=minute", "finer"),
+            ("from=2000-01-01&to=2026-01-01", "range too large"),
+            ("filter=country", "DIMENSION=VALUE"),
+            ("colour=red", "unknown parameter `colour`"),
+            ("order_by=n&metrics=users", "not among"),
+            ("from=1&from=2", "given twice"),
+            ("format=xml", "format `xml`"),
+            ("group_by=%FF", "UTF-8"),
+            // Wraps an unchecked subtraction in a release build.
+            (
+                "from=-8300000000000000&to=8200000000000000",
+                "range too large",
+            ),
+            ("to=-9223372036854775", "RFC 3339"),
+        ] {
+            let err = resolve(query).unwrap_err();
+            assert!(err.contains(needle), "{query}: {err}");
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Answers as JSON, CSV and Arrow IPC, all printed from one Arrow batch ([`to_arrow`]), so the
+//! three formats carry the same exact values: sums of decimal fields are Decimal128 and print
+//! as exact decimal numbers in JSON and CSV, never through f64. Each metric's column comes
+//! from its kind (core's `MetricDef::answer_column`).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray,
+    TimestampMicrosecondArray,
+};
+use datafusion::arrow::datatypes::{
+    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, TimestampMicrosecondType,
+    UInt64Type,
+};
+use datafusion::arrow::ipc::writer::StreamWriter;
+use serde_json::{json, Value as Json};
+use tandem_core::query::QueryResult;
+use tandem_core::schema::timestamp_type;
+use tandem_core::time::format_us;
+use tandem_core::view::ViewDef;
+use tandem_core::CoreError;
+
+/// The media type of an Arrow IPC stream.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// Provenance and freshness of the whole answer.
+pub fn meta(result: &QueryResult) -> Json {
+    json!({
+        "batch_version": result.coverage.version,
+        "covered_until": result.coverage.covered_until_us().map(format_us),
+        "speed_available": result.realtime.available,
+        "speed_lag_ms": result.realtime.lag_ms,
+        "stale_partitions": result.realtime.stale_partitions,
+        "truncated": result.truncated,
+    })
+}
+
+/// The answer as one Arrow batch: `bucket` (UTC timestamp), `source`, a text column per
+/// group-by dimension, then a column per metric as its kind answers it. The answer's `meta`
+/// (as in JSON) is in the schema metadata under `tandem.meta`, with `tandem.view` and
+/// `tandem.granularity`.
+pub fn to_arrow(result: &QueryResult, view: &ViewDef) -> Result<RecordBatch, CoreError> {
+    let mut fields = vec![
+        Field::new("bucket", timestamp_type(), false),
+        Field::new("source", DataType::Utf8, false),
+    ];
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(result.rows.iter().map(|r| r.bucket_us))
+                .with_timezone("UTC"),
+        ),
+        Arc::new(StringArray::from_iter_values(
+            result.rows.iter().map(|r| r.source.as_str()),
+        )),
+    ];
+    for (i, d) in result.dims.iter().enumerate() {
+        fields.push(Field::new(d, DataType::Utf8, true));
+        columns.push(Arc::new(StringArray::from_iter(
+            result
+                .rows
+                .iter()
+                .map(|r| r.dims.get(i).and_then(|d| d.as_deref())),
+        )));
+    }
+    for (j, &m) in result.metrics.iter().enumerate() {
+        let def = &view.metrics[m];
+        let column = def.answer_column(result.rows.iter().map(|r| r.states.get(j)))?;
+        fields.push(Field::new(&def.name, column.data_type().clone(), true));
+        columns.push(column);
+    }
+    let metadata = HashMap::from([
+        ("tandem.view".to_string(), result.view.clone()),
+        (
+            "tandem.granularity".to_string(),
+            result.granularity.as_str().to_string(),
+        ),
+        ("tandem.meta".to_string(), meta(result).to_string()),
+    ]);
+    let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+    Ok(RecordBatch::try_new_with_options(
+        schema,
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(result.rows.len())),
+    )?)
+}
+
+/// The JSON answer of DESIGN §7, printed from the Arrow batch.
+pub fn to_json(result: &QueryResult, batch: &RecordBatch) -> String {
+    let dims = 2..2 + result.dims.len();
+    let metrics = dims.end..batch.num_columns();
+    let schema = batch.schema();
+    let mut out = String::with_capacity(256 + batch.num_rows() * 128);
+    out.push_str("{\"view\":");
+    push_str(&mut out, &result.view);
+    out.push_str(",\"granularity\":");
+    push_str(&mut out, result.granularity.as_str());
+    let _ = write!(out, ",\"meta\":{},\"rows\":[", meta(result));
+    for row in 0..batch.num_rows() {
+        if row > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"bucket\":");
+        push_cell(&mut out, batch.column(0), row);
+        out.push_str(",\"source\":");
+        push_cell(&mut out, batch.column(1), row);
+        for (name, range) in [("dims", dims.clone()), ("metrics", metrics.clone())] {
+            let _ = write!(out, ",\"{name}\":{{");
+            for (n, c) in range.enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                push_str(&mut out, schema.field(c).name());
+                out.push(':');
+                push_cell(&mut out, batch.column(c), row);
+            }
+            out.push('}');
+        }
+        out.push('}');
+    }
+    out.push_str("]}");
+    out
+}
+
+/// CSV with a header: `bucket,source,<dims>,<metrics>`, printed by arrow-csv from the Arrow
+/// batch; a distinct metric gives its value.
+pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, CoreError> {
+    let schema = batch.schema();
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        match column.as_struct_opt() {
+            Some(s) => {
+                let value = s
+                    .column_by_name("value")
+                    .cloned()
+                    .unwrap_or_else(|| Arc::clone(column));
+                fields.push(Field::new(field.name(), value.data_type().clone(), true));
+                columns.push(value);
+            }
+            None => {
+                fields.push(field.as_ref().clone());
+                columns.push(Arc::clone(column));
+            }
+        }
+    }
+    let flat = RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )?;
+    let mut out = Vec::new();
+    let mut writer = datafusion::arrow::csv::WriterBuilder::new()
+        .with_header(true)
+        .with_timestamp_tz_format("%Y-%m-%dT%H:%M:%S%.fZ".to_string())
+        .build(&mut out);
+    writer.write(&flat)?;
+    drop(writer);
+    Ok(out)
+}
+
+/// The batch as an Arrow IPC stream.
+pub fn to_ipc(batch: &RecordBatch) -> Result<Vec<u8>, CoreError> {
+    let mut out = Vec::new();
+    let mut w = StreamWriter::try_new(&mut out, &batch.schema())?;
+    w.write(batch)?;
+    w.finish()?;
+    drop(w);
+    Ok(out)
+}
+
+fn push_str(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "null".into()));
+}
+
+/// One cell as JSON: numbers as numbers (decimals exactly, as their decimal text), timestamps
+/// as RFC 3339 text, structs as objects without their null fields.
+fn push_cell(out: &mut String, col: &ArrayRef, row: usize) {
+    if col.is_null(row) {
+        out.push_str("null");
+        return;
+    }
+    match col.data_type() {
+        DataType::UInt64 => {
+            let _ = write!(out, "{}", col.as_primitive::<UInt64Type>().value(row));
+        }
+        DataType::Int64 => {
+            let _ = write!(out, "{}", col.as_primitive::<Int64Type>().value(row));
+        }
+        DataType::Float64 => {
+            let v = col.as_primitive::<Float64Type>().value(row);
+            out.push_str(&serde_json::to_string(&v).unwrap_or_else(|_| "null".into()));
+        }
+        DataType::Decimal128(..) => {
+            out.push_str(&col.as_primitive::<Decimal128Type>().value_as_string(row));
+        }
+        DataType::Timestamp(..) => {
+            push_str(
+                out,
+                &format_us(col.as_primitive::<TimestampMicrosecondType>().value(row)),
+            );
+        }
+        DataType::Boolean => out.push_str(if col.as_boolean().value(row) {
+            "true"
+        } else {
+            "false"
+        }),
+        DataType::Utf8 => push_str(out, col.as_string::<i32>().value(row)),
+        DataType::Struct(fields) => {
+            let s = col.as_struct();
+            out.push('{');
+            let mut first = true;
+            for (f, c) in fields.iter().zip(s.columns()) {
+                if c.is_null(row) {
+                    continue;
+                }
+                if !first {
+                    out.push(',');
+                }
+                first = false;
+                push_str(out, f.name());
+                out.push(':');
+                push_cell(out, c, row);
+            }
+            out.push('}');
+        }
+        other => push_str(out, &format!("unsupported answer type {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::UInt64Type;
+    use tandem_core::metric::MetricState;
+    use tandem_core::query::{Coverage, RealtimeStatus, ResultRow, Source};
+    use tandem_core::time::DAY_US;
+    use tandem_core::view::Granularity;
+
+    fn purchases() -> (tandem_core::Catalog, QueryResult) {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let catalog =
+            tandem_core::Catalog::load(&root.join("schemas"), &root.join("jobs")).unwrap();
+        let result = QueryResult {
+            view: "purchases_daily".into(),
+            granularity: Granularity::Day,
+            coverage: Coverage::default(),
+            realtime: RealtimeStatus::default(),
+            dims: vec!["country".into()],
+            metrics: vec![0, 1, 2],
+            rows: vec![
+                ResultRow {
+                    bucket_us: 20_000 * DAY_US,
+                    source: Source::Batch,
+                    dims: vec![Some("DE".into())],
+                    // More than f64 holds exactly, in micro-dollars.
+                    states: vec![
+                        MetricState::Count(2),
+                        MetricState::SumInt(12_345_678_901_234_567_891),
+                        MetricState::MaxInt(Some(200_000)),
+                    ],
+                },
+                ResultRow {
+                    bucket_us: 20_001 * DAY_US,
+                    source: Source::Speed,
+                    dims: vec![None],
+                    states: vec![
+                        MetricState::Count(0),
+                        MetricState::SumInt(0),
+                        MetricState::MaxInt(None),
+                    ],
+                },
+            ],
+            truncated: false,
+        };
+        (catalog, result)
+    }
+
+    #[test]
+    fn the_three_formats_print_the_same_exact_values() {
+        let (catalog, result) = purchases();
+        let view = &catalog.views["purchases_daily"];
+        let b = to_arrow(&result, view).unwrap();
+        let names: Vec<_> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "bucket",
+                "source",
+                "country",
+                "purchases",
+                "revenue",
+                "max_revenue"
+            ]
+        );
+        assert_eq!(b.column(3).as_primitive::<UInt64Type>().value(0), 2);
+        let revenue = b.column(4).as_primitive::<Decimal128Type>();
+        assert_eq!(revenue.data_type(), &DataType::Decimal128(38, 6));
+        assert_eq!(revenue.value_as_string(0), "12345678901234.567891");
+        assert!(b.column(5).is_null(1));
+        let meta: Json = serde_json::from_str(&b.schema().metadata()["tandem.meta"]).unwrap();
+        assert_eq!(meta["truncated"], false);
+        assert_eq!(b.schema().metadata()["tandem.granularity"], "day");
+
+        let json = to_json(&result, &b);
+        assert!(json.contains("\"revenue\":12345678901234.567891"), "{json}");
+        let parsed: Json = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["rows"][1]["dims"]["country"], Json::Null);
+        assert_eq!(parsed["rows"][0]["bucket"], format_us(20_000 * DAY_US));
+
+        let csv = String::from_utf8(to_csv(&b).unwrap()).unwrap();
+        let lines: Vec<_> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "bucket,source,country,purchases,revenue,max_revenue"
+        );
+        assert_eq!(
+            lines[1],
+            format!(
+                "{},batch,DE,2,12345678901234.567891,0.200000",
+                format_us(20_000 * DAY_US)
+            )
+        );
+        assert_eq!(
+            lines[2],
+            format!("{},speed,,0,0.000000,", format_us(20_001 * DAY_US))
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! Starting the consumers of a deployment: an archiver and a speed layer for every event
+//! schema, each in its own task. Production (`tandem run`, `tandem archive`, the demo) and the
+//! tests start them through [`start`], so what is tested is what runs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_core::storage::Storage;
+use tandem_core::time::Clock;
+use tandem_core::Catalog;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::archiver::{Archiver, ArchiverConfig, ArchiverStats};
+use crate::error::Result;
+use crate::kafka::{self, KafkaConfig};
+use crate::speed::{SpeedLayer, SpeedLayers, SpeedSink};
+
+/// Which consumers to start, and how often they flush.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Start an archiver per schema.
+    pub archive: bool,
+    /// Start a speed layer per schema.
+    pub speed: bool,
+    pub archiver: ArchiverConfig,
+    /// How often the archiver is asked to flush.
+    pub archive_tick: Duration,
+    /// How often the speed layer is asked to flush.
+    pub speed_tick: Duration,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            archive: true,
+            speed: true,
+            archiver: ArchiverConfig::default(),
+            archive_tick: Duration::from_millis(500),
+            speed_tick: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Which consumer a task is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerName {
+    /// `archiver` or `speed layer`.
+    pub role: &'static str,
+    pub schema: String,
+}
+
+impl std::fmt::Display for ConsumerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of `{}`", self.role, self.schema)
+    }
+}
+
+/// The running consumers.
+#[derive(Debug)]
+pub struct Consumers {
+    /// One task per consumer; each ends with its name and its result.
+    pub tasks: JoinSet<(ConsumerName, Result<()>)>,
+    /// The speed layers, to answer queries from.
+    pub speed: Arc<SpeedLayers>,
+    /// Each archiver's counters, by schema.
+    pub archiver_stats: BTreeMap<String, Arc<ArchiverStats>>,
+}
+
+/// Starts the consumers `options` asks for, for every schema of `catalog`, until `shutdown`.
+/// Opening the tables happens before this returns, so a store that cannot be written fails
+/// here.
+pub async fn start(
+    catalog: &Catalog,
+    storage: &Storage,
+    kafka_config: &KafkaConfig,
+    clock: Arc<dyn Clock>,
+    shutdown: &CancellationToken,
+    options: &ConsumerOptions,
+) -> Result<Consumers> {
+    let mut tasks = JoinSet::new();
+    let mut layers = BTreeMap::new();
+    let mut archiver_stats = BTreeMap::new();
+    for (name, schema) in &catalog.schemas {
+        if options.archive {
+            let mut archiver = Archiver::open(
+                storage.clone(),
+                Arc::clone(schema),
+                options.archiver,
+                Arc::clone(&clock),
+            )
+            .await?;
+            archiver_stats.insert(name.clone(), Arc::clone(&archiver.stats));
+            let (cfg, topic, token, tick) = (
+                kafka_config.clone(),
+                schema.topic.clone(),
+                shutdown.clone(),
+                options.archive_tick,
+            );
+            let id = ConsumerName {
+                role: "archiver",
+                schema: name.clone(),
+            };
+            tasks.spawn(async move {
+                let r = kafka::run(&cfg, "archive", &topic, &mut archiver, tick, token).await;
+                (id, r)
+            });
+        }
+        if options.speed {
+            let layer = Arc::new(SpeedLayer::new(catalog, name, Arc::clone(&clock))?);
+            layers.insert(name.clone(), Arc::clone(&layer));
+            let (cfg, topic, token, tick) = (
+                kafka_config.clone(),
+                schema.topic.clone(),
+                shutdown.clone(),
+                options.speed_tick,
+            );
+            let id = ConsumerName {
+                role: "speed layer",
+                schema: name.clone(),
+            };
+            tasks.spawn(async move {
+                let r = kafka::run(&cfg, "speed", &topic, &mut SpeedSink(layer), tick, token).await;
+                (id, r)
+            });
+        }
+    }
+    Ok(Consumers {
+        tasks,
+        speed: Arc::new(SpeedLayers::new(layers)),
+        archiver_stats,
+    })
+}
