@@ -112,10 +112,22 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// Binds the API's address, so a taken port fails at start.
+/// Binds the API's address, so a taken port fails at start. The socket reuses the address, so
+/// a server restarted right after a crash binds its port though connections of the old one
+/// linger in TIME_WAIT.
 pub async fn bind(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    let socket = if listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .context("creating the API's socket")?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(listen)
+        .with_context(|| format!("listening on {listen}"))?;
+    let listener = socket
+        .listen(1024)
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, "serving");
     Ok(listener)

@@ -212,3 +212,207 @@ fn demo_serves_every_history_event_and_stops_on_ctrl_c() {
     assert!(status.success(), "the demo did not stop cleanly:\n{log}");
     assert!(!log.contains("never delivered"), "{log}");
 }
+
+#[test]
+fn config_says_where_each_value_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tandem.toml"),
+        "listen = \"127.0.0.1:9100\"\n[kafka]\nbrokers = \"file-broker:9092\"\n",
+    )
+    .unwrap();
+    let out = run_ok(
+        tandem(dir.path())
+            .env("TANDEM_KAFKA_BROKERS", "env-broker:9092")
+            .env("TANDEM_DATA", "from-env")
+            .args(["--storage", "memory:///", "config"]),
+    );
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+            .to_string()
+    };
+    // A flag beats the environment, even when they are spelled differently.
+    assert!(line("storage").contains("memory:///"), "{out}");
+    assert!(line("storage").contains("flag --storage"), "{out}");
+    // The environment beats the file, which beats the default.
+    assert!(line("kafka.brokers").contains("env-broker:9092"), "{out}");
+    assert!(
+        line("kafka.brokers").contains("environment TANDEM_KAFKA_BROKERS"),
+        "{out}"
+    );
+    assert!(line("listen").contains("tandem.toml key `listen`"), "{out}");
+    assert!(line("jobs").contains("default"), "{out}");
+
+    let err =
+        run_err(tandem(dir.path()).args(["--data", "d", "--storage", "memory:///", "config"]));
+    assert!(err.contains("--data") && err.contains("--storage"), "{err}");
+}
+
+/// Collects a child's log lines, and says where it serves once it logs that.
+fn watch(
+    stderr: std::process::ChildStderr,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let kept = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("address=") {
+                let addr = line[i + 8..].split_whitespace().next().unwrap_or_default();
+                let _ = tx.send(addr.to_string());
+            }
+            kept.lock().unwrap().push(line);
+        }
+    });
+    (lines, rx)
+}
+
+/// A role that fails for good (here the archiver, whose store is gone) stops the others in
+/// order and makes `tandem run` exit non-zero with the error; bad events before that are
+/// dead-lettered and fail nothing.
+#[test]
+fn a_failed_role_stops_the_others_in_order_and_fails_the_process() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("app_events", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let produce = |payloads: &[String]| {
+        for p in payloads {
+            producer
+                .send(BaseRecord::<str, str>::to("app_events").payload(p))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let event = |i: usize| {
+        format!(
+            r#"{{"event_id":"e{i}","event_time":"{now}","app_id":"a","event_name":"launch","media_source":"organic","country":"DE","platform":"ios","device_id":"d{i}"}}"#
+        )
+    };
+    let mut first: Vec<String> = (0..50).map(event).collect();
+    first.extend(["{not json".to_string(), r#"{"event_id":"x"}"#.to_string()]);
+    produce(&first);
+
+    let data = dir.path().join("data");
+    let mut child = tandem(dir.path())
+        .args(["--schemas", &repo("schemas"), "--jobs", &repo("jobs")])
+        .arg("--data")
+        .arg(&data)
+        .args(["--brokers", &brokers, "--listen", "127.0.0.1:0", "run"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (log, address) = watch(child.stderr.take().unwrap());
+    let mut server = Killed(child);
+    let address = address.recv_timeout(Duration::from_secs(60)).unwrap();
+
+    // The good events are served and archived, the bad ones dead-lettered; nothing failed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let dead_letters = data.join("dead_letter/app_events/_delta_log/00000000000000000001.json");
+    loop {
+        let (_, json) = get_json(&format!(
+            "http://{address}/v1/views/active_devices_daily/query?from={}&to={}&metrics=events",
+            day(-1),
+            day(1)
+        ));
+        if sum_of(&json, "events") == 50 && dead_letters.exists() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not consumed: {json}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "bad events failed the process"
+    );
+
+    // The store goes away for good: its directory becomes a file.
+    std::fs::rename(&data, dir.path().join("gone")).unwrap();
+    std::fs::write(&data, "not a directory").unwrap();
+    produce(&(50..60).map(event).collect::<Vec<_>>());
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tandem run did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let log = log.lock().unwrap().join("\n");
+    assert!(!status.success(), "{log}");
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("`{needle}` is not in the log:\n{log}"))
+    };
+    // The failure, then the speed layer drained, then the HTTP server, then the error.
+    let failed = at("a role failed");
+    let speed_stopped = at("speed layer of `app_events`");
+    let http_stopped = at("HTTP server stopped");
+    let error = at("error: the archiver of `app_events` failed");
+    assert!(
+        failed < speed_stopped && speed_stopped < http_stopped && http_stopped < error,
+        "{log}"
+    );
+    drop(cluster);
+}
+
+/// A server killed with SIGKILL leaves its port in TIME_WAIT; its replacement binds it at once.
+#[test]
+fn a_killed_server_restarts_on_its_port_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = || {
+        let mut child = tandem(dir.path())
+            .args(["--schemas", &repo("schemas"), "--jobs", &repo("jobs")])
+            .args(["--data", "data", "--listen", &listen, "serve"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (log, address) = watch(child.stderr.take().unwrap());
+        let server = Killed(child);
+        match address.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => (server, a),
+            Err(_) => panic!("no address: {}", log.lock().unwrap().join("\n")),
+        }
+    };
+    let (mut first, address) = start();
+    // A finished request on an open connection: the server's side closes first when killed.
+    let (body, _) = get_json(&format!("http://{address}/v1/views"));
+    assert!(body.contains("installs_hourly"));
+    let mut conn = std::net::TcpStream::connect(&address).unwrap();
+    use std::io::{Read, Write};
+    write!(conn, "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 256];
+    let n = conn.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200"));
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (_second, again) = start();
+    assert_eq!(again, address);
+    let (body, _) = get_json(&format!("http://{again}/v1/views"));
+    assert!(body.contains("installs_hourly"));
+}

@@ -380,3 +380,76 @@ metrics = [
     }
     h.stop().await;
 }
+
+/// Sums of decimal fields are exact in both layers and in every answer format, also where an
+/// f64 is not: values come as JSON numbers and as numeric strings, and are never parsed or
+/// printed through f64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decimal_sums_are_exact_in_both_layers_and_every_format() {
+    use datafusion::arrow::datatypes::Decimal128Type;
+    use datafusion::arrow::ipc::reader::StreamReader;
+
+    let mut h = Harness::start(&[], 1).await;
+    // Yesterday, so that the batch run covers it.
+    let day = NOW_US / DAY_US * DAY_US - DAY_US;
+    let event = |i: usize, revenue: &str| {
+        let payload = format!(
+            r#"{{"event_id":"p{i}","event_time":"{}","app_id":"a","event_name":"purchase","country":"DE","device_id":"d{i}","revenue_usd":{revenue}}}"#,
+            format_us(day + 3_600_000_000)
+        );
+        (format!("k{i}"), payload.into_bytes())
+    };
+    // Ten times 0.1, a value with more digits than an f64 carries, and a numeric string.
+    let mut records: Vec<_> = (0..10).map(|i| event(i, "0.1")).collect();
+    records.push(event(10, "12345678901234.567891"));
+    records.push(event(11, "\"0.000001\""));
+    h.produce_raw(&records);
+    h.settle().await;
+    let exact = "12345678901235.567892";
+    assert_ne!(
+        format!("{:.6}", exact.parse::<f64>().unwrap()),
+        exact,
+        "an f64 would not carry this sum"
+    );
+    let uri = format!(
+        "/v1/views/purchases_daily/query?from={}&to={}&metrics=purchases,revenue",
+        format_us(day),
+        format_us(day + DAY_US)
+    );
+    for source in ["speed", "batch"] {
+        if source == "batch" {
+            h.run_batch().await;
+        }
+        let (status, json) = h.get_bytes(&uri, "application/json").await;
+        let json = String::from_utf8(json).unwrap();
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert!(json.contains(&format!("\"source\":\"{source}\"")), "{json}");
+        assert!(
+            json.contains(&format!("\"revenue\":{exact}")),
+            "{source}: {json}"
+        );
+
+        let (_, csv) = h.get_bytes(&uri, "text/csv").await;
+        let csv = String::from_utf8(csv).unwrap();
+        let row = csv.lines().nth(1).unwrap();
+        assert!(
+            row.ends_with(&format!(",{source},12,{exact}")),
+            "{source}: {csv}"
+        );
+
+        let (_, ipc) = h
+            .get_bytes(&uri, "application/vnd.apache.arrow.stream")
+            .await;
+        let batch = StreamReader::try_new(std::io::Cursor::new(ipc), None)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let revenue = batch
+            .column_by_name("revenue")
+            .unwrap()
+            .as_primitive::<Decimal128Type>();
+        assert_eq!(revenue.value_as_string(0), exact, "{source}");
+    }
+    h.stop().await;
+}

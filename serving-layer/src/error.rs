@@ -139,6 +139,7 @@ pub async fn problem_bodies(req: Request, next: Next) -> Response {
             &format!("the request headers are larger than {MAX_HEADER_BYTES} bytes"),
         );
     }
+    let method = req.method().clone();
     let resp = next.run(req).await;
     let status = resp.status();
     let is_problem = resp
@@ -155,12 +156,7 @@ pub async fn problem_bodies(req: Request, next: Next) -> Response {
         .unwrap_or_default();
     let detail = match (status, text.is_empty()) {
         (StatusCode::METHOD_NOT_ALLOWED, _) => {
-            let allowed = parts
-                .headers
-                .get(header::ALLOW)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            format!("method not allowed here; allowed: {allowed}")
+            format!("{method} is not allowed on this path")
         }
         (_, false) => text,
         (_, true) => status.canonical_reason().unwrap_or("error").to_string(),

@@ -377,3 +377,127 @@ async fn arrow_stream_answers_the_same_as_json() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["detail"].as_str().unwrap().contains("arrow"), "{body}");
 }
+
+#[tokio::test]
+async fn unknown_parameters_are_refused_by_name() {
+    let (status, body) = get("/v1/views/installs_hourly/query?colour=red").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["detail"].as_str().unwrap().contains("`colour`"),
+        "{body}"
+    );
+    let post = Request::post("/v1/views/installs_hourly/query")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"from":"2024-10-04","shape":"round"}"#))
+        .unwrap();
+    let (status, body) = call(post).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["detail"].as_str().unwrap().contains("`shape`"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_routers_own_refusals_are_problems_too() {
+    // A method the route does not take.
+    let (status, body) = call(
+        Request::delete("/v1/views/installs_hourly/query")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(
+        body["detail"].as_str().unwrap().contains("DELETE"),
+        "{body}"
+    );
+    // A path that is not UTF-8 once decoded.
+    let (status, body) = get("/v1/views/%FF%FE/query").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["status"], 400);
+    // A request target or headers too large.
+    let long = format!(
+        "/v1/views/installs_hourly/query?filter=country={}",
+        "x".repeat(crate::error::MAX_URI_LEN)
+    );
+    let (status, body) = get(&long).await;
+    assert_eq!(status, StatusCode::URI_TOO_LONG);
+    assert_eq!(body["status"], 414);
+    let mut req = Request::get("/livez");
+    for i in 0..40 {
+        req = req.header(format!("x-filler-{i}"), "y".repeat(1_000));
+    }
+    let (status, body) = call(req.body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(body["status"], 431);
+}
+
+/// A batch layer whose store fails: unreachable (a retry may help) or corrupt (a bug).
+#[derive(Debug)]
+struct FailingBatch {
+    unreachable: bool,
+}
+
+#[async_trait]
+impl BatchViews for FailingBatch {
+    async fn coverage(&self, _: &ViewDef) -> tandem_core::Result<Coverage> {
+        Err(if self.unreachable {
+            tandem_core::CoreError::ObjectStore {
+                url: "s3://bucket/views/v/".into(),
+                source: Box::new(object_store::Error::Generic {
+                    store: "S3",
+                    source: "connection refused".into(),
+                }),
+            }
+        } else {
+            tandem_core::CoreError::Internal("a view table without its bucket column".into())
+        })
+    }
+    async fn query(
+        &self,
+        _: &ViewDef,
+        _: &ViewQuery,
+        _: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_a_503_with_retry_after_and_a_bug_a_500() {
+    for (unreachable, want) in [
+        (true, StatusCode::SERVICE_UNAVAILABLE),
+        (false, StatusCode::INTERNAL_SERVER_ERROR),
+    ] {
+        let app = router(AppState {
+            catalog: catalog(),
+            batch: Arc::new(FailingBatch { unreachable }),
+            speed: Arc::new(FakeSpeed(Vec::new())),
+            clock: Arc::new(MockClock::new(NOW)),
+            metrics: Arc::new(ApiMetrics::default()),
+        });
+        let resp = app
+            .oneshot(
+                Request::get("/v1/views/installs_hourly/query?from=2024-10-04")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want);
+        assert_eq!(
+            resp.headers().contains_key("retry-after"),
+            unreachable,
+            "{want}"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        // The cause is logged, not sent.
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            !detail.contains("refused") && !detail.contains("bucket column"),
+            "{detail}"
+        );
+    }
+}

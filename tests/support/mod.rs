@@ -285,6 +285,23 @@ impl Harness {
         )
     }
 
+    /// GET `uri` with an `Accept` header; the status and the raw body.
+    pub async fn get_bytes(&self, uri: &str, accept: &str) -> (StatusCode, Vec<u8>) {
+        let resp = self
+            .router()
+            .oneshot(
+                Request::get(uri)
+                    .header("accept", accept)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, bytes.to_vec())
+    }
+
     /// Every row of `view` at its own granularity, grouped by all its dimensions.
     pub async fn all_rows(&self, view: &str) -> Vec<Value> {
         let v = &self.catalog.views[view];
