@@ -453,3 +453,95 @@ async fn decimal_sums_are_exact_in_both_layers_and_every_format() {
     }
     h.stop().await;
 }
+
+/// `avg` is exact in both layers (an exact sum over a count, at six more digits than the field)
+/// and rolls up from its parts, not from averages of averages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn averages_equal_the_oracle_in_both_layers_and_in_a_rollup() {
+    let view = r#"
+kind = "view"
+source = "app_events"
+filter = "event_name = 'purchase'"
+granularity = "hour"
+dimensions = ["app_id", "country"]
+metrics = [
+  { name = "purchases", kind = "count" },
+  { name = "avg_revenue", kind = "avg", field = "revenue_usd" },
+]
+"#;
+    let mut h = Harness::start(&[("avg_revenue_hourly.toml", view)], 2).await;
+    let events = events(31, 12_000);
+    h.produce(&events);
+    h.settle().await;
+    // (bucket, app, country) -> (sum of revenue in micro-dollars, purchases), at two grains.
+    let mut hourly: HashMap<(String, String, String), (i128, i128)> = HashMap::new();
+    let mut daily: HashMap<(String, String), (i128, i128)> = HashMap::new();
+    for e in events.iter().filter(|e| e.event_name == "purchase") {
+        let units = (e.revenue_usd.unwrap() * 1e6).round() as i128;
+        let hour = format_us(e.event_time / 3_600_000_000 * 3_600_000_000);
+        let h = hourly
+            .entry((hour, e.app_id.clone(), e.country.to_string()))
+            .or_default();
+        *h = (h.0 + units, h.1 + 1);
+        let d = daily
+            .entry((
+                format_us(e.event_time / DAY_US * DAY_US),
+                e.country.to_string(),
+            ))
+            .or_default();
+        *d = (d.0 + units, d.1 + 1);
+    }
+    // The mean at 6 + 6 digits after the point, rounded half away from zero, as text.
+    let mean = |(sum, n): (i128, i128)| {
+        let num = sum * 1_000_000;
+        let (q, r) = (num / n, num % n);
+        let units = if 2 * r.abs() >= n {
+            q + num.signum()
+        } else {
+            q
+        };
+        format!(
+            "{}.{:012}",
+            units / 1_000_000_000_000,
+            units % 1_000_000_000_000
+        )
+    };
+    let csv_rows = |body: Vec<u8>| -> Vec<Vec<String>> {
+        String::from_utf8(body)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .collect()
+    };
+    let (from, to) = (format_us(NOW_US - 10 * DAY_US), format_us(NOW_US + DAY_US));
+    for round in ["speed", "after batch"] {
+        if round == "after batch" {
+            h.run_batch().await;
+        }
+        let uri = format!("/v1/views/avg_revenue_hourly/query?from={from}&to={to}&group_by=app_id,country&limit=100000");
+        let (status, body) = h.get_bytes(&uri, "text/csv").await;
+        assert_eq!(status, StatusCode::OK);
+        let rows = csv_rows(body);
+        assert_eq!(rows.len(), hourly.len(), "{round}");
+        for r in &rows {
+            let key = (r[0].clone(), r[2].clone(), r[3].clone());
+            let truth = hourly[&key];
+            assert_eq!(r[4], truth.1.to_string(), "{round} {key:?}");
+            assert_eq!(r[5], mean(truth), "{round} {key:?}");
+        }
+        // Daily by country: every hour and app of a day folded into one mean.
+        let uri = format!("/v1/views/avg_revenue_hourly/query?from={from}&to={to}&granularity=day&group_by=country&limit=100000");
+        let (_, body) = h.get_bytes(&uri, "text/csv").await;
+        let rows = csv_rows(body);
+        assert_eq!(rows.len(), daily.len(), "{round}");
+        for r in &rows {
+            let key = (r[0].clone(), r[2].clone());
+            assert_eq!(r[4], mean(daily[&key]), "{round} rollup {key:?}");
+        }
+        if round == "after batch" {
+            assert!(rows.iter().any(|r| r[1] == "batch"), "{rows:?}");
+        }
+    }
+    h.stop().await;
+}

@@ -460,6 +460,15 @@ fn metric_exprs(i: usize, m: &MetricDef, phase: Phase<'_>) -> Vec<Expr> {
             named(0, count(ident(distinct))),
             named(1, hll(ident(distinct))),
         ],
+        (MetricKind::Avg, Phase::Direct) => {
+            vec![named(0, sum(field())), named(1, count(field()))]
+        }
+        (MetricKind::Avg, Phase::Partial) => {
+            vec![sum(field()).alias(part(0)), count(field()).alias(part(1))]
+        }
+        (MetricKind::Avg, Phase::Final { .. }) => {
+            vec![named(0, sum(ident(part(0)))), named(1, sum(ident(part(1))))]
+        }
     }
 }
 

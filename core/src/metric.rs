@@ -32,6 +32,9 @@ pub const DEFAULT_LG_K: u8 = 12;
 /// The widest decimal Arrow holds; sums of decimal fields use it.
 pub const DECIMAL_PRECISION: u8 = 38;
 
+/// Digits an average of an int or decimal field keeps beyond the field's own scale.
+pub const AVG_EXTRA_SCALE: u8 = 6;
+
 /// What a metric computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,16 +49,19 @@ pub enum MetricKind {
     Max,
     /// Distinct values of a field: exact in batch, an HLL sketch in speed and in rollups.
     Distinct,
+    /// Mean of a numeric field: kept as an exact sum and a count, so it rolls up exactly.
+    Avg,
 }
 
 impl MetricKind {
     /// Every kind, in the order messages list them.
-    pub const ALL: [MetricKind; 5] = [
+    pub const ALL: [MetricKind; 6] = [
         MetricKind::Count,
         MetricKind::Sum,
         MetricKind::Min,
         MetricKind::Max,
         MetricKind::Distinct,
+        MetricKind::Avg,
     ];
 
     /// The name in a view file.
@@ -66,6 +72,7 @@ impl MetricKind {
             MetricKind::Min => "min",
             MetricKind::Max => "max",
             MetricKind::Distinct => "distinct",
+            MetricKind::Avg => "avg",
         }
     }
 
@@ -79,7 +86,7 @@ impl MetricKind {
             (MetricKind::Count, None) => return Ok(()),
             (MetricKind::Count, Some(_)) => return Err("count takes no field".into()),
             (_, None) => return Err(format!("{} needs a field", self.as_str())),
-            (MetricKind::Sum, Some(t)) => t.is_numeric(),
+            (MetricKind::Sum | MetricKind::Avg, Some(t)) => t.is_numeric(),
             (MetricKind::Min | MetricKind::Max, Some(t)) => {
                 t.is_numeric() || t == FieldType::Timestamp
             }
@@ -122,6 +129,8 @@ impl MetricDef {
     /// The decimal scale of the value, if it is a decimal.
     pub fn scale(&self) -> Option<u8> {
         match (self.kind, self.field_type) {
+            (MetricKind::Avg, Some(FieldType::Int)) => Some(AVG_EXTRA_SCALE),
+            (MetricKind::Avg, Some(FieldType::Decimal { scale })) => Some(scale + AVG_EXTRA_SCALE),
             (
                 MetricKind::Sum | MetricKind::Min | MetricKind::Max,
                 Some(FieldType::Decimal { scale }),
@@ -147,6 +156,21 @@ impl MetricDef {
             (MetricKind::Sum, Some(FieldType::Decimal { scale })) => {
                 vec![value(DataType::Decimal128(DECIMAL_PRECISION, scale as i8))]
             }
+            // An average is stored as its exact parts.
+            (MetricKind::Avg, t) => vec![
+                Field::new(
+                    format!("{}__sum", self.name),
+                    match t {
+                        Some(FieldType::Decimal { scale }) => {
+                            DataType::Decimal128(DECIMAL_PRECISION, scale as i8)
+                        }
+                        Some(FieldType::Float) => DataType::Float64,
+                        _ => DataType::Int64,
+                    },
+                    true,
+                ),
+                Field::new(format!("{}__count", self.name), DataType::Int64, true),
+            ],
             (_, Some(t)) => vec![value(t.arrow_type())],
             (_, None) => vec![value(DataType::Int64)],
         }
@@ -166,6 +190,8 @@ impl MetricDef {
             (MetricKind::Distinct, _) => {
                 MetricState::Distinct(Box::new(DistinctState::new(self.lg_k())))
             }
+            (MetricKind::Avg, false) => MetricState::AvgInt { sum: 0, n: 0 },
+            (MetricKind::Avg, true) => MetricState::AvgFloat { sum: 0.0, n: 0 },
         }
     }
 
@@ -186,6 +212,22 @@ impl MetricDef {
             MetricState::MaxInt(_) => MetricState::MaxInt((!null).then(int).transpose()?),
             MetricState::MinFloat(_) => MetricState::MinFloat((!null).then(float)),
             MetricState::MaxFloat(_) => MetricState::MaxFloat((!null).then(float)),
+            MetricState::AvgInt { .. } | MetricState::AvgFloat { .. } => {
+                let count = columns.get(1).ok_or_else(|| {
+                    CoreError::Internal(format!("`{}` has no count column", self.name))
+                })?;
+                let n = if count.is_null(row) {
+                    0
+                } else {
+                    cell_i128(count, row)? as u64
+                };
+                match (null, value.data_type()) {
+                    (true, DataType::Float64) => MetricState::AvgFloat { sum: 0.0, n },
+                    (false, DataType::Float64) => MetricState::AvgFloat { sum: float(), n },
+                    (true, _) => MetricState::AvgInt { sum: 0, n },
+                    (false, _) => MetricState::AvgInt { sum: int()?, n },
+                }
+            }
             MetricState::Distinct(empty) => {
                 let sketch = columns.get(1).ok_or_else(|| {
                     CoreError::Sketch(format!("`{}` has no sketch column", self.name))
@@ -212,7 +254,7 @@ impl MetricDef {
             (MetricKind::Distinct, _) => DataType::Struct(distinct_fields().into()),
             (_, Some(FieldType::Float)) => DataType::Float64,
             (_, Some(FieldType::Timestamp)) => crate::schema::timestamp_type(),
-            (MetricKind::Sum, _) | (_, Some(FieldType::Decimal { .. })) => {
+            (MetricKind::Sum | MetricKind::Avg, _) | (_, Some(FieldType::Decimal { .. })) => {
                 DataType::Decimal128(DECIMAL_PRECISION, self.scale().unwrap_or(0) as i8)
             }
             _ => DataType::Int64,
@@ -402,6 +444,15 @@ pub enum MetricState {
     MinFloat(Option<f64>),
     MaxFloat(Option<f64>),
     Distinct(Box<DistinctState>),
+    /// Sum (in units, for int and decimal fields) and count of an average.
+    AvgInt {
+        sum: i128,
+        n: u64,
+    },
+    AvgFloat {
+        sum: f64,
+        n: u64,
+    },
 }
 
 impl MetricState {
@@ -435,6 +486,14 @@ impl MetricState {
             MetricState::MaxInt(m) => *m = Some(m.map_or(int(), |v| v.max(int()))),
             MetricState::MinFloat(m) => *m = Some(m.map_or(float(), |v| v.min(float()))),
             MetricState::MaxFloat(m) => *m = Some(m.map_or(float(), |v| v.max(float()))),
+            MetricState::AvgInt { sum, n } => {
+                *sum += int();
+                *n += 1;
+            }
+            MetricState::AvgFloat { sum, n } => {
+                *sum += float();
+                *n += 1;
+            }
             MetricState::Distinct(d) => match col.data_type() {
                 DataType::Utf8 => d.update_str(col.as_string::<i32>().value(row)),
                 DataType::Boolean => d.update_str(if col.as_boolean().value(row) {
@@ -459,6 +518,8 @@ impl MetricState {
             (MinFloat(a), MinFloat(b)) => *a = opt(*a, *b, f64::min),
             (MaxFloat(a), MaxFloat(b)) => *a = opt(*a, *b, f64::max),
             (Distinct(a), Distinct(b)) => a.merge(b),
+            (AvgInt { sum: a, n: m }, AvgInt { sum: b, n }) => (*a += b, *m += n).1,
+            (AvgFloat { sum: a, n: m }, AvgFloat { sum: b, n }) => (*a += b, *m += n).1,
             (a, b) => panic!("merging states of different metrics: {a:?} and {b:?}; this is a bug"),
         }
     }
@@ -471,6 +532,17 @@ impl MetricState {
             Count(c) => Some(*c as i128),
             SumInt(v) => Some(*v),
             MinInt(v) | MaxInt(v) => *v,
+            // The mean in units of the field's scale plus AVG_EXTRA_SCALE, rounded half away
+            // from zero; none for no values (or a sum too large to scale).
+            AvgInt { sum, n } if *n > 0 => {
+                let num = sum.checked_mul(10i128.pow(AVG_EXTRA_SCALE as u32))?;
+                let (den, q, r) = (*n as i128, num / *n as i128, num % *n as i128);
+                Some(if 2 * r.abs() >= den {
+                    q + num.signum()
+                } else {
+                    q
+                })
+            }
             _ => None,
         }
     }
@@ -481,6 +553,7 @@ impl MetricState {
         match self {
             SumFloat(v) => Some(*v),
             MinFloat(v) | MaxFloat(v) => *v,
+            AvgFloat { sum, n } if *n > 0 => Some(sum / *n as f64),
             _ => None,
         }
     }
@@ -498,6 +571,8 @@ impl MetricState {
             SumFloat(v) => Some(*v),
             MinInt(v) | MaxInt(v) => v.map(scaled),
             MinFloat(v) | MaxFloat(v) => *v,
+            AvgInt { .. } => self.as_i128().map(scaled),
+            AvgFloat { .. } => self.as_float(),
             Distinct(d) => Some(
                 d.exact
                     .map(|n| n as f64)
@@ -578,6 +653,26 @@ mod tests {
         let mut t = MetricState::SumInt(499);
         t.merge(&MetricState::SumInt(1));
         assert_eq!(t, MetricState::SumInt(500));
+    }
+
+    #[test]
+    fn averages_merge_their_parts_and_round_half_away_from_zero() {
+        let mut a = MetricState::AvgInt { sum: 1, n: 2 };
+        a.merge(&MetricState::AvgInt { sum: 0, n: 1 });
+        // 1 / 3 = 0.333333|33 at six more digits.
+        assert_eq!(a.as_i128(), Some(333_333));
+        assert_eq!(
+            MetricState::AvgInt { sum: -1, n: 2 }.as_i128(),
+            Some(-500_000)
+        );
+        assert_eq!(
+            MetricState::AvgInt { sum: 2, n: 3 }.as_i128(),
+            Some(666_667)
+        );
+        assert_eq!(MetricState::AvgInt { sum: 5, n: 0 }.as_i128(), None);
+        let mut f = MetricState::AvgFloat { sum: 1.0, n: 1 };
+        f.merge(&MetricState::AvgFloat { sum: 2.0, n: 3 });
+        assert_eq!(f.as_float(), Some(0.75));
     }
 
     #[test]
