@@ -505,9 +505,9 @@ async fn dirty_days(
 
 fn conflict_or(view: &ViewDef, url: &url::Url, e: deltalake::DeltaTableError) -> BatchError {
     match e {
-        deltalake::DeltaTableError::Transaction { source } => BatchError::Conflict {
+        e @ deltalake::DeltaTableError::Transaction { .. } => BatchError::Conflict {
             view: view.name.clone(),
-            message: source.to_string(),
+            source: Box::new(e),
         },
         e => BatchError::delta(url, e),
     }

@@ -22,8 +22,12 @@ pub enum BatchError {
     },
 
     /// Another publish of the same view won the race; nothing of this run is visible.
-    #[error("view `{view}`: another publish committed first ({message}); nothing was published, run again")]
-    Conflict { view: String, message: String },
+    #[error("view `{view}`: another publish committed first; nothing was published, run again")]
+    Conflict {
+        view: String,
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
 
     /// An input file could not be read.
     #[error("{path}")]
