@@ -239,3 +239,103 @@ async fn import_rejects_go_to_the_dead_letter_table() {
         .unwrap();
     assert!(dlq.is_some());
 }
+
+/// The sum of the first metric (a count) over rows.
+fn count_of(rows: &[tandem_core::query::AggRow]) -> u64 {
+    rows.iter()
+        .map(|r| match r.states[0] {
+            tandem_core::metric::MetricState::Count(c) => c,
+            _ => panic!("the first metric is a count"),
+        })
+        .sum()
+}
+
+/// A published version is loaded once: queries answer from memory (here, after the view's
+/// Parquet files are gone), the log is looked at once per refresh interval, and a query answers
+/// from the version its coverage names even when a newer one was loaded meanwhile.
+#[tokio::test]
+async fn published_versions_are_answered_from_memory_one_version_per_query() {
+    let s = setup();
+    let schema = Arc::clone(&s.catalog.schemas["app_events"]);
+    let import = |name: &str, seed: u64, n: usize| {
+        let lines: Vec<String> = Generator::new(GenConfig {
+            seed,
+            late_share: 0.0,
+            ..Default::default()
+        })
+        .history(n, NOW - 3 * DAY_US, NOW - DAY_US)
+        .map(|e| e.to_json())
+        .collect();
+        let file = s.dir.join(name);
+        write_lines(&file, &lines);
+        file
+    };
+    let batch = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    );
+    let publish = |file: PathBuf| {
+        let (storage, schema, batch) = (s.storage.clone(), Arc::clone(&schema), batch.clone());
+        async move {
+            import_jsonl(&storage, &schema, &[&file], NOW)
+                .await
+                .unwrap();
+            let full = RunRequest {
+                full: true,
+                ..Default::default()
+            };
+            batch
+                .run(Some("active_devices_daily"), &full)
+                .await
+                .unwrap();
+        }
+    };
+    publish(import("a.jsonl", 1, 2_000)).await;
+
+    let view = &s.catalog.views["active_devices_daily"];
+    let from = NOW - 10 * DAY_US;
+    let q = ViewQuery::all(view, from, NOW);
+    let slow =
+        DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::from_secs(3600));
+    let eager = DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::ZERO);
+    let v1 = slow.coverage(view).await.unwrap();
+    let first = count_of(&slow.query(view, &q, &v1).await.unwrap());
+    assert_eq!(first, 2_000);
+    let old = eager.coverage(view).await.unwrap();
+    assert_eq!(old, v1);
+
+    // The view's files go away: the loaded version still answers, without reading them.
+    let table_dir = s.dir.join("data/views/active_devices_daily");
+    let mut removed = 0;
+    for entry in walk(&table_dir) {
+        if entry.extension().is_some_and(|e| e == "parquet") {
+            std::fs::remove_file(entry).unwrap();
+            removed += 1;
+        }
+    }
+    assert!(removed > 0);
+    assert_eq!(count_of(&slow.query(view, &q, &v1).await.unwrap()), 2_000);
+
+    // A new publish: the slow reader does not look at the log again within its interval; the
+    // eager one loads the new version, and still answers a query begun on the old one from it.
+    publish(import("b.jsonl", 2, 500)).await;
+    assert_eq!(slow.coverage(view).await.unwrap(), v1);
+    let v2 = eager.coverage(view).await.unwrap();
+    assert!(v2.version > v1.version, "{v2:?}");
+    assert_eq!(count_of(&eager.query(view, &q, &v2).await.unwrap()), 2_500);
+    assert_eq!(count_of(&eager.query(view, &q, &old).await.unwrap()), 2_000);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
