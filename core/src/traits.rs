@@ -8,9 +8,10 @@ use crate::view::ViewDef;
 
 /// The speed layer's views: aggregates of the events no published batch covers yet.
 pub trait RealtimeView: Send + Sync + std::fmt::Debug {
-    /// Rows for every native bucket in the query's range that this layer holds, grouped by the
-    /// query's dimensions and filtered by its filters.
-    fn query(&self, view: &ViewDef, query: &ViewQuery) -> Result<Vec<AggRow>>;
+    /// Rows for every native bucket in the query's range that this layer holds and `covered`
+    /// (the published batch) does not, grouped by the query's dimensions and filtered by its
+    /// filters.
+    fn query(&self, view: &ViewDef, query: &ViewQuery, covered: &Coverage) -> Result<Vec<AggRow>>;
 
     /// How fresh the answers are.
     fn status(&self) -> RealtimeStatus;
@@ -38,7 +39,7 @@ pub trait BatchViews: Send + Sync + std::fmt::Debug {
 pub struct NoRealtime;
 
 impl RealtimeView for NoRealtime {
-    fn query(&self, _: &ViewDef, _: &ViewQuery) -> Result<Vec<AggRow>> {
+    fn query(&self, _: &ViewDef, _: &ViewQuery, _: &Coverage) -> Result<Vec<AggRow>> {
         Ok(Vec::new())
     }
     fn status(&self) -> RealtimeStatus {

@@ -19,7 +19,7 @@ pub async fn answer(
 ) -> Result<QueryResult> {
     let coverage = batch.coverage(view).await?;
     let batch_rows = batch.query(view, q, &coverage).await?;
-    let speed_rows = speed.query(view, q)?;
+    let speed_rows = speed.query(view, q, &coverage)?;
     let realtime = speed.status();
 
     let mut groups: HashMap<GroupKey, (Source, Vec<MetricState>)> = HashMap::new();

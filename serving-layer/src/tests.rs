@@ -75,7 +75,7 @@ impl BatchViews for FakeBatch {
 struct FakeSpeed(Vec<(i64, u64)>);
 
 impl RealtimeView for FakeSpeed {
-    fn query(&self, _: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
+    fn query(&self, _: &ViewDef, q: &ViewQuery, _: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
         Ok(rows(&self.0, q)
             .into_iter()
             .filter(|r| q.in_range(r.bucket_us))

@@ -11,7 +11,7 @@ use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::filter::CompiledFilter;
 use tandem_core::metric::MetricState;
-use tandem_core::query::{RowSet, ViewQuery};
+use tandem_core::query::{Coverage, RowSet, ViewQuery};
 use tandem_core::schema::{EventSchema, FieldType};
 use tandem_core::view::ViewDef;
 
@@ -156,12 +156,20 @@ impl ViewAggregator {
         Ok(())
     }
 
-    /// Adds the rows of `groups` the query asks for, grouped by its dimensions, to `out`.
-    pub fn query(&self, groups: &Groups, interner: &Interner, q: &ViewQuery, out: &mut RowSet) {
+    /// Adds the rows of `groups` the query asks for and `covered` does not cover, grouped by
+    /// its dimensions, to `out`.
+    pub fn query(
+        &self,
+        groups: &Groups,
+        interner: &Interner,
+        q: &ViewQuery,
+        covered: &Coverage,
+        out: &mut RowSet,
+    ) {
         let mut dims: Vec<Option<&str>> = Vec::with_capacity(self.dims.len());
         for (key, states) in groups {
             let bucket = join(key[0], key[1]);
-            if !q.in_range(bucket) {
+            if !q.in_range(bucket) || covered.covers(bucket) {
                 continue;
             }
             dims.clear();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tandem_core::decode::{Decoder, Message};
-use tandem_core::query::{AggRow, RealtimeStatus, RowSet, ViewQuery};
+use tandem_core::query::{AggRow, Coverage, RealtimeStatus, RowSet, ViewQuery};
 use tandem_core::time::Clock;
 use tandem_core::traits::RealtimeView;
 use tandem_core::view::ViewDef;
@@ -139,7 +139,12 @@ impl SpeedLayer {
 }
 
 impl RealtimeView for SpeedLayer {
-    fn query(&self, view: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
+    fn query(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        covered: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
         let Some(i) = self
             .aggregators
             .iter()
@@ -150,7 +155,7 @@ impl RealtimeView for SpeedLayer {
         let parts = self.partitions.read().expect("speed state lock poisoned");
         let mut out = RowSet::default();
         for state in parts.values() {
-            self.aggregators[i].query(&state.groups[i], &state.interner, q, &mut out);
+            self.aggregators[i].query(&state.groups[i], &state.interner, q, covered, &mut out);
         }
         Ok(out.into_rows())
     }
@@ -204,9 +209,14 @@ impl SpeedLayers {
 }
 
 impl RealtimeView for SpeedLayers {
-    fn query(&self, view: &ViewDef, q: &ViewQuery) -> tandem_core::Result<Vec<AggRow>> {
+    fn query(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        covered: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
         match self.0.get(&view.source) {
-            Some(layer) => layer.query(view, q),
+            Some(layer) => layer.query(view, q, covered),
             None => Ok(Vec::new()),
         }
     }

@@ -33,7 +33,7 @@ fn total_events(catalog: &Catalog, layer: &SpeedLayer) -> u64 {
     );
     q.metrics = vec![v.metric("events").unwrap()];
     layer
-        .query(v, &q)
+        .query(v, &q, &Default::default())
         .unwrap()
         .iter()
         .map(|r| match r.states[0] {
@@ -113,4 +113,28 @@ fn partitions_are_kept_apart_and_merged_on_query() {
     }
     assert_eq!(layer.offsets().len(), 3);
     assert_eq!(total_events(&catalog, &layer), 900);
+}
+
+#[test]
+fn buckets_the_batch_covers_are_not_answered() {
+    let (catalog, layer) = layer();
+    let payloads = payloads(2_000);
+    layer.apply(0, &messages(&payloads, 0, None)).unwrap();
+    let v = &catalog.views["active_devices_daily"];
+    let q = ViewQuery::all(v, NOW - 10 * DAY_US, NOW + DAY_US);
+    let all = layer.query(v, &q, &Default::default()).unwrap();
+    let yesterday = NOW / DAY_US - 1;
+    let covered = tandem_core::query::Coverage {
+        days: [yesterday].into(),
+        ..Default::default()
+    };
+    let rest = layer.query(v, &q, &covered).unwrap();
+    assert!(rest.len() < all.len());
+    assert!(rest.iter().all(|r| r.bucket_us / DAY_US != yesterday));
+    assert_eq!(
+        all.iter()
+            .filter(|r| r.bucket_us / DAY_US != yesterday)
+            .count(),
+        rest.len()
+    );
 }
