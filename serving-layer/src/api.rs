@@ -5,8 +5,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -17,8 +19,9 @@ use serde_json::{json, Value as Json_};
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::Catalog;
+use tower::{BoxError, ServiceBuilder};
 
-use crate::error::{problem_bodies, ApiError};
+use crate::error::{problem, problem_bodies, ApiError};
 use crate::merge::answer;
 use crate::params::{Format, Params, QueryParams};
 use crate::render::{self, ARROW_STREAM};
@@ -44,12 +47,47 @@ pub struct ApiMetrics {
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// The API's routes.
+/// Bounds on the query routes, so that no burst of clients can take the process down.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryLimits {
+    /// Queries answered at once; a query beyond them is refused at once with 503 and
+    /// `Retry-After`, not queued.
+    pub max_concurrent: usize,
+    /// The longest one query may take; past it, it is dropped with a 503.
+    pub timeout: Duration,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            max_concurrent: 64,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The API's routes, with the default query limits.
 pub fn router(state: AppState) -> Router {
+    router_with(state, QueryLimits::default())
+}
+
+/// The API's routes. Only the query routes are limited: the probes, `/metrics` and the view
+/// list always answer.
+pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
+    let limited = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(move |e: BoxError| async move {
+            limit_refusal(e, limits)
+        }))
+        .load_shed()
+        .concurrency_limit(limits.max_concurrent.max(1))
+        .timeout(limits.timeout);
     Router::new()
         .route("/v1/views", get(list_views))
         .route("/v1/views/{view}", get(get_view))
-        .route("/v1/views/{view}/query", get(query_get).post(query_post))
+        .route(
+            "/v1/views/{view}/query",
+            get(query_get).post(query_post).layer(limited),
+        )
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
@@ -59,6 +97,33 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(problem_bodies))
         .with_state(state)
+}
+
+/// A query refused by a limit: 503 with `Retry-After`, saying which limit.
+fn limit_refusal(e: BoxError, limits: QueryLimits) -> Response {
+    if e.is::<tower::load_shed::error::Overloaded>() {
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "more than {} queries at once; retry later",
+                limits.max_concurrent
+            ),
+        )
+    } else if e.is::<tower::timeout::error::Elapsed>() {
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "the query took longer than {} ms; narrow it or retry later",
+                limits.timeout.as_millis()
+            ),
+        )
+    } else {
+        tracing::error!(error = %e, "a query failed in its limits");
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server could not answer; the error is in its log",
+        )
+    }
 }
 
 async fn view_json(state: &AppState, name: &str) -> Result<Json_, ApiError> {

@@ -18,7 +18,7 @@ pub mod render;
 #[cfg(test)]
 mod tests;
 
-pub use api::{router, ApiMetrics, AppState};
+pub use api::{router, router_with, ApiMetrics, AppState, QueryLimits};
 pub use error::ApiError;
 pub use merge::answer;
 pub use params::{Format, QueryParams};

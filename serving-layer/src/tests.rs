@@ -501,3 +501,89 @@ async fn an_unreachable_store_is_a_503_with_retry_after_and_a_bug_a_500() {
         );
     }
 }
+
+/// A batch layer that takes its time.
+#[derive(Debug)]
+struct SlowBatch(std::time::Duration);
+
+#[async_trait]
+impl BatchViews for SlowBatch {
+    async fn coverage(&self, _: &ViewDef) -> tandem_core::Result<Coverage> {
+        tokio::time::sleep(self.0).await;
+        Ok(Coverage::default())
+    }
+    async fn query(
+        &self,
+        _: &ViewDef,
+        _: &ViewQuery,
+        _: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_answer() {
+    use std::time::Duration;
+    let app = |delay_ms: u64, limits: crate::QueryLimits| {
+        crate::router_with(
+            AppState {
+                catalog: catalog(),
+                batch: Arc::new(SlowBatch(Duration::from_millis(delay_ms))),
+                speed: Arc::new(FakeSpeed(Vec::new())),
+                clock: Arc::new(MockClock::new(NOW)),
+                metrics: Arc::new(ApiMetrics::default()),
+            },
+            limits,
+        )
+    };
+    let query = || {
+        Request::get("/v1/views/installs_hourly/query?from=2024-10-04")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let one_at_a_time = app(
+        400,
+        crate::QueryLimits {
+            max_concurrent: 1,
+            timeout: Duration::from_secs(10),
+        },
+    );
+    let first = tokio::spawn(one_at_a_time.clone().oneshot(query()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = one_at_a_time.clone().oneshot(query()).await.unwrap();
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(second.headers().contains_key("retry-after"));
+    let body = second.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("at once"),
+        "{body}"
+    );
+    let probe = one_at_a_time
+        .clone()
+        .oneshot(Request::get("/livez").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(probe.status(), StatusCode::OK);
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+
+    let impatient = app(
+        2_000,
+        crate::QueryLimits {
+            max_concurrent: 4,
+            timeout: Duration::from_millis(100),
+        },
+    );
+    let resp = impatient.oneshot(query()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 100 ms"),
+        "{body}"
+    );
+}
