@@ -281,49 +281,57 @@ impl Loaded {
                 (*d, ids)
             })
             .collect();
-        let mut groups: HashMap<(i64, Vec<u32>), Vec<MetricState>> = HashMap::new();
-        for row in start..end {
+        // Rows are sorted by bucket: group one bucket at a time, looking groups up by a reused
+        // key, so a row that joins a group allocates nothing.
+        let mut out = Vec::new();
+        let mut groups: HashMap<Vec<u32>, Vec<MetricState>> = HashMap::new();
+        let mut key: Vec<u32> = Vec::with_capacity(q.group_by.len());
+        let mut row = start;
+        while row < end {
             let bucket = self.buckets[row];
-            if !coverage.covers(bucket)
-                || !filters
-                    .iter()
-                    .all(|(d, ids)| ids.contains(&self.dims[*d][row]))
-            {
-                continue;
-            }
-            let key = (
-                bucket,
-                q.group_by.iter().map(|&d| self.dims[d][row]).collect(),
-            );
-            match groups.get_mut(&key) {
-                Some(states) => {
-                    for (s, &m) in states.iter_mut().zip(&q.metrics) {
-                        s.merge(&self.states[m][row]);
+            let run_end = row + self.buckets[row..end].partition_point(|&b| b == bucket);
+            if coverage.covers(bucket) {
+                for r in row..run_end {
+                    if !filters
+                        .iter()
+                        .all(|(d, ids)| ids.contains(&self.dims[*d][r]))
+                    {
+                        continue;
+                    }
+                    key.clear();
+                    key.extend(q.group_by.iter().map(|&d| self.dims[d][r]));
+                    match groups.get_mut(key.as_slice()) {
+                        Some(states) => {
+                            for (s, &m) in states.iter_mut().zip(&q.metrics) {
+                                s.merge(&self.states[m][r]);
+                            }
+                        }
+                        None => {
+                            let states = q
+                                .metrics
+                                .iter()
+                                .map(|&m| self.states[m][r].clone())
+                                .collect();
+                            groups.insert(key.clone(), states);
+                        }
                     }
                 }
-                None => {
-                    let states = q
-                        .metrics
-                        .iter()
-                        .map(|&m| self.states[m][row].clone())
-                        .collect();
-                    groups.insert(key, states);
-                }
+                out.extend(groups.drain().map(|(ids, states)| {
+                    AggRow {
+                        bucket_us: bucket,
+                        dims: q
+                            .group_by
+                            .iter()
+                            .zip(ids)
+                            .map(|(&d, id)| self.value(d, id))
+                            .collect(),
+                        states,
+                    }
+                }));
             }
+            row = run_end;
         }
-        groups
-            .into_iter()
-            .map(|((bucket_us, ids), states)| AggRow {
-                bucket_us,
-                dims: q
-                    .group_by
-                    .iter()
-                    .zip(ids)
-                    .map(|(&d, id)| self.value(d, id))
-                    .collect(),
-                states,
-            })
-            .collect()
+        out
     }
 }
 
