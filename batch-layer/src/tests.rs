@@ -53,7 +53,11 @@ async fn total(s: &Setup, view: &str) -> u64 {
     let cov = views.coverage(v).await.unwrap();
     let from = tandem_core::time::parse_instant("2026-11-01").unwrap();
     let q = ViewQuery::all(v, from, from + 26 * DAY_US);
-    let rows = views.query(v, &q, &cov).await.unwrap();
+    count_of(&views.query(v, &q, &cov).await.unwrap())
+}
+
+/// The sum of the first metric (a count) over rows.
+fn count_of(rows: &[tandem_core::query::AggRow]) -> u64 {
     rows.iter()
         .map(|r| match r.states[0] {
             tandem_core::metric::MetricState::Count(c) => c,
@@ -238,16 +242,6 @@ async fn import_rejects_go_to_the_dead_letter_table() {
         .await
         .unwrap();
     assert!(dlq.is_some());
-}
-
-/// The sum of the first metric (a count) over rows.
-fn count_of(rows: &[tandem_core::query::AggRow]) -> u64 {
-    rows.iter()
-        .map(|r| match r.states[0] {
-            tandem_core::metric::MetricState::Count(c) => c,
-            _ => panic!("the first metric is a count"),
-        })
-        .sum()
 }
 
 /// A published version is loaded once: queries answer from memory (here, after the view's
