@@ -120,10 +120,10 @@ impl Accumulator for HllAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        Ok(ScalarValue::Binary(Some(self.state.sketch.serialize())))
+        Ok(ScalarValue::Binary(Some(self.state.serialize())))
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.state.sketch.estimated_size()
+        std::mem::size_of_val(self) + self.state.estimated_size()
     }
 }

@@ -278,11 +278,7 @@ impl MetricDef {
                     .map(|s| match s {
                         Some(MetricState::Distinct(d)) => match d.exact {
                             Some(n) => (n, true, None),
-                            None => (
-                                d.estimate().round() as u64,
-                                false,
-                                Some(hll_rse(d.sketch.lg_config_k())),
-                            ),
+                            None => (d.estimate().round() as u64, false, Some(hll_rse(d.lg_k()))),
                         },
                         _ => (0, false, None),
                     })
@@ -358,18 +354,31 @@ fn binary_cell(col: &ArrayRef, row: usize) -> Result<&[u8]> {
 }
 
 /// A distinct-count state.
-#[derive(Clone, PartialEq)]
+///
+/// A state that nothing was merged into is its sketch. The first merge opens an HLL union that
+/// later merges and updates fold into, so rolling many rows' sketches up into one group costs
+/// one union, not a new union and two copies per row.
+#[derive(Clone)]
 pub struct DistinctState {
-    pub sketch: HllSketch,
+    /// The values seen, while nothing was merged in.
+    sketch: HllSketch,
+    /// This state and everything merged into it, once anything was.
+    union: Option<HllUnion>,
     /// The exact number of distinct values, known when the batch layer computed this row and
     /// it was not merged since.
     pub exact: Option<u64>,
 }
 
+impl PartialEq for DistinctState {
+    fn eq(&self, other: &Self) -> bool {
+        self.exact == other.exact && self.serialize() == other.serialize()
+    }
+}
+
 impl fmt::Debug for DistinctState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DistinctState")
-            .field("estimate", &self.sketch.estimate())
+            .field("estimate", &self.estimate())
             .field("exact", &self.exact)
             .finish()
     }
@@ -379,6 +388,7 @@ impl DistinctState {
     pub fn new(lg_k: u8) -> Self {
         DistinctState {
             sketch: new_sketch(lg_k),
+            union: None,
             exact: None,
         }
     }
@@ -387,37 +397,91 @@ impl DistinctState {
     /// strings are skipped, as they skip them).
     pub fn update_str(&mut self, v: &str) {
         if !v.is_empty() {
-            self.sketch.update(raw_bytes::from_str(v));
+            match &mut self.union {
+                Some(u) => u.update_value(raw_bytes::from_str(v)),
+                None => self.sketch.update(raw_bytes::from_str(v)),
+            }
         }
     }
 
     /// Adds an integer value (hashed as its 8 little-endian bytes).
     pub fn update_i64(&mut self, v: i64) {
-        self.sketch.update(raw_bytes::from_slice(&v.to_le_bytes()));
+        let bytes = v.to_le_bytes();
+        match &mut self.union {
+            Some(u) => u.update_value(raw_bytes::from_slice(&bytes)),
+            None => self.sketch.update(raw_bytes::from_slice(&bytes)),
+        }
     }
 
     pub fn from_parts(bytes: &[u8], exact: Option<u64>) -> Result<Self> {
         let sketch = HllSketch::deserialize(bytes).map_err(|e| CoreError::Sketch(e.to_string()))?;
-        Ok(DistinctState { sketch, exact })
+        Ok(DistinctState {
+            sketch,
+            union: None,
+            exact,
+        })
     }
 
     pub fn estimate(&self) -> f64 {
-        self.sketch.estimate()
+        match &self.union {
+            Some(u) => u.estimate(),
+            None => self.sketch.estimate(),
+        }
+    }
+
+    /// log2 of the register count.
+    pub fn lg_k(&self) -> u8 {
+        match &self.union {
+            Some(u) => u.lg_config_k(),
+            None => self.sketch.lg_config_k(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match &self.union {
+            Some(u) => u.is_empty(),
+            None => self.sketch.is_empty(),
+        }
+    }
+
+    /// The sketch in the DataSketches format (HLL_8).
+    pub fn serialize(&self) -> Vec<u8> {
+        match &self.union {
+            Some(u) => u.to_sketch(HllType::Hll8).serialize(),
+            None => self.sketch.serialize(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn estimated_size(&self) -> usize {
+        match &self.union {
+            Some(u) => u.estimated_size(),
+            None => self.sketch.estimated_size(),
+        }
     }
 
     /// Folds `other` in: a sketch union; the exact count survives only a merge with nothing.
     pub fn merge(&mut self, other: &DistinctState) {
-        let mut union = HllUnion::new(self.sketch.lg_config_k().max(other.sketch.lg_config_k()))
-            .expect("lg_k comes from a valid sketch");
-        union.update(&self.sketch);
-        union.update(&other.sketch);
-        self.sketch = union.to_sketch(HllType::Hll8);
         self.exact = match (self.exact, other.exact) {
             // Merging with an empty state keeps exactness.
-            (Some(a), _) if other.sketch.is_empty() => Some(a),
+            (Some(a), _) if other.is_empty() => Some(a),
             (_, Some(b)) if self.exact == Some(0) => Some(b),
             _ => None,
         };
+        let union = match &mut self.union {
+            Some(u) => u,
+            None => {
+                let lg_k = self.sketch.lg_config_k().max(other.lg_k());
+                let mut u = HllUnion::new(lg_k).expect("lg_k comes from a valid sketch");
+                u.update(&self.sketch);
+                self.sketch = new_sketch(4);
+                self.union.insert(u)
+            }
+        };
+        match &other.union {
+            Some(o) => union.update(&o.to_sketch(HllType::Hll8)),
+            None => union.update(&other.sketch),
+        }
     }
 }
 
@@ -634,7 +698,7 @@ mod tests {
     fn sketch_round_trips_and_exactness_is_lost_on_merge() {
         let mut a = sketch_of(0..100);
         a.exact = Some(100);
-        let back = DistinctState::from_parts(&a.sketch.serialize(), Some(100)).unwrap();
+        let back = DistinctState::from_parts(&a.serialize(), Some(100)).unwrap();
         assert_eq!(back.estimate(), a.estimate());
         let mut s = MetricState::Distinct(Box::new(back));
         s.merge(&MetricState::Distinct(Box::new(DistinctState::new(12))));
