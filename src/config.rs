@@ -87,6 +87,15 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     #[serde(default)]
     pub kafka: KafkaFile,
+    #[serde(default)]
+    pub speed: SpeedFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeedFile {
+    /// Seconds a publish must be old before the speed layer drops the buckets it covers.
+    pub prune_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,11 +125,16 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Whether the definition directories were named (not defaults).
     pub definitions_given: bool,
+    /// How old a publish must be before the speed layer drops the buckets it covers.
+    pub prune_grace: std::time::Duration,
     /// Every setting with its origin.
     pub settings: Vec<Setting>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Longer than serving's look at a view's log (1 s), so no replica still answering from the
+/// previous publish asks the speed layer for buckets it already dropped.
+pub const DEFAULT_PRUNE_GRACE_SECS: u64 = 60;
 
 /// A value and where it came from.
 struct Given<T> {
@@ -246,6 +260,10 @@ impl Config {
             (None, Some(l)) => given(l, file_key("listen")),
             (None, None) => given(DEFAULT_LISTEN.parse().expect("valid"), default.clone()),
         };
+        let prune_grace = match file.speed.prune_grace_secs {
+            Some(s) => given(s, file_key("speed.prune_grace_secs")),
+            None => given(DEFAULT_PRUNE_GRACE_SECS, default.clone()),
+        };
         let config_from = match opts.config {
             Some(_) => given((), cli("config", "TANDEM_CONFIG")).describe(),
             None => "default".to_string(),
@@ -289,6 +307,11 @@ impl Config {
             });
         }
         settings.push(Setting {
+            key: "speed.prune_grace_secs",
+            value: prune_grace.value.to_string(),
+            from: prune_grace.describe(),
+        });
+        settings.push(Setting {
             key: "listen",
             value: listen.value.to_string(),
             from: listen.describe(),
@@ -301,6 +324,7 @@ impl Config {
             schemas: schemas.value,
             jobs: jobs.value,
             listen: listen.value,
+            prune_grace: std::time::Duration::from_secs(prune_grace.value),
             settings,
         })
     }

@@ -103,6 +103,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         &KafkaConfig::new(&brokers),
         Arc::clone(&clock),
         config.listen,
+        config.prune_grace,
     )
     .await?;
     let archiver = running

@@ -214,13 +214,18 @@ pub struct Running {
     server: tokio::task::JoinHandle<Result<()>>,
 }
 
-/// Starts the archiver and the speed layer of every schema, and the API on `listen`.
+/// How often the speed layer looks at what published batches cover.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts the archiver and the speed layer of every schema, the pruning of the speed layer's
+/// covered buckets, and the API on `listen`.
 pub async fn start_all(
     catalog: &Arc<Catalog>,
     storage: &Storage,
     kafka_config: &KafkaConfig,
     clock: Arc<dyn Clock>,
     listen: std::net::SocketAddr,
+    prune_grace: std::time::Duration,
 ) -> Result<Running> {
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
@@ -235,6 +240,15 @@ pub async fn start_all(
     )
     .await?;
     let state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
+    // The speed layer drops what published batches cover, as serving sees the publishes.
+    tokio::spawn(tandem_speed::speed::prune_covered(
+        Arc::clone(&consumers.speed),
+        Arc::clone(&state.batch),
+        Arc::clone(catalog),
+        PRUNE_EVERY,
+        prune_grace,
+        backend.clone(),
+    ));
     let server = tokio::spawn(serve_api(state, listener, frontend.clone()));
     Ok(Running {
         address,
@@ -299,6 +313,7 @@ pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
         &kafka_config,
         clock(),
         listen(config, args.port),
+        config.prune_grace,
     )
     .await?
     .until_stopped()

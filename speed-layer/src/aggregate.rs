@@ -156,6 +156,13 @@ impl ViewAggregator {
         Ok(())
     }
 
+    /// Drops the groups of buckets `covered` covers; returns how many.
+    pub fn prune(&self, groups: &mut Groups, covered: &Coverage) -> usize {
+        let before = groups.len();
+        groups.retain(|key, _| !covered.covers(join(key[0], key[1])));
+        before - groups.len()
+    }
+
     /// Adds the rows of `groups` the query asks for and `covered` does not cover, grouped by
     /// its dimensions, to `out`.
     pub fn query(

@@ -2,7 +2,9 @@
 //! partition's state can move with the partition.
 //!
 //! State lives in memory. A message whose offset the partition has already applied is skipped,
-//! so a redelivery never counts twice. Without checkpoints, a restarted speed layer replays its
+//! so a redelivery never counts twice. Buckets a published batch covers are dropped once the
+//! publish is older than a grace period ([`prune_covered`]), so the state holds what no batch
+//! covers yet, plus that grace. Without checkpoints, a restarted speed layer replays its
 //! topic from the earliest retained offset (its consumer group never commits).
 
 use std::collections::BTreeMap;
@@ -12,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use tandem_core::decode::{Decoder, Message};
 use tandem_core::query::{AggRow, Coverage, RealtimeStatus, RowSet, ViewQuery};
 use tandem_core::time::Clock;
-use tandem_core::traits::RealtimeView;
+use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::{Catalog, CoreError};
 
@@ -41,6 +43,8 @@ pub struct SpeedStats {
     /// before they were read, or an aborted transaction's): events the speed view may lack
     /// until a batch covers their buckets.
     pub missed_offsets: AtomicU64,
+    /// Groups dropped because a published batch covers their buckets.
+    pub pruned_groups: AtomicU64,
 }
 
 /// The speed layer of one event schema.
@@ -122,6 +126,34 @@ impl SpeedLayer {
         Ok(())
     }
 
+    /// Drops the state of `view`'s buckets that `covered` covers, once the publish that covers
+    /// them is older than `grace_us` (serving answers those buckets from the batch, so the
+    /// state is dead weight for memory and for every query). Returns the groups dropped.
+    pub fn prune(&self, view: &str, covered: &Coverage, grace_us: i64) -> usize {
+        let Some(i) = self.aggregators.iter().position(|a| a.view.name == view) else {
+            return 0;
+        };
+        let settled = covered
+            .published_us
+            .is_some_and(|p| self.clock.now_us().saturating_sub(p) >= grace_us);
+        if covered.days.is_empty() || !settled {
+            return 0;
+        }
+        let mut parts = self.partitions.write().expect("speed state lock poisoned");
+        let removed: usize = parts
+            .values_mut()
+            .map(|state| self.aggregators[i].prune(&mut state.groups[i], covered))
+            .sum();
+        drop(parts);
+        self.stats
+            .pruned_groups
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        if removed > 0 {
+            tracing::debug!(view, removed, "pruned speed groups a batch covers");
+        }
+        removed
+    }
+
     /// The next offset each partition expects.
     pub fn offsets(&self) -> BTreeMap<i32, i64> {
         let parts = self.partitions.read().expect("speed state lock poisoned");
@@ -171,6 +203,40 @@ impl RealtimeView for SpeedLayer {
                 .map(|(p, _)| *p)
                 .collect(),
             available: true,
+        }
+    }
+}
+
+/// Prunes every speed layer of `layers` of the buckets that `batch` covers, every `every`,
+/// once a publish is `grace` old, until `shutdown`.
+pub async fn prune_covered(
+    layers: Arc<SpeedLayers>,
+    batch: Arc<dyn BatchViews>,
+    catalog: Arc<Catalog>,
+    every: std::time::Duration,
+    grace: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let grace_us = i64::try_from(grace.as_micros()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for view in catalog.views.values() {
+            let Some(layer) = layers.get(&view.source) else {
+                continue;
+            };
+            match batch.coverage(view).await {
+                Ok(covered) => {
+                    layer.prune(&view.name, &covered, grace_us);
+                }
+                Err(e) => {
+                    tracing::debug!(view = %view.name, error = %e, "coverage unknown; nothing pruned")
+                }
+            }
         }
     }
 }

@@ -32,15 +32,7 @@ fn total_events(catalog: &Catalog, layer: &SpeedLayer) -> u64 {
         parse_instant("2026-11-27").unwrap(),
     );
     q.metrics = vec![v.metric("events").unwrap()];
-    layer
-        .query(v, &q, &Default::default())
-        .unwrap()
-        .iter()
-        .map(|r| match r.states[0] {
-            tandem_core::metric::MetricState::Count(c) => c,
-            _ => unreachable!(),
-        })
-        .sum()
+    total_of(&layer.query(v, &q, &Default::default()).unwrap())
 }
 
 /// `n` generated reference events as JSON.
@@ -137,4 +129,51 @@ fn buckets_the_batch_covers_are_not_answered() {
             .count(),
         rest.len()
     );
+}
+
+/// Buckets a publish covers are dropped once the publish is older than the grace period, and
+/// only those: what the batch does not cover is still answered.
+#[test]
+fn covered_buckets_are_pruned_after_the_grace_period() {
+    let (catalog, layer) = layer();
+    let payloads = payloads(3_000);
+    layer.apply(0, &messages(&payloads, 0, None)).unwrap();
+    let v = &catalog.views["active_devices_daily"];
+    let q = ViewQuery::all(v, NOW - 10 * DAY_US, NOW + DAY_US);
+    let none = tandem_core::query::Coverage::default();
+    let before = total_of(&layer.query(v, &q, &none).unwrap());
+    let yesterday = NOW / DAY_US - 1;
+    let mut covered = tandem_core::query::Coverage {
+        days: [yesterday].into(),
+        published_us: Some(NOW - 30_000_000),
+        ..Default::default()
+    };
+    let uncovered = total_of(&layer.query(v, &q, &covered).unwrap());
+    assert!(uncovered < before);
+
+    // Published 30 s ago: within a minute's grace, nothing goes.
+    assert_eq!(layer.prune(&v.name, &covered, 60_000_000), 0);
+    assert_eq!(total_of(&layer.query(v, &q, &none).unwrap()), before);
+
+    // Past the grace: the covered day's groups go, the rest stays, other views are untouched.
+    covered.published_us = Some(NOW - 120_000_000);
+    assert!(layer.prune(&v.name, &covered, 60_000_000) > 0);
+    assert_eq!(total_of(&layer.query(v, &q, &none).unwrap()), uncovered);
+    assert_eq!(total_events(&catalog, &layer), uncovered);
+    let other = &catalog.views["installs_hourly"];
+    let all_other = ViewQuery::all(other, NOW - 10 * DAY_US, NOW + DAY_US);
+    assert!(layer
+        .query(other, &all_other, &none)
+        .unwrap()
+        .iter()
+        .any(|r| r.bucket_us / DAY_US == yesterday));
+}
+
+fn total_of(rows: &[tandem_core::query::AggRow]) -> u64 {
+    rows.iter()
+        .map(|r| match r.states[0] {
+            tandem_core::metric::MetricState::Count(c) => c,
+            _ => unreachable!(),
+        })
+        .sum()
 }
