@@ -205,6 +205,8 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         );
     }
     println!("batch run took {:.1}s", t.elapsed().as_secs_f64());
+    // Serve the publish from the first query on.
+    running.batch.refresh().await?;
 
     let base = format!("http://{}", running.address);
     let from = format_us(clock.now_us() / HOUR_US * HOUR_US - 36 * HOUR_US);

@@ -208,6 +208,8 @@ pub struct Running {
     /// The API's bound address.
     pub address: std::net::SocketAddr,
     pub consumers: Consumers,
+    /// The published batch views the API answers from.
+    pub batch: Arc<dyn tandem_core::traits::BatchViews>,
     /// Cancelled to stop the consumers (and whatever else feeds them).
     pub backend: CancellationToken,
     frontend: CancellationToken,
@@ -240,6 +242,7 @@ pub async fn start_all(
     )
     .await?;
     let state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
+    let state_batch = Arc::clone(&state.batch);
     // The speed layer drops what published batches cover, as serving sees the publishes.
     tokio::spawn(tandem_speed::speed::prune_covered(
         Arc::clone(&consumers.speed),
@@ -252,6 +255,7 @@ pub async fn start_all(
     let server = tokio::spawn(serve_api(state, listener, frontend.clone()));
     Ok(Running {
         address,
+        batch: Arc::clone(&state_batch),
         consumers,
         backend,
         frontend,

@@ -350,6 +350,20 @@ impl BatchViews for DeltaBatchViews {
         Ok(published.coverage.clone())
     }
 
+    async fn refresh(&self) -> tandem_core::Result<()> {
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            slot.refresh().await?;
+        }
+        Ok(())
+    }
+
     async fn query(
         &self,
         view: &ViewDef,

@@ -24,6 +24,12 @@ pub trait BatchViews: Send + Sync + std::fmt::Debug {
     /// definition of the view (another definition hash) covers nothing.
     async fn coverage(&self, view: &ViewDef) -> Result<Coverage>;
 
+    /// Looks for newer publishes now, rather than at the next interval: for a process that
+    /// has just published.
+    async fn refresh(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Rows of the covered buckets in the query's range, grouped and filtered as asked.
     async fn query(
         &self,
