@@ -130,7 +130,7 @@ impl SpeedLayer {
     /// them is older than `grace_us` (serving answers those buckets from the batch, so the
     /// state is dead weight for memory and for every query). Returns the groups dropped.
     pub fn prune(&self, view: &str, covered: &Coverage, grace_us: i64) -> usize {
-        let Some(i) = self.aggregators.iter().position(|a| a.view.name == view) else {
+        let Some(i) = self.aggregator(view) else {
             return 0;
         };
         let settled = covered
@@ -152,6 +152,11 @@ impl SpeedLayer {
             tracing::debug!(view, removed, "pruned speed groups a batch covers");
         }
         removed
+    }
+
+    /// The index of `view`'s aggregator.
+    fn aggregator(&self, view: &str) -> Option<usize> {
+        self.aggregators.iter().position(|a| a.view.name == view)
     }
 
     /// The next offset each partition expects.
@@ -177,11 +182,7 @@ impl RealtimeView for SpeedLayer {
         q: &ViewQuery,
         covered: &Coverage,
     ) -> tandem_core::Result<Vec<AggRow>> {
-        let Some(i) = self
-            .aggregators
-            .iter()
-            .position(|a| a.view.name == view.name)
-        else {
+        let Some(i) = self.aggregator(&view.name) else {
             return Err(CoreError::UnknownView(view.name.clone()));
         };
         let parts = self.partitions.read().expect("speed state lock poisoned");
