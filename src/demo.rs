@@ -198,10 +198,11 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let t = Instant::now();
     for r in batch.run(None, &RunRequest::default()).await? {
         println!(
-            "batch: {} covers {} day(s), {} rows",
+            "batch: {} covers {} day(s), {} rows, {} rollup rows",
             r.view,
             r.days.len(),
-            r.rows
+            r.rows,
+            r.rollup_rows
         );
     }
     println!("batch run took {:.1}s", t.elapsed().as_secs_f64());

@@ -480,9 +480,10 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
         match (r.days.len(), r.version) {
             (0, _) => println!("{}: nothing to recompute", r.view),
             (n, Some(v)) => println!(
-                "{}: published {} rows for {n} day(s) {}..{} as version {v}",
+                "{}: published {} rows and {} rollup rows for {n} day(s) {}..{} as version {v}",
                 r.view,
                 r.rows,
+                r.rollup_rows,
                 r.days[0],
                 r.days[n - 1]
             ),

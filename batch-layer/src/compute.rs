@@ -10,8 +10,10 @@
 //!  master (dt IN days, view filter)
 //!    └► phase 1: GROUP BY bucket, dims, f   count(*), sum(x), min(x), max(x)
 //!         └► phase 2: GROUP BY bucket, dims sum(count), sum(sum), min, max, count(f), hll(f)
-//!              └► one Delta commit: replace dt IN days; coverage, definition hash and the
-//!                 master version read go into the same commit's metadata
+//!              └► rollups: regrouped from these rows (crate::rollup)
+//!                   └► one Delta commit: replace dt IN days, the view's rows (rollup=base)
+//!                      and its rollups' alike; coverage, definition hash and the master
+//!                      version read go into the same commit's metadata
 //! ```
 
 use std::collections::BTreeSet;
@@ -34,7 +36,7 @@ use tandem_core::metric::{MetricDef, MetricKind};
 use tandem_core::query::Coverage;
 use tandem_core::storage::Storage;
 use tandem_core::time::{day_of, day_string, parse_day, Clock};
-use tandem_core::view::{ViewDef, BUCKET_COLUMN, DAY_COLUMN};
+use tandem_core::view::{ViewDef, BASE_ROLLUP, BUCKET_COLUMN, DAY_COLUMN, ROLLUP_COLUMN};
 use tandem_core::Catalog;
 
 use crate::error::{BatchError, Result};
@@ -62,7 +64,10 @@ pub struct PublishReport {
     pub view: String,
     /// Days recomputed, `YYYY-MM-DD`.
     pub days: Vec<String>,
+    /// The view's rows published.
     pub rows: usize,
+    /// The rollups' rows published with them.
+    pub rollup_rows: usize,
     /// The view table's version after the publish (`None` if nothing was to do).
     pub version: Option<i64>,
 }
@@ -181,6 +186,7 @@ impl BatchLayer {
             view: view.name.clone(),
             days: Vec::new(),
             rows: 0,
+            rollup_rows: 0,
             version: None,
         };
         let master_url = self.storage.layout().master(&view.source);
@@ -243,8 +249,17 @@ impl BatchLayer {
             return Ok(report);
         }
         let day_strings: Vec<String> = days.iter().map(|&d| day_string(d)).collect();
-        let batches = self.compute(&ctx, view, &day_strings).await?;
+        let mut batches = self.compute(&ctx, view, &day_strings).await?;
         report.rows = batches.iter().map(RecordBatch::num_rows).sum();
+        // The rollups of the recomputed days, from their rows, off the runtime's threads.
+        let rollups = {
+            let (view, base) = (view.clone(), batches.clone());
+            tokio::task::spawn_blocking(move || crate::rollup::compute(&view, &base))
+                .await
+                .map_err(|e| BatchError::BadRequest(format!("computing rollups failed: {e}")))??
+        };
+        report.rollup_rows = rollups.iter().map(RecordBatch::num_rows).sum();
+        batches.extend(rollups);
 
         // Publish: one commit replaces exactly the recomputed days and records the coverage.
         let mut coverage = Coverage {
@@ -269,7 +284,7 @@ impl BatchLayer {
             Some(t) if same_definition => t,
             _ => {
                 self.storage
-                    .open_or_create(&view_url, &schema, &[DAY_COLUMN])
+                    .open_or_create(&view_url, &schema, &[ROLLUP_COLUMN, DAY_COLUMN])
                     .await?
             }
         };
@@ -281,7 +296,7 @@ impl BatchLayer {
         let mut write = table
             .write(batches)
             .with_save_mode(SaveMode::Overwrite)
-            .with_partition_columns([DAY_COLUMN])
+            .with_partition_columns([ROLLUP_COLUMN, DAY_COLUMN])
             .with_commit_properties(props);
         if same_definition {
             write = write.with_replace_where(
@@ -294,7 +309,7 @@ impl BatchLayer {
         let table = write.await.map_err(|e| conflict_or(view, &view_url, e))?;
         report.version = table.version().map(|v| v as i64);
         report.days = day_strings;
-        tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, version = ?report.version, "published");
+        tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
         Ok(report)
     }
 
@@ -383,6 +398,12 @@ impl BatchLayer {
             }
             let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
             for field in target.fields() {
+                if field.name() == ROLLUP_COLUMN {
+                    columns.push(Arc::new(StringArray::from_iter_values(
+                        std::iter::repeat_n(BASE_ROLLUP, b.num_rows()),
+                    )));
+                    continue;
+                }
                 if field.name() == DAY_COLUMN {
                     let buckets = b
                         .column_by_name(BUCKET_COLUMN)

@@ -2,7 +2,8 @@
 //!
 //! [`compute`] recomputes views exactly with DataFusion from the master dataset (a Delta
 //! table of every valid event) and publishes each run atomically, one Delta commit per view
-//! that replaces the recomputed days and records the view's coverage and definition hash.
+//! that replaces the recomputed days and records the view's coverage and definition hash;
+//! `rollup` computes the view's rollups, published in the same commit.
 //! [`views`] reads the published views back for the serving layer through core's
 //! `BatchViews`. [`import`] loads history files into the master dataset. [`hll`] is the
 //! DataFusion aggregate that builds the same DataSketches HLL sketches as the speed layer.
@@ -11,6 +12,7 @@ pub mod compute;
 pub mod error;
 pub mod hll;
 pub mod import;
+mod rollup;
 pub mod views;
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //!
 //! Each published version of a view is loaded once into memory, in a form made for answering:
 //! rows sorted by bucket, dimension values dictionary-encoded, metric states (sketches
-//! included) deserialised once. A query filters and groups those rows; it never reads Parquet
-//! or parses a sketch. Whether a newer version was published is checked at most once per
+//! included) deserialised once; the view's rollups (published in the same commit) likewise.
+//! A query is answered from the smallest of the view's rows and the rollups that answer it
+//! exactly; it filters and groups those rows, and never reads Parquet or parses a sketch. Whether a newer version was published is checked at most once per
 //! `refresh` interval per view, by one task at a time, off the request path: requests answer
 //! from the loaded version meanwhile, so a slow store or a burst of queries never piles up on
 //! the Delta log. (With a zero interval the check is made on every request, before answering:
@@ -26,7 +27,7 @@ use tandem_core::metric::MetricState;
 use tandem_core::query::{AggRow, Coverage, ViewQuery};
 use tandem_core::storage::Storage;
 use tandem_core::traits::BatchViews;
-use tandem_core::view::{ViewDef, BUCKET_COLUMN};
+use tandem_core::view::{Granularity, Rollup, ViewDef, BASE_ROLLUP, BUCKET_COLUMN, ROLLUP_COLUMN};
 use tandem_core::CoreError;
 
 use crate::compute::{published, session, Published};
@@ -61,13 +62,24 @@ struct Slot {
 #[derive(Debug)]
 struct Loaded {
     published: Published,
-    /// Bucket start of each row, ascending.
-    buckets: Vec<i64>,
-    /// Per dimension: each row's value id (0 = null).
-    dims: Vec<Vec<u32>>,
-    /// Per dimension: the value of id `i + 1`, and the id of each value.
+    granularity: Granularity,
+    /// The view's own rows, then each rollup's, in the view's order of rollups.
+    tables: Vec<Table>,
+    /// Per dimension: the value of id `i + 1`, and the id of each value (for every table).
     values: Vec<Vec<String>>,
     ids: Vec<HashMap<String, u32>>,
+}
+
+/// The rows of the view itself or of one rollup.
+#[derive(Debug)]
+struct Table {
+    /// `None` for the view's own rows.
+    rollup: Option<Rollup>,
+    /// Bucket start of each row, ascending.
+    buckets: Vec<i64>,
+    /// Per view dimension: each row's value id (0 = null); empty for a dimension the rollup
+    /// leaves out.
+    dims: Vec<Vec<u32>>,
     /// Per metric: each row's state.
     states: Vec<Vec<MetricState>>,
 }
@@ -111,6 +123,25 @@ impl DeltaBatchViews {
             }
             _ => slot.refresh().await,
         }
+    }
+}
+
+impl DeltaBatchViews {
+    /// Which rollup answers `q` from the version `coverage` names (`None`: the view's own
+    /// rows).
+    pub async fn answered_from(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        coverage: &Coverage,
+    ) -> tandem_core::Result<Option<String>> {
+        let loaded = self.slot(view).version(coverage.version).ok_or_else(|| {
+            CoreError::Internal(format!(
+                "view `{}`: version {:?} is not loaded",
+                view.name, coverage.version
+            ))
+        })?;
+        Ok(loaded.table_for(q).rollup.as_ref().map(Rollup::name))
     }
 }
 
@@ -175,7 +206,7 @@ impl Slot {
         let mut versions = self.versions.lock().expect("versions lock");
         versions.push_front(Arc::clone(&loaded));
         versions.truncate(KEPT_VERSIONS);
-        tracing::debug!(view = %self.view.name, ?version, rows = loaded.buckets.len(), "batch view loaded");
+        tracing::debug!(view = %self.view.name, ?version, rows = loaded.rows(), "batch view loaded");
         Ok(loaded)
     }
 
@@ -190,25 +221,62 @@ impl Slot {
     }
 }
 
-impl Loaded {
-    fn empty(view: &ViewDef) -> Self {
-        Loaded {
-            published: Published::default(),
+impl Table {
+    fn new(view: &ViewDef, rollup: Option<Rollup>) -> Self {
+        Table {
+            rollup,
             buckets: Vec::new(),
             dims: vec![Vec::new(); view.dimensions.len()],
-            values: vec![Vec::new(); view.dimensions.len()],
-            ids: vec![HashMap::new(); view.dimensions.len()],
             states: vec![Vec::new(); view.metrics.len()],
         }
     }
 
-    /// Reads every row of the table's version, sorted by bucket.
+    /// The rows whose buckets start in the query's range.
+    fn range(&self, q: &ViewQuery) -> std::ops::Range<usize> {
+        self.buckets.partition_point(|&b| b < q.from_us)
+            ..self.buckets.partition_point(|&b| b < q.to_us)
+    }
+}
+
+impl Loaded {
+    fn empty(view: &ViewDef) -> Self {
+        let mut tables = vec![Table::new(view, None)];
+        tables.extend(
+            view.rollups
+                .iter()
+                .map(|r| Table::new(view, Some(r.clone()))),
+        );
+        Loaded {
+            published: Published::default(),
+            granularity: view.granularity,
+            tables,
+            values: vec![Vec::new(); view.dimensions.len()],
+            ids: vec![HashMap::new(); view.dimensions.len()],
+        }
+    }
+
+    /// Rows held, over every table.
+    fn rows(&self) -> usize {
+        self.tables.iter().map(|t| t.buckets.len()).sum()
+    }
+
+    /// Reads every row of the table's version (the view's and its rollups'), each table
+    /// sorted by bucket. A version published under another definition is not read: it covers
+    /// nothing.
     async fn read(view: &ViewDef, table: &deltalake::DeltaTable) -> Result<Self, BatchError> {
         let mut out = Loaded::empty(view);
         out.published = published(table).await?;
+        if out.published.hash.as_deref() != Some(view.definition_hash.as_str()) {
+            return Ok(out);
+        }
+        let names: HashMap<String, usize> = std::iter::once(BASE_ROLLUP.to_string())
+            .chain(view.rollups.iter().map(Rollup::name))
+            .enumerate()
+            .map(|(i, name)| (name, i))
+            .collect();
         let ctx = session();
         ctx.register_table("v", table.table_provider().await?)?;
-        let mut columns = vec![ident(BUCKET_COLUMN)];
+        let mut columns = vec![ident(ROLLUP_COLUMN), ident(BUCKET_COLUMN)];
         columns.extend(view.dimensions.iter().map(|d| ident(d.as_str())));
         let widths: Vec<usize> = view
             .metrics
@@ -219,31 +287,43 @@ impl Loaded {
                 fields.len()
             })
             .collect();
-        let df = ctx
-            .table("v")
-            .await?
-            .select(columns)?
-            .sort(vec![ident(BUCKET_COLUMN).sort(true, false)])?;
+        let df = ctx.table("v").await?.select(columns)?.sort(vec![
+            ident(ROLLUP_COLUMN).sort(true, false),
+            ident(BUCKET_COLUMN).sort(true, false),
+        ])?;
         let dims = view.dimensions.len();
         for b in df.collect().await? {
-            let buckets = b.column(0).as_primitive::<TimestampMicrosecondType>();
+            let rollups = cast(b.column(0), &DataType::Utf8)?;
+            let rollups = rollups.as_string::<i32>();
+            let buckets = b.column(1).as_primitive::<TimestampMicrosecondType>();
             let texts: Vec<ArrayRef> = (0..dims)
-                .map(|i| cast(b.column(1 + i), &DataType::Utf8))
+                .map(|i| cast(b.column(2 + i), &DataType::Utf8))
                 .collect::<Result<_, _>>()?;
             for row in 0..b.num_rows() {
-                out.buckets.push(buckets.value(row));
+                // Rows of a rollup the definition no longer lists are not answered from.
+                let Some(&t) = names.get(rollups.value(row)) else {
+                    continue;
+                };
+                out.tables[t].buckets.push(buckets.value(row));
                 for (d, col) in texts.iter().enumerate() {
+                    let held = match &out.tables[t].rollup {
+                        None => true,
+                        Some(r) => r.dims.contains(&d),
+                    };
+                    if !held {
+                        continue;
+                    }
                     let id = if col.is_null(row) {
                         0
                     } else {
                         out.intern(d, col.as_string::<i32>().value(row))
                     };
-                    out.dims[d].push(id);
+                    out.tables[t].dims[d].push(id);
                 }
-                let mut col = 1 + dims;
+                let mut col = 2 + dims;
                 for (m, (metric, &width)) in view.metrics.iter().zip(&widths).enumerate() {
                     let state = metric.state_from_batch(&b.columns()[col..col + width], row)?;
-                    out.states[m].push(state);
+                    out.tables[t].states[m].push(state);
                     col += width;
                 }
             }
@@ -265,10 +345,24 @@ impl Loaded {
         (id != 0).then(|| self.values[dim][id as usize - 1].clone())
     }
 
+    /// The table to answer `q` from: of the view's rows and the rollups that answer it
+    /// exactly, the one with the fewest rows in the range.
+    fn table_for(&self, q: &ViewQuery) -> &Table {
+        self.tables
+            .iter()
+            .filter(|t| {
+                t.rollup
+                    .as_ref()
+                    .is_none_or(|r| r.answers(q, self.granularity))
+            })
+            .min_by_key(|t| t.range(q).len())
+            .expect("the view's own rows answer every query")
+    }
+
     /// The rows of covered buckets in the query's range, filtered and grouped as asked.
     fn answer(&self, q: &ViewQuery, coverage: &Coverage) -> Vec<AggRow> {
-        let start = self.buckets.partition_point(|&b| b < q.from_us);
-        let end = self.buckets.partition_point(|&b| b < q.to_us);
+        let table = self.table_for(q);
+        let std::ops::Range { start, end } = table.range(q);
         // Each filter as the ids it accepts; a value never seen accepts nothing.
         let filters: Vec<(usize, Vec<u32>)> = q
             .filters
@@ -288,29 +382,29 @@ impl Loaded {
         let mut key: Vec<u32> = Vec::with_capacity(q.group_by.len());
         let mut row = start;
         while row < end {
-            let bucket = self.buckets[row];
-            let run_end = row + self.buckets[row..end].partition_point(|&b| b == bucket);
+            let bucket = table.buckets[row];
+            let run_end = row + table.buckets[row..end].partition_point(|&b| b == bucket);
             if coverage.covers(bucket) {
                 for r in row..run_end {
                     if !filters
                         .iter()
-                        .all(|(d, ids)| ids.contains(&self.dims[*d][r]))
+                        .all(|(d, ids)| ids.contains(&table.dims[*d][r]))
                     {
                         continue;
                     }
                     key.clear();
-                    key.extend(q.group_by.iter().map(|&d| self.dims[d][r]));
+                    key.extend(q.group_by.iter().map(|&d| table.dims[d][r]));
                     match groups.get_mut(key.as_slice()) {
                         Some(states) => {
                             for (s, &m) in states.iter_mut().zip(&q.metrics) {
-                                s.merge(&self.states[m][r]);
+                                s.merge(&table.states[m][r]);
                             }
                         }
                         None => {
                             let states = q
                                 .metrics
                                 .iter()
-                                .map(|&m| self.states[m][r].clone())
+                                .map(|&m| table.states[m][r].clone())
                                 .collect();
                             groups.insert(key.clone(), states);
                         }

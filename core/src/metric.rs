@@ -13,8 +13,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Float64Array, Int64Array, StructArray,
-    TimestampMicrosecondArray, UInt64Array,
+    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Decimal128Array, Float64Array, Int64Array,
+    StructArray, TimestampMicrosecondArray, UInt64Array,
 };
 use datafusion::arrow::datatypes::{
     DataType, Decimal128Type, Field, Float64Type, Int64Type, TimestampMicrosecondType,
@@ -243,6 +243,94 @@ impl MetricDef {
                 }
             }
         })
+    }
+
+    /// The batch view columns ([`batch_fields`]) of these states, one row each: the inverse of
+    /// [`state_from_batch`]. A distinct state that was merged (a rollup's) has a null value
+    /// column: only its sketch says how many.
+    ///
+    /// [`batch_fields`]: MetricDef::batch_fields
+    /// [`state_from_batch`]: MetricDef::state_from_batch
+    pub fn batch_columns(&self, states: &[&MetricState]) -> Result<Vec<ArrayRef>> {
+        /// One cell of a batch column.
+        enum Cell {
+            Null,
+            Int(i128),
+            Float(f64),
+            Bytes(Vec<u8>),
+        }
+        let cells = |part: usize| -> Vec<Cell> {
+            use MetricState::*;
+            let opt_int = |v: &Option<i128>| v.map_or(Cell::Null, Cell::Int);
+            let opt_float = |v: &Option<f64>| v.map_or(Cell::Null, Cell::Float);
+            states
+                .iter()
+                .map(|s| match (s, part) {
+                    (Count(n), 0) => Cell::Int(*n as i128),
+                    (SumInt(v), 0) => Cell::Int(*v),
+                    (SumFloat(v), 0) => Cell::Float(*v),
+                    (MinInt(v) | MaxInt(v), 0) => opt_int(v),
+                    (MinFloat(v) | MaxFloat(v), 0) => opt_float(v),
+                    (AvgInt { sum, .. }, 0) => Cell::Int(*sum),
+                    (AvgFloat { sum, .. }, 0) => Cell::Float(*sum),
+                    (AvgInt { n, .. } | AvgFloat { n, .. }, 1) => Cell::Int(*n as i128),
+                    (Distinct(d), 0) => d.exact.map_or(Cell::Null, |n| Cell::Int(n as i128)),
+                    (Distinct(d), 1) => Cell::Bytes(d.serialize()),
+                    _ => Cell::Null,
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (part, field) in self.batch_fields().iter().enumerate() {
+            let cells = cells(part);
+            let ints = || {
+                cells.iter().map(|c| match c {
+                    Cell::Int(v) => Some(*v),
+                    _ => None,
+                })
+            };
+            let to_i64 = |v: i128| {
+                i64::try_from(v).map_err(|_| {
+                    CoreError::Internal(format!("`{}`: {v} does not fit in 64 bits", self.name))
+                })
+            };
+            let column: ArrayRef = match field.data_type() {
+                DataType::Int64 => Arc::new(
+                    ints()
+                        .map(|v| v.map(to_i64).transpose())
+                        .collect::<Result<Int64Array>>()?,
+                ),
+                DataType::Timestamp(_, tz) => Arc::new(
+                    ints()
+                        .map(|v| v.map(to_i64).transpose())
+                        .collect::<Result<TimestampMicrosecondArray>>()?
+                        .with_timezone_opt(tz.clone()),
+                ),
+                DataType::Decimal128(p, s) => {
+                    Arc::new(Decimal128Array::from_iter(ints()).with_precision_and_scale(*p, *s)?)
+                }
+                DataType::Float64 => {
+                    Arc::new(Float64Array::from_iter(cells.iter().map(|c| match c {
+                        Cell::Float(v) => Some(*v),
+                        _ => None,
+                    })))
+                }
+                DataType::Binary => {
+                    Arc::new(BinaryArray::from_iter(cells.iter().map(|c| match c {
+                        Cell::Bytes(b) => Some(b.as_slice()),
+                        _ => None,
+                    })))
+                }
+                other => {
+                    return Err(CoreError::Internal(format!(
+                        "`{}`: no batch column of type {other}",
+                        self.name
+                    )))
+                }
+            };
+            out.push(column);
+        }
+        Ok(out)
     }
 
     /// The Arrow type of this metric in an answer. Counts are UInt64; sums of int and decimal
@@ -692,6 +780,80 @@ mod tests {
         }
         assert_eq!(ab_c.estimate(), a_bc.estimate());
         assert_eq!(ab_c.estimate(), cb_a.estimate());
+    }
+
+    #[test]
+    fn states_round_trip_through_batch_columns() {
+        let def = |kind, field_type: Option<FieldType>| MetricDef {
+            name: "m".into(),
+            kind,
+            field: field_type.map(|_| "f".into()),
+            field_type,
+            lg_k: None,
+        };
+        let mut merged = MetricState::Distinct(Box::new(sketch_of(0..100)));
+        merged.merge(&MetricState::Distinct(Box::new(sketch_of(50..200))));
+        let mut exact = sketch_of(0..10);
+        exact.exact = Some(10);
+        let dec = Some(FieldType::Decimal { scale: 2 });
+        let cases: Vec<(MetricDef, Vec<MetricState>)> = vec![
+            (def(MetricKind::Count, None), vec![MetricState::Count(7)]),
+            (
+                def(MetricKind::Sum, dec),
+                vec![MetricState::SumInt(-12_345)],
+            ),
+            (
+                def(MetricKind::Sum, Some(FieldType::Int)),
+                vec![MetricState::SumInt(3)],
+            ),
+            (
+                def(MetricKind::Sum, Some(FieldType::Float)),
+                vec![MetricState::SumFloat(1.5)],
+            ),
+            (
+                def(MetricKind::Min, Some(FieldType::Timestamp)),
+                vec![
+                    MetricState::MinInt(Some(1_700_000_000_000_000)),
+                    MetricState::MinInt(None),
+                ],
+            ),
+            (
+                def(MetricKind::Max, dec),
+                vec![MetricState::MaxInt(Some(999))],
+            ),
+            (
+                def(MetricKind::Max, Some(FieldType::Float)),
+                vec![MetricState::MaxFloat(None)],
+            ),
+            (
+                def(MetricKind::Avg, dec),
+                vec![MetricState::AvgInt { sum: 1001, n: 3 }],
+            ),
+            (
+                def(MetricKind::Avg, Some(FieldType::Float)),
+                vec![MetricState::AvgFloat { sum: 2.5, n: 2 }],
+            ),
+            (
+                def(MetricKind::Distinct, Some(FieldType::String)),
+                vec![merged, MetricState::Distinct(Box::new(exact))],
+            ),
+        ];
+        for (m, states) in cases {
+            let refs: Vec<&MetricState> = states.iter().collect();
+            let columns = m.batch_columns(&refs).unwrap();
+            for (c, f) in columns.iter().zip(m.batch_fields()) {
+                assert_eq!(c.data_type(), f.data_type(), "{:?}", m.kind);
+            }
+            for (row, state) in states.iter().enumerate() {
+                match (m.state_from_batch(&columns, row).unwrap(), state) {
+                    // A union's sketch is written in its compact form: the same registers.
+                    (MetricState::Distinct(a), MetricState::Distinct(b)) => {
+                        assert_eq!((a.exact, a.estimate()), (b.exact, b.estimate()))
+                    }
+                    (read, state) => assert_eq!(&read, state),
+                }
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! ```text
 //! <root>/master/<schema>/         Delta table: every valid event, partitioned by dt=YYYY-MM-DD
 //! <root>/dead_letter/<schema>/    Delta table: rejected messages with raw bytes and reason
-//! <root>/views/<view>/            Delta table: a view's exact batch rows + sketches, by dt
+//! <root>/views/<view>/            Delta table: a view's exact batch rows + sketches and its
+//!                                 rollups, by rollup=base|<rollup name> and dt
 //! ```
 
 use url::Url;
@@ -14,6 +15,11 @@ use crate::error::{CoreError, Result};
 pub const DAY_COLUMN: &str = "dt";
 /// A view table's bucket start column.
 pub const BUCKET_COLUMN: &str = "bucket";
+/// A view table's partition column naming which rollup a row belongs to ([`BASE_ROLLUP`] for
+/// the view's own rows).
+pub const ROLLUP_COLUMN: &str = "rollup";
+/// The [`ROLLUP_COLUMN`] value of a view's own rows.
+pub const BASE_ROLLUP: &str = "base";
 
 /// The root of a deployment's storage, parsed once from its URL.
 #[derive(Debug, Clone, PartialEq, Eq)]

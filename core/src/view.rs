@@ -16,7 +16,18 @@
 //! name = "devices"
 //! kind = "distinct"
 //! field = "device_id"
+//!
+//! [[rollups]]                           # optional; see below
+//! dimensions = ["country"]
+//! granularity = "day"                   # optional: the view's own by default
 //! ```
+//!
+//! **Rollups** are the view's rows aggregated again over a subset of its dimensions and/or at
+//! a coarser granularity. The batch layer publishes them in the same commit as the view, and
+//! serving answers a query from the smallest one that answers it exactly. Without a `rollups`
+//! key a view gets the defaults ([`default_rollups`]): no dimensions and each single dimension,
+//! at the view's granularity and at the day; at the day also all dimensions together.
+//! `rollups = []` publishes none.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,7 +40,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{CoreError, Result};
 pub use crate::metric::{MetricDef, MetricKind, DEFAULT_LG_K};
-pub use crate::paths::{BUCKET_COLUMN, DAY_COLUMN};
+pub use crate::paths::{BASE_ROLLUP, BUCKET_COLUMN, DAY_COLUMN, ROLLUP_COLUMN};
 use crate::schema::{is_identifier, timestamp_type, EventSchema, FieldType};
 pub use crate::time::{DAY_US, HOUR_US, MINUTE_US};
 
@@ -91,8 +102,11 @@ pub struct ViewDef {
     pub granularity: Granularity,
     pub dimensions: Vec<String>,
     pub metrics: Vec<MetricDef>,
-    /// SHA-256 of the definition's meaning (source, filter, granularity, dimensions, metrics):
-    /// a batch view computed under another hash is not served for this view.
+    /// The rollups published with the view, ordered so that each can be computed from the
+    /// base rows or from a rollup before it.
+    pub rollups: Vec<Rollup>,
+    /// SHA-256 of the definition's meaning (source, filter, granularity, dimensions, metrics,
+    /// rollups): a batch view computed under another hash is not served for this view.
     pub definition_hash: String,
     #[serde(skip)]
     pub path: PathBuf,
@@ -108,6 +122,119 @@ struct ViewFile {
     #[serde(default)]
     dimensions: Vec<String>,
     metrics: Vec<MetricFile>,
+    rollups: Option<Vec<RollupFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollupFile {
+    dimensions: Vec<String>,
+    granularity: Option<String>,
+}
+
+/// A rollup of a view: its rows aggregated over `dims` (a subset of the view's dimensions) in
+/// buckets of `granularity` (the view's or coarser).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rollup {
+    /// Indexes into the view's dimensions, ascending.
+    #[serde(skip)]
+    pub dims: Vec<usize>,
+    /// The dimensions' names, in the view's order.
+    pub dimensions: Vec<String>,
+    pub granularity: Granularity,
+}
+
+impl Rollup {
+    fn new(view_dimensions: &[String], mut dims: Vec<usize>, granularity: Granularity) -> Self {
+        dims.sort_unstable();
+        dims.dedup();
+        Rollup {
+            dimensions: dims.iter().map(|&d| view_dimensions[d].clone()).collect(),
+            dims,
+            granularity,
+        }
+    }
+
+    /// The rollup's name, its `rollup` partition value: the granularity, then the dimensions,
+    /// joined by dots (`day.country`; `hour` for no dimensions).
+    pub fn name(&self) -> String {
+        let mut name = self.granularity.as_str().to_string();
+        for d in &self.dimensions {
+            name.push('.');
+            name.push_str(d);
+        }
+        name
+    }
+
+    /// Whether the rows of this rollup can be computed from rows with `dims` at `granularity`.
+    pub fn derives_from(&self, dims: &[usize], granularity: Granularity) -> bool {
+        granularity <= self.granularity && self.dims.iter().all(|d| dims.contains(d))
+    }
+
+    /// Whether this rollup answers `q` on a view of `view_granularity` exactly as the view's
+    /// own rows do: it holds every dimension the query groups or filters by, its buckets are
+    /// no coarser than the answer's, and each of its buckets lies wholly inside or wholly
+    /// outside the view buckets the range selects.
+    pub fn answers(&self, q: &crate::query::ViewQuery, view_granularity: Granularity) -> bool {
+        let holds = |d: &usize| self.dims.contains(d);
+        if self.granularity > q.granularity
+            || !q.group_by.iter().all(holds)
+            || !q.filters.iter().all(|(d, _)| holds(d))
+        {
+            return false;
+        }
+        // The range selects the view buckets starting in [from, to): those in
+        // [ceil(from), ceil(to)) at the view's granularity.
+        let ceil = |t: i64| {
+            let g = view_granularity.micros();
+            t.checked_add(g - 1)
+                .map(|t| t.div_euclid(g) * g)
+                .unwrap_or(i64::MAX)
+        };
+        let width = self.granularity.micros();
+        ceil(q.from_us).rem_euclid(width) == 0 && ceil(q.to_us).rem_euclid(width) == 0
+    }
+}
+
+/// The rollups a view without a `rollups` key gets: no dimensions and each single dimension,
+/// at the view's granularity and at the day; at the day also all dimensions together. Those
+/// that would equal the view itself are left out.
+pub fn default_rollups(dimensions: &[String], granularity: Granularity) -> Vec<Rollup> {
+    let n = dimensions.len();
+    let mut grains = vec![granularity];
+    if granularity < Granularity::Day {
+        grains.push(Granularity::Day);
+    }
+    let mut out = Vec::new();
+    for g in grains {
+        let mut sets: Vec<Vec<usize>> = Vec::new();
+        if g != granularity {
+            sets.push((0..n).collect());
+        }
+        sets.extend((0..n).map(|d| vec![d]));
+        sets.push(Vec::new());
+        for dims in sets {
+            let r = Rollup::new(dimensions, dims, g);
+            let is_view = r.dims.len() == n && g == granularity;
+            if !is_view && !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    order_rollups(&mut out);
+    out
+}
+
+/// Orders rollups so that each comes after every rollup it could be computed from: more
+/// dimensions first, then finer granularity first.
+fn order_rollups(rollups: &mut [Rollup]) {
+    rollups.sort_by(|a, b| {
+        b.dims
+            .len()
+            .cmp(&a.dims.len())
+            .then(a.granularity.cmp(&b.granularity))
+            .then(a.dims.cmp(&b.dims))
+    });
 }
 
 #[derive(Deserialize)]
@@ -155,7 +282,7 @@ impl ViewDef {
                 format!("`{}` (expected minute, hour or day)", file.granularity),
             )
         })?;
-        let mut seen: Vec<&str> = vec![BUCKET_COLUMN, DAY_COLUMN];
+        let mut seen: Vec<&str> = vec![BUCKET_COLUMN, DAY_COLUMN, ROLLUP_COLUMN];
         for (i, d) in file.dimensions.iter().enumerate() {
             let key = format!("dimensions[{i}]");
             let (_, f) = schema.field(d).ok_or_else(|| {
@@ -271,6 +398,10 @@ impl ViewDef {
                 ));
             }
         }
+        let rollups = match &file.rollups {
+            None => default_rollups(&file.dimensions, granularity),
+            Some(list) => parse_rollups(path, list, &file.dimensions, granularity)?,
+        };
         let mut view = ViewDef {
             name,
             source: file.source,
@@ -278,6 +409,7 @@ impl ViewDef {
             granularity,
             dimensions: file.dimensions,
             metrics,
+            rollups,
             definition_hash: String::new(),
             path: path.to_path_buf(),
         };
@@ -291,6 +423,7 @@ impl ViewDef {
             "source": self.source, "filter": self.filter, "granularity": self.granularity,
             "dimensions": self.dimensions,
             "metrics": self.metrics.iter().map(|m| (&m.name, m.kind, &m.field, m.lg_k())).collect::<Vec<_>>(),
+            "rollups": self.rollups.iter().map(Rollup::name).collect::<Vec<_>>(),
         });
         h.update(canonical.to_string().as_bytes());
         h.finalize()
@@ -311,7 +444,9 @@ impl ViewDef {
     }
 
     /// The Arrow schema of this view's batch table: bucket, dimensions (as text), each metric's
-    /// columns ([`MetricDef::batch_fields`]), and the day partition `dt`.
+    /// columns ([`MetricDef::batch_fields`]), and the partitions `rollup` and `dt`. A rollup's
+    /// rows hold null in the dimensions it leaves out, and null in a distinct metric's value
+    /// column (its sketch holds the estimate).
     pub fn batch_schema(&self) -> SchemaRef {
         let mut fields = vec![Field::new(BUCKET_COLUMN, timestamp_type(), false)];
         for d in &self.dimensions {
@@ -320,9 +455,79 @@ impl ViewDef {
         for m in &self.metrics {
             fields.extend(m.batch_fields());
         }
+        fields.push(Field::new(ROLLUP_COLUMN, DataType::Utf8, false));
         fields.push(Field::new(DAY_COLUMN, DataType::Utf8, false));
         Arc::new(ArrowSchema::new(fields))
     }
+}
+
+/// Checks a view file's `rollups` list.
+fn parse_rollups(
+    path: &Path,
+    list: &[RollupFile],
+    dimensions: &[String],
+    granularity: Granularity,
+) -> Result<Vec<Rollup>> {
+    let mut out: Vec<Rollup> = Vec::new();
+    for (i, r) in list.iter().enumerate() {
+        let key = format!("rollups[{i}]");
+        let mut dims = Vec::new();
+        for (j, d) in r.dimensions.iter().enumerate() {
+            let index = dimensions.iter().position(|x| x == d).ok_or_else(|| {
+                CoreError::key(
+                    path,
+                    format!("{key}.dimensions[{j}]"),
+                    format!("`{d}` is not a dimension of the view"),
+                )
+            })?;
+            if dims.contains(&index) {
+                return Err(CoreError::key(
+                    path,
+                    format!("{key}.dimensions[{j}]"),
+                    format!("`{d}` is listed twice"),
+                ));
+            }
+            dims.push(index);
+        }
+        let g = match &r.granularity {
+            None => granularity,
+            Some(text) => {
+                let g = Granularity::parse(text).ok_or_else(|| {
+                    CoreError::key(
+                        path,
+                        format!("{key}.granularity"),
+                        format!("`{text}` (expected minute, hour or day)"),
+                    )
+                })?;
+                if g < granularity {
+                    return Err(CoreError::key(
+                        path,
+                        format!("{key}.granularity"),
+                        format!("`{g}` is finer than the view's `{granularity}`"),
+                    ));
+                }
+                g
+            }
+        };
+        let rollup = Rollup::new(dimensions, dims, g);
+        if rollup.dims.len() == dimensions.len() && g == granularity {
+            return Err(CoreError::key(
+                path,
+                key,
+                "has every dimension at the view's granularity: it is the view itself",
+            ));
+        }
+        if out.contains(&rollup) {
+            return Err(CoreError::key(
+                path,
+                key,
+                format!("`{}` is listed twice", rollup.name()),
+            ));
+        }
+        out.push(rollup);
+    }
+    order_rollups(&mut out);
+    Ok(out)
 }
 
 /// A job file's `kind`, read before the rest so that SQL jobs can sit beside views.
@@ -412,7 +617,16 @@ metrics = [
             .collect();
         assert_eq!(
             names,
-            ["bucket", "app", "n", "revenue", "users", "users__hll", "dt"]
+            [
+                "bucket",
+                "app",
+                "n",
+                "revenue",
+                "users",
+                "users__hll",
+                "rollup",
+                "dt"
+            ]
         );
         assert_eq!(
             v.metrics[1].batch_fields()[0].data_type(),
@@ -463,6 +677,130 @@ metrics = [
                 "{key}: {err}"
             );
         }
+    }
+
+    fn names(rollups: &[Rollup]) -> Vec<String> {
+        rollups.iter().map(Rollup::name).collect()
+    }
+
+    #[test]
+    fn default_rollups_are_singles_and_totals_and_the_day() {
+        let dims: Vec<String> = ["app", "country"].map(String::from).to_vec();
+        assert_eq!(
+            names(&default_rollups(&dims, Granularity::Hour)),
+            [
+                "day.app.country",
+                "hour.app",
+                "hour.country",
+                "day.app",
+                "day.country",
+                "hour",
+                "day"
+            ]
+        );
+        // A daily view with one dimension: only the total is smaller than the view.
+        assert_eq!(
+            names(&default_rollups(&dims[..1], Granularity::Day)),
+            ["day"]
+        );
+        // Every rollup comes after one it can be computed from (or from the view itself).
+        let all = default_rollups(&dims, Granularity::Minute);
+        for (i, r) in all.iter().enumerate() {
+            let from_view = r.derives_from(&[0, 1], Granularity::Minute);
+            assert!(from_view, "{}", r.name());
+            if r.dims.len() < 2 && r.granularity == Granularity::Day {
+                assert!(all[..i]
+                    .iter()
+                    .any(|s| r.derives_from(&s.dims, s.granularity)));
+            }
+        }
+    }
+
+    #[test]
+    fn rollups_in_the_file_are_checked_and_hashed() {
+        let with = |rollups: &str| {
+            ViewDef::from_toml(
+                Path::new("jobs/v.toml"),
+                &format!("{VIEW}\n{rollups}"),
+                &schemas(),
+            )
+        };
+        let none = with("rollups = []").unwrap();
+        assert!(none.rollups.is_empty());
+        let one = with("[[rollups]]\ndimensions = []\ngranularity = \"day\"").unwrap();
+        assert_eq!(names(&one.rollups), ["day"]);
+        let default = with("").unwrap();
+        assert_eq!(names(&default.rollups), ["day.app", "hour", "day"]);
+        assert_ne!(none.definition_hash, one.definition_hash);
+        assert_ne!(one.definition_hash, default.definition_hash);
+        for (rollups, key, says) in [
+            (
+                "[[rollups]]\ndimensions = [\"nope\"]",
+                "rollups[0].dimensions[0]",
+                "not a dimension",
+            ),
+            (
+                "[[rollups]]\ndimensions = [\"app\", \"app\"]",
+                "rollups[0].dimensions[1]",
+                "twice",
+            ),
+            (
+                "[[rollups]]\ndimensions = []\ngranularity = \"minute\"",
+                "rollups[0].granularity",
+                "finer",
+            ),
+            (
+                "[[rollups]]\ndimensions = [\"app\"]",
+                "rollups[0]",
+                "the view itself",
+            ),
+            (
+                "[[rollups]]\ndimensions = []\n[[rollups]]\ndimensions = []",
+                "rollups[1]",
+                "twice",
+            ),
+            ("[[rollups]]\ndims = []", "dims", "unknown field"),
+        ] {
+            let err = with(rollups).unwrap_err().to_string();
+            assert!(
+                err.contains("jobs/v.toml") && err.contains(key) && err.contains(says),
+                "{rollups}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rollup_answers_only_what_it_answers_exactly() {
+        use crate::query::ViewQuery;
+        let v = ViewDef::from_toml(Path::new("v.toml"), VIEW, &schemas()).unwrap();
+        let day = Rollup::new(&v.dimensions, vec![0], Granularity::Day);
+        let hour_total = Rollup::new(&v.dimensions, vec![], Granularity::Hour);
+        let d = 20_000 * DAY_US;
+        let mut q = ViewQuery::all(&v, d, d + 7 * DAY_US);
+        q.granularity = Granularity::Day;
+        q.group_by = vec![0];
+        assert!(day.answers(&q, v.granularity));
+        assert!(!hour_total.answers(&q, v.granularity), "it lacks `app`");
+        // Not grouped but filtered by `app`: still needs `app`.
+        q.group_by.clear();
+        q.filters = vec![(0, vec!["a".into()])];
+        assert!(!hour_total.answers(&q, v.granularity));
+        q.filters.clear();
+        assert!(hour_total.answers(&q, v.granularity));
+        // A range that cuts a day: the day rollup would count hours outside it.
+        q.from_us = d + 5 * HOUR_US;
+        assert!(!day.answers(&q, v.granularity));
+        // ... unless the cut falls inside the view's first bucket, which it selects whole.
+        q.from_us = d - 30 * MINUTE_US;
+        assert!(day.answers(&q, v.granularity));
+        q.to_us = d + 7 * DAY_US - 30 * MINUTE_US;
+        assert!(day.answers(&q, v.granularity));
+        q.to_us = d + 6 * DAY_US + 23 * HOUR_US;
+        assert!(!day.answers(&q, v.granularity));
+        // Answers by the hour cannot come from a day rollup.
+        q.to_us = d + 7 * DAY_US;
+        q.granularity = Granularity::Hour;
+        assert!(!day.answers(&q, v.granularity) && hour_total.answers(&q, v.granularity));
     }
 
     #[test]

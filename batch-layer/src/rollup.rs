@@ -1,0 +1,225 @@
+//! A view's rollups, computed at publish time from the rows just computed.
+//!
+//! Each rollup ([`tandem_core::view::Rollup`]) groups rows by a subset of the view's
+//! dimensions in buckets of its granularity and merges their metric states with the same
+//! merge serving uses, so an answer from a rollup equals the answer from the view's rows
+//! (counts, sums, minima, maxima and averages exactly; a distinct by the same sketch union).
+//! The rollups are listed so that each can be computed from one before it; each is computed
+//! from the smallest such source, as a star-tree builds its coarser nodes from finer ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
+use datafusion::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
+use datafusion::arrow::record_batch::RecordBatch;
+use tandem_core::metric::MetricState;
+use tandem_core::time::{day_of, day_string};
+use tandem_core::view::{Granularity, ViewDef, BUCKET_COLUMN};
+
+use crate::error::{BatchError, Result};
+
+/// Rows of one table (the view's or a rollup's) in a form made for regrouping.
+struct Rows {
+    /// The view dimensions this table holds, ascending.
+    dims: Vec<usize>,
+    granularity: Granularity,
+    /// Per row: bucket start and the value ids of `dims` (0 = null).
+    keys: Vec<(i64, Vec<u32>)>,
+    /// Per row: every metric's state.
+    states: Vec<Vec<MetricState>>,
+}
+
+/// Per view dimension: the value of id `i + 1`, and the id of each value.
+#[derive(Default)]
+struct Dictionary {
+    values: Vec<Vec<String>>,
+    ids: Vec<HashMap<String, u32>>,
+}
+
+impl Dictionary {
+    fn new(dims: usize) -> Self {
+        Dictionary {
+            values: vec![Vec::new(); dims],
+            ids: vec![HashMap::new(); dims],
+        }
+    }
+
+    fn intern(&mut self, dim: usize, value: &str) -> u32 {
+        if let Some(&id) = self.ids[dim].get(value) {
+            return id;
+        }
+        self.values[dim].push(value.to_string());
+        let id = self.values[dim].len() as u32;
+        self.ids[dim].insert(value.to_string(), id);
+        id
+    }
+
+    fn value(&self, dim: usize, id: u32) -> Option<&str> {
+        (id != 0).then(|| self.values[dim][id as usize - 1].as_str())
+    }
+}
+
+/// The rows of every rollup of `view`, in the view's batch schema, from its base rows `base`
+/// (in that schema too).
+pub(crate) fn compute(view: &ViewDef, base: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+    if view.rollups.is_empty() || base.iter().all(|b| b.num_rows() == 0) {
+        return Ok(Vec::new());
+    }
+    let mut dictionary = Dictionary::new(view.dimensions.len());
+    let base = read(view, base, &mut dictionary)?;
+    let schema = view.batch_schema();
+    let mut tables: Vec<Rows> = Vec::with_capacity(view.rollups.len());
+    let mut out = Vec::with_capacity(view.rollups.len());
+    for rollup in &view.rollups {
+        let source = tables
+            .iter()
+            .filter(|t| rollup.derives_from(&t.dims, t.granularity))
+            .chain(std::iter::once(&base))
+            .min_by_key(|t| t.keys.len())
+            .expect("the base rows are always a source");
+        let rows = regroup(source, &rollup.dims, rollup.granularity);
+        out.push(write(view, &schema, &rollup.name(), &rows, &dictionary)?);
+        tables.push(rows);
+    }
+    Ok(out)
+}
+
+/// Reads base rows into [`Rows`].
+fn read(view: &ViewDef, batches: &[RecordBatch], dictionary: &mut Dictionary) -> Result<Rows> {
+    let dims = view.dimensions.len();
+    let widths: Vec<usize> = view
+        .metrics
+        .iter()
+        .map(|m| m.batch_fields().len())
+        .collect();
+    let mut rows = Rows {
+        dims: (0..dims).collect(),
+        granularity: view.granularity,
+        keys: Vec::new(),
+        states: Vec::new(),
+    };
+    for b in batches {
+        let column = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| BatchError::BadRequest(format!("view rows lack column `{name}`")))
+        };
+        let buckets = column(BUCKET_COLUMN)?.as_primitive::<TimestampMicrosecondType>();
+        let texts: Vec<&StringArray> = view
+            .dimensions
+            .iter()
+            .map(|d| column(d).map(|c| c.as_string::<i32>()))
+            .collect::<Result<_>>()?;
+        let metric_columns: Vec<Vec<ArrayRef>> = view
+            .metrics
+            .iter()
+            .map(|m| {
+                m.batch_fields()
+                    .iter()
+                    .map(|f| column(f.name()).cloned())
+                    .collect::<Result<_>>()
+            })
+            .collect::<Result<_>>()?;
+        for row in 0..b.num_rows() {
+            let ids = texts
+                .iter()
+                .enumerate()
+                .map(|(d, col)| {
+                    if col.is_null(row) {
+                        0
+                    } else {
+                        dictionary.intern(d, col.value(row))
+                    }
+                })
+                .collect();
+            rows.keys.push((buckets.value(row), ids));
+            let states = view
+                .metrics
+                .iter()
+                .zip(&metric_columns)
+                .zip(&widths)
+                .map(|((m, cols), &w)| m.state_from_batch(&cols[..w], row))
+                .collect::<tandem_core::Result<_>>()?;
+            rows.states.push(states);
+        }
+    }
+    Ok(rows)
+}
+
+/// `source` grouped by `dims` (a subset of its own) in buckets of `granularity`.
+fn regroup(source: &Rows, dims: &[usize], granularity: Granularity) -> Rows {
+    let positions: Vec<usize> = dims
+        .iter()
+        .map(|d| {
+            source
+                .dims
+                .iter()
+                .position(|s| s == d)
+                .expect("a rollup is computed from a source holding its dimensions")
+        })
+        .collect();
+    let mut index: HashMap<(i64, Vec<u32>), usize> = HashMap::new();
+    let mut out = Rows {
+        dims: dims.to_vec(),
+        granularity,
+        keys: Vec::new(),
+        states: Vec::new(),
+    };
+    for ((bucket, ids), states) in source.keys.iter().zip(&source.states) {
+        let key = (
+            granularity.floor(*bucket),
+            positions.iter().map(|&p| ids[p]).collect::<Vec<u32>>(),
+        );
+        match index.get(&key) {
+            Some(&i) => out.states[i]
+                .iter_mut()
+                .zip(states)
+                .for_each(|(a, b)| a.merge(b)),
+            None => {
+                index.insert(key.clone(), out.keys.len());
+                out.keys.push(key);
+                out.states.push(states.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A rollup's rows as one batch of the view's batch schema: the dimensions it leaves out are
+/// null.
+fn write(
+    view: &ViewDef,
+    schema: &SchemaRef,
+    name: &str,
+    rows: &Rows,
+    dictionary: &Dictionary,
+) -> Result<RecordBatch> {
+    let n = rows.keys.len();
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    columns.push(Arc::new(
+        TimestampMicrosecondArray::from_iter_values(rows.keys.iter().map(|(b, _)| *b))
+            .with_timezone("UTC"),
+    ));
+    for d in 0..view.dimensions.len() {
+        let column: StringArray = match rows.dims.iter().position(|&x| x == d) {
+            Some(p) => rows
+                .keys
+                .iter()
+                .map(|(_, ids)| dictionary.value(d, ids[p]))
+                .collect(),
+            None => StringArray::new_null(n),
+        };
+        columns.push(Arc::new(column));
+    }
+    for (m, metric) in view.metrics.iter().enumerate() {
+        let states: Vec<&MetricState> = rows.states.iter().map(|s| &s[m]).collect();
+        columns.extend(metric.batch_columns(&states)?);
+    }
+    columns.push(Arc::new(StringArray::from_iter_values(
+        std::iter::repeat_n(name, n),
+    )));
+    columns.push(Arc::new(StringArray::from_iter_values(
+        rows.keys.iter().map(|(b, _)| day_string(day_of(*b))),
+    )));
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+}
