@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The serving load benchmark: the demo with a week of history (ingesting its live stream), and
 # dashboards asking the 7-day hourly breakdown of `installs_hourly` by `media_source` with all
-# metrics from 50 connections (wrk). The server runs on core 0 and wrk on core 1. Beside it, in
-# the same run, DuckDB answers the closest query it can from the view's Parquet files (sums of
-# the stored per-row counts; it cannot merge the DataSketches), one client, for the ratio.
+# metrics from 50 connections (wrk), then the same by each other dimension, by the day, with
+# one metric, and the totals. The server runs on core 0 and wrk on core 1. Beside it, in the
+# same run, DuckDB answers the closest query it can from the view's Parquet files (its own
+# rows, `rollup=base`: sums of the stored per-row counts; it cannot merge the DataSketches),
+# one client, for the ratio.
 #
 #   bench/serving_load.sh [DAYS] [SECONDS] [CONNECTIONS]
 #
@@ -37,10 +39,31 @@ echo "demo: $days days of history; the query answers $rows rows"
 rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
 echo "tandem resident memory before the load: $((rss_kb / 1024)) MiB"
 
-echo "--- Tandem, $connections connections, ${seconds}s (server on core 0, wrk on core 1)"
-taskset -c 1 wrk -t1 -c"$connections" -d"${seconds}s" --latency "$url" | sed -n '/Latency Distribution/,$p'
+# One load run: prints the answer's size, requests/s, p50, p99 and any errors.
+load() {
+  local name="$1" url="$2" secs="$3" out rows bytes
+  rows=$(curl -s "$url" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rows"]))')
+  bytes=$(curl -s "$url" | wc -c)
+  out="$(taskset -c 1 wrk -t1 -c"$connections" -d"${secs}s" --latency "$url")"
+  printf '%-44s %6s rows %8s B  %9s req/s  p50 %8s  p99 %8s  %s\n' "$name" "$rows" "$bytes" \
+    "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
+    "$(awk '$1 == "50%" {print $2}' <<<"$out")" \
+    "$(awk '$1 == "99%" {print $2}' <<<"$out")" \
+    "$(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' ' | paste -sd ';' || true)"
+}
+
+echo "--- Tandem, $connections connections (server on core 0, wrk on core 1)"
+q="$base/v1/views/installs_hourly/query?from=$from"
+load "by media_source, hourly, all metrics" "$q&group_by=media_source" "$seconds"
+load "by media_source, hourly, installs only" "$q&group_by=media_source&metrics=installs" 10
+load "by media_source, daily" "$q&group_by=media_source&granularity=day" 10
+for dim in app_id campaign country; do
+  load "by $dim, hourly, all metrics" "$q&group_by=$dim" 10
+done
+load "totals, hourly" "$q" 10
 rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
 echo "tandem resident memory after the load: $((rss_kb / 1024)) MiB"
+echo "the master dataset's commits so far: $(ls "$work/data/master/app_events/_delta_log" | grep -c json)"
 
 echo "--- DuckDB on the view's Parquet files, one client"
 taskset -c 0 python3 - "$work/data/views/installs_hourly" "$from" <<'PY'
@@ -51,7 +74,7 @@ con = duckdb.connect()
 con.execute("SET threads = 1")
 sql = f"""
   SELECT bucket, media_source, sum(installs) AS installs, sum(devices) AS devices
-  FROM read_parquet('{path}/**/*.parquet', hive_partitioning = true)
+  FROM read_parquet('{path}/rollup=base/**/*.parquet', hive_partitioning = true)
   WHERE bucket >= to_timestamp({from_ms} / 1000.0)
   GROUP BY bucket, media_source ORDER BY bucket, media_source
 """

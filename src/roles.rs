@@ -12,7 +12,7 @@ use tandem_core::time::{parse_day, Clock, SystemClock};
 use tandem_core::traits::{NoRealtime, RealtimeView};
 use tandem_core::Catalog;
 use tandem_serving::params::{Filters, Names, Scalar};
-use tandem_serving::{router, ApiMetrics, AppState, Format, QueryParams};
+use tandem_serving::{router, ApiMetrics, AppState, Check, Format, QueryParams, Readiness};
 use tandem_speed::{ConsumerName, ConsumerOptions, Consumers, KafkaConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -242,6 +242,8 @@ pub fn app_state(
         speed,
         clock,
         metrics: Arc::new(ApiMetrics::default()),
+        readiness: Default::default(),
+        answers: Default::default(),
     }
 }
 
@@ -301,6 +303,33 @@ pub struct Running {
     server: tokio::task::JoinHandle<Result<()>>,
 }
 
+/// An archiver holding messages that has not committed for this long is not ready.
+const ARCHIVER_STALL: Duration = Duration::from_secs(30);
+
+/// Not ready while an archiver holds messages it has not committed for longer than `stall`:
+/// its store or its commits are stuck.
+fn archiver_check(stats: Arc<tandem_speed::archiver::ArchiverStats>, stall: Duration) -> Check {
+    use std::sync::atomic::Ordering::Relaxed;
+    let seen = std::sync::Mutex::new((stats.commits.load(Relaxed), std::time::Instant::now()));
+    Box::new(move || {
+        let commits = stats.commits.load(Relaxed);
+        let mut seen = seen.lock().expect("readiness lock");
+        if commits != seen.0 {
+            *seen = (commits, std::time::Instant::now());
+            return None;
+        }
+        let handled = stats.archived.load(Relaxed) + stats.dead_lettered.load(Relaxed);
+        let pending = stats.received.load(Relaxed).saturating_sub(handled);
+        let quiet = seen.1.elapsed();
+        (pending > 0 && quiet > stall).then(|| {
+            format!(
+                "no commit for {} s with {pending} messages pending",
+                quiet.as_secs()
+            )
+        })
+    })
+}
+
 /// How often the speed layer looks at what published batches cover.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -326,7 +355,15 @@ pub async fn start_all(
         &ConsumerOptions::default(),
     )
     .await?;
-    let state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
+    let mut state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
+    let mut readiness = Readiness::default();
+    for (schema, stats) in &consumers.archiver_stats {
+        readiness = readiness.with(
+            format!("archiver `{schema}`"),
+            archiver_check(Arc::clone(stats), ARCHIVER_STALL),
+        );
+    }
+    state.readiness = Arc::new(readiness);
     let state_batch = Arc::clone(&state.batch);
     // The speed layer drops what published batches cover, as serving sees the publishes.
     tokio::spawn(tandem_speed::speed::prune_covered(

@@ -56,6 +56,8 @@ struct Slot {
     checked: Mutex<Option<Instant>>,
     /// Held by the one task that reads the log and loads a version.
     loading: Arc<tokio::sync::Mutex<()>>,
+    /// Why the last look at the log failed, if it did.
+    failure: Mutex<Option<String>>,
 }
 
 /// One published version of a view, ready to answer.
@@ -153,6 +155,7 @@ impl Slot {
             versions: Mutex::new(VecDeque::new()),
             checked: Mutex::new(None),
             loading: Arc::new(tokio::sync::Mutex::new(())),
+            failure: Mutex::new(None),
         }
     }
 
@@ -190,6 +193,12 @@ impl Slot {
     }
 
     async fn refresh_locked(&self) -> Result<Arc<Loaded>, BatchError> {
+        let result = self.look().await;
+        *self.failure.lock().expect("failure lock") = result.as_ref().err().map(|e| e.to_string());
+        result
+    }
+
+    async fn look(&self) -> Result<Arc<Loaded>, BatchError> {
         let url = self.storage.layout().view(&self.view.name);
         let table = self.storage.open(&url).await?;
         let version = table.as_ref().and_then(|t| t.version()).map(|v| v as i64);
@@ -442,6 +451,25 @@ impl BatchViews for DeltaBatchViews {
             });
         }
         Ok(published.coverage.clone())
+    }
+
+    fn health(&self) -> Option<String> {
+        let slots = self.slots.lock().expect("slots lock");
+        let failing: Vec<String> = slots
+            .values()
+            .filter_map(|slot| {
+                let failure = slot.failure.lock().expect("failure lock").clone()?;
+                let serving = slot
+                    .newest()
+                    .and_then(|l| l.published.coverage.version)
+                    .map_or("nothing".to_string(), |v| format!("version {v}"));
+                Some(format!(
+                    "view `{}` cannot be refreshed ({failure}); serving {serving}",
+                    slot.view.name
+                ))
+            })
+            .collect();
+        (!failing.is_empty()).then(|| failing.join("; "))
     }
 
     async fn refresh(&self) -> tandem_core::Result<()> {

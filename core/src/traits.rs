@@ -15,6 +15,13 @@ pub trait RealtimeView: Send + Sync + std::fmt::Debug {
 
     /// How fresh the answers are.
     fn status(&self) -> RealtimeStatus;
+
+    /// A number that changes whenever `view`'s answers may change (events applied, state
+    /// pruned): answers computed at one generation can be reused while it lasts. `None`: no
+    /// such number; answers are never reused.
+    fn generation(&self, _view: &ViewDef) -> Option<u64> {
+        None
+    }
 }
 
 /// The batch layer's published views.
@@ -28,6 +35,11 @@ pub trait BatchViews: Send + Sync + std::fmt::Debug {
     /// has just published.
     async fn refresh(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Why published views cannot be kept current (a store that fails), if they cannot.
+    fn health(&self) -> Option<String> {
+        None
     }
 
     /// Rows of the covered buckets in the query's range, grouped and filtered as asked.
@@ -53,5 +65,8 @@ impl RealtimeView for NoRealtime {
             available: false,
             ..Default::default()
         }
+    }
+    fn generation(&self, _: &ViewDef) -> Option<u64> {
+        Some(0)
     }
 }

@@ -16,13 +16,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value as Json_};
+use tandem_core::query::{Coverage, RealtimeStatus};
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::Catalog;
 use tower::{BoxError, ServiceBuilder};
 
+use crate::cache::{normalized, AnswerCache, Answered};
 use crate::error::{problem, problem_bodies, ApiError};
-use crate::merge::answer;
+use crate::merge::answer_at;
 use crate::params::{Format, Params, QueryParams};
 use crate::render::{self, ARROW_STREAM};
 
@@ -34,6 +36,42 @@ pub struct AppState {
     pub speed: Arc<dyn RealtimeView>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<ApiMetrics>,
+    /// What `/readyz` checks besides the API's own load and the batch views' health.
+    pub readiness: Arc<Readiness>,
+    /// Answers reused while their inputs are unchanged.
+    pub answers: AnswerCache,
+}
+
+/// A readiness check: `Some(reason)` while what it watches is not ready.
+pub type Check = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The checks `/readyz` runs, each named (the process's roles add theirs).
+#[derive(Default)]
+pub struct Readiness {
+    checks: Vec<(String, Check)>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.checks.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+impl Readiness {
+    pub fn with(mut self, name: impl Into<String>, check: Check) -> Self {
+        self.checks.push((name.into(), check));
+        self
+    }
+
+    /// Why the process is not ready, one reason per failing check.
+    pub fn reasons(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter_map(|(name, check)| check().map(|r| format!("{name}: {r}")))
+            .collect()
+    }
 }
 
 /// Request counters, by outcome class only (bounded label set).
@@ -42,6 +80,24 @@ pub struct ApiMetrics {
     pub queries: AtomicU64,
     pub client_errors: AtomicU64,
     pub server_errors: AtomicU64,
+    /// Queries being answered now.
+    pub in_flight: AtomicU64,
+}
+
+/// Counts a query in flight while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The largest request body accepted.
@@ -89,7 +145,10 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
             get(query_get).post(query_post).layer(limited),
         )
         .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move |State(state): State<AppState>| async move { readyz(&state, limits) }),
+        )
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /v1/views")
@@ -97,6 +156,28 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(problem_bodies))
         .with_state(state)
+}
+
+/// 200 when the process can answer and ingest; 503 with every reason it cannot: the query
+/// routes saturated (new queries are being shed), a batch view that cannot be refreshed, or a
+/// check a role added (an archiver that stopped committing).
+fn readyz(state: &AppState, limits: QueryLimits) -> Response {
+    let mut reasons = Vec::new();
+    let in_flight = state.metrics.in_flight.load(Ordering::Relaxed);
+    if in_flight >= limits.max_concurrent.max(1) as u64 {
+        reasons.push(format!(
+            "queries: {in_flight} in flight, the most allowed; new ones are shed"
+        ));
+    }
+    if let Some(r) = state.batch.health() {
+        reasons.push(format!("batch views: {r}"));
+    }
+    reasons.extend(state.readiness.reasons());
+    if reasons.is_empty() {
+        "ok".into_response()
+    } else {
+        problem(StatusCode::SERVICE_UNAVAILABLE, &reasons.join("; "))
+    }
 }
 
 /// A query refused by a limit: 503 with `Retry-After`, saying which limit.
@@ -187,6 +268,7 @@ async fn run_query(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     state.metrics.queries.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight::new(&state.metrics.in_flight);
     let result = async {
         let view = state.catalog.view(view)?;
         let format = params.format.unwrap_or_else(|| {
@@ -205,25 +287,42 @@ async fn run_query(
         let q = params
             .resolve(view, state.clock.now_us())
             .map_err(ApiError::bad_request)?;
-        let result = answer(view, &q, state.batch.as_ref(), state.speed.as_ref()).await?;
-        let batch = render::to_arrow(&result, view)?;
-        Ok::<_, ApiError>(match format {
-            Format::Csv => (
-                [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-                render::to_csv(&batch)?,
-            )
-                .into_response(),
-            Format::Json => (
-                [(header::CONTENT_TYPE, "application/json")],
-                render::to_json(&result, &batch),
-            )
-                .into_response(),
-            Format::Arrow => (
-                [(header::CONTENT_TYPE, ARROW_STREAM)],
-                render::to_ipc(&batch)?,
-            )
-                .into_response(),
+        // Answering is CPU work: it runs on a blocking thread, so that queries never hold the
+        // runtime's threads that ingestion's tasks run on (the concurrency limit bounds how
+        // many run at once).
+        let (owned, view) = (state.clone(), Arc::clone(view));
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let (batch, speed) = (owned.batch.as_ref(), owned.speed.as_ref());
+            let q = normalized(&view, q);
+            let coverage = handle.block_on(batch.coverage(&view))?;
+            let generation = speed.generation(&view);
+            let compute = |coverage: Coverage| -> Result<Answered, ApiError> {
+                let result = handle.block_on(answer_at(&view, &q, coverage, batch, speed))?;
+                let arrow = render::to_arrow(&result, &view)?;
+                let json_rows = render::json_rows(&result, &arrow);
+                Ok(Answered {
+                    result,
+                    batch: arrow,
+                    json_rows,
+                })
+            };
+            let answered = match generation {
+                Some(g) => owned
+                    .answers
+                    .get_or_compute(AnswerCache::key(&view, &q, &coverage, g), || {
+                        compute(coverage)
+                    })
+                    .map_err(|e| {
+                        Arc::try_unwrap(e)
+                            .unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
+                    })?,
+                None => Arc::new(compute(coverage)?),
+            };
+            render_answer(&answered, &speed.status(), format)
         })
+        .await
+        .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
     }
     .await;
     if let Err(e) = &result {
@@ -235,6 +334,33 @@ async fn run_query(
         counter.fetch_add(1, Ordering::Relaxed);
     }
     result
+}
+
+/// An answer in the format asked, with `realtime` as the speed layer's freshness.
+fn render_answer(
+    answered: &Answered,
+    realtime: &RealtimeStatus,
+    format: Format,
+) -> Result<Response, ApiError> {
+    let result = &answered.result;
+    let batch = || render::with_meta(&answered.batch, result, realtime);
+    Ok(match format {
+        Format::Csv => (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            render::to_csv(&batch()?)?,
+        )
+            .into_response(),
+        Format::Json => (
+            [(header::CONTENT_TYPE, "application/json")],
+            render::json_answer(result, realtime, &answered.json_rows),
+        )
+            .into_response(),
+        Format::Arrow => (
+            [(header::CONTENT_TYPE, ARROW_STREAM)],
+            render::to_ipc(&batch()?)?,
+        )
+            .into_response(),
+    })
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -5,7 +5,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use tandem_core::metric::MetricState;
-use tandem_core::query::{GroupKey, OrderBy, QueryResult, ResultRow, Source, ViewQuery};
+use tandem_core::query::{Coverage, GroupKey, OrderBy, QueryResult, ResultRow, Source, ViewQuery};
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::Result;
@@ -18,6 +18,18 @@ pub async fn answer(
     speed: &dyn RealtimeView,
 ) -> Result<QueryResult> {
     let coverage = batch.coverage(view).await?;
+    answer_at(view, q, coverage, batch, speed).await
+}
+
+/// Answers `q` on `view` from both layers, the batch at `coverage` (which
+/// [`BatchViews::coverage`] gave).
+pub async fn answer_at(
+    view: &ViewDef,
+    q: &ViewQuery,
+    coverage: Coverage,
+    batch: &dyn BatchViews,
+    speed: &dyn RealtimeView,
+) -> Result<QueryResult> {
     let batch_rows = batch.query(view, q, &coverage).await?;
     let speed_rows = speed.query(view, q, &coverage)?;
     let realtime = speed.status();

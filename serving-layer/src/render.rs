@@ -17,7 +17,7 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::arrow::ipc::writer::StreamWriter;
 use serde_json::{json, Value as Json};
-use tandem_core::query::QueryResult;
+use tandem_core::query::{QueryResult, RealtimeStatus};
 use tandem_core::schema::timestamp_type;
 use tandem_core::time::format_us;
 use tandem_core::view::ViewDef;
@@ -26,14 +26,14 @@ use tandem_core::CoreError;
 /// The media type of an Arrow IPC stream.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
-/// Provenance and freshness of the whole answer.
-pub fn meta(result: &QueryResult) -> Json {
+/// Provenance and freshness of the whole answer, with `realtime` as the speed layer's.
+pub fn meta(result: &QueryResult, realtime: &RealtimeStatus) -> Json {
     json!({
         "batch_version": result.coverage.version,
         "covered_until": result.coverage.covered_until_us().map(format_us),
-        "speed_available": result.realtime.available,
-        "speed_lag_ms": result.realtime.lag_ms,
-        "stale_partitions": result.realtime.stale_partitions,
+        "speed_available": realtime.available,
+        "speed_lag_ms": realtime.lag_ms,
+        "stale_partitions": realtime.stale_partitions,
         "truncated": result.truncated,
     })
 }
@@ -71,33 +71,63 @@ pub fn to_arrow(result: &QueryResult, view: &ViewDef) -> Result<RecordBatch, Cor
         fields.push(Field::new(&def.name, column.data_type().clone(), true));
         columns.push(column);
     }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new_with_options(
+        schema,
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(result.rows.len())),
+    )?;
+    with_meta(&batch, result, &result.realtime)
+}
+
+/// `batch` with the answer's `meta` (freshness from `realtime`), view and granularity in its
+/// schema metadata.
+pub fn with_meta(
+    batch: &RecordBatch,
+    result: &QueryResult,
+    realtime: &RealtimeStatus,
+) -> Result<RecordBatch, CoreError> {
     let metadata = HashMap::from([
         ("tandem.view".to_string(), result.view.clone()),
         (
             "tandem.granularity".to_string(),
             result.granularity.as_str().to_string(),
         ),
-        ("tandem.meta".to_string(), meta(result).to_string()),
+        (
+            "tandem.meta".to_string(),
+            meta(result, realtime).to_string(),
+        ),
     ]);
-    let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
-    Ok(RecordBatch::try_new_with_options(
-        schema,
-        columns,
-        &RecordBatchOptions::new().with_row_count(Some(result.rows.len())),
-    )?)
+    let schema = Arc::new(batch.schema().as_ref().clone().with_metadata(metadata));
+    Ok(batch.clone().with_schema(schema)?)
 }
 
 /// The JSON answer of DESIGN §7, printed from the Arrow batch.
 pub fn to_json(result: &QueryResult, batch: &RecordBatch) -> String {
-    let dims = 2..2 + result.dims.len();
-    let metrics = dims.end..batch.num_columns();
-    let schema = batch.schema();
-    let mut out = String::with_capacity(256 + batch.num_rows() * 128);
+    json_answer(result, &result.realtime, &json_rows(result, batch))
+}
+
+/// The JSON answer around its rows (as [`json_rows`] prints them), with `realtime` as the
+/// speed layer's freshness in `meta`: the rows can be printed once and reused, the freshness
+/// is the request's own.
+pub fn json_answer(result: &QueryResult, realtime: &RealtimeStatus, rows: &str) -> String {
+    let mut out = String::with_capacity(256 + rows.len());
     out.push_str("{\"view\":");
     push_str(&mut out, &result.view);
     out.push_str(",\"granularity\":");
     push_str(&mut out, result.granularity.as_str());
-    let _ = write!(out, ",\"meta\":{},\"rows\":[", meta(result));
+    let _ = write!(out, ",\"meta\":{},\"rows\":[", meta(result, realtime));
+    out.push_str(rows);
+    out.push_str("]}");
+    out
+}
+
+/// The rows of the JSON answer, comma-separated, printed from the Arrow batch.
+pub fn json_rows(result: &QueryResult, batch: &RecordBatch) -> String {
+    let dims = 2..2 + result.dims.len();
+    let metrics = dims.end..batch.num_columns();
+    let schema = batch.schema();
+    let mut out = String::with_capacity(batch.num_rows() * 128);
     for row in 0..batch.num_rows() {
         if row > 0 {
             out.push(',');
@@ -120,7 +150,6 @@ pub fn to_json(result: &QueryResult, batch: &RecordBatch) -> String {
         }
         out.push('}');
     }
-    out.push_str("]}");
     out
 }
 

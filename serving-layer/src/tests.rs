@@ -105,6 +105,8 @@ fn app() -> axum::Router {
         speed: Arc::new(speed),
         clock: Arc::new(MockClock::new(NOW)),
         metrics: Arc::new(ApiMetrics::default()),
+        readiness: Default::default(),
+        answers: Default::default(),
     })
 }
 
@@ -476,6 +478,8 @@ async fn an_unreachable_store_is_a_503_with_retry_after_and_a_bug_a_500() {
             speed: Arc::new(FakeSpeed(Vec::new())),
             clock: Arc::new(MockClock::new(NOW)),
             metrics: Arc::new(ApiMetrics::default()),
+            readiness: Default::default(),
+            answers: Default::default(),
         });
         let resp = app
             .oneshot(
@@ -533,6 +537,8 @@ async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_ans
                 speed: Arc::new(FakeSpeed(Vec::new())),
                 clock: Arc::new(MockClock::new(NOW)),
                 metrics: Arc::new(ApiMetrics::default()),
+                readiness: Default::default(),
+                answers: Default::default(),
             },
             limits,
         )
@@ -560,13 +566,25 @@ async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_ans
         body["detail"].as_str().unwrap().contains("at once"),
         "{body}"
     );
-    let probe = one_at_a_time
-        .clone()
-        .oneshot(Request::get("/livez").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(probe.status(), StatusCode::OK);
+    let probe = |path: &'static str| {
+        let app = one_at_a_time.clone();
+        async move {
+            let resp = app
+                .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).to_string())
+        }
+    };
+    assert_eq!(probe("/livez").await.0, StatusCode::OK);
+    // Saturated: not ready, and it says why.
+    let (status, body) = probe("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("1 in flight"), "{body}");
     assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(probe("/readyz").await, (StatusCode::OK, "ok".to_string()));
 
     let impatient = app(
         2_000,
@@ -586,4 +604,161 @@ async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_ans
             .contains("longer than 100 ms"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn readyz_reports_every_failing_check() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = Arc::clone(&failing);
+    let app = router(AppState {
+        catalog: catalog(),
+        batch: Arc::new(FakeBatch(Vec::new(), BTreeSet::new())),
+        speed: Arc::new(FakeSpeed(Vec::new())),
+        clock: Arc::new(MockClock::new(NOW)),
+        metrics: Arc::new(ApiMetrics::default()),
+        answers: Default::default(),
+        readiness: Arc::new(crate::Readiness::default().with(
+            "archiver `app_events`",
+            Box::new(move || {
+                flag.load(std::sync::atomic::Ordering::Relaxed)
+                    .then(|| "no commit for 31 s with 5 messages pending".to_string())
+            }),
+        )),
+    });
+    let resp = app
+        .clone()
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body["detail"],
+        "archiver `app_events`: no commit for 31 s with 5 messages pending"
+    );
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let resp = app
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// A batch layer whose version and rows the test changes.
+#[derive(Debug)]
+struct VersionedBatch(std::sync::Mutex<(i64, Vec<(i64, u64)>)>);
+
+#[async_trait]
+impl BatchViews for VersionedBatch {
+    async fn coverage(&self, _: &ViewDef) -> tandem_core::Result<Coverage> {
+        Ok(Coverage {
+            version: Some(self.0.lock().unwrap().0),
+            days: [DAY].into(),
+            published_us: None,
+        })
+    }
+    async fn query(
+        &self,
+        _: &ViewDef,
+        q: &ViewQuery,
+        coverage: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        let (version, hours) = self.0.lock().unwrap().clone();
+        assert_eq!(coverage.version, Some(version));
+        Ok(rows(&hours, q))
+    }
+}
+
+/// A speed layer with a generation, counting the queries it answers.
+#[derive(Debug, Default)]
+struct CountingSpeed {
+    state: std::sync::Mutex<(u64, Vec<(i64, u64)>)>,
+    queries: std::sync::atomic::AtomicUsize,
+    lag_ms: std::sync::atomic::AtomicI64,
+}
+
+impl RealtimeView for CountingSpeed {
+    fn query(&self, _: &ViewDef, q: &ViewQuery, _: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
+        self.queries
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let hours = self.state.lock().unwrap().1.clone();
+        Ok(rows(&hours, q)
+            .into_iter()
+            .filter(|r| q.in_range(r.bucket_us))
+            .collect())
+    }
+    fn status(&self) -> RealtimeStatus {
+        RealtimeStatus {
+            lag_ms: Some(self.lag_ms.load(std::sync::atomic::Ordering::SeqCst)),
+            stale_partitions: Vec::new(),
+            available: true,
+        }
+    }
+    fn generation(&self, _: &ViewDef) -> Option<u64> {
+        Some(self.state.lock().unwrap().0)
+    }
+}
+
+/// An answer is reused while the batch version and the speed state it came from stand, and
+/// never after either changes; its freshness (`speed_lag_ms`) is always the request's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_reused_only_while_their_batch_version_and_speed_state_stand() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let d = DAY * DAY_US;
+    let batch = Arc::new(VersionedBatch(std::sync::Mutex::new((
+        3,
+        vec![(d, 10), (d + HOUR_US, 20)],
+    ))));
+    let speed = Arc::new(CountingSpeed::default());
+    speed.state.lock().unwrap().1 = vec![(d + DAY_US, 5)];
+    let app = router(AppState {
+        catalog: catalog(),
+        batch: Arc::clone(&batch) as Arc<dyn BatchViews>,
+        speed: Arc::clone(&speed) as Arc<dyn RealtimeView>,
+        clock: Arc::new(MockClock::new(NOW)),
+        metrics: Arc::new(ApiMetrics::default()),
+        readiness: Default::default(),
+        answers: Default::default(),
+    });
+    let ask = |to_minute: i64| {
+        let app = app.clone();
+        async move {
+            let to = (d + DAY_US + 11 * HOUR_US) / 1000 + to_minute * 60_000;
+            let uri =
+                format!("/v1/views/installs_hourly/query?from=2024-10-04&to={to}&metrics=installs");
+            let resp = app
+                .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            let total: u64 = v["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["metrics"]["installs"].as_u64().unwrap())
+                .sum();
+            (total, v["meta"]["speed_lag_ms"].as_i64().unwrap())
+        }
+    };
+    speed.lag_ms.store(100, SeqCst);
+    assert_eq!(ask(1).await, (35, 100));
+    assert_eq!(speed.queries.load(SeqCst), 1);
+    // The same buckets (a `to` later within the same hour): reused, with today's freshness.
+    speed.lag_ms.store(250, SeqCst);
+    assert_eq!(ask(20).await, (35, 250));
+    assert_eq!(speed.queries.load(SeqCst), 1, "answered from the cache");
+    // An event applied: a new generation, answered afresh.
+    *speed.state.lock().unwrap() = (1, vec![(d + DAY_US, 5), (d + DAY_US + HOUR_US, 1)]);
+    assert_eq!(ask(20).await.0, 36);
+    assert_eq!(speed.queries.load(SeqCst), 2);
+    // A new publish: answered from it.
+    *batch.0.lock().unwrap() = (4, vec![(d, 100)]);
+    assert_eq!(ask(20).await.0, 106);
+    assert_eq!(speed.queries.load(SeqCst), 3);
+    // One more hour in range: other buckets, another answer.
+    assert_eq!(ask(61).await.0, 106);
+    assert_eq!(speed.queries.load(SeqCst), 4);
 }

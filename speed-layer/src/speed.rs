@@ -55,6 +55,8 @@ pub struct SpeedLayer {
     partitions: RwLock<BTreeMap<i32, PartitionState>>,
     clock: Arc<dyn Clock>,
     pub stats: SpeedStats,
+    /// Bumped by every change of the state (see `RealtimeView::generation`).
+    generation: AtomicU64,
 }
 
 impl SpeedLayer {
@@ -74,6 +76,7 @@ impl SpeedLayer {
             partitions: RwLock::new(BTreeMap::new()),
             clock,
             stats: SpeedStats::default(),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -117,6 +120,7 @@ impl SpeedLayer {
         }
         state.next_offset = last.offset + 1;
         state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
+        self.generation.fetch_add(1, Ordering::Release);
         self.stats
             .events
             .fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
@@ -144,6 +148,9 @@ impl SpeedLayer {
             .values_mut()
             .map(|state| self.aggregators[i].prune(&mut state.groups[i], covered))
             .sum();
+        if removed > 0 {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
         drop(parts);
         self.stats
             .pruned_groups
@@ -205,6 +212,10 @@ impl RealtimeView for SpeedLayer {
                 .collect(),
             available: true,
         }
+    }
+
+    fn generation(&self, _: &ViewDef) -> Option<u64> {
+        Some(self.generation.load(Ordering::Acquire))
     }
 }
 
@@ -302,5 +313,12 @@ impl RealtimeView for SpeedLayers {
             out.stale_partitions.extend(s.stale_partitions);
         }
         out
+    }
+
+    fn generation(&self, view: &ViewDef) -> Option<u64> {
+        match self.0.get(&view.source) {
+            Some(layer) => layer.generation(view),
+            None => Some(0),
+        }
     }
 }

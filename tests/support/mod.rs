@@ -268,6 +268,8 @@ impl Harness {
             speed: Arc::clone(&self.speed) as _,
             clock: Arc::new(self.clock.clone()),
             metrics: Arc::new(ApiMetrics::default()),
+            readiness: Default::default(),
+            answers: Default::default(),
         })
     }
 
