@@ -298,9 +298,12 @@ async fn run_query(
             let coverage = handle.block_on(batch.coverage(&view))?;
             let generation = speed.generation(&view);
             let compute = |coverage: Coverage| -> Result<Answered, ApiError> {
-                let result = handle.block_on(answer_at(&view, &q, coverage, batch, speed))?;
+                let mut result = handle.block_on(answer_at(&view, &q, coverage, batch, speed))?;
                 let arrow = render::to_arrow(&result, &view)?;
                 let json_rows = render::json_rows(&result, &arrow);
+                // The rows live on in the Arrow batch and the JSON; their states (sketches
+                // included) are not kept.
+                result.rows = Vec::new();
                 Ok(Answered {
                     result,
                     batch: arrow,

@@ -8,7 +8,7 @@
 //! days" with a moving `to` share one entry per bucket. The rows are kept printed as JSON and as
 //! an Arrow batch; the freshness in `meta` (speed lag) is each request's own. A speed layer
 //! without generations (`None`) is never cached. The cache is bounded by the bytes it holds
-//! ([`AnswerCache::new`]) and each entry lives at most a minute unused.
+//! ([`AnswerCache::new`]) and an entry lives at most 10 s unused.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::query::{Coverage, QueryResult, ViewQuery};
 use tandem_core::view::ViewDef;
 
-/// An answer ready to send: the result, its Arrow batch and its rows printed as JSON.
+/// An answer ready to send: the result (its rows dropped: they are in the batch), its Arrow
+/// batch and its rows printed as JSON.
 #[derive(Debug)]
 pub struct Answered {
     pub result: QueryResult,
@@ -28,9 +29,7 @@ pub struct Answered {
 impl Answered {
     /// Bytes held, roughly.
     fn weight(&self) -> u32 {
-        let bytes = self.json_rows.len()
-            + self.batch.get_array_memory_size()
-            + self.result.rows.len() * std::mem::size_of::<tandem_core::query::ResultRow>();
+        let bytes = self.json_rows.capacity() + self.batch.get_array_memory_size() + 1024;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
@@ -50,6 +49,10 @@ impl std::fmt::Debug for AnswerCache {
     }
 }
 
+/// How long an answer stays unasked before it is dropped: an answer of a past generation is
+/// never asked again, so it should not wait for the byte bound to push it out.
+const IDLE: Duration = Duration::from_secs(10);
+
 /// The bytes the cache holds at most by default.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -66,7 +69,7 @@ impl AnswerCache {
             cache: moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_, a: &Arc<Answered>| a.weight())
-                .time_to_idle(Duration::from_secs(60))
+                .time_to_idle(IDLE)
                 .build(),
         }
     }
