@@ -30,22 +30,22 @@ struct Rows {
     states: Vec<Vec<MetricState>>,
 }
 
-/// Per view dimension: the value of id `i + 1`, and the id of each value.
-#[derive(Default)]
-struct Dictionary {
+/// Per view dimension: the value of id `i + 1`, and the id of each value (0 stands for null).
+#[derive(Debug, Default)]
+pub(crate) struct Dictionary {
     values: Vec<Vec<String>>,
     ids: Vec<HashMap<String, u32>>,
 }
 
 impl Dictionary {
-    fn new(dims: usize) -> Self {
+    pub(crate) fn new(dims: usize) -> Self {
         Dictionary {
             values: vec![Vec::new(); dims],
             ids: vec![HashMap::new(); dims],
         }
     }
 
-    fn intern(&mut self, dim: usize, value: &str) -> u32 {
+    pub(crate) fn intern(&mut self, dim: usize, value: &str) -> u32 {
         if let Some(&id) = self.ids[dim].get(value) {
             return id;
         }
@@ -55,8 +55,13 @@ impl Dictionary {
         id
     }
 
-    fn value(&self, dim: usize, id: u32) -> Option<&str> {
+    pub(crate) fn value(&self, dim: usize, id: u32) -> Option<&str> {
         (id != 0).then(|| self.values[dim][id as usize - 1].as_str())
+    }
+
+    /// The id of `value`, if it was seen.
+    pub(crate) fn id(&self, dim: usize, value: &str) -> Option<u32> {
+        self.ids[dim].get(value).copied()
     }
 }
 

@@ -32,6 +32,7 @@ use tandem_core::CoreError;
 
 use crate::compute::{published, session, Published};
 use crate::error::BatchError;
+use crate::rollup::Dictionary;
 
 /// Loaded versions kept per view: the newest, and the one before it for queries that began on
 /// it.
@@ -67,9 +68,8 @@ struct Loaded {
     granularity: Granularity,
     /// The view's own rows, then each rollup's, in the view's order of rollups.
     tables: Vec<Table>,
-    /// Per dimension: the value of id `i + 1`, and the id of each value (for every table).
-    values: Vec<Vec<String>>,
-    ids: Vec<HashMap<String, u32>>,
+    /// The dimension values of every table.
+    dictionary: Dictionary,
 }
 
 /// The rows of the view itself or of one rollup.
@@ -259,8 +259,7 @@ impl Loaded {
             published: Published::default(),
             granularity: view.granularity,
             tables,
-            values: vec![Vec::new(); view.dimensions.len()],
-            ids: vec![HashMap::new(); view.dimensions.len()],
+            dictionary: Dictionary::new(view.dimensions.len()),
         }
     }
 
@@ -325,7 +324,7 @@ impl Loaded {
                     let id = if col.is_null(row) {
                         0
                     } else {
-                        out.intern(d, col.as_string::<i32>().value(row))
+                        out.dictionary.intern(d, col.as_string::<i32>().value(row))
                     };
                     out.tables[t].dims[d].push(id);
                 }
@@ -338,20 +337,6 @@ impl Loaded {
             }
         }
         Ok(out)
-    }
-
-    fn intern(&mut self, dim: usize, value: &str) -> u32 {
-        if let Some(&id) = self.ids[dim].get(value) {
-            return id;
-        }
-        self.values[dim].push(value.to_string());
-        let id = self.values[dim].len() as u32;
-        self.ids[dim].insert(value.to_string(), id);
-        id
-    }
-
-    fn value(&self, dim: usize, id: u32) -> Option<String> {
-        (id != 0).then(|| self.values[dim][id as usize - 1].clone())
     }
 
     /// The table to answer `q` from: of the view's rows and the rollups that answer it
@@ -379,7 +364,7 @@ impl Loaded {
             .map(|(d, values)| {
                 let ids = values
                     .iter()
-                    .filter_map(|v| self.ids[*d].get(v).copied())
+                    .filter_map(|v| self.dictionary.id(*d, v))
                     .collect();
                 (*d, ids)
             })
@@ -426,7 +411,7 @@ impl Loaded {
                             .group_by
                             .iter()
                             .zip(ids)
-                            .map(|(&d, id)| self.value(d, id))
+                            .map(|(&d, id)| self.dictionary.value(d, id).map(str::to_string))
                             .collect(),
                         states,
                     }
