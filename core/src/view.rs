@@ -68,6 +68,15 @@ impl Granularity {
         ts_us.div_euclid(self.micros()) * self.micros()
     }
 
+    /// The first bucket start at or after `ts_us` (the latest bucket start for times past it).
+    pub fn ceil(self, ts_us: i64) -> i64 {
+        ts_us
+            .checked_add(self.micros() - 1)
+            .map_or(i64::MAX.div_euclid(self.micros()) * self.micros(), |t| {
+                self.floor(t)
+            })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Granularity::Minute => "minute",
@@ -185,14 +194,11 @@ impl Rollup {
         }
         // The range selects the view buckets starting in [from, to): those in
         // [ceil(from), ceil(to)) at the view's granularity.
-        let ceil = |t: i64| {
-            let g = view_granularity.micros();
-            t.checked_add(g - 1)
-                .map(|t| t.div_euclid(g) * g)
-                .unwrap_or(i64::MAX)
+        let aligned = |t: i64| {
+            let start = view_granularity.ceil(t);
+            self.granularity.floor(start) == start
         };
-        let width = self.granularity.micros();
-        ceil(q.from_us).rem_euclid(width) == 0 && ceil(q.to_us).rem_euclid(width) == 0
+        aligned(q.from_us) && aligned(q.to_us)
     }
 }
 

@@ -98,25 +98,13 @@ impl AnswerCache {
     {
         self.cache.try_get_with(key, || compute().map(Arc::new))
     }
-
-    /// Answers held.
-    pub fn entries(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
-    }
 }
 
 /// `q` with its range as the view buckets it selects: buckets starting in `[from, to)` are
 /// those starting in `[ceil(from), ceil(to))` at the view's granularity, so both ranges have one
 /// answer.
 pub fn normalized(view: &ViewDef, mut q: ViewQuery) -> ViewQuery {
-    let g = view.granularity.micros();
-    let ceil = |t: i64| {
-        t.checked_add(g - 1)
-            .map(|t| t.div_euclid(g) * g)
-            .unwrap_or(i64::MAX)
-    };
-    q.from_us = ceil(q.from_us);
-    q.to_us = ceil(q.to_us);
+    q.from_us = view.granularity.ceil(q.from_us);
+    q.to_us = view.granularity.ceil(q.to_us);
     q
 }
