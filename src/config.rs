@@ -37,14 +37,25 @@ pub struct GlobalOpts {
     /// Address the HTTP API listens on.
     #[arg(long, global = true, env = "TANDEM_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address of the admin port (`/livez`, `/readyz`, `/metrics` only, with connections of
+    /// its own); none by default.
+    #[arg(long, global = true, env = "TANDEM_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Where each option above was given (flag or environment), from the parsed arguments.
     #[arg(skip)]
     pub origins: BTreeMap<&'static str, Origin>,
 }
 
 /// The ids of the global options, as clap names them.
-const GLOBAL_IDS: [&str; 7] = [
-    "config", "data", "storage", "brokers", "schemas", "jobs", "listen",
+const GLOBAL_IDS: [&str; 8] = [
+    "config",
+    "data",
+    "storage",
+    "brokers",
+    "schemas",
+    "jobs",
+    "listen",
+    "admin_listen",
 ];
 
 impl GlobalOpts {
@@ -85,6 +96,7 @@ pub struct FileConfig {
     pub schemas: Option<PathBuf>,
     pub jobs: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
     #[serde(default)]
     pub kafka: KafkaFile,
     #[serde(default)]
@@ -123,6 +135,8 @@ pub struct Config {
     pub schemas: PathBuf,
     pub jobs: PathBuf,
     pub listen: SocketAddr,
+    /// The admin port's address, if it has one.
+    pub admin_listen: Option<SocketAddr>,
     /// Whether the definition directories were named (not defaults).
     pub definitions_given: bool,
     /// How old a publish must be before the speed layer drops the buckets it covers.
@@ -188,8 +202,12 @@ impl Config {
         };
         let cli = |id: &str, env: &str| {
             let origin = opts.origin(id);
-            let name = if origin == Origin::Env { env } else { id };
-            (origin, name.to_string())
+            let name = if origin == Origin::Env {
+                env.to_string()
+            } else {
+                id.replace('_', "-")
+            };
+            (origin, name)
         };
         let file_key = |key: &str| (Origin::File, key.to_string());
         let default = (Origin::Default, String::new());
@@ -260,6 +278,11 @@ impl Config {
             (None, Some(l)) => given(l, file_key("listen")),
             (None, None) => given(DEFAULT_LISTEN.parse().expect("valid"), default.clone()),
         };
+        let admin_listen = match (opts.admin_listen, file.admin_listen) {
+            (Some(l), _) => Some(given(l, cli("admin_listen", "TANDEM_ADMIN_LISTEN"))),
+            (None, Some(l)) => Some(given(l, file_key("admin_listen"))),
+            (None, None) => None,
+        };
         let prune_grace = match file.speed.prune_grace_secs {
             Some(s) => given(s, file_key("speed.prune_grace_secs")),
             None => given(DEFAULT_PRUNE_GRACE_SECS, default.clone()),
@@ -316,6 +339,18 @@ impl Config {
             value: listen.value.to_string(),
             from: listen.describe(),
         });
+        settings.push(match &admin_listen {
+            Some(a) => Setting {
+                key: "admin_listen",
+                value: a.value.to_string(),
+                from: a.describe(),
+            },
+            None => Setting {
+                key: "admin_listen",
+                value: "(none)".into(),
+                from: "default".into(),
+            },
+        });
         Ok(Config {
             layout,
             brokers: brokers.map(|b| b.value),
@@ -324,6 +359,7 @@ impl Config {
             schemas: schemas.value,
             jobs: jobs.value,
             listen: listen.value,
+            admin_listen: admin_listen.map(|a| a.value),
             prune_grace: std::time::Duration::from_secs(prune_grace.value),
             settings,
         })

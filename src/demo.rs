@@ -31,6 +31,10 @@ pub struct DemoArgs {
     /// Port of the HTTP API on 127.0.0.1.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Port of the admin listener (`/livez`, `/readyz`, `/metrics`) on 127.0.0.1; none if
+    /// not given (the API's port answers them too).
+    #[arg(long)]
+    pub admin_port: Option<u16>,
     /// Stream this JSON-lines file instead of synthetic events.
     #[arg(long)]
     pub events: Option<PathBuf>,
@@ -103,6 +107,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         &KafkaConfig::new(&brokers),
         Arc::clone(&clock),
         config.listen,
+        crate::roles::admin_listen(&config, args.admin_port),
         config.prune_grace,
     )
     .await?;
@@ -212,6 +217,9 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let base = format!("http://{}", running.address);
     let from = format_us(clock.now_us() / HOUR_US * HOUR_US - 36 * HOUR_US);
     println!("\nTandem demo is serving at {base}");
+    if let Some(admin) = running.admin_address {
+        println!("  admin (probes):   curl -s http://{admin}/readyz");
+    }
     println!("  views:            curl -s {base}/v1/views");
     println!("  installs by hour: curl -s '{base}/v1/views/installs_hourly/query?from={from}&group_by=media_source&limit=20'");
     println!("  top sources:      curl -s '{base}/v1/views/installs_hourly/query?from={from}&granularity=day&group_by=media_source&order_by=-installs&limit=5'");

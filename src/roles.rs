@@ -12,7 +12,9 @@ use tandem_core::time::{parse_day, Clock, SystemClock};
 use tandem_core::traits::{NoRealtime, RealtimeView};
 use tandem_core::Catalog;
 use tandem_serving::params::{Filters, Names, Scalar};
-use tandem_serving::{router, ApiMetrics, AppState, Check, Format, QueryParams, Readiness};
+use tandem_serving::{
+    admin_router, router, ApiMetrics, AppState, Check, Format, QueryLimits, QueryParams, Readiness,
+};
 use tandem_speed::{ConsumerName, ConsumerOptions, Consumers, KafkaConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,40 @@ pub struct ServeArgs {
     /// Port to listen on (overrides the port of --listen).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Port of the admin listener (overrides the port of --admin-listen; on the API's host if
+    /// that is not set).
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+}
+
+impl ServeArgs {
+    /// The API's address.
+    pub fn listen(&self, config: &Config) -> std::net::SocketAddr {
+        let mut addr = config.listen;
+        if let Some(p) = self.port {
+            addr.set_port(p);
+        }
+        addr
+    }
+
+    /// The admin listener's address, if there is one.
+    pub fn admin_listen(&self, config: &Config) -> Option<std::net::SocketAddr> {
+        admin_listen(config, self.admin_port)
+    }
+}
+
+/// The admin listener's address: `config`'s, with `port` if given (on the API's host if the
+/// configuration has none).
+pub fn admin_listen(config: &Config, port: Option<u16>) -> Option<std::net::SocketAddr> {
+    match (config.admin_listen, port) {
+        (Some(mut a), Some(p)) => {
+            a.set_port(p);
+            Some(a)
+        }
+        (Some(a), None) => Some(a),
+        (None, Some(p)) => Some(std::net::SocketAddr::new(config.listen.ip(), p)),
+        (None, None) => None,
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,12 +193,31 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Serves the API on `listener` until `shutdown`, within the default connection limits.
+/// The connections the admin listener holds at once: enough for probes and scrapers, too few
+/// for a client to matter.
+pub const ADMIN_CONNECTIONS: usize = 16;
+
+/// Serves the API on `listener`, and the admin routes on `admin` if given, until `shutdown`,
+/// within the default connection limits (the admin listener's its own).
 pub async fn serve_api(
     state: AppState,
     listener: tokio::net::TcpListener,
+    admin: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    if let Some(admin) = admin {
+        let app = admin_router(state.clone(), QueryLimits::default());
+        let limits = ConnectionLimits {
+            max_connections: ADMIN_CONNECTIONS,
+            ..Default::default()
+        };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_with(app, admin, limits, shutdown).await {
+                tracing::error!(error = %format!("{e:#}"), "the admin listener failed");
+            }
+        });
+    }
     serve_with(
         router(state),
         listener,
@@ -208,6 +263,11 @@ pub async fn serve_with(
             tracing::debug!(%peer, "connection refused: too many open");
             continue;
         };
+        // Answers go out in several writes (head, shared rows, tail): without this, Nagle's
+        // algorithm holds each one for the client's delayed ACK.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY could not be set");
+        }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -245,14 +305,6 @@ pub fn app_state(
         readiness: Default::default(),
         answers: Default::default(),
     }
-}
-
-fn listen(config: &Config, port: Option<u16>) -> std::net::SocketAddr {
-    let mut addr = config.listen;
-    if let Some(p) = port {
-        addr.set_port(p);
-    }
-    addr
 }
 
 /// A consumer's end as an error: every consumer runs until it is told to stop, so one that
@@ -294,6 +346,8 @@ pub async fn drain(
 pub struct Running {
     /// The API's bound address.
     pub address: std::net::SocketAddr,
+    /// The admin listener's bound address, if it has one.
+    pub admin_address: Option<std::net::SocketAddr>,
     pub consumers: Consumers,
     /// The published batch views the API answers from.
     pub batch: Arc<dyn tandem_core::traits::BatchViews>,
@@ -341,10 +395,16 @@ pub async fn start_all(
     kafka_config: &KafkaConfig,
     clock: Arc<dyn Clock>,
     listen: std::net::SocketAddr,
+    admin_listen: Option<std::net::SocketAddr>,
     prune_grace: std::time::Duration,
 ) -> Result<Running> {
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
+    let admin = match admin_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin_address = admin.as_ref().map(|a| a.local_addr()).transpose()?;
     let (backend, frontend) = (CancellationToken::new(), CancellationToken::new());
     let consumers = tandem_speed::start(
         catalog,
@@ -374,9 +434,10 @@ pub async fn start_all(
         prune_grace,
         backend.clone(),
     ));
-    let server = tokio::spawn(serve_api(state, listener, frontend.clone()));
+    let server = tokio::spawn(serve_api(state, listener, admin, frontend.clone()));
     Ok(Running {
         address,
+        admin_address,
         batch: Arc::clone(&state_batch),
         consumers,
         backend,
@@ -438,7 +499,8 @@ pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
         &storage,
         &kafka_config,
         clock(),
-        listen(config, args.port),
+        args.listen(config),
+        args.admin_listen(config),
         config.prune_grace,
     )
     .await?
@@ -484,9 +546,13 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
         clock(),
     );
     let state = app_state(catalog, &storage, Arc::new(NoRealtime), clock);
-    let listener = bind(listen(config, args.port)).await?;
+    let listener = bind(args.listen(config)).await?;
+    let admin = match args.admin_listen(config) {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     let token = CancellationToken::new();
-    let mut server = tokio::spawn(serve_api(state, listener, token.clone()));
+    let mut server = tokio::spawn(serve_api(state, listener, admin, token.clone()));
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("stopping"),
         r = &mut server => return r?,

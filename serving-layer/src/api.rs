@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -16,15 +16,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value as Json_};
-use tandem_core::query::{Coverage, RealtimeStatus};
+use tandem_core::query::RealtimeStatus;
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::Catalog;
 use tower::{BoxError, ServiceBuilder};
 
-use crate::cache::{normalized, AnswerCache, Answered};
+use crate::answer::{self, Answered, Settled};
+use crate::body::Chunks;
+use crate::cache::{normalized, AnswerCache};
 use crate::error::{problem, problem_bodies, ApiError};
-use crate::merge::answer_at;
 use crate::params::{Format, Params, QueryParams};
 use crate::render::{self, ARROW_STREAM};
 
@@ -137,25 +138,44 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
         .load_shed()
         .concurrency_limit(limits.max_concurrent.max(1))
         .timeout(limits.timeout);
-    Router::new()
+    probes(limits)
         .route("/v1/views", get(list_views))
         .route("/v1/views/{view}", get(get_view))
         .route(
             "/v1/views/{view}/query",
             get(query_get).post(query_post).layer(limited),
         )
-        .route("/livez", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move |State(state): State<AppState>| async move { readyz(&state, limits) }),
-        )
-        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /v1/views")
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(problem_bodies))
         .with_state(state)
+}
+
+/// The admin routes alone: `/livez`, `/readyz` and `/metrics`, for a listener of their own,
+/// so that orchestrators and scrapers reach them however many clients hold the API's
+/// connections. `limits` are the API's query limits (`/readyz` reports their saturation).
+pub fn admin_router(state: AppState, limits: QueryLimits) -> Router {
+    probes(limits)
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "the admin port serves /livez, /readyz and /metrics",
+            )
+        })
+        .layer(axum::middleware::from_fn(problem_bodies))
+        .with_state(state)
+}
+
+fn probes(limits: QueryLimits) -> Router<AppState> {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move |State(state): State<AppState>| async move { readyz(&state, limits) }),
+        )
+        .route("/metrics", get(metrics))
 }
 
 /// 200 when the process can answer and ingest; 503 with every reason it cannot: the query
@@ -287,6 +307,16 @@ async fn run_query(
         let q = params
             .resolve(view, state.clock.now_us())
             .map_err(ApiError::bad_request)?;
+        let q = normalized(view, q);
+        let coverage = state.batch.coverage(view).await?;
+        let generation = state.speed.generation(view);
+        let key = generation.map(|g| AnswerCache::key(view, &q, &coverage, g));
+        // An answer still standing is sent from here: its rows are printed already.
+        if let (Some(key), Format::Json) = (&key, format) {
+            if let Some(answered) = state.answers.get(key) {
+                return render_answer(&answered, &state.speed.status(), format);
+            }
+        }
         // Answering is CPU work: it runs on a blocking thread, so that queries never hold the
         // runtime's threads that ingestion's tasks run on (the concurrency limit bounds how
         // many run at once).
@@ -294,33 +324,23 @@ async fn run_query(
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let (batch, speed) = (owned.batch.as_ref(), owned.speed.as_ref());
-            let q = normalized(&view, q);
-            let coverage = handle.block_on(batch.coverage(&view))?;
-            let generation = speed.generation(&view);
-            let compute = |coverage: Coverage| -> Result<Answered, ApiError> {
-                let mut result = handle.block_on(answer_at(&view, &q, coverage, batch, speed))?;
-                let arrow = render::to_arrow(&result, &view)?;
-                let json_rows = render::json_rows(&result, &arrow);
-                // The rows live on in the Arrow batch and the JSON; their states (sketches
-                // included) are not kept.
-                result.rows = Vec::new();
-                Ok(Answered {
-                    result,
-                    batch: arrow,
-                    json_rows,
+            let settled = owned
+                .answers
+                .settled(AnswerCache::settled_key(&view, &q, &coverage), || {
+                    handle
+                        .block_on(Settled::compute(&view, &q, &coverage, batch))
+                        .map_err(ApiError::from)
                 })
+                .map_err(shared_error)?;
+            let compute = || {
+                answer::answer(&view, &q, coverage.clone(), &settled, speed).map_err(ApiError::from)
             };
-            let answered = match generation {
-                Some(g) => owned
+            let answered = match key {
+                Some(key) => owned
                     .answers
-                    .get_or_compute(AnswerCache::key(&view, &q, &coverage, g), || {
-                        compute(coverage)
-                    })
-                    .map_err(|e| {
-                        Arc::try_unwrap(e)
-                            .unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
-                    })?,
-                None => Arc::new(compute(coverage)?),
+                    .get_or_compute(key, compute)
+                    .map_err(shared_error)?,
+                None => Arc::new(compute()?),
             };
             render_answer(&answered, &speed.status(), format)
         })
@@ -339,6 +359,11 @@ async fn run_query(
     result
 }
 
+/// An error several waiting queries share, as each one's own.
+fn shared_error(e: Arc<ApiError>) -> ApiError {
+    Arc::try_unwrap(e).unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
+}
+
 /// An answer in the format asked, with `realtime` as the speed layer's freshness.
 fn render_answer(
     answered: &Answered,
@@ -355,7 +380,11 @@ fn render_answer(
             .into_response(),
         Format::Json => (
             [(header::CONTENT_TYPE, "application/json")],
-            render::json_answer(result, realtime, &answered.json_rows),
+            Body::new(Chunks::new([
+                Bytes::from(render::json_head(result, realtime)),
+                answered.json_rows.clone(),
+                Bytes::from_static(render::JSON_TAIL.as_bytes()),
+            ])),
         )
             .into_response(),
         Format::Arrow => (

@@ -1,50 +1,45 @@
 //! Answers reused while nothing they were computed from has changed.
 //!
+//! Two kinds of entries: the batch's settled part of an answer ([`Settled`]), which depends on
+//! the view's definition, the batch version and the query only, and whole answers, which also
+//! depend on the speed state. A new event makes a new answer from the settled part and the
+//! speed's few rows; a new publish makes everything new.
+//!
 //! An answer depends on the view's definition, the batch version it was answered from, the
 //! speed layer's state (its generation, `RealtimeView::generation`) and the query. The key holds
 //! all four, so a cached answer is exactly the answer a recomputation would give: a new publish
 //! or one applied event makes a new key, and the old entry is never served again (it ages out).
 //! The range enters the key as the view buckets it selects, so dashboards asking "the last 7
 //! days" with a moving `to` share one entry per bucket. The rows are kept printed as JSON and as
-//! an Arrow batch; the freshness in `meta` (speed lag) is each request's own. A speed layer
-//! without generations (`None`) is never cached. The cache is bounded by the bytes it holds
-//! ([`AnswerCache::new`]) and an entry lives at most 10 s unused.
+//! an Arrow batch; the freshness in `meta` (speed lag) is each request's own. With a speed layer
+//! without generations (`None`) whole answers are never cached. The cache is bounded by the
+//! bytes it holds ([`AnswerCache::new`]); an answer lives at most 10 s unused, a settled part
+//! two minutes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::record_batch::RecordBatch;
-use tandem_core::query::{Coverage, QueryResult, ViewQuery};
+use tandem_core::query::{Coverage, ViewQuery};
 use tandem_core::view::ViewDef;
 
-/// An answer ready to send: the result (its rows dropped: they are in the batch), its Arrow
-/// batch and its rows printed as JSON.
-#[derive(Debug)]
-pub struct Answered {
-    pub result: QueryResult,
-    pub batch: RecordBatch,
-    pub json_rows: String,
-}
+use crate::answer::{Answered, Settled};
 
-impl Answered {
-    /// Bytes held, roughly.
-    fn weight(&self) -> u32 {
-        let bytes = self.json_rows.capacity() + self.batch.get_array_memory_size() + 1024;
-        u32::try_from(bytes).unwrap_or(u32::MAX)
-    }
-}
-
-/// Answers by what they were computed from.
+/// Answers, and the batch's settled parts of answers, by what they were computed from.
 #[derive(Clone)]
 pub struct AnswerCache {
-    cache: moka::sync::Cache<String, Arc<Answered>>,
+    answers: moka::sync::Cache<String, Arc<Answered>>,
+    settled: moka::sync::Cache<String, Arc<Settled>>,
 }
 
 impl std::fmt::Debug for AnswerCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AnswerCache")
-            .field("entries", &self.cache.entry_count())
-            .field("bytes", &self.cache.weighted_size())
+            .field("answers", &self.answers.entry_count())
+            .field("settled", &self.settled.entry_count())
+            .field(
+                "bytes",
+                &(self.answers.weighted_size() + self.settled.weighted_size()),
+            )
             .finish()
     }
 }
@@ -52,6 +47,9 @@ impl std::fmt::Debug for AnswerCache {
 /// How long an answer stays unasked before it is dropped: an answer of a past generation is
 /// never asked again, so it should not wait for the byte bound to push it out.
 const IDLE: Duration = Duration::from_secs(10);
+
+/// How long a settled part stays unasked: it stands until the next publish.
+const SETTLED_IDLE: Duration = Duration::from_secs(120);
 
 /// The bytes the cache holds at most by default.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -62,28 +60,46 @@ impl Default for AnswerCache {
     }
 }
 
+fn weight(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
 impl AnswerCache {
-    /// A cache of at most `max_bytes` of answers (0: nothing is cached).
+    /// A cache of at most `max_bytes` (0: nothing is cached), half for answers, half for
+    /// settled parts.
     pub fn new(max_bytes: u64) -> Self {
         AnswerCache {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|_, a: &Arc<Answered>| a.weight())
+            answers: moka::sync::Cache::builder()
+                .max_capacity(max_bytes / 2)
+                .weigher(|_, a: &Arc<Answered>| weight(a.weight()))
                 .time_to_idle(IDLE)
                 .build(),
+            settled: moka::sync::Cache::builder()
+                .max_capacity(max_bytes / 2)
+                .weigher(|_, s: &Arc<Settled>| weight(s.weight()))
+                .time_to_idle(SETTLED_IDLE)
+                .build(),
         }
+    }
+
+    /// The key of the batch's part of `q` on `view` at `coverage`. `q`'s range must be
+    /// [`normalized`].
+    pub fn settled_key(view: &ViewDef, q: &ViewQuery, coverage: &Coverage) -> String {
+        format!(
+            "{}\u{1}{}\u{1}{:?}\u{1}{:?}\u{1}{q:?}",
+            view.name, view.definition_hash, coverage.version, coverage.days,
+        )
     }
 
     /// The key of `q` on `view` answered at `coverage` and speed `generation`. `q`'s range must
     /// be [`normalized`].
     pub fn key(view: &ViewDef, q: &ViewQuery, coverage: &Coverage, generation: u64) -> String {
-        format!(
-            "{}\u{1}{}\u{1}{:?}\u{1}{:?}\u{1}{generation}\u{1}{q:?}",
-            view.name,
-            view.definition_hash,
-            coverage.version,
-            coverage.ranges(),
-        )
+        format!("{}\u{1}{generation}", Self::settled_key(view, q, coverage))
+    }
+
+    /// The cached answer of `key`, if there is one.
+    pub fn get(&self, key: &str) -> Option<Arc<Answered>> {
+        self.answers.get(key)
     }
 
     /// The cached answer of `key`, or the one `compute` makes (computed once however many
@@ -96,7 +112,20 @@ impl AnswerCache {
     where
         E: Send + Sync + 'static,
     {
-        self.cache.try_get_with(key, || compute().map(Arc::new))
+        self.answers.try_get_with(key, || compute().map(Arc::new))
+    }
+
+    /// The cached settled part of `key`, or the one `compute` makes (once, as
+    /// [`Self::get_or_compute`]).
+    pub fn settled<E>(
+        &self,
+        key: String,
+        compute: impl FnOnce() -> Result<Settled, E>,
+    ) -> Result<Arc<Settled>, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        self.settled.try_get_with(key, || compute().map(Arc::new))
     }
 }
 

@@ -5,12 +5,14 @@
 //! metrics: [`params`] reads them (query string or JSON body) into core's `ViewQuery`.
 //! [`merge`] answers it from the batch layer for the buckets its published batch covers and
 //! from the speed layer for the rest, rolls the buckets up and says per row which layer
-//! answered. [`cache`] keeps answers while the batch version and the speed state they came
-//! from stand. [`render`] prints the answer as JSON, CSV or Arrow from one Arrow batch. [`api`]
+//! answered. [`answer`] builds answers from the batch's settled part, printed once per batch
+//! version, and the speed's rows; [`cache`] keeps both while what they came from stands. [`render`] prints the answer as JSON, CSV or Arrow from one Arrow batch. [`api`]
 //! is the axum router around them; [`error`] turns every error into a problem body. The layers
 //! are reached only through core's `BatchViews` and `RealtimeView` traits.
 
+pub mod answer;
 pub mod api;
+pub mod body;
 pub mod cache;
 pub mod error;
 pub mod merge;
@@ -20,7 +22,9 @@ pub mod render;
 #[cfg(test)]
 mod tests;
 
-pub use api::{router, router_with, ApiMetrics, AppState, Check, QueryLimits, Readiness};
+pub use api::{
+    admin_router, router, router_with, ApiMetrics, AppState, Check, QueryLimits, Readiness,
+};
 pub use error::ApiError;
 pub use merge::answer;
 pub use params::{Format, QueryParams};

@@ -1,11 +1,20 @@
 //! The lambda merge: covered buckets from batch, the rest from speed, bucket by bucket, then
 //! rolled up to the asked granularity. Each row says where it came from.
+//!
+//! The merge is in two parts, so that the larger one can be reused ([`crate::answer`]): the
+//! batch's part ([`batch_part`]) depends only on the batch version, and holds the rows whose
+//! answer buckets the batch covers entirely (settled: no speed event can change them); the
+//! speed's part ([`speed_part`]) is the rows of the buckets the batch does not settle, with the
+//! batch's rows for the covered part of those buckets merged in.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use tandem_core::metric::MetricState;
-use tandem_core::query::{Coverage, GroupKey, OrderBy, QueryResult, ResultRow, Source, ViewQuery};
+use tandem_core::query::{
+    AggRow, Coverage, GroupKey, OrderBy, QueryResult, ResultRow, Source, ViewQuery,
+};
+use tandem_core::time::day_of;
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::Result;
@@ -30,21 +39,127 @@ pub async fn answer_at(
     batch: &dyn BatchViews,
     speed: &dyn RealtimeView,
 ) -> Result<QueryResult> {
-    let batch_rows = batch.query(view, q, &coverage).await?;
-    let speed_rows = speed.query(view, q, &coverage)?;
-    let realtime = speed.status();
+    let part = batch_part(view, q, &coverage, batch).await?;
+    let fresh = speed_part(view, q, &coverage, &part.open, speed)?;
+    let order = Order::new(view, q);
+    let mut rows: Vec<ResultRow> = Vec::with_capacity(part.settled.len() + fresh.len());
+    let (mut a, mut b) = (
+        part.settled.into_iter().peekable(),
+        fresh.into_iter().peekable(),
+    );
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => order.compare(&order.key(x), &order.key(y)) != Ordering::Greater,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        rows.extend(if take_a { a.next() } else { b.next() });
+    }
+    let truncated = rows.len() > q.limit;
+    rows.truncate(q.limit);
+    let mut result = shell(view, q, coverage);
+    result.realtime = speed.status();
+    result.rows = rows;
+    result.truncated = truncated;
+    Ok(result)
+}
 
-    let mut groups: HashMap<GroupKey, (Source, Vec<MetricState>)> = HashMap::new();
-    let rows = batch_rows
+/// The answer of `q` at `coverage` without rows: view, granularity, dimensions and metrics.
+pub fn shell(view: &ViewDef, q: &ViewQuery, coverage: Coverage) -> QueryResult {
+    QueryResult {
+        view: view.name.clone(),
+        granularity: q.granularity,
+        coverage,
+        realtime: Default::default(),
+        dims: q
+            .group_by
+            .iter()
+            .map(|&d| view.dimensions[d].clone())
+            .collect(),
+        metrics: q.metrics.clone(),
+        rows: Vec::new(),
+        truncated: false,
+    }
+}
+
+/// The batch's part of an answer.
+#[derive(Debug, Default)]
+pub struct BatchPart {
+    /// Rows of answer buckets the batch covers entirely, in the answer's order (all of them:
+    /// the limit applies once merged).
+    pub settled: Vec<ResultRow>,
+    /// Batch rows of answer buckets the batch covers only in part, to merge with speed rows.
+    pub open: Vec<ResultRow>,
+}
+
+/// The batch's part of `q` on `view` at `coverage`.
+pub async fn batch_part(
+    view: &ViewDef,
+    q: &ViewQuery,
+    coverage: &Coverage,
+    batch: &dyn BatchViews,
+) -> Result<BatchPart> {
+    let rows = batch.query(view, q, coverage).await?;
+    let rows = group(
+        q,
+        rows.into_iter()
+            .filter(|r| coverage.covers(r.bucket_us))
+            .map(|r| (Source::Batch, r)),
+    );
+    let (mut settled, open): (Vec<_>, Vec<_>) = rows
         .into_iter()
-        .filter(|r| coverage.covers(r.bucket_us))
-        .map(|r| (Source::Batch, r))
-        .chain(
-            speed_rows
-                .into_iter()
-                .filter(|r| !coverage.covers(r.bucket_us))
-                .map(|r| (Source::Speed, r)),
-        );
+        .partition(|r| settles(coverage, q, r.bucket_us));
+    Order::new(view, q).sort(&mut settled);
+    Ok(BatchPart { settled, open })
+}
+
+/// The rows of `q` on `view` the batch at `coverage` does not settle: speed rows of the
+/// buckets it does not cover, merged with `open` (the batch's part for the buckets it covers
+/// in part), in the answer's order.
+pub fn speed_part(
+    view: &ViewDef,
+    q: &ViewQuery,
+    coverage: &Coverage,
+    open: &[ResultRow],
+    speed: &dyn RealtimeView,
+) -> Result<Vec<ResultRow>> {
+    let speed_rows = speed.query(view, q, coverage)?;
+    let mut rows = group(
+        q,
+        open.iter()
+            .map(|r| {
+                let row = AggRow {
+                    bucket_us: r.bucket_us,
+                    dims: r.dims.clone(),
+                    states: r.states.clone(),
+                };
+                (Source::Batch, row)
+            })
+            .chain(
+                speed_rows
+                    .into_iter()
+                    .filter(|r| !coverage.covers(r.bucket_us))
+                    .map(|r| (Source::Speed, r)),
+            ),
+    );
+    Order::new(view, q).sort(&mut rows);
+    Ok(rows)
+}
+
+/// Whether the batch at `coverage` covers every native bucket of `q`'s range that the answer
+/// bucket starting at `bucket_us` holds.
+fn settles(coverage: &Coverage, q: &ViewQuery, bucket_us: i64) -> bool {
+    let from = bucket_us.max(q.from_us);
+    let to = bucket_us
+        .saturating_add(q.granularity.micros())
+        .min(q.to_us);
+    to <= from || (day_of(from)..=day_of(to - 1)).all(|d| coverage.days.contains(&d))
+}
+
+/// Rows in `q`'s range rolled up to its granularity, marked with the layers they came from.
+fn group(q: &ViewQuery, rows: impl Iterator<Item = (Source, AggRow)>) -> Vec<ResultRow> {
+    let mut groups: HashMap<GroupKey, (Source, Vec<MetricState>)> = HashMap::new();
     for (source, r) in rows {
         if !q.in_range(r.bucket_us) {
             continue;
@@ -65,7 +180,7 @@ pub async fn answer_at(
             }
         }
     }
-    let mut rows: Vec<ResultRow> = groups
+    groups
         .into_iter()
         .map(|((bucket_us, dims), (source, states))| ResultRow {
             bucket_us,
@@ -73,52 +188,71 @@ pub async fn answer_at(
             dims,
             states,
         })
-        .collect();
-    sort(&mut rows, view, q);
-    let truncated = rows.len() > q.limit;
-    rows.truncate(q.limit);
-    Ok(QueryResult {
-        view: view.name.clone(),
-        granularity: q.granularity,
-        coverage,
-        realtime,
-        dims: q
-            .group_by
-            .iter()
-            .map(|&d| view.dimensions[d].clone())
-            .collect(),
-        metrics: q.metrics.clone(),
-        rows,
-        truncated,
-    })
+        .collect()
 }
 
-fn sort(rows: &mut [ResultRow], view: &ViewDef, q: &ViewQuery) {
-    let natural = |a: &ResultRow, b: &ResultRow| {
-        a.bucket_us
-            .cmp(&b.bucket_us)
-            .then_with(|| a.dims.cmp(&b.dims))
-    };
-    match q.order_by {
-        OrderBy::Bucket { descending } => rows.sort_by(|a, b| {
-            let o = natural(a, b);
-            if descending {
-                o.reverse()
-            } else {
-                o
+/// What orders a row in an answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SortKey {
+    pub bucket_us: i64,
+    pub dims: Vec<Option<String>>,
+    /// The ordering metric's value, when the answer is ordered by one.
+    pub metric: Option<f64>,
+}
+
+/// The order of `q`'s answer rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Order<'a> {
+    view: &'a ViewDef,
+    q: &'a ViewQuery,
+}
+
+impl<'a> Order<'a> {
+    pub fn new(view: &'a ViewDef, q: &'a ViewQuery) -> Self {
+        Order { view, q }
+    }
+
+    pub fn key(&self, row: &ResultRow) -> SortKey {
+        let metric = match self.q.order_by {
+            OrderBy::Metric { index, .. } => {
+                row.states[index].sort_key(&self.view.metrics[self.q.metrics[index]])
             }
-        }),
-        OrderBy::Metric { index, descending } => {
-            let metric = &view.metrics[q.metrics[index]];
-            rows.sort_by(|a, b| {
-                let (x, y) = (
-                    a.states[index].sort_key(metric),
-                    b.states[index].sort_key(metric),
-                );
-                let o = x.partial_cmp(&y).unwrap_or(Ordering::Equal);
-                let o = if descending { o.reverse() } else { o };
-                o.then_with(|| natural(a, b))
-            })
+            OrderBy::Bucket { .. } => None,
+        };
+        SortKey {
+            bucket_us: row.bucket_us,
+            dims: row.dims.clone(),
+            metric,
         }
+    }
+
+    pub fn compare(&self, a: &SortKey, b: &SortKey) -> Ordering {
+        let natural = || {
+            a.bucket_us
+                .cmp(&b.bucket_us)
+                .then_with(|| a.dims.cmp(&b.dims))
+        };
+        match self.q.order_by {
+            OrderBy::Bucket { descending } => {
+                let o = natural();
+                if descending {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+            OrderBy::Metric { descending, .. } => {
+                let o = a.metric.partial_cmp(&b.metric).unwrap_or(Ordering::Equal);
+                let o = if descending { o.reverse() } else { o };
+                o.then_with(natural)
+            }
+        }
+    }
+
+    pub fn sort(&self, rows: &mut Vec<ResultRow>) {
+        let mut keyed: Vec<(SortKey, ResultRow)> =
+            rows.drain(..).map(|r| (self.key(&r), r)).collect();
+        keyed.sort_by(|(a, _), (b, _)| self.compare(a, b));
+        rows.extend(keyed.into_iter().map(|(_, r)| r));
     }
 }

@@ -104,53 +104,100 @@ pub fn with_meta(
 
 /// The JSON answer of DESIGN §7, printed from the Arrow batch.
 pub fn to_json(result: &QueryResult, batch: &RecordBatch) -> String {
-    json_answer(result, &result.realtime, &json_rows(result, batch))
+    let rows = JsonRows::print(result.dims.len(), batch);
+    let mut out = json_head(result, &result.realtime);
+    out.push_str(&rows.joined());
+    out.push_str(JSON_TAIL);
+    out
 }
 
-/// The JSON answer around its rows (as [`json_rows`] prints them), with `realtime` as the
-/// speed layer's freshness in `meta`: the rows can be printed once and reused, the freshness
-/// is the request's own.
-pub fn json_answer(result: &QueryResult, realtime: &RealtimeStatus, rows: &str) -> String {
-    let mut out = String::with_capacity(256 + rows.len());
+/// The JSON answer up to its rows, with `realtime` as the speed layer's freshness in `meta`:
+/// the answer is this, the rows (comma-separated, as [`JsonRows`] prints them) and
+/// [`JSON_TAIL`], so that rows printed once can be sent to every request with its own
+/// freshness.
+pub fn json_head(result: &QueryResult, realtime: &RealtimeStatus) -> String {
+    let mut out = String::with_capacity(256);
     out.push_str("{\"view\":");
     push_str(&mut out, &result.view);
     out.push_str(",\"granularity\":");
     push_str(&mut out, result.granularity.as_str());
     let _ = write!(out, ",\"meta\":{},\"rows\":[", meta(result, realtime));
-    out.push_str(rows);
-    out.push_str("]}");
     out
 }
 
-/// The rows of the JSON answer, comma-separated, printed from the Arrow batch.
-pub fn json_rows(result: &QueryResult, batch: &RecordBatch) -> String {
-    let dims = 2..2 + result.dims.len();
-    let metrics = dims.end..batch.num_columns();
-    let schema = batch.schema();
-    let mut out = String::with_capacity(batch.num_rows() * 128);
-    for row in 0..batch.num_rows() {
-        if row > 0 {
-            out.push(',');
-        }
-        out.push_str("{\"bucket\":");
-        push_cell(&mut out, batch.column(0), row);
-        out.push_str(",\"source\":");
-        push_cell(&mut out, batch.column(1), row);
-        for (name, range) in [("dims", dims.clone()), ("metrics", metrics.clone())] {
-            let _ = write!(out, ",\"{name}\":{{");
-            for (n, c) in range.enumerate() {
-                if n > 0 {
-                    out.push(',');
+/// What follows the rows in the JSON answer.
+pub const JSON_TAIL: &str = "]}";
+
+/// Rows of the JSON answer, each printed once, so that rows printed for one answer can be
+/// reused in another.
+#[derive(Debug, Default, Clone)]
+pub struct JsonRows {
+    text: String,
+    /// Where each row ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl JsonRows {
+    /// The rows of an answer batch (of [`to_arrow`]) with `dims` group-by dimensions.
+    pub fn print(dims: usize, batch: &RecordBatch) -> Self {
+        let dims = 2..2 + dims;
+        let metrics = dims.end..batch.num_columns();
+        let schema = batch.schema();
+        let mut out = String::with_capacity(batch.num_rows() * 128);
+        let mut ends = Vec::with_capacity(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            out.push_str("{\"bucket\":");
+            push_cell(&mut out, batch.column(0), row);
+            out.push_str(",\"source\":");
+            push_cell(&mut out, batch.column(1), row);
+            for (name, range) in [("dims", dims.clone()), ("metrics", metrics.clone())] {
+                let _ = write!(out, ",\"{name}\":{{");
+                for (n, c) in range.enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    push_str(&mut out, schema.field(c).name());
+                    out.push(':');
+                    push_cell(&mut out, batch.column(c), row);
                 }
-                push_str(&mut out, schema.field(c).name());
-                out.push(':');
-                push_cell(&mut out, batch.column(c), row);
+                out.push('}');
             }
             out.push('}');
+            ends.push(out.len());
         }
-        out.push('}');
+        JsonRows { text: out, ends }
     }
-    out
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.text[start..self.ends[i]]
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
+    }
+
+    /// Every row, comma-separated.
+    pub fn joined(&self) -> String {
+        let mut out = String::with_capacity(self.text.len() + self.ends.len());
+        for i in 0..self.len() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(self.row(i));
+        }
+        out
+    }
 }
 
 /// CSV with a header: `bucket,source,<dims>,<metrics>`, printed by arrow-csv from the Arrow

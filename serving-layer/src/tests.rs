@@ -610,7 +610,7 @@ async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_ans
 async fn readyz_reports_every_failing_check() {
     let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flag = Arc::clone(&failing);
-    let app = router(AppState {
+    let state = AppState {
         catalog: catalog(),
         batch: Arc::new(FakeBatch(Vec::new(), BTreeSet::new())),
         speed: Arc::new(FakeSpeed(Vec::new())),
@@ -624,25 +624,43 @@ async fn readyz_reports_every_failing_check() {
                     .then(|| "no commit for 31 s with 5 messages pending".to_string())
             }),
         )),
-    });
-    let resp = app
-        .clone()
-        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let body: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        body["detail"],
-        "archiver `app_events`: no commit for 31 s with 5 messages pending"
-    );
+    };
+    // The admin listener's routes tell the same.
+    let admin = crate::admin_router(state.clone(), Default::default());
+    let app = router(state);
+    for app in [&app, &admin] {
+        let resp = app
+            .clone()
+            .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["detail"],
+            "archiver `app_events`: no commit for 31 s with 5 messages pending"
+        );
+    }
     failing.store(false, std::sync::atomic::Ordering::Relaxed);
-    let resp = app
-        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+    for app in [&app, &admin] {
+        let resp = app
+            .clone()
+            .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    // The admin listener serves nothing else.
+    let resp = admin
+        .oneshot(
+            Request::get("/v1/views/installs_hourly/query")
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
 /// A batch layer whose version and rows the test changes.
@@ -761,4 +779,142 @@ async fn answers_are_reused_only_while_their_batch_version_and_speed_state_stand
     // One more hour in range: other buckets, another answer.
     assert_eq!(ask(61).await.0, 106);
     assert_eq!(speed.queries.load(SeqCst), 4);
+}
+
+/// Rows of installs_hourly by (bucket, value, n): every group-by dimension takes `value`;
+/// `installs` = n, `devices` counts n distinct devices.
+#[derive(Debug)]
+struct Keyed(Vec<(i64, &'static str, u64)>, BTreeSet<i64>);
+
+impl Keyed {
+    fn rows(&self, q: &ViewQuery) -> Vec<AggRow> {
+        self.0
+            .iter()
+            .map(|&(bucket_us, value, n)| AggRow {
+                bucket_us,
+                dims: q.group_by.iter().map(|_| Some(value.to_string())).collect(),
+                states: q
+                    .metrics
+                    .iter()
+                    .map(|&m| {
+                        if m == 0 {
+                            MetricState::Count(n)
+                        } else {
+                            let mut d = tandem_core::metric::DistinctState::new(12);
+                            (0..n).for_each(|i| d.update_str(&format!("{value}{i}")));
+                            MetricState::Distinct(Box::new(d))
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl BatchViews for Keyed {
+    async fn coverage(&self, _: &ViewDef) -> tandem_core::Result<Coverage> {
+        Ok(Coverage {
+            version: Some(1),
+            days: self.1.clone(),
+            published_us: None,
+        })
+    }
+    async fn query(
+        &self,
+        _: &ViewDef,
+        q: &ViewQuery,
+        _: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        Ok(self.rows(q))
+    }
+}
+
+impl RealtimeView for Keyed {
+    fn query(&self, _: &ViewDef, q: &ViewQuery, _: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
+        Ok(self.rows(q))
+    }
+    fn status(&self) -> RealtimeStatus {
+        RealtimeStatus::default()
+    }
+}
+
+#[tokio::test]
+async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
+    use crate::answer::{answer, Settled};
+    use crate::render::{to_arrow, JsonRows};
+    use tandem_core::query::OrderBy;
+    use tandem_core::view::Granularity;
+
+    let catalog = catalog();
+    let view = catalog.view("installs_hourly").unwrap();
+    let d = |day: i64, hour: i64| (DAY + day) * DAY_US + hour * HOUR_US;
+    // The batch covers DAY and DAY+1 (and holds a row of DAY+2 it must not answer); speed
+    // holds DAY+1 (covered: never served) and DAY+2, DAY+3.
+    let batch = Keyed(
+        vec![
+            (d(0, 0), "a", 5),
+            (d(0, 0), "b", 9),
+            (d(0, 5), "a", 2),
+            (d(1, 3), "c", 7),
+            (d(1, 3), "a", 1),
+            (d(2, 1), "a", 100),
+        ],
+        [DAY, DAY + 1].into(),
+    );
+    let speed = Keyed(
+        vec![
+            (d(1, 3), "a", 50),
+            (d(2, 1), "a", 3),
+            (d(2, 1), "b", 8),
+            (d(2, 2), "c", 4),
+            (d(3, 0), "b", 6),
+        ],
+        BTreeSet::new(),
+    );
+    let coverage = BatchViews::coverage(&batch, view).await.unwrap();
+    let mut checked = 0;
+    for granularity in [Granularity::Hour, Granularity::Day] {
+        for group_by in [vec![], vec![1], vec![0, 2]] {
+            for order_by in [
+                OrderBy::Bucket { descending: false },
+                OrderBy::Bucket { descending: true },
+                OrderBy::Metric {
+                    index: 0,
+                    descending: true,
+                },
+                OrderBy::Metric {
+                    index: 1,
+                    descending: false,
+                },
+            ] {
+                for limit in [1, 3, 100] {
+                    for (from, to) in [(d(0, 0), d(4, 0)), (d(0, 3), d(2, 2))] {
+                        let mut q = ViewQuery::all(view, from, to);
+                        q.granularity = granularity;
+                        q.group_by = group_by.clone();
+                        q.order_by = order_by.clone();
+                        q.limit = limit;
+                        let whole =
+                            crate::merge::answer_at(view, &q, coverage.clone(), &batch, &speed)
+                                .await
+                                .unwrap();
+                        let expected = to_arrow(&whole, view).unwrap();
+                        let settled = Settled::compute(view, &q, &coverage, &batch).await.unwrap();
+                        let got = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+                        let case = format!("{q:?}");
+                        assert_eq!(got.result.truncated, whole.truncated, "{case}");
+                        assert_eq!(got.batch.columns(), expected.columns(), "{case}");
+                        assert_eq!(
+                            std::str::from_utf8(&got.json_rows).unwrap(),
+                            JsonRows::print(q.group_by.len(), &expected).joined(),
+                            "{case}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 3 * 4 * 3 * 2);
 }

@@ -1,9 +1,10 @@
 //! A view compiled for the speed layer: applies decoded batches to per-partition state.
 //!
-//! Groups are keyed by a flat `[u32]`: the bucket start (two words) followed by one interned id
-//! per dimension (0 = null), so looking a group up allocates nothing.
+//! Groups are held by bucket start, then keyed by a flat `[u32]` of one interned id per dimension
+//! (0 = null), so looking a group up allocates nothing, a query walks only the buckets of its
+//! range, and pruning drops whole buckets.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
@@ -40,8 +41,11 @@ impl Interner {
     }
 }
 
-/// One view's groups in one partition.
-pub type Groups = HashMap<Box<[u32]>, Vec<MetricState>>;
+/// One bucket's groups of one view in one partition, by interned dimension ids.
+pub type BucketGroups = HashMap<Box<[u32]>, Vec<MetricState>>;
+
+/// One view's groups in one partition, by bucket start.
+pub type Groups = BTreeMap<i64, BucketGroups>;
 
 /// A view ready to apply batches of its schema.
 #[derive(Debug, Clone)]
@@ -52,15 +56,6 @@ pub struct ViewAggregator {
     dims: Vec<(usize, FieldType)>,
     /// Per metric: the column it reads.
     inputs: Vec<Option<usize>>,
-}
-
-fn split(bucket: i64) -> [u32; 2] {
-    let b = bucket as u64;
-    [(b >> 32) as u32, b as u32]
-}
-
-fn join(hi: u32, lo: u32) -> i64 {
-    (((hi as u64) << 32) | lo as u64) as i64
 }
 
 impl ViewAggregator {
@@ -112,8 +107,10 @@ impl ViewAggregator {
             .iter()
             .map(|i| i.map(|c| batch.column(c)))
             .collect();
-        let mut key: Vec<u32> = Vec::with_capacity(2 + self.dims.len());
+        let mut key: Vec<u32> = Vec::with_capacity(self.dims.len());
         let mut text = String::new();
+        // Events arrive mostly in the current bucket: its groups are looked up once per run.
+        let mut current: Option<(i64, &mut BucketGroups)> = None;
         for row in 0..n {
             if let Some(m) = &mask {
                 if !m.value(row) {
@@ -122,7 +119,6 @@ impl ViewAggregator {
             }
             let bucket = self.view.granularity.floor(times.value(row));
             key.clear();
-            key.extend_from_slice(&split(bucket));
             for (col, (_, ty)) in dim_cols.iter().zip(&self.dims) {
                 let id = if col.is_null(row) {
                     0
@@ -143,9 +139,15 @@ impl ViewAggregator {
                 };
                 key.push(id);
             }
-            let states = match groups.get_mut(key.as_slice()) {
+            if current.as_ref().is_none_or(|(b, _)| *b != bucket) {
+                current = Some((bucket, groups.entry(bucket).or_default()));
+            }
+            let Some((_, bucket_groups)) = current.as_mut() else {
+                continue;
+            };
+            let states = match bucket_groups.get_mut(key.as_slice()) {
                 Some(s) => s,
-                None => groups
+                None => bucket_groups
                     .entry(key.clone().into_boxed_slice())
                     .or_insert_with(|| self.view.metrics.iter().map(|m| m.empty_state()).collect()),
             };
@@ -158,29 +160,43 @@ impl ViewAggregator {
 
     /// Drops the groups of buckets `covered` covers; returns how many.
     pub fn prune(&self, groups: &mut Groups, covered: &Coverage) -> usize {
-        let before = groups.len();
-        groups.retain(|key, _| !covered.covers(join(key[0], key[1])));
-        before - groups.len()
+        let mut removed = 0;
+        groups.retain(|&bucket, g| {
+            let keep = !covered.covers(bucket);
+            if !keep {
+                removed += g.len();
+            }
+            keep
+        });
+        removed
     }
 
-    /// Adds the rows of `groups` the query asks for and `covered` does not cover, grouped by
-    /// its dimensions, to `out`.
-    pub fn query(
+    /// The buckets of `groups` the query asks for and `covered` does not cover.
+    pub fn buckets(&self, groups: &Groups, q: &ViewQuery, covered: &Coverage) -> Vec<i64> {
+        groups
+            .range(q.from_us..q.to_us.max(q.from_us))
+            .map(|(&b, _)| b)
+            .filter(|&b| !covered.covers(b))
+            .collect()
+    }
+
+    /// Adds the rows of `bucket`'s groups the query asks for, grouped by its dimensions, to
+    /// `out`.
+    pub fn query_bucket(
         &self,
         groups: &Groups,
         interner: &Interner,
+        bucket: i64,
         q: &ViewQuery,
-        covered: &Coverage,
         out: &mut RowSet,
     ) {
+        let Some(bucket_groups) = groups.get(&bucket) else {
+            return;
+        };
         let mut dims: Vec<Option<&str>> = Vec::with_capacity(self.dims.len());
-        for (key, states) in groups {
-            let bucket = join(key[0], key[1]);
-            if !q.in_range(bucket) || covered.covers(bucket) {
-                continue;
-            }
+        for (key, states) in bucket_groups {
             dims.clear();
-            dims.extend(key[2..].iter().map(|&id| interner.value(id)));
+            dims.extend(key.iter().map(|&id| interner.value(id)));
             if !q.accepts(&dims) {
                 continue;
             }

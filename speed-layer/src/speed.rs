@@ -1,7 +1,9 @@
 //! The speed aggregation: every view of one event schema, kept per Kafka partition, so that a
 //! partition's state can move with the partition.
 //!
-//! State lives in memory. A message whose offset the partition has already applied is skipped,
+//! State lives in memory, each partition behind its own lock: ingestion into one partition
+//! never waits for another, and a query holds a partition's lock for one bucket's merge at a
+//! time, so ingestion waits at most that long. A message whose offset the partition has already applied is skipped,
 //! so a redelivery never counts twice. Buckets a published batch covers are dropped once the
 //! publish is older than a grace period ([`prune_covered`]), so the state holds what no batch
 //! covers yet, plus that grace. Without checkpoints, a restarted speed layer replays its
@@ -9,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tandem_core::decode::{Decoder, Message};
 use tandem_core::query::{AggRow, Coverage, RealtimeStatus, RowSet, ViewQuery};
@@ -52,7 +54,8 @@ pub struct SpeedStats {
 pub struct SpeedLayer {
     decoder: Decoder,
     aggregators: Vec<ViewAggregator>,
-    partitions: RwLock<BTreeMap<i32, PartitionState>>,
+    /// The partitions' states; the map's own lock is taken for writing only to add one.
+    partitions: RwLock<BTreeMap<i32, Arc<RwLock<PartitionState>>>>,
     clock: Arc<dyn Clock>,
     pub stats: SpeedStats,
     /// Bumped by every change of the state (see `RealtimeView::generation`).
@@ -80,13 +83,36 @@ impl SpeedLayer {
         })
     }
 
+    /// The partitions' states, each still to be locked.
+    fn partition_states(&self) -> Vec<(i32, Arc<RwLock<PartitionState>>)> {
+        let parts = self.partitions.read().expect("speed state lock poisoned");
+        parts.iter().map(|(p, s)| (*p, Arc::clone(s))).collect()
+    }
+
+    /// `partition`'s state, created empty if new.
+    fn partition_state(&self, partition: i32) -> Arc<RwLock<PartitionState>> {
+        if let Some(s) = self
+            .partitions
+            .read()
+            .expect("speed state lock poisoned")
+            .get(&partition)
+        {
+            return Arc::clone(s);
+        }
+        let mut parts = self.partitions.write().expect("speed state lock poisoned");
+        Arc::clone(parts.entry(partition).or_insert_with(|| {
+            Arc::new(RwLock::new(PartitionState {
+                groups: vec![Groups::default(); self.aggregators.len()],
+                ..Default::default()
+            }))
+        }))
+    }
+
     /// Applies one partition's messages (in offset order), skipping offsets already applied.
     pub fn apply(&self, partition: i32, messages: &[Message<'_>]) -> Result<()> {
-        let mut parts = self.partitions.write().expect("speed state lock poisoned");
-        let state = parts.entry(partition).or_insert_with(|| PartitionState {
-            groups: vec![Groups::default(); self.aggregators.len()],
-            ..Default::default()
-        });
+        let state = self.partition_state(partition);
+        let mut state = write(&state);
+        let state = &mut *state;
         let fresh = messages
             .iter()
             .position(|m| m.offset >= state.next_offset)
@@ -143,15 +169,14 @@ impl SpeedLayer {
         if covered.days.is_empty() || !settled {
             return 0;
         }
-        let mut parts = self.partitions.write().expect("speed state lock poisoned");
-        let removed: usize = parts
-            .values_mut()
-            .map(|state| self.aggregators[i].prune(&mut state.groups[i], covered))
+        let removed: usize = self
+            .partition_states()
+            .iter()
+            .map(|(_, state)| self.aggregators[i].prune(&mut write(state).groups[i], covered))
             .sum();
         if removed > 0 {
             self.generation.fetch_add(1, Ordering::Release);
         }
-        drop(parts);
         self.stats
             .pruned_groups
             .fetch_add(removed as u64, Ordering::Relaxed);
@@ -168,18 +193,34 @@ impl SpeedLayer {
 
     /// The next offset each partition expects.
     pub fn offsets(&self) -> BTreeMap<i32, i64> {
-        let parts = self.partitions.read().expect("speed state lock poisoned");
-        parts.iter().map(|(p, s)| (*p, s.next_offset)).collect()
+        self.partition_states()
+            .iter()
+            .map(|(p, s)| (*p, read(s).next_offset))
+            .collect()
     }
 
     /// The number of groups held, over all views and partitions.
     pub fn group_count(&self) -> usize {
-        let parts = self.partitions.read().expect("speed state lock poisoned");
-        parts
-            .values()
-            .map(|s| s.groups.iter().map(|g| g.len()).sum::<usize>())
+        self.partition_states()
+            .iter()
+            .map(|(_, s)| {
+                read(s)
+                    .groups
+                    .iter()
+                    .flat_map(|g| g.values())
+                    .map(|b| b.len())
+                    .sum::<usize>()
+            })
             .sum()
     }
+}
+
+fn read(state: &RwLock<PartitionState>) -> RwLockReadGuard<'_, PartitionState> {
+    state.read().expect("speed state lock poisoned")
+}
+
+fn write(state: &RwLock<PartitionState>) -> RwLockWriteGuard<'_, PartitionState> {
+    state.write().expect("speed state lock poisoned")
 }
 
 impl RealtimeView for SpeedLayer {
@@ -192,24 +233,32 @@ impl RealtimeView for SpeedLayer {
         let Some(i) = self.aggregator(&view.name) else {
             return Err(CoreError::UnknownView(view.name.clone()));
         };
-        let parts = self.partitions.read().expect("speed state lock poisoned");
+        let agg = &self.aggregators[i];
         let mut out = RowSet::default();
-        for state in parts.values() {
-            self.aggregators[i].query(&state.groups[i], &state.interner, q, covered, &mut out);
+        for (_, state) in self.partition_states() {
+            let buckets = agg.buckets(&read(&state).groups[i], q, covered);
+            // The partition's lock is held for one bucket at a time: ingestion waits at most
+            // one bucket's merge. Buckets pruned in between are simply gone.
+            for bucket in buckets {
+                let s = read(&state);
+                agg.query_bucket(&s.groups[i], &s.interner, bucket, q, &mut out);
+            }
         }
         Ok(out.into_rows())
     }
 
     fn status(&self) -> RealtimeStatus {
-        let parts = self.partitions.read().expect("speed state lock poisoned");
-        let newest = parts.values().filter_map(|s| s.last_broker_ms).max();
+        let (mut newest, mut stale_partitions) = (None, Vec::new());
+        for (p, state) in self.partition_states() {
+            let s = read(&state);
+            newest = newest.max(s.last_broker_ms);
+            if s.missed > 0 {
+                stale_partitions.push(p);
+            }
+        }
         RealtimeStatus {
             lag_ms: newest.map(|t| (self.clock.now_us() / 1000 - t).max(0)),
-            stale_partitions: parts
-                .iter()
-                .filter(|(_, s)| s.missed > 0)
-                .map(|(p, _)| *p)
-                .collect(),
+            stale_partitions,
             available: true,
         }
     }
