@@ -3,7 +3,8 @@
 # 1,000 concurrent heavy queries, 1,100 idle connections and 500 slow clients at once, for
 # ABUSE_SECONDS. Before, during and after, it reports the benchmark query's p99 (the 7-day
 # hourly breakdown of `installs_hourly` by `media_source`, 50 connections), what /livez and
-# /readyz said, and how many commits the archiver made to the master dataset, so that one can
+# /readyz said on the admin listener (and whether the API's port could answer /readyz at all),
+# and how many commits the archiver made to the master dataset, so that one can
 # see that ingestion kept committing, the process stayed up and the p99 came back.
 #
 #   bench/serving_abuse.sh [ABUSE_SECONDS]
@@ -21,7 +22,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n 8192
 
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-taskset -c 0 "$bin" demo --port 0 --data "$work/data" --history-days 7 \
+admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+taskset -c 0 "$bin" demo --port 0 --admin-port "$admin_port" --data "$work/data" --history-days 7 \
   >"$work/demo.out" 2>"$work/demo.err" &
 server=$!
 for _ in $(seq 1 600); do
@@ -31,6 +33,8 @@ for _ in $(seq 1 600); do
 done
 base="$(grep -o 'http://127.0.0.1:[0-9]*' "$work/demo.out" | head -n 1)"
 host="${base#http://}"
+# The probes are asked on the admin listener, which has connections of its own.
+admin="http://127.0.0.1:$admin_port"
 from=$(( ($(date +%s) - 7 * 86400) * 1000 ))
 bench_url="$base/v1/views/installs_hourly/query?from=$from&group_by=media_source"
 heavy_url="$base/v1/views/installs_hourly/query?from=$from&group_by=app_id,media_source,campaign,country"
@@ -92,9 +96,10 @@ start_commits=$(commits)
 for i in $(seq 1 $(( abuse / 5 ))); do
   sleep 5
   kill -0 "$server" 2>/dev/null || { echo "the server died"; cat "$work/demo.err" >&2; exit 1; }
-  live=$(curl -s -o /dev/null -w '%{http_code}' -m 3 "$base/livez" || true)
-  ready=$(curl -s -m 3 -w ' %{http_code}' "$base/readyz" || true)
-  echo "during, ${i}: livez ${live:-none}; readyz ${ready:-none}; master commits $(commits); resident $(rss)"
+  live=$(curl -s -o /dev/null -w '%{http_code}' -m 3 "$admin/livez" || true)
+  ready=$(curl -s -m 3 -w ' %{http_code}' "$admin/readyz" || true)
+  api_ready=$(curl -s -o /dev/null -m 3 -w '%{http_code}' "$base/readyz" || true)
+  echo "during, ${i}: admin livez ${live:-none}; admin readyz ${ready:-none}; API port readyz ${api_ready:-none}; master commits $(commits); resident $(rss)"
 done
 wait "$heavy" || true
 wait "$clients" || true
@@ -102,4 +107,4 @@ echo "heavy queries: $(awk '/requests in/ {print $1 " answered"} /Non-2xx/ {prin
 cat "$work/clients.out"
 echo "master commits during the abuse: $(( $(commits) - start_commits ))"
 sleep 5
-echo "after: $(p99 10); resident $(rss); readyz $(curl -s -m 3 "$base/readyz")"
+echo "after: $(p99 10); resident $(rss); readyz $(curl -s -m 3 "$admin/readyz")"

@@ -7,7 +7,7 @@
 # rows, `rollup=base`: sums of the stored per-row counts; it cannot merge the DataSketches),
 # one client, for the ratio.
 #
-#   bench/serving_load.sh [DAYS] [SECONDS] [CONNECTIONS]
+#   [RATE=live events/s, default 200] bench/serving_load.sh [DAYS] [SECONDS] [CONNECTIONS]
 #
 # Needs: a release build (cargo build --release), wrk (Debian: wrk), python3 with duckdb
 # (pip install duckdb).
@@ -23,7 +23,7 @@ command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; 
 
 work="$(mktemp -d)"
 trap 'kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-taskset -c 0 "$bin" demo --port 0 --data "$work/data" --history-days "$days" \
+taskset -c 0 "$bin" demo --port 0 --data "$work/data" --history-days "$days" --rate "${RATE:-200}" \
   >"$work/demo.out" 2>"$work/demo.err" &
 server=$!
 for _ in $(seq 1 600); do
@@ -39,12 +39,13 @@ echo "demo: $days days of history; the query answers $rows rows"
 rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
 echo "tandem resident memory before the load: $((rss_kb / 1024)) MiB"
 
-# One load run: prints the answer's size, requests/s, p50, p99 and any errors.
+# One load run: prints the answer's size, requests/s, p50, p99 and any errors. ENCODING
+# (default identity) is the Accept-Encoding wrk sends; the size is what goes over the wire.
 load() {
-  local name="$1" url="$2" secs="$3" out rows bytes
+  local name="$1" url="$2" secs="$3" out rows bytes enc="${ENCODING:-identity}"
   rows=$(curl -s "$url" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rows"]))')
-  bytes=$(curl -s "$url" | wc -c)
-  out="$(taskset -c 1 wrk -t1 -c"$connections" -d"${secs}s" --latency "$url")"
+  bytes=$(curl -s -H "Accept-Encoding: $enc" "$url" | wc -c)
+  out="$(taskset -c 1 wrk -t1 -c"$connections" -d"${secs}s" -H "Accept-Encoding: $enc" --latency "$url")"
   printf '%-44s %6s rows %8s B  %9s req/s  p50 %8s  p99 %8s  %s\n' "$name" "$rows" "$bytes" \
     "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
     "$(awk '$1 == "50%" {print $2}' <<<"$out")" \
@@ -55,8 +56,10 @@ load() {
 echo "--- Tandem, $connections connections (server on core 0, wrk on core 1)"
 q="$base/v1/views/installs_hourly/query?from=$from"
 load "by media_source, hourly, all metrics" "$q&group_by=media_source" "$seconds"
+ENCODING=gzip load "the same, gzip (as browsers ask)" "$q&group_by=media_source" "$seconds"
 load "by media_source, hourly, installs only" "$q&group_by=media_source&metrics=installs" 10
 load "by media_source, daily" "$q&group_by=media_source&granularity=day" 10
+ENCODING=gzip load "by media_source, daily, gzip" "$q&group_by=media_source&granularity=day" 10
 for dim in app_id campaign country; do
   load "by $dim, hourly, all metrics" "$q&group_by=$dim" 10
 done

@@ -3,7 +3,8 @@
 //! two in its order. A new event costs the answer only its own buckets' rows, not the week the
 //! batch settled.
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Bytes;
 use datafusion::arrow::array::{Array, RecordBatch, RecordBatchOptions};
@@ -14,24 +15,87 @@ use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::CoreError;
 
+use crate::gzip::Deflated;
 use crate::merge::{batch_part, shell, speed_part, Order, SortKey};
 use crate::render::{to_arrow, JsonRows};
 
 /// An answer ready to send: the result (without rows: they are in the batch), its Arrow batch
-/// (without the answer's metadata) and its rows printed as JSON, comma-separated (shared by
-/// every response that sends them).
+/// (without the answer's metadata), and its JSON rows as runs of the rows its parts printed
+/// (shared with every answer built from the same parts, never copied).
 #[derive(Debug)]
 pub struct Answered {
     pub result: QueryResult,
     pub batch: RecordBatch,
-    pub json_rows: Bytes,
+    settled: Arc<Settled>,
+    fresh: Rendered,
+    /// The rows in the answer's order: runs of consecutive rows of one part (0: settled, 1:
+    /// fresh).
+    runs: Vec<(usize, Range<usize>)>,
+    /// The JSON rows deflated, once the first client accepting gzip asks (`None`: deflating
+    /// failed, and gzip is not offered).
+    gzip: OnceLock<Option<Deflated>>,
 }
 
+/// Past this many runs, an answer's JSON rows are sent as one buffer rather than as slices.
+const MAX_SLICES: usize = 64;
+
 impl Answered {
-    /// Bytes held, roughly.
+    /// Bytes held, roughly, besides the settled part (the cache of those counts it).
     pub fn weight(&self) -> usize {
-        self.json_rows.len() + self.batch.get_array_memory_size() + 1024
+        self.fresh.bytes() + self.batch.get_array_memory_size() + self.runs.len() * 32 + 1024
     }
+
+    fn part(&self, p: usize) -> &Rendered {
+        if p == 0 {
+            &self.settled.rows
+        } else {
+            &self.fresh
+        }
+    }
+
+    /// The JSON rows, comma-separated, as chunks to send one after the other.
+    pub fn json_rows(&self) -> Vec<Bytes> {
+        let slices = self.runs.iter().enumerate().flat_map(|(n, (p, rows))| {
+            let comma = (n > 0).then(|| Bytes::from_static(b","));
+            comma
+                .into_iter()
+                .chain([self.part(*p).json.run(rows.clone())])
+        });
+        if self.runs.len() <= MAX_SLICES {
+            return slices.collect();
+        }
+        let mut joined = Vec::new();
+        slices.for_each(|b| joined.extend_from_slice(&b));
+        vec![joined.into()]
+    }
+
+    /// Whether the gzip rows are ready (sending them costs no compression).
+    pub fn gzip_ready(&self) -> bool {
+        self.gzip.get().is_some()
+    }
+
+    /// The JSON rows deflated for gzip answers (by the first caller): each part's rows are
+    /// deflated once and shared; only runs that are not a whole part are deflated here.
+    pub fn gzip(&self) -> Option<&Deflated> {
+        self.gzip
+            .get_or_init(|| {
+                let mut out = Deflated::empty();
+                for (n, (p, rows)) in self.runs.iter().enumerate() {
+                    if n > 0 {
+                        out.append(&Deflated::stored(b","));
+                    }
+                    out.append(&self.part(*p).deflated_run(rows.clone())?);
+                }
+                Some(out)
+            })
+            .as_ref()
+    }
+}
+
+fn deflate(bytes: &[u8]) -> Option<Deflated> {
+    Deflated::new(bytes)
+        .inspect_err(|e| tracing::warn!(error = %e, "deflating an answer failed; it is sent as is"))
+        .ok()
 }
 
 /// Rows printed once: as Arrow, as JSON, and the keys that order them.
@@ -40,7 +104,15 @@ struct Rendered {
     batch: RecordBatch,
     json: JsonRows,
     keys: Vec<SortKey>,
+    /// Every JSON row deflated, once a gzip answer needs them.
+    deflated: OnceLock<Option<Deflated>>,
+    /// The last few runs that were not every row, deflated (an answer cut at its limit sends
+    /// the same run of the settled rows at every speed generation).
+    runs: Mutex<Vec<(Range<usize>, Deflated)>>,
 }
+
+/// The partial runs a part keeps deflated.
+const KEPT_RUNS: usize = 4;
 
 impl Rendered {
     /// `rows` (in the answer's order) of `q` on `view`, printed.
@@ -63,7 +135,44 @@ impl Rendered {
             &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
         )?;
         let json = JsonRows::print(q.group_by.len(), &batch);
-        Ok(Rendered { batch, json, keys })
+        Ok(Rendered {
+            batch,
+            json,
+            keys,
+            deflated: OnceLock::new(),
+            runs: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// JSON rows `rows`, deflated (kept for the next answer that sends the same run).
+    fn deflated_run(&self, rows: Range<usize>) -> Option<Deflated> {
+        if rows.len() == self.json.len() {
+            return self.deflated();
+        }
+        let kept = |runs: &Vec<(Range<usize>, Deflated)>| {
+            runs.iter()
+                .find(|(r, _)| *r == rows)
+                .map(|(_, d)| d.clone())
+        };
+        if let Some(d) = kept(&self.runs.lock().expect("runs lock poisoned")) {
+            return Some(d);
+        }
+        let d = deflate(&self.json.run(rows.clone()))?;
+        let mut runs = self.runs.lock().expect("runs lock poisoned");
+        if kept(&runs).is_none() {
+            if runs.len() == KEPT_RUNS {
+                runs.remove(0);
+            }
+            runs.push((rows, d.clone()));
+        }
+        Some(d)
+    }
+
+    /// Every JSON row, deflated (by the first caller).
+    fn deflated(&self) -> Option<Deflated> {
+        self.deflated
+            .get_or_init(|| deflate(&self.json.joined()))
+            .clone()
     }
 
     fn bytes(&self) -> usize {
@@ -78,7 +187,10 @@ impl Rendered {
                         .sum::<usize>()
             })
             .sum();
-        self.batch.get_array_memory_size() + self.json.bytes() + keys
+        // Deflated rows are counted at a sixth of the rows (what JSON rows deflate to): every
+        // row once, and the kept runs.
+        let deflated = self.json.bytes() * (1 + KEPT_RUNS) / 6;
+        self.batch.get_array_memory_size() + self.json.bytes() + deflated + keys
     }
 }
 
@@ -124,7 +236,7 @@ pub fn answer(
     view: &ViewDef,
     q: &ViewQuery,
     coverage: Coverage,
-    settled: &Settled,
+    settled: &Arc<Settled>,
     speed: &dyn RealtimeView,
 ) -> Result<Answered, CoreError> {
     let fresh = speed_part(view, q, &coverage, &settled.open, speed)?;
@@ -158,22 +270,21 @@ pub fn answer(
         columns,
         &RecordBatchOptions::new().with_row_count(Some(picks.len())),
     )?;
-    let bytes: usize = picks
-        .iter()
-        .map(|&(p, i)| parts[p].json.row(i).len() + 1)
-        .sum();
-    let mut json_rows = String::with_capacity(bytes);
-    for (n, &(p, i)) in picks.iter().enumerate() {
-        if n > 0 {
-            json_rows.push(',');
+    let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+    for &(p, i) in &picks {
+        match runs.last_mut() {
+            Some((last, rows)) if *last == p && rows.end == i => rows.end += 1,
+            _ => runs.push((p, i..i + 1)),
         }
-        json_rows.push_str(parts[p].json.row(i));
     }
     let mut result = shell(view, q, coverage);
     result.truncated = total > q.limit;
     Ok(Answered {
         result,
         batch,
-        json_rows: json_rows.into(),
+        settled: Arc::clone(settled),
+        fresh,
+        runs,
+        gzip: OnceLock::new(),
     })
 }

@@ -26,6 +26,7 @@ use crate::answer::{self, Answered, Settled};
 use crate::body::Chunks;
 use crate::cache::{normalized, AnswerCache};
 use crate::error::{problem, problem_bodies, ApiError};
+use crate::gzip::{self, Deflated};
 use crate::params::{Format, Params, QueryParams};
 use crate::render::{self, ARROW_STREAM};
 
@@ -307,14 +308,18 @@ async fn run_query(
         let q = params
             .resolve(view, state.clock.now_us())
             .map_err(ApiError::bad_request)?;
+        let gzip = gzip::accepted(headers);
         let q = normalized(view, q);
         let coverage = state.batch.coverage(view).await?;
         let generation = state.speed.generation(view);
         let key = generation.map(|g| AnswerCache::key(view, &q, &coverage, g));
-        // An answer still standing is sent from here: its rows are printed already.
+        // An answer still standing is sent from here, if its rows are printed (and deflated,
+        // for gzip) already: sending it is no work.
         if let (Some(key), Format::Json) = (&key, format) {
             if let Some(answered) = state.answers.get(key) {
-                return render_answer(&answered, &state.speed.status(), format);
+                if !gzip || answered.gzip_ready() {
+                    return render_answer(&answered, &state.speed.status(), format, gzip);
+                }
             }
         }
         // Answering is CPU work: it runs on a blocking thread, so that queries never hold the
@@ -342,7 +347,7 @@ async fn run_query(
                     .map_err(shared_error)?,
                 None => Arc::new(compute()?),
             };
-            render_answer(&answered, &speed.status(), format)
+            render_answer(&answered, &speed.status(), format, gzip)
         })
         .await
         .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
@@ -364,11 +369,13 @@ fn shared_error(e: Arc<ApiError>) -> ApiError {
     Arc::try_unwrap(e).unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
 }
 
-/// An answer in the format asked, with `realtime` as the speed layer's freshness.
+/// An answer in the format asked, with `realtime` as the speed layer's freshness; JSON is
+/// gzipped if `gzip` (the client accepts it).
 fn render_answer(
     answered: &Answered,
     realtime: &RealtimeStatus,
     format: Format,
+    gzip: bool,
 ) -> Result<Response, ApiError> {
     let result = &answered.result;
     let batch = || render::with_meta(&answered.batch, result, realtime);
@@ -378,15 +385,36 @@ fn render_answer(
             render::to_csv(&batch()?)?,
         )
             .into_response(),
-        Format::Json => (
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::new(Chunks::new([
-                Bytes::from(render::json_head(result, realtime)),
-                answered.json_rows.clone(),
-                Bytes::from_static(render::JSON_TAIL.as_bytes()),
-            ])),
-        )
-            .into_response(),
+        Format::Json => {
+            let head = render::json_head(result, realtime);
+            let tail = render::JSON_TAIL.as_bytes();
+            let vary = (header::VARY, "accept-encoding");
+            match gzip.then(|| answered.gzip()).flatten() {
+                Some(rows) => (
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (header::CONTENT_ENCODING, "gzip"),
+                        vary,
+                    ],
+                    Body::new(Chunks::new(gzip::member(&[
+                        &Deflated::stored(head.as_bytes()),
+                        rows,
+                        &Deflated::stored(tail),
+                    ]))),
+                )
+                    .into_response(),
+                None => {
+                    let mut chunks = vec![Bytes::from(head)];
+                    chunks.extend(answered.json_rows());
+                    chunks.push(Bytes::from_static(tail));
+                    (
+                        [(header::CONTENT_TYPE, "application/json"), vary],
+                        Body::new(Chunks::new(chunks)),
+                    )
+                        .into_response()
+                }
+            }
+        }
         Format::Arrow => (
             [(header::CONTENT_TYPE, ARROW_STREAM)],
             render::to_ipc(&batch()?)?,

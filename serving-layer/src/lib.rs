@@ -15,6 +15,7 @@ pub mod api;
 pub mod body;
 pub mod cache;
 pub mod error;
+pub mod gzip;
 pub mod merge;
 pub mod params;
 pub mod render;

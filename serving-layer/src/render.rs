@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray,
     TimestampMicrosecondArray,
@@ -106,7 +107,7 @@ pub fn with_meta(
 pub fn to_json(result: &QueryResult, batch: &RecordBatch) -> String {
     let rows = JsonRows::print(result.dims.len(), batch);
     let mut out = json_head(result, &result.realtime);
-    out.push_str(&rows.joined());
+    out.push_str(std::str::from_utf8(&rows.joined()).unwrap_or_default());
     out.push_str(JSON_TAIL);
     out
 }
@@ -128,13 +129,13 @@ pub fn json_head(result: &QueryResult, realtime: &RealtimeStatus) -> String {
 /// What follows the rows in the JSON answer.
 pub const JSON_TAIL: &str = "]}";
 
-/// Rows of the JSON answer, each printed once, so that rows printed for one answer can be
-/// reused in another.
+/// Rows of the JSON answer, printed once and comma-separated, so that any run of them can be
+/// sent as a slice of one buffer, in many answers.
 #[derive(Debug, Default, Clone)]
 pub struct JsonRows {
-    text: String,
-    /// Where each row ends in `text`.
-    ends: Vec<usize>,
+    text: Bytes,
+    /// Where each row starts and ends in `text`.
+    spans: Vec<(usize, usize)>,
 }
 
 impl JsonRows {
@@ -144,8 +145,12 @@ impl JsonRows {
         let metrics = dims.end..batch.num_columns();
         let schema = batch.schema();
         let mut out = String::with_capacity(batch.num_rows() * 128);
-        let mut ends = Vec::with_capacity(batch.num_rows());
+        let mut spans = Vec::with_capacity(batch.num_rows());
         for row in 0..batch.num_rows() {
+            if row > 0 {
+                out.push(',');
+            }
+            let start = out.len();
             out.push_str("{\"bucket\":");
             push_cell(&mut out, batch.column(0), row);
             out.push_str(",\"source\":");
@@ -163,40 +168,39 @@ impl JsonRows {
                 out.push('}');
             }
             out.push('}');
-            ends.push(out.len());
+            spans.push((start, out.len()));
         }
-        JsonRows { text: out, ends }
+        JsonRows {
+            text: out.into(),
+            spans,
+        }
     }
 
-    /// Row `i`.
-    pub fn row(&self, i: usize) -> &str {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.text[start..self.ends[i]]
+    /// Rows `rows`, comma-separated, as a slice of the printed rows.
+    pub fn run(&self, rows: std::ops::Range<usize>) -> Bytes {
+        if rows.is_empty() {
+            return Bytes::new();
+        }
+        self.text
+            .slice(self.spans[rows.start].0..self.spans[rows.end - 1].1)
     }
 
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.spans.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.spans.is_empty()
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
+        self.text.len() + self.spans.capacity() * std::mem::size_of::<(usize, usize)>()
     }
 
     /// Every row, comma-separated.
-    pub fn joined(&self) -> String {
-        let mut out = String::with_capacity(self.text.len() + self.ends.len());
-        for i in 0..self.len() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(self.row(i));
-        }
-        out
+    pub fn joined(&self) -> Bytes {
+        self.text.clone()
     }
 }
 

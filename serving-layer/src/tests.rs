@@ -900,16 +900,32 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
                                 .await
                                 .unwrap();
                         let expected = to_arrow(&whole, view).unwrap();
-                        let settled = Settled::compute(view, &q, &coverage, &batch).await.unwrap();
+                        let settled =
+                            Arc::new(Settled::compute(view, &q, &coverage, &batch).await.unwrap());
                         let got = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
                         let case = format!("{q:?}");
                         assert_eq!(got.result.truncated, whole.truncated, "{case}");
                         assert_eq!(got.batch.columns(), expected.columns(), "{case}");
                         assert_eq!(
-                            std::str::from_utf8(&got.json_rows).unwrap(),
-                            JsonRows::print(q.group_by.len(), &expected).joined(),
+                            got.json_rows().concat(),
+                            JsonRows::print(q.group_by.len(), &expected)
+                                .joined()
+                                .to_vec(),
                             "{case}"
                         );
+                        // The gzip rows, deflated from the parts, inflate to the same, also
+                        // when the next answer reuses the parts' deflated runs.
+                        let again = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+                        for a in [&got, &again] {
+                            let member = crate::gzip::member(&[a.gzip().unwrap()]).concat();
+                            let mut inflated = Vec::new();
+                            std::io::Read::read_to_end(
+                                &mut flate2::read::GzDecoder::new(&member[..]),
+                                &mut inflated,
+                            )
+                            .unwrap();
+                            assert_eq!(inflated, got.json_rows().concat(), "{case}");
+                        }
                         checked += 1;
                     }
                 }
@@ -917,4 +933,45 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
         }
     }
     assert_eq!(checked, 2 * 3 * 4 * 3 * 2);
+}
+
+#[tokio::test]
+async fn a_client_accepting_gzip_gets_the_same_answer_gzipped_with_its_length() {
+    use std::io::Read;
+
+    let app = app();
+    let uri = "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&group_by=country";
+    let fetch = |encoding: Option<&'static str>| {
+        let app = app.clone();
+        async move {
+            let mut req = Request::get(uri);
+            if let Some(e) = encoding {
+                req = req.header("accept-encoding", e);
+            }
+            let resp = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let headers = resp.headers().clone();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let length: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+            assert_eq!(length, bytes.len());
+            assert_eq!(headers["vary"], "accept-encoding");
+            (headers.get("content-encoding").cloned(), bytes)
+        }
+    };
+    let (plain_encoding, plain) = fetch(None).await;
+    assert_eq!(plain_encoding, None);
+    let plain: Value = serde_json::from_slice(&plain).unwrap();
+    assert!(!plain["rows"].as_array().unwrap().is_empty(), "{plain}");
+    // Every time alike.
+    for _ in 0..2 {
+        let (encoding, gz) = fetch(Some("br, gzip;q=0.8")).await;
+        assert_eq!(encoding.unwrap(), "gzip");
+        let mut json = String::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_string(&mut json)
+            .unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), plain);
+    }
+    let (refused, _) = fetch(Some("gzip;q=0")).await;
+    assert_eq!(refused, None);
 }
