@@ -1,5 +1,7 @@
 //! The seams between the layers. Serving sees the speed and batch layers only through these.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use async_trait::async_trait;
 
 use crate::error::Result;
@@ -21,6 +23,32 @@ pub trait RealtimeView: Send + Sync + std::fmt::Debug {
     /// such number; answers are never reused.
     fn generation(&self, _view: &ViewDef) -> Option<u64> {
         None
+    }
+
+    /// Per native bucket that [`RealtimeView::query`] would read (in the query's range, held,
+    /// not `covered`), a stamp that changes whenever that bucket's state may change: rows of
+    /// a bucket read after its stamp can be reused while the stamp lasts. `None`: no stamps.
+    fn bucket_stamps(
+        &self,
+        _view: &ViewDef,
+        _query: &ViewQuery,
+        _covered: &Coverage,
+    ) -> Option<BTreeMap<i64, u64>> {
+        None
+    }
+
+    /// [`RealtimeView::query`] for `buckets` only.
+    fn query_buckets(
+        &self,
+        view: &ViewDef,
+        query: &ViewQuery,
+        covered: &Coverage,
+        buckets: &[i64],
+    ) -> Result<Vec<AggRow>> {
+        let wanted: BTreeSet<i64> = buckets.iter().copied().collect();
+        let mut rows = self.query(view, query, covered)?;
+        rows.retain(|r| wanted.contains(&r.bucket_us));
+        Ok(rows)
     }
 }
 
@@ -68,5 +96,13 @@ impl RealtimeView for NoRealtime {
     }
     fn generation(&self, _: &ViewDef) -> Option<u64> {
         Some(0)
+    }
+    fn bucket_stamps(
+        &self,
+        _: &ViewDef,
+        _: &ViewQuery,
+        _: &Coverage,
+    ) -> Option<BTreeMap<i64, u64>> {
+        Some(BTreeMap::new())
     }
 }

@@ -16,7 +16,7 @@ use tandem_core::view::ViewDef;
 use tandem_core::CoreError;
 
 use crate::gzip::Deflated;
-use crate::merge::{batch_part, shell, speed_part, Order, SortKey};
+use crate::merge::{batch_part, shell, speed_part, Order, SortKey, SpeedBuckets};
 use crate::render::{to_arrow, JsonRows};
 
 /// An answer ready to send: the result (without rows: they are in the batch), its Arrow batch
@@ -201,6 +201,10 @@ impl Rendered {
 pub struct Settled {
     rows: Rendered,
     open: Vec<ResultRow>,
+    /// The speed's rows by bucket, reused while a bucket is unchanged.
+    speed: SpeedBuckets,
+    /// What the kept speed rows are counted at in the weight.
+    speed_bytes: usize,
 }
 
 impl Settled {
@@ -212,13 +216,18 @@ impl Settled {
         batch: &dyn BatchViews,
     ) -> Result<Self, CoreError> {
         let part = batch_part(view, q, coverage, batch).await?;
+        let days = q.days().count().max(1);
+        let speed_bytes = part.settled.len().div_ceil(days) * (64 + q.metrics.len() * 512);
         Ok(Settled {
             rows: Rendered::new(view, q, coverage, part.settled)?,
             open: part.open,
+            speed: SpeedBuckets::default(),
+            speed_bytes,
         })
     }
 
-    /// Bytes held, roughly (an open row's states are counted at a sketch's size).
+    /// Bytes held, roughly (an open row's states are counted at a sketch's size, and so are
+    /// the states of the speed rows it may keep: a day's worth of the settled part's rows).
     pub fn weight(&self) -> usize {
         self.rows.bytes()
             + self
@@ -226,6 +235,7 @@ impl Settled {
                 .iter()
                 .map(|r| 64 + r.states.len() * 512)
                 .sum::<usize>()
+            + self.speed_bytes
             + 1024
     }
 }
@@ -239,7 +249,14 @@ pub fn answer(
     settled: &Arc<Settled>,
     speed: &dyn RealtimeView,
 ) -> Result<Answered, CoreError> {
-    let fresh = speed_part(view, q, &coverage, &settled.open, speed)?;
+    let fresh = speed_part(
+        view,
+        q,
+        &coverage,
+        &settled.open,
+        speed,
+        Some(&settled.speed),
+    )?;
     let fresh = Rendered::new(view, q, &coverage, fresh)?;
     let parts = [&settled.rows, &fresh];
     let order = Order::new(view, q);

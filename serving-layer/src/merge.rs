@@ -9,6 +9,7 @@
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use tandem_core::metric::MetricState;
 use tandem_core::query::{
@@ -40,7 +41,7 @@ pub async fn answer_at(
     speed: &dyn RealtimeView,
 ) -> Result<QueryResult> {
     let part = batch_part(view, q, &coverage, batch).await?;
-    let fresh = speed_part(view, q, &coverage, &part.open, speed)?;
+    let fresh = speed_part(view, q, &coverage, &part.open, speed, None)?;
     let order = Order::new(view, q);
     let mut rows: Vec<ResultRow> = Vec::with_capacity(part.settled.len() + fresh.len());
     let (mut a, mut b) = (
@@ -116,15 +117,20 @@ pub async fn batch_part(
 
 /// The rows of `q` on `view` the batch at `coverage` does not settle: speed rows of the
 /// buckets it does not cover, merged with `open` (the batch's part for the buckets it covers
-/// in part), in the answer's order.
+/// in part), in the answer's order. With `kept`, the speed rows of buckets unchanged since
+/// they were last read (same stamp) are reused from it, and the others read and kept.
 pub fn speed_part(
     view: &ViewDef,
     q: &ViewQuery,
     coverage: &Coverage,
     open: &[ResultRow],
     speed: &dyn RealtimeView,
+    kept: Option<&SpeedBuckets>,
 ) -> Result<Vec<ResultRow>> {
-    let speed_rows = speed.query(view, q, coverage)?;
+    let speed_rows = match kept {
+        Some(kept) => kept.rows(view, q, coverage, speed)?,
+        None => speed.query(view, q, coverage)?,
+    };
     let mut rows = group(
         q,
         open.iter()
@@ -145,6 +151,69 @@ pub fn speed_part(
     );
     Order::new(view, q).sort(&mut rows);
     Ok(rows)
+}
+
+/// Speed rows of one query by native bucket, each with the stamp it was read after
+/// ([`RealtimeView::bucket_stamps`]): a new event costs the next answer the rows of its own
+/// bucket, not every bucket of the day.
+#[derive(Debug, Default)]
+pub struct SpeedBuckets(Mutex<HashMap<i64, (u64, Vec<AggRow>)>>);
+
+/// A bucket with more rows than this is read every time rather than kept.
+const MAX_KEPT_ROWS: usize = 1024;
+
+impl SpeedBuckets {
+    /// The speed rows of `q` at `coverage`: kept rows of buckets whose stamp is unchanged,
+    /// the others read (after their stamps, so rows are never older than the stamp they are
+    /// kept with).
+    fn rows(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        coverage: &Coverage,
+        speed: &dyn RealtimeView,
+    ) -> Result<Vec<AggRow>> {
+        let Some(stamps) = speed.bucket_stamps(view, q, coverage) else {
+            return speed.query(view, q, coverage);
+        };
+        let mut rows = Vec::new();
+        let mut stale = Vec::new();
+        {
+            let kept = self.0.lock().expect("kept speed rows lock poisoned");
+            for (&bucket, &stamp) in &stamps {
+                match kept.get(&bucket) {
+                    Some((s, r)) if *s == stamp => rows.extend(r.iter().cloned()),
+                    _ => stale.push(bucket),
+                }
+            }
+        }
+        if stale.is_empty() {
+            return Ok(rows);
+        }
+        let mut read: HashMap<i64, Vec<AggRow>> = stale.iter().map(|&b| (b, Vec::new())).collect();
+        for r in speed.query_buckets(view, q, coverage, &stale)? {
+            read.entry(r.bucket_us).or_default().push(r);
+        }
+        let mut kept = self.0.lock().expect("kept speed rows lock poisoned");
+        kept.retain(|b, _| stamps.contains_key(b));
+        for (bucket, bucket_rows) in read {
+            rows.extend(bucket_rows.iter().cloned());
+            if bucket_rows.len() <= MAX_KEPT_ROWS {
+                kept.insert(bucket, (stamps[&bucket], bucket_rows));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Rows kept.
+    pub fn len(&self) -> usize {
+        let kept = self.0.lock().expect("kept speed rows lock poisoned");
+        kept.values().map(|(_, r)| r.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Whether the batch at `coverage` covers every native bucket of `q`'s range that the answer

@@ -975,3 +975,108 @@ async fn a_client_accepting_gzip_gets_the_same_answer_gzipped_with_its_length() 
     let (refused, _) = fetch(Some("gzip;q=0")).await;
     assert_eq!(refused, None);
 }
+
+/// A speed layer with bucket stamps, counting the buckets it is asked to read.
+#[derive(Debug)]
+struct Stamped {
+    rows: std::sync::Mutex<Vec<(i64, &'static str, u64)>>,
+    stamps: std::sync::Mutex<std::collections::BTreeMap<i64, u64>>,
+    read: std::sync::Mutex<Vec<i64>>,
+}
+
+impl Stamped {
+    fn keyed(&self) -> Keyed {
+        Keyed(self.rows.lock().unwrap().clone(), BTreeSet::new())
+    }
+}
+
+impl RealtimeView for Stamped {
+    fn query(&self, v: &ViewDef, q: &ViewQuery, c: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
+        let buckets: Vec<i64> = self.stamps.lock().unwrap().keys().copied().collect();
+        self.query_buckets(v, q, c, &buckets)
+    }
+    fn query_buckets(
+        &self,
+        _: &ViewDef,
+        q: &ViewQuery,
+        c: &Coverage,
+        buckets: &[i64],
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        self.read.lock().unwrap().extend(buckets);
+        Ok(self
+            .keyed()
+            .rows(q)
+            .into_iter()
+            .filter(|r| buckets.contains(&r.bucket_us) && !c.covers(r.bucket_us))
+            .collect())
+    }
+    fn bucket_stamps(
+        &self,
+        _: &ViewDef,
+        q: &ViewQuery,
+        c: &Coverage,
+    ) -> Option<std::collections::BTreeMap<i64, u64>> {
+        let mut stamps = self.stamps.lock().unwrap().clone();
+        stamps.retain(|b, _| q.in_range(*b) && !c.covers(*b));
+        Some(stamps)
+    }
+    fn status(&self) -> RealtimeStatus {
+        RealtimeStatus::default()
+    }
+}
+
+#[tokio::test]
+async fn an_answer_rereads_only_the_speed_buckets_whose_stamp_changed() {
+    use crate::answer::{answer, Settled};
+
+    let catalog = catalog();
+    let view = catalog.view("installs_hourly").unwrap();
+    let h = |hour: i64| (DAY + 1) * DAY_US + hour * HOUR_US;
+    let batch = Keyed(vec![(DAY * DAY_US, "a", 5)], [DAY].into());
+    let speed = Stamped {
+        rows: std::sync::Mutex::new(vec![(h(0), "a", 1), (h(1), "b", 2), (h(2), "a", 3)]),
+        stamps: std::sync::Mutex::new([(h(0), 1), (h(1), 2), (h(2), 3)].into()),
+        read: Default::default(),
+    };
+    let coverage = BatchViews::coverage(&batch, view).await.unwrap();
+    let mut q = ViewQuery::all(view, DAY * DAY_US, (DAY + 2) * DAY_US);
+    q.group_by = vec![1];
+    let settled = Arc::new(Settled::compute(view, &q, &coverage, &batch).await.unwrap());
+    let expect = |speed: &Stamped| {
+        let (batch, speed) = (&batch, speed.keyed());
+        let (q, coverage) = (q.clone(), coverage.clone());
+        async move {
+            let whole = crate::merge::answer_at(view, &q, coverage, batch, &speed)
+                .await
+                .unwrap();
+            crate::render::to_arrow(&whole, view).unwrap()
+        }
+    };
+
+    let first = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+    assert_eq!(first.batch.columns(), expect(&speed).await.columns());
+    assert_eq!(
+        std::mem::take(&mut *speed.read.lock().unwrap()),
+        vec![h(0), h(1), h(2)]
+    );
+
+    // An event lands in hour 1: only that bucket is read again.
+    speed.rows.lock().unwrap().push((h(1), "c", 4));
+    speed.stamps.lock().unwrap().insert(h(1), 4);
+    let second = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+    assert_eq!(second.batch.columns(), expect(&speed).await.columns());
+    assert_eq!(second.batch.num_rows(), first.batch.num_rows() + 1);
+    assert_eq!(std::mem::take(&mut *speed.read.lock().unwrap()), vec![h(1)]);
+
+    // Unchanged: nothing is read.
+    let third = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+    assert_eq!(third.batch.columns(), second.batch.columns());
+    assert!(speed.read.lock().unwrap().is_empty());
+
+    // A bucket gone (pruned) is no longer answered.
+    speed.rows.lock().unwrap().retain(|r| r.0 != h(2));
+    speed.stamps.lock().unwrap().remove(&h(2));
+    let fourth = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+    assert_eq!(fourth.batch.columns(), expect(&speed).await.columns());
+    assert!(speed.read.lock().unwrap().is_empty());
+}

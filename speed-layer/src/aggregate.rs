@@ -44,8 +44,15 @@ impl Interner {
 /// One bucket's groups of one view in one partition, by interned dimension ids.
 pub type BucketGroups = HashMap<Box<[u32]>, Vec<MetricState>>;
 
+/// One bucket's groups, with the stamp of the last apply that changed them.
+#[derive(Debug, Clone, Default)]
+pub struct Bucket {
+    pub stamp: u64,
+    pub groups: BucketGroups,
+}
+
 /// One view's groups in one partition, by bucket start.
-pub type Groups = BTreeMap<i64, BucketGroups>;
+pub type Groups = BTreeMap<i64, Bucket>;
 
 /// A view ready to apply batches of its schema.
 #[derive(Debug, Clone)]
@@ -82,12 +89,14 @@ impl ViewAggregator {
         })
     }
 
-    /// Folds `batch` (decoded events of the view's schema) into `groups`.
+    /// Folds `batch` (decoded events of the view's schema) into `groups`, stamping the buckets
+    /// it changes with `stamp`.
     pub fn apply(
         &self,
         batch: &RecordBatch,
         groups: &mut Groups,
         interner: &mut Interner,
+        stamp: u64,
     ) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
@@ -140,7 +149,9 @@ impl ViewAggregator {
                 key.push(id);
             }
             if current.as_ref().is_none_or(|(b, _)| *b != bucket) {
-                current = Some((bucket, groups.entry(bucket).or_default()));
+                let b = groups.entry(bucket).or_default();
+                b.stamp = stamp;
+                current = Some((bucket, &mut b.groups));
             }
             let Some((_, bucket_groups)) = current.as_mut() else {
                 continue;
@@ -164,7 +175,7 @@ impl ViewAggregator {
         groups.retain(|&bucket, g| {
             let keep = !covered.covers(bucket);
             if !keep {
-                removed += g.len();
+                removed += g.groups.len();
             }
             keep
         });
@@ -190,11 +201,11 @@ impl ViewAggregator {
         q: &ViewQuery,
         out: &mut RowSet,
     ) {
-        let Some(bucket_groups) = groups.get(&bucket) else {
+        let Some(b) = groups.get(&bucket) else {
             return;
         };
         let mut dims: Vec<Option<&str>> = Vec::with_capacity(self.dims.len());
-        for (key, states) in bucket_groups {
+        for (key, states) in &b.groups {
             dims.clear();
             dims.extend(key.iter().map(|&id| interner.value(id)));
             if !q.accepts(&dims) {

@@ -60,6 +60,8 @@ pub struct SpeedLayer {
     pub stats: SpeedStats,
     /// Bumped by every change of the state (see `RealtimeView::generation`).
     generation: AtomicU64,
+    /// The last stamp given to an apply (see `RealtimeView::bucket_stamps`).
+    stamps: AtomicU64,
 }
 
 impl SpeedLayer {
@@ -80,6 +82,7 @@ impl SpeedLayer {
             clock,
             stats: SpeedStats::default(),
             generation: AtomicU64::new(0),
+            stamps: AtomicU64::new(0),
         })
     }
 
@@ -141,8 +144,9 @@ impl SpeedLayer {
             );
         }
         let decoded = self.decoder.decode(messages, self.clock.now_us())?;
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
         for (agg, groups) in self.aggregators.iter().zip(state.groups.iter_mut()) {
-            agg.apply(&decoded.batch, groups, &mut state.interner)?;
+            agg.apply(&decoded.batch, groups, &mut state.interner, stamp)?;
         }
         state.next_offset = last.offset + 1;
         state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
@@ -186,6 +190,23 @@ impl SpeedLayer {
         removed
     }
 
+    /// Adds the rows of `buckets` of view `i` in one partition's `state` to `out`. The
+    /// partition's lock is held for one bucket at a time: ingestion waits at most one
+    /// bucket's merge. Buckets pruned in between are simply gone.
+    fn query_partition(
+        &self,
+        i: usize,
+        state: &RwLock<PartitionState>,
+        q: &ViewQuery,
+        buckets: &[i64],
+        out: &mut RowSet,
+    ) {
+        for &bucket in buckets {
+            let s = read(state);
+            self.aggregators[i].query_bucket(&s.groups[i], &s.interner, bucket, q, out);
+        }
+    }
+
     /// The index of `view`'s aggregator.
     fn aggregator(&self, view: &str) -> Option<usize> {
         self.aggregators.iter().position(|a| a.view.name == view)
@@ -208,11 +229,17 @@ impl SpeedLayer {
                     .groups
                     .iter()
                     .flat_map(|g| g.values())
-                    .map(|b| b.len())
+                    .map(|b| b.groups.len())
                     .sum::<usize>()
             })
             .sum()
     }
+}
+
+/// `h` and `x` mixed (FxHash's step): equal inputs give equal stamps, different ones almost
+/// surely different stamps.
+fn mix(h: u64, x: u64) -> u64 {
+    (h.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95)
 }
 
 fn read(state: &RwLock<PartitionState>) -> RwLockReadGuard<'_, PartitionState> {
@@ -237,14 +264,47 @@ impl RealtimeView for SpeedLayer {
         let mut out = RowSet::default();
         for (_, state) in self.partition_states() {
             let buckets = agg.buckets(&read(&state).groups[i], q, covered);
-            // The partition's lock is held for one bucket at a time: ingestion waits at most
-            // one bucket's merge. Buckets pruned in between are simply gone.
-            for bucket in buckets {
-                let s = read(&state);
-                agg.query_bucket(&s.groups[i], &s.interner, bucket, q, &mut out);
-            }
+            self.query_partition(i, &state, q, &buckets, &mut out);
         }
         Ok(out.into_rows())
+    }
+
+    fn query_buckets(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        _covered: &Coverage,
+        buckets: &[i64],
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        let Some(i) = self.aggregator(&view.name) else {
+            return Err(CoreError::UnknownView(view.name.clone()));
+        };
+        let mut out = RowSet::default();
+        for (_, state) in self.partition_states() {
+            self.query_partition(i, &state, q, buckets, &mut out);
+        }
+        Ok(out.into_rows())
+    }
+
+    fn bucket_stamps(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        covered: &Coverage,
+    ) -> Option<BTreeMap<i64, u64>> {
+        let i = self.aggregator(&view.name)?;
+        let mut stamps: BTreeMap<i64, u64> = BTreeMap::new();
+        for (p, state) in self.partition_states() {
+            let s = read(&state);
+            for bucket in self.aggregators[i].buckets(&s.groups[i], q, covered) {
+                // Every partition's stamp enters the bucket's, so that a change in any of them
+                // (or a partition's state appearing) changes it.
+                let stamp = s.groups[i][&bucket].stamp;
+                let h = stamps.entry(bucket).or_insert(0);
+                *h = mix(mix(*h, p as u64), stamp);
+            }
+        }
+        Some(stamps)
     }
 
     fn status(&self) -> RealtimeStatus {
@@ -368,6 +428,31 @@ impl RealtimeView for SpeedLayers {
         match self.0.get(&view.source) {
             Some(layer) => layer.generation(view),
             None => Some(0),
+        }
+    }
+
+    fn bucket_stamps(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        covered: &Coverage,
+    ) -> Option<BTreeMap<i64, u64>> {
+        match self.0.get(&view.source) {
+            Some(layer) => layer.bucket_stamps(view, q, covered),
+            None => Some(BTreeMap::new()),
+        }
+    }
+
+    fn query_buckets(
+        &self,
+        view: &ViewDef,
+        q: &ViewQuery,
+        covered: &Coverage,
+        buckets: &[i64],
+    ) -> tandem_core::Result<Vec<AggRow>> {
+        match self.0.get(&view.source) {
+            Some(layer) => layer.query_buckets(view, q, covered, buckets),
+            None => Ok(Vec::new()),
         }
     }
 }
