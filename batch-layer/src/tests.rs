@@ -478,4 +478,24 @@ metrics = [
         );
     }
     assert!(used.contains(&None), "{used:?}");
+
+    // A query's memory is bounded: past the most grouped rows it may hold, it is refused as a
+    // bad query that says so; a smaller one is answered.
+    let bounded = DeltaBatchViews::new(s.storage.clone())
+        .with_refresh(std::time::Duration::ZERO)
+        .with_max_groups(100);
+    assert_eq!(bounded.coverage(plain).await.unwrap(), cov_plain);
+    let mut q = ViewQuery::all(plain, start, start + 4 * DAY_US);
+    q.group_by = vec![0, 1, 2];
+    let err = bounded.query(plain, &q, &cov_plain).await.unwrap_err();
+    assert!(
+        matches!(&err, tandem_core::CoreError::BadQuery(m) if m.contains("more than 100 rows of `kinds_plain`")),
+        "{err}"
+    );
+    q.group_by = Vec::new();
+    q.granularity = Granularity::Day;
+    assert_eq!(
+        bounded.query(plain, &q, &cov_plain).await.unwrap().len(),
+        4 * 24
+    );
 }

@@ -24,7 +24,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::prelude::ident;
 use tandem_core::metric::MetricState;
-use tandem_core::query::{AggRow, Coverage, ViewQuery};
+use tandem_core::query::{too_many_groups, AggRow, Coverage, ViewQuery, MAX_QUERY_GROUPS};
 use tandem_core::storage::Storage;
 use tandem_core::traits::BatchViews;
 use tandem_core::view::{Granularity, Rollup, ViewDef, BASE_ROLLUP, BUCKET_COLUMN, ROLLUP_COLUMN};
@@ -44,6 +44,8 @@ pub struct DeltaBatchViews {
     storage: Storage,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     refresh: Duration,
+    /// The most grouped rows one query may hold.
+    max_groups: usize,
 }
 
 /// One view's loaded versions and the single flight that refreshes them.
@@ -92,7 +94,15 @@ impl DeltaBatchViews {
             storage,
             slots: Mutex::new(HashMap::new()),
             refresh: Duration::from_secs(1),
+            max_groups: MAX_QUERY_GROUPS,
         }
+    }
+
+    /// The most grouped rows one query may hold before its limit applies (default
+    /// [`MAX_QUERY_GROUPS`]); a query past it is refused as a bad query.
+    pub fn with_max_groups(mut self, max: usize) -> Self {
+        self.max_groups = max;
+        self
     }
 
     /// How often each view's log is looked at for a newer publish.
@@ -354,7 +364,14 @@ impl Loaded {
     }
 
     /// The rows of covered buckets in the query's range, filtered and grouped as asked.
-    fn answer(&self, q: &ViewQuery, coverage: &Coverage) -> Vec<AggRow> {
+    /// The grouped rows of `q` (at most `max_groups`, else a bad-query error).
+    fn answer(
+        &self,
+        view: &str,
+        max_groups: usize,
+        q: &ViewQuery,
+        coverage: &Coverage,
+    ) -> tandem_core::Result<Vec<AggRow>> {
         let table = self.table_for(q);
         let std::ops::Range { start, end } = table.range(q);
         // Each filter as the ids it accepts; a value never seen accepts nothing.
@@ -404,6 +421,9 @@ impl Loaded {
                         }
                     }
                 }
+                if out.len() + groups.len() > max_groups {
+                    return Err(too_many_groups(view, max_groups));
+                }
                 out.extend(groups.drain().map(|(ids, states)| {
                     AggRow {
                         bucket_us: bucket,
@@ -419,7 +439,7 @@ impl Loaded {
             }
             row = run_end;
         }
-        out
+        Ok(out)
     }
 }
 
@@ -492,6 +512,6 @@ impl BatchViews for DeltaBatchViews {
                 )
                 .into(),
             })?;
-        Ok(loaded.answer(q, coverage))
+        loaded.answer(&view.name, self.max_groups, q, coverage)
     }
 }

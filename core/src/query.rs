@@ -14,6 +14,19 @@ use crate::view::{Granularity, ViewDef};
 /// The rows an answer holds when the query does not say.
 pub const DEFAULT_LIMIT: usize = 10_000;
 
+/// The most grouped rows one query may hold from a layer before its limit applies: the bound
+/// on a query's memory. A query past it is refused as too large (400), saying so.
+pub const MAX_QUERY_GROUPS: usize = 250_000;
+
+/// The error of a query on `view` past `max` grouped rows ([`MAX_QUERY_GROUPS`] by default).
+pub fn too_many_groups(view: &str, max: usize) -> crate::CoreError {
+    crate::CoreError::BadQuery(format!(
+        "the query groups more than {max} rows of `{view}` before its limit \
+         applies, the most one query may hold; narrow the range, group by fewer dimensions, \
+         filter, or ask a coarser granularity"
+    ))
+}
+
 /// What to sort the rows by.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrderBy {

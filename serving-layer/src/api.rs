@@ -19,6 +19,7 @@ use serde_json::{json, Value as Json_};
 use tandem_core::query::RealtimeStatus;
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
+use tandem_core::view::ViewDef;
 use tandem_core::Catalog;
 use tower::{BoxError, ServiceBuilder};
 
@@ -311,8 +312,8 @@ async fn run_query(
         let gzip = gzip::accepted(headers);
         let q = normalized(view, q);
         let coverage = state.batch.coverage(view).await?;
-        let generation = state.speed.generation(view);
-        let key = generation.map(|g| AnswerCache::key(view, &q, &coverage, g));
+        let key = speed_state(state.speed.as_ref(), view, &q, &coverage)
+            .map(|s| AnswerCache::key(view, &q, &coverage, s));
         // An answer still standing is sent from here, if its rows are printed (and deflated,
         // for gzip) already: sending it is no work.
         if let (Some(key), Format::Json) = (&key, format) {
@@ -364,6 +365,25 @@ async fn run_query(
     result
 }
 
+/// What the speed part of `q`'s answer depends on: the stamps of the speed buckets it reads,
+/// so that events which change none of them (other views' events, other ranges) leave the
+/// answer standing; or the speed layer's generation if it has no stamps; `None` if neither.
+fn speed_state(
+    speed: &dyn RealtimeView,
+    view: &ViewDef,
+    q: &tandem_core::query::ViewQuery,
+    coverage: &tandem_core::query::Coverage,
+) -> Option<u64> {
+    match speed.bucket_stamps(view, q, coverage) {
+        Some(stamps) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&stamps, &mut h);
+            Some(std::hash::Hasher::finish(&h))
+        }
+        None => speed.generation(view),
+    }
+}
+
 /// An error several waiting queries share, as each one's own.
 fn shared_error(e: Arc<ApiError>) -> ApiError {
     Arc::try_unwrap(e).unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
@@ -380,9 +400,10 @@ fn render_answer(
     let result = &answered.result;
     let batch = || render::with_meta(&answered.batch, result, realtime);
     Ok(match format {
+        // CSV and Arrow are printed a chunk of rows at a time, as the client takes them.
         Format::Csv => (
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            render::to_csv(&batch()?)?,
+            Body::from_stream(futures::stream::iter(render::csv_chunks(batch()?))),
         )
             .into_response(),
         Format::Json => {
@@ -417,7 +438,7 @@ fn render_answer(
         }
         Format::Arrow => (
             [(header::CONTENT_TYPE, ARROW_STREAM)],
-            render::to_ipc(&batch()?)?,
+            Body::from_stream(futures::stream::iter(render::ipc_chunks(batch()?)?)),
         )
             .into_response(),
     })

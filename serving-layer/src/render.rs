@@ -204,9 +204,56 @@ impl JsonRows {
     }
 }
 
+/// Rows per chunk of a streamed CSV or Arrow answer.
+pub const STREAM_ROWS: usize = 1024;
+
 /// CSV with a header: `bucket,source,<dims>,<metrics>`, printed by arrow-csv from the Arrow
 /// batch; a distinct metric gives its value.
 pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, CoreError> {
+    csv(batch, true)
+}
+
+/// The CSV of `batch` (as [`to_csv`]) in chunks of [`STREAM_ROWS`] rows, each printed when
+/// it is asked for: a large answer goes out as it is printed, one chunk held at a time.
+pub fn csv_chunks(
+    batch: RecordBatch,
+) -> impl Iterator<Item = Result<Bytes, CoreError>> + Send + 'static {
+    let n = batch.num_rows();
+    (0..n.max(1)).step_by(STREAM_ROWS).map(move |start| {
+        let len = STREAM_ROWS.min(n - start);
+        csv(&batch.slice(start, len), start == 0).map(Bytes::from)
+    })
+}
+
+/// The Arrow IPC stream of `batch` (as [`to_ipc`]) in chunks: the schema with the first
+/// [`STREAM_ROWS`] rows, then a chunk of rows at a time, then the end of the stream, each
+/// written when it is asked for.
+pub fn ipc_chunks(
+    batch: RecordBatch,
+) -> Result<impl Iterator<Item = Result<Bytes, CoreError>> + Send + 'static, CoreError> {
+    let mut writer = Some(StreamWriter::try_new(Vec::new(), &batch.schema())?);
+    let (n, mut start) = (batch.num_rows(), 0);
+    Ok(std::iter::from_fn(move || {
+        let mut w = writer.take()?;
+        let finishing = start >= n;
+        let written = if finishing {
+            w.finish()
+        } else {
+            let len = STREAM_ROWS.min(n - start);
+            let slice = batch.slice(start, len);
+            start += len;
+            w.write(&slice)
+        };
+        let bytes = Bytes::from(std::mem::take(w.get_mut()));
+        // The writer goes on until it has finished the stream, or failed.
+        if written.is_ok() && !finishing {
+            writer = Some(w);
+        }
+        Some(written.map(|()| bytes).map_err(CoreError::from))
+    }))
+}
+
+fn csv(batch: &RecordBatch, header: bool) -> Result<Vec<u8>, CoreError> {
     let schema = batch.schema();
     let mut fields = Vec::with_capacity(batch.num_columns());
     let mut columns = Vec::with_capacity(batch.num_columns());
@@ -233,7 +280,7 @@ pub fn to_csv(batch: &RecordBatch) -> Result<Vec<u8>, CoreError> {
     )?;
     let mut out = Vec::new();
     let mut writer = datafusion::arrow::csv::WriterBuilder::new()
-        .with_header(true)
+        .with_header(header)
         .with_timestamp_tz_format("%Y-%m-%dT%H:%M:%S%.fZ".to_string())
         .build(&mut out);
     writer.write(&flat)?;
@@ -412,5 +459,29 @@ mod tests {
             lines[2],
             format!("{},speed,,0,0.000000,", format_us(20_001 * DAY_US))
         );
+    }
+
+    #[test]
+    fn streamed_csv_and_arrow_are_the_whole_answer_in_chunks() {
+        let (catalog, result) = purchases();
+        let view = &catalog.views["purchases_daily"];
+        let one = to_arrow(&result, view).unwrap();
+        let copies = vec![one.clone(); 2 * STREAM_ROWS / one.num_rows().max(1) + 3];
+        let big = datafusion::arrow::compute::concat_batches(&one.schema(), &copies).unwrap();
+        assert!(big.num_rows() > 2 * STREAM_ROWS);
+        for b in [big, one.slice(0, 0)] {
+            let chunks: Vec<Bytes> = csv_chunks(b.clone()).map(Result::unwrap).collect();
+            assert_eq!(chunks.len(), b.num_rows().div_ceil(STREAM_ROWS).max(1));
+            assert_eq!(chunks.concat(), to_csv(&b).unwrap());
+
+            let chunks: Vec<Bytes> = ipc_chunks(b.clone()).unwrap().map(Result::unwrap).collect();
+            assert_eq!(chunks.len(), b.num_rows().div_ceil(STREAM_ROWS) + 1);
+            let bytes = chunks.concat();
+            let reader =
+                datafusion::arrow::ipc::reader::StreamReader::try_new(&bytes[..], None).unwrap();
+            let read: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+            let read = datafusion::arrow::compute::concat_batches(&b.schema(), &read).unwrap();
+            assert_eq!(read, b);
+        }
     }
 }
