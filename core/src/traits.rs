@@ -18,8 +18,9 @@ pub trait RealtimeView: Send + Sync + std::fmt::Debug {
     /// How fresh the answers are.
     fn status(&self) -> RealtimeStatus;
 
-    /// A number that changes whenever `view`'s answers may change (events applied, state
-    /// pruned): answers computed at one generation can be reused while it lasts. `None`: no
+    /// A number that changes whenever `view`'s answers may change (its events applied, its
+    /// state pruned): answers computed at one generation can be reused while it lasts. Read
+    /// on every query: it must take no lock. `None`: no
     /// such number; answers are never reused.
     fn generation(&self, _view: &ViewDef) -> Option<u64> {
         None

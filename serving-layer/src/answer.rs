@@ -19,13 +19,14 @@ use crate::gzip::Deflated;
 use crate::merge::{batch_part, shell, speed_part, Order, SortKey, SpeedBuckets};
 use crate::render::{to_arrow, JsonRows};
 
-/// An answer ready to send: the result (without rows: they are in the batch), its Arrow batch
-/// (without the answer's metadata), and its JSON rows as runs of the rows its parts printed
-/// (shared with every answer built from the same parts, never copied).
+/// An answer ready to send: the result (without rows: they are in its parts), and its rows as
+/// runs of the rows its parts printed: JSON shared with every answer built from the same parts
+/// (never copied), an Arrow batch built when a client first asks for Arrow or CSV.
 #[derive(Debug)]
 pub struct Answered {
     pub result: QueryResult,
-    pub batch: RecordBatch,
+    /// The Arrow batch (without the answer's metadata), once asked for.
+    batch: OnceLock<RecordBatch>,
     settled: Arc<Settled>,
     fresh: Rendered,
     /// The rows in the answer's order: runs of consecutive rows of one part (0: settled, 1:
@@ -42,7 +43,36 @@ const MAX_SLICES: usize = 64;
 impl Answered {
     /// Bytes held, roughly, besides the settled part (the cache of those counts it).
     pub fn weight(&self) -> usize {
-        self.fresh.bytes() + self.batch.get_array_memory_size() + self.runs.len() * 32 + 1024
+        // The Arrow batch, if it is built, holds about the rows' own Arrow size again.
+        self.fresh.bytes() * 2 + self.runs.len() * 32 + 1024
+    }
+
+    /// The rows as one Arrow batch (without the answer's metadata), built by the first caller.
+    pub fn batch(&self) -> Result<RecordBatch, CoreError> {
+        if let Some(b) = self.batch.get() {
+            return Ok(b.clone());
+        }
+        let parts = [&self.settled.rows, &self.fresh];
+        let picks: Vec<(usize, usize)> = self
+            .runs
+            .iter()
+            .flat_map(|(p, rows)| rows.clone().map(move |i| (*p, i)))
+            .collect();
+        let columns = (0..parts[0].batch.num_columns())
+            .map(|c| {
+                let arrays: [&dyn Array; 2] = [
+                    parts[0].batch.column(c).as_ref(),
+                    parts[1].batch.column(c).as_ref(),
+                ];
+                interleave(&arrays, &picks)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new_with_options(
+            parts[0].batch.schema(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(picks.len())),
+        )?;
+        Ok(self.batch.get_or_init(|| batch).clone())
     }
 
     fn part(&self, p: usize) -> &Rendered {
@@ -273,20 +303,6 @@ pub fn answer(
         next[part] += 1;
     }
 
-    let columns = (0..parts[0].batch.num_columns())
-        .map(|c| {
-            let arrays: [&dyn Array; 2] = [
-                parts[0].batch.column(c).as_ref(),
-                parts[1].batch.column(c).as_ref(),
-            ];
-            interleave(&arrays, &picks)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let batch = RecordBatch::try_new_with_options(
-        parts[0].batch.schema(),
-        columns,
-        &RecordBatchOptions::new().with_row_count(Some(picks.len())),
-    )?;
     let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
     for &(p, i) in &picks {
         match runs.last_mut() {
@@ -298,7 +314,7 @@ pub fn answer(
     result.truncated = total > q.limit;
     Ok(Answered {
         result,
-        batch,
+        batch: OnceLock::new(),
         settled: Arc::clone(settled),
         fresh,
         runs,

@@ -19,7 +19,6 @@ use serde_json::{json, Value as Json_};
 use tandem_core::query::RealtimeStatus;
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
-use tandem_core::view::ViewDef;
 use tandem_core::Catalog;
 use tower::{BoxError, ServiceBuilder};
 
@@ -312,8 +311,10 @@ async fn run_query(
         let gzip = gzip::accepted(headers);
         let q = normalized(view, q);
         let coverage = state.batch.coverage(view).await?;
-        let key = speed_state(state.speed.as_ref(), view, &q, &coverage)
-            .map(|s| AnswerCache::key(view, &q, &coverage, s));
+        let key = state
+            .speed
+            .generation(view)
+            .map(|g| AnswerCache::key(view, &q, &coverage, g));
         // An answer still standing is sent from here, if its rows are printed (and deflated,
         // for gzip) already: sending it is no work.
         if let (Some(key), Format::Json) = (&key, format) {
@@ -365,25 +366,6 @@ async fn run_query(
     result
 }
 
-/// What the speed part of `q`'s answer depends on: the stamps of the speed buckets it reads,
-/// so that events which change none of them (other views' events, other ranges) leave the
-/// answer standing; or the speed layer's generation if it has no stamps; `None` if neither.
-fn speed_state(
-    speed: &dyn RealtimeView,
-    view: &ViewDef,
-    q: &tandem_core::query::ViewQuery,
-    coverage: &tandem_core::query::Coverage,
-) -> Option<u64> {
-    match speed.bucket_stamps(view, q, coverage) {
-        Some(stamps) => {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            std::hash::Hash::hash(&stamps, &mut h);
-            Some(std::hash::Hasher::finish(&h))
-        }
-        None => speed.generation(view),
-    }
-}
-
 /// An error several waiting queries share, as each one's own.
 fn shared_error(e: Arc<ApiError>) -> ApiError {
     Arc::try_unwrap(e).unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
@@ -398,7 +380,7 @@ fn render_answer(
     gzip: bool,
 ) -> Result<Response, ApiError> {
     let result = &answered.result;
-    let batch = || render::with_meta(&answered.batch, result, realtime);
+    let batch = || render::with_meta(&answered.batch()?, result, realtime);
     Ok(match format {
         // CSV and Arrow are printed a chunk of rows at a time, as the client takes them.
         Format::Csv => (

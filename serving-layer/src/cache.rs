@@ -6,15 +6,15 @@
 //! speed's few rows; a new publish makes everything new.
 //!
 //! An answer depends on the view's definition, the batch version it was answered from, the
-//! state of the speed buckets it reads (their stamps, `RealtimeView::bucket_stamps`, or else
-//! the speed layer's generation) and the query. The key holds all four, so a cached answer is
-//! exactly the answer a recomputation would give: a new publish or an event in one of its
-//! buckets makes a new key, and the old entry is never served again (it ages out); events of
-//! other views or other ranges leave it standing.
+//! view's speed state (its generation, `RealtimeView::generation`, an atomic read that takes
+//! no lock ingestion needs) and the query. The key holds all four, so a cached answer is
+//! exactly the answer a recomputation would give: a new publish or an event of the view makes
+//! a new key, and the old entry is never served again (it ages out); events of other views
+//! leave it standing.
 //! The range enters the key as the view buckets it selects, so dashboards asking "the last 7
 //! days" with a moving `to` share one entry per bucket. The rows are kept printed as JSON and as
 //! an Arrow batch; the freshness in `meta` (speed lag) is each request's own. With a speed layer
-//! without stamps or generations whole answers are never cached. The cache is bounded by the
+//! without generations whole answers are never cached. The cache is bounded by the
 //! bytes it holds ([`AnswerCache::new`]); an answer lives at most 10 s unused, a settled part
 //! two minutes.
 
@@ -93,10 +93,10 @@ impl AnswerCache {
         )
     }
 
-    /// The key of `q` on `view` answered at `coverage` and speed state `speed` (a hash of the
-    /// stamps of the buckets it reads, or the generation). `q`'s range must be [`normalized`].
-    pub fn key(view: &ViewDef, q: &ViewQuery, coverage: &Coverage, speed: u64) -> String {
-        format!("{}\u{1}{speed}", Self::settled_key(view, q, coverage))
+    /// The key of `q` on `view` answered at `coverage` and speed `generation`. `q`'s range must
+    /// be [`normalized`].
+    pub fn key(view: &ViewDef, q: &ViewQuery, coverage: &Coverage, generation: u64) -> String {
+        format!("{}\u{1}{generation}", Self::settled_key(view, q, coverage))
     }
 
     /// The cached answer of `key`, if there is one.

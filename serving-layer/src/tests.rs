@@ -905,7 +905,7 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
                         let got = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
                         let case = format!("{q:?}");
                         assert_eq!(got.result.truncated, whole.truncated, "{case}");
-                        assert_eq!(got.batch.columns(), expected.columns(), "{case}");
+                        assert_eq!(got.batch().unwrap().columns(), expected.columns(), "{case}");
                         assert_eq!(
                             got.json_rows().concat(),
                             JsonRows::print(q.group_by.len(), &expected)
@@ -1054,7 +1054,10 @@ async fn an_answer_rereads_only_the_speed_buckets_whose_stamp_changed() {
     };
 
     let first = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
-    assert_eq!(first.batch.columns(), expect(&speed).await.columns());
+    assert_eq!(
+        first.batch().unwrap().columns(),
+        expect(&speed).await.columns()
+    );
     assert_eq!(
         std::mem::take(&mut *speed.read.lock().unwrap()),
         vec![h(0), h(1), h(2)]
@@ -1064,19 +1067,31 @@ async fn an_answer_rereads_only_the_speed_buckets_whose_stamp_changed() {
     speed.rows.lock().unwrap().push((h(1), "c", 4));
     speed.stamps.lock().unwrap().insert(h(1), 4);
     let second = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
-    assert_eq!(second.batch.columns(), expect(&speed).await.columns());
-    assert_eq!(second.batch.num_rows(), first.batch.num_rows() + 1);
+    assert_eq!(
+        second.batch().unwrap().columns(),
+        expect(&speed).await.columns()
+    );
+    assert_eq!(
+        second.batch().unwrap().num_rows(),
+        first.batch().unwrap().num_rows() + 1
+    );
     assert_eq!(std::mem::take(&mut *speed.read.lock().unwrap()), vec![h(1)]);
 
     // Unchanged: nothing is read.
     let third = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
-    assert_eq!(third.batch.columns(), second.batch.columns());
+    assert_eq!(
+        third.batch().unwrap().columns(),
+        second.batch().unwrap().columns()
+    );
     assert!(speed.read.lock().unwrap().is_empty());
 
     // A bucket gone (pruned) is no longer answered.
     speed.rows.lock().unwrap().retain(|r| r.0 != h(2));
     speed.stamps.lock().unwrap().remove(&h(2));
     let fourth = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
-    assert_eq!(fourth.batch.columns(), expect(&speed).await.columns());
+    assert_eq!(
+        fourth.batch().unwrap().columns(),
+        expect(&speed).await.columns()
+    );
     assert!(speed.read.lock().unwrap().is_empty());
 }

@@ -90,17 +90,17 @@ impl ViewAggregator {
     }
 
     /// Folds `batch` (decoded events of the view's schema) into `groups`, stamping the buckets
-    /// it changes with `stamp`.
+    /// it changes with `stamp`. Returns whether it changed any.
     pub fn apply(
         &self,
         batch: &RecordBatch,
         groups: &mut Groups,
         interner: &mut Interner,
         stamp: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let n = batch.num_rows();
         if n == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let mask: Option<BooleanArray> = self
             .filter
@@ -166,7 +166,7 @@ impl ViewAggregator {
                 state.update(*col, row);
             }
         }
-        Ok(())
+        Ok(current.is_some())
     }
 
     /// Drops the groups of buckets `covered` covers; returns how many.

@@ -58,8 +58,10 @@ pub struct SpeedLayer {
     partitions: RwLock<BTreeMap<i32, Arc<RwLock<PartitionState>>>>,
     clock: Arc<dyn Clock>,
     pub stats: SpeedStats,
-    /// Bumped by every change of the state (see `RealtimeView::generation`).
-    generation: AtomicU64,
+    /// Per view (in the order of `aggregators`): bumped by every change of its state (see
+    /// `RealtimeView::generation`), so that events of one view leave the others' answers
+    /// standing.
+    generations: Vec<AtomicU64>,
     /// The last stamp given to an apply (see `RealtimeView::bucket_stamps`).
     stamps: AtomicU64,
 }
@@ -75,13 +77,14 @@ impl SpeedLayer {
             .views_of(schema)
             .map(|v| ViewAggregator::new(Arc::clone(v), s))
             .collect::<Result<Vec<_>>>()?;
+        let views = aggregators.len();
         Ok(SpeedLayer {
             decoder: Decoder::new(Arc::clone(s)),
             aggregators,
             partitions: RwLock::new(BTreeMap::new()),
             clock,
             stats: SpeedStats::default(),
-            generation: AtomicU64::new(0),
+            generations: (0..views).map(|_| AtomicU64::new(0)).collect(),
             stamps: AtomicU64::new(0),
         })
     }
@@ -145,12 +148,19 @@ impl SpeedLayer {
         }
         let decoded = self.decoder.decode(messages, self.clock.now_us())?;
         let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
-        for (agg, groups) in self.aggregators.iter().zip(state.groups.iter_mut()) {
-            agg.apply(&decoded.batch, groups, &mut state.interner, stamp)?;
+        for (i, (agg, groups)) in self
+            .aggregators
+            .iter()
+            .zip(state.groups.iter_mut())
+            .enumerate()
+        {
+            if agg.apply(&decoded.batch, groups, &mut state.interner, stamp)? {
+                // After the change, before the partition's lock is released.
+                self.generations[i].fetch_add(1, Ordering::Release);
+            }
         }
         state.next_offset = last.offset + 1;
         state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
-        self.generation.fetch_add(1, Ordering::Release);
         self.stats
             .events
             .fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
@@ -179,7 +189,7 @@ impl SpeedLayer {
             .map(|(_, state)| self.aggregators[i].prune(&mut write(state).groups[i], covered))
             .sum();
         if removed > 0 {
-            self.generation.fetch_add(1, Ordering::Release);
+            self.generations[i].fetch_add(1, Ordering::Release);
         }
         self.stats
             .pruned_groups
@@ -323,8 +333,9 @@ impl RealtimeView for SpeedLayer {
         }
     }
 
-    fn generation(&self, _: &ViewDef) -> Option<u64> {
-        Some(self.generation.load(Ordering::Acquire))
+    fn generation(&self, view: &ViewDef) -> Option<u64> {
+        let i = self.aggregator(&view.name)?;
+        Some(self.generations[i].load(Ordering::Acquire))
     }
 }
 

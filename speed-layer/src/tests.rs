@@ -210,7 +210,20 @@ fn a_bucket_stamp_changes_only_with_its_own_state() {
         .map(|e| e.to_json())
         .collect();
     assert!(!late.is_empty());
+    // Events the view filters out change other views' generations, not its own.
+    let daily = &catalog.views["active_devices_daily"];
+    let (gen_installs, gen_daily) = (layer.generation(v), layer.generation(daily));
+    let launches: Vec<String> = Generator::new(GenConfig::default())
+        .history(200, hour, hour + HOUR_US)
+        .filter(|e| e.event_name != "install")
+        .map(|e| e.to_json())
+        .collect();
+    layer.apply(2, &messages(&launches, 2, None)).unwrap();
+    assert_eq!(layer.generation(v), gen_installs);
+    assert_ne!(layer.generation(daily), gen_daily);
+    assert_eq!(layer.bucket_stamps(v, &q, &covered).unwrap(), before);
     layer.apply(1, &messages(&late, 1, None)).unwrap();
+    assert_ne!(layer.generation(v), gen_installs);
     let after = layer.bucket_stamps(v, &q, &covered).unwrap();
     for (b, stamp) in &before {
         if *b == hour {
