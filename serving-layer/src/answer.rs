@@ -32,12 +32,15 @@ pub struct Answered {
     /// The rows in the answer's order: runs of consecutive rows of one part (0: settled, 1:
     /// fresh).
     runs: Vec<(usize, Range<usize>)>,
+    /// The JSON rows in one buffer, when they are too many runs to send as slices.
+    joined: OnceLock<Bytes>,
     /// The JSON rows deflated, once the first client accepting gzip asks (`None`: deflating
     /// failed, and gzip is not offered).
     gzip: OnceLock<Option<Deflated>>,
 }
 
-/// Past this many runs, an answer's JSON rows are sent as one buffer rather than as slices.
+/// Past this many runs, an answer's JSON rows are sent as one buffer (joined once) rather
+/// than as slices.
 const MAX_SLICES: usize = 64;
 
 impl Answered {
@@ -94,9 +97,12 @@ impl Answered {
         if self.runs.len() <= MAX_SLICES {
             return slices.collect();
         }
-        let mut joined = Vec::new();
-        slices.for_each(|b| joined.extend_from_slice(&b));
-        vec![joined.into()]
+        let joined = self.joined.get_or_init(|| {
+            let mut joined = Vec::new();
+            slices.for_each(|b| joined.extend_from_slice(&b));
+            joined.into()
+        });
+        vec![joined.clone()]
     }
 
     /// Whether the gzip rows are ready (sending them costs no compression).
@@ -318,6 +324,7 @@ pub fn answer(
         settled: Arc::clone(settled),
         fresh,
         runs,
+        joined: OnceLock::new(),
         gzip: OnceLock::new(),
     })
 }

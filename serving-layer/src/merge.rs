@@ -42,21 +42,9 @@ pub async fn answer_at(
 ) -> Result<QueryResult> {
     let part = batch_part(view, q, &coverage, batch).await?;
     let fresh = speed_part(view, q, &coverage, &part.open, speed, None)?;
-    let order = Order::new(view, q);
-    let mut rows: Vec<ResultRow> = Vec::with_capacity(part.settled.len() + fresh.len());
-    let (mut a, mut b) = (
-        part.settled.into_iter().peekable(),
-        fresh.into_iter().peekable(),
-    );
-    loop {
-        let take_a = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) => order.compare(&order.key(x), &order.key(y)) != Ordering::Greater,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => break,
-        };
-        rows.extend(if take_a { a.next() } else { b.next() });
-    }
+    let mut rows = part.settled;
+    rows.extend(fresh);
+    Order::new(view, q).sort(&mut rows);
     let truncated = rows.len() > q.limit;
     rows.truncate(q.limit);
     let mut result = shell(view, q, coverage);
@@ -203,16 +191,6 @@ impl SpeedBuckets {
             }
         }
         Ok(rows)
-    }
-
-    /// Rows kept.
-    pub fn len(&self) -> usize {
-        let kept = self.0.lock().expect("kept speed rows lock poisoned");
-        kept.values().map(|(_, r)| r.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

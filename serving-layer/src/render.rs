@@ -225,7 +225,7 @@ pub fn csv_chunks(
     })
 }
 
-/// The Arrow IPC stream of `batch` (as [`to_ipc`]) in chunks: the schema with the first
+/// The Arrow IPC stream of `batch` in chunks: the schema with the first
 /// [`STREAM_ROWS`] rows, then a chunk of rows at a time, then the end of the stream, each
 /// written when it is asked for.
 pub fn ipc_chunks(
@@ -285,16 +285,6 @@ fn csv(batch: &RecordBatch, header: bool) -> Result<Vec<u8>, CoreError> {
         .build(&mut out);
     writer.write(&flat)?;
     drop(writer);
-    Ok(out)
-}
-
-/// The batch as an Arrow IPC stream.
-pub fn to_ipc(batch: &RecordBatch) -> Result<Vec<u8>, CoreError> {
-    let mut out = Vec::new();
-    let mut w = StreamWriter::try_new(&mut out, &batch.schema())?;
-    w.write(batch)?;
-    w.finish()?;
-    drop(w);
     Ok(out)
 }
 

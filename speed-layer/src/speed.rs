@@ -3,10 +3,10 @@
 //!
 //! State lives in memory, each partition behind its own lock: ingestion into one partition
 //! never waits for another, and a query holds a partition's lock for one bucket's merge at a
-//! time, so ingestion waits at most that long. A message whose offset the partition has already applied is skipped,
-//! so a redelivery never counts twice. Buckets a published batch covers are dropped once the
-//! publish is older than a grace period ([`prune_covered`]), so the state holds what no batch
-//! covers yet, plus that grace. Without checkpoints, a restarted speed layer replays its
+//! time, so ingestion waits at most that long. A message whose offset the partition has
+//! already applied is skipped, so a redelivery never counts twice. Buckets a published batch
+//! covers are dropped once the publish is older than a grace period ([`prune_covered`]), so the
+//! state holds what no batch covers yet, plus that grace. Without checkpoints, a restarted speed layer replays its
 //! topic from the earliest retained offset (its consumer group never commits).
 
 use std::collections::BTreeMap;
