@@ -97,7 +97,8 @@ pub struct QueryArgs {
     /// Comma-separated dimensions.
     #[arg(long)]
     pub group_by: Option<String>,
-    /// DIMENSION=VALUE; repeat to combine.
+    /// DIM=VALUE, DIM!=VALUE, DIM.in=A,B, DIM.not_in=A,B or DIM.prefix=TEXT; repeat to
+    /// combine.
     #[arg(long = "where")]
     pub filters: Vec<String>,
     /// Comma-separated metrics.

@@ -59,9 +59,11 @@ impl Dictionary {
         (id != 0).then(|| self.values[dim][id as usize - 1].as_str())
     }
 
-    /// The id of `value`, if it was seen.
-    pub(crate) fn id(&self, dim: usize, value: &str) -> Option<u32> {
-        self.ids[dim].get(value).copied()
+    /// Per id of `dim` (0, null, first), whether `m` accepts its value.
+    pub(crate) fn accepted(&self, dim: usize, m: &tandem_core::query::Match) -> Vec<bool> {
+        std::iter::once(m.accepts(None))
+            .chain(self.values[dim].iter().map(|v| m.accepts(Some(v))))
+            .collect()
     }
 }
 

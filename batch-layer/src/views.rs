@@ -374,17 +374,11 @@ impl Loaded {
     ) -> tandem_core::Result<Vec<AggRow>> {
         let table = self.table_for(q);
         let std::ops::Range { start, end } = table.range(q);
-        // Each filter as the ids it accepts; a value never seen accepts nothing.
-        let filters: Vec<(usize, Vec<u32>)> = q
+        // Each filter as whether it accepts each id of its dimension.
+        let filters: Vec<(usize, Vec<bool>)> = q
             .filters
             .iter()
-            .map(|(d, values)| {
-                let ids = values
-                    .iter()
-                    .filter_map(|v| self.dictionary.id(*d, v))
-                    .collect();
-                (*d, ids)
-            })
+            .map(|(d, m)| (*d, self.dictionary.accepted(*d, m)))
             .collect();
         // Rows are sorted by bucket: group one bucket at a time, looking groups up by a reused
         // key, so a row that joins a group allocates nothing.
@@ -399,7 +393,7 @@ impl Loaded {
                 for r in row..run_end {
                     if !filters
                         .iter()
-                        .all(|(d, ids)| ids.contains(&table.dims[*d][r]))
+                        .all(|(d, accepted)| accepted[table.dims[*d][r] as usize])
                     {
                         continue;
                     }

@@ -40,6 +40,31 @@ pub enum OrderBy {
     },
 }
 
+/// What a filter accepts of one dimension's values. A null value is accepted by none, as by
+/// SQL's comparisons: `country != 'US'` keeps neither `US` nor rows without a country.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Match {
+    /// One of these values (`=`, `in`).
+    In(Vec<String>),
+    /// A value, and none of these (`!=`, `not in`).
+    NotIn(Vec<String>),
+    /// A value starting with this (`prefix`).
+    Prefix(String),
+}
+
+impl Match {
+    pub fn accepts(&self, value: Option<&str>) -> bool {
+        let Some(v) = value else {
+            return false;
+        };
+        match self {
+            Match::In(values) => values.iter().any(|x| x == v),
+            Match::NotIn(values) => !values.iter().any(|x| x == v),
+            Match::Prefix(p) => v.starts_with(p.as_str()),
+        }
+    }
+}
+
 /// A checked query on one view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewQuery {
@@ -50,9 +75,8 @@ pub struct ViewQuery {
     pub granularity: Granularity,
     /// Indexes into the view's dimensions to group by, in the order asked.
     pub group_by: Vec<usize>,
-    /// Equality filters: (dimension index, accepted values). Different dimensions AND,
-    /// values of one dimension OR.
-    pub filters: Vec<(usize, Vec<String>)>,
+    /// Filters: (dimension index, what it accepts), all of which a row must pass.
+    pub filters: Vec<(usize, Match)>,
     /// Indexes into the view's metrics to answer, in the order asked.
     pub metrics: Vec<usize>,
     pub order_by: OrderBy,
@@ -77,9 +101,7 @@ impl ViewQuery {
 
     /// Whether a row's full dimension values pass the filters.
     pub fn accepts(&self, dims: &[Option<&str>]) -> bool {
-        self.filters
-            .iter()
-            .all(|(d, values)| matches!(dims[*d], Some(v) if values.iter().any(|x| x == v)))
+        self.filters.iter().all(|(d, m)| m.accepts(dims[*d]))
     }
 
     /// Whether a native bucket start falls in the range.

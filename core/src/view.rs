@@ -789,7 +789,7 @@ metrics = [
         assert!(!hour_total.answers(&q, v.granularity), "it lacks `app`");
         // Not grouped but filtered by `app`: still needs `app`.
         q.group_by.clear();
-        q.filters = vec![(0, vec!["a".into()])];
+        q.filters = vec![(0, crate::query::Match::In(vec!["a".into()]))];
         assert!(!hour_total.answers(&q, v.granularity));
         q.filters.clear();
         assert!(hour_total.answers(&q, v.granularity));

@@ -12,7 +12,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
-use tandem_core::query::{OrderBy, ViewQuery, DEFAULT_LIMIT};
+use tandem_core::query::{Match, OrderBy, ViewQuery, DEFAULT_LIMIT};
 use tandem_core::time::{parse_instant, DAY_US};
 use tandem_core::view::{Granularity, ViewDef};
 
@@ -43,8 +43,11 @@ pub struct QueryParams {
     /// Dimensions to group by: a comma list or a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_by: Option<Names>,
-    /// `DIMENSION=VALUE` items (a list; repeated in a query string), or an object of
-    /// dimension to value or values. Values of one dimension OR, dimensions AND.
+    /// Filter items (a list; repeated in a query string): `DIM=VALUE`, `DIM!=VALUE`,
+    /// `DIM.in=V1,V2`, `DIM.not_in=V1,V2`, `DIM.prefix=TEXT`; or an object of `DIM` (or
+    /// `DIM.OP`, OP one of `eq`, `ne`, `in`, `not_in`, `prefix`) to a value or a list of
+    /// values. `=`/`in` values of one dimension OR, `!=`/`not in` values of one dimension
+    /// are all excluded, and every filter must hold. A null value passes no filter.
     #[serde(default, skip_serializing_if = "Filters::is_empty")]
     pub filter: Filters,
     /// Metrics to answer: a comma list or a list. Default: all of the view's.
@@ -118,6 +121,57 @@ impl Default for Filters {
     }
 }
 
+/// A filter's operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    In,
+    NotIn,
+    Prefix,
+}
+
+/// `DIM` or `DIM.OP` as the dimension and its operator (`eq` without one).
+fn dim_op(key: &str) -> Result<(String, Op), String> {
+    let Some((dim, op)) = key.split_once('.') else {
+        return Ok((key.to_string(), Op::Eq));
+    };
+    let op = match op {
+        "eq" => Op::Eq,
+        "ne" => Op::Ne,
+        "in" => Op::In,
+        "not_in" => Op::NotIn,
+        "prefix" => Op::Prefix,
+        _ => {
+            return Err(format!(
+                "filter operator `{}` is not one of eq, ne, in, not_in, prefix",
+                clip(op)
+            ))
+        }
+    };
+    Ok((dim.to_string(), op))
+}
+
+/// A filter item: `DIM=VALUE`, `DIM!=VALUE` or `DIM.OP=VALUE` (`in` and `not_in` take a comma
+/// list).
+fn item_triple(item: &str) -> Result<(String, Op, Vec<String>), String> {
+    let (key, value) = item.split_once('=').ok_or_else(|| {
+        format!(
+            "filter `{}` is not DIMENSION=VALUE, DIMENSION!=VALUE or DIMENSION.OP=VALUE",
+            clip(item)
+        )
+    })?;
+    let (dim, op) = match key.strip_suffix('!') {
+        Some(dim) => (dim.to_string(), Op::Ne),
+        None => dim_op(key)?,
+    };
+    let values = match op {
+        Op::In | Op::NotIn => value.split(',').map(str::to_string).collect(),
+        _ => vec![value.to_string()],
+    };
+    Ok((dim, op, values))
+}
+
 /// One value or several.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -134,27 +188,21 @@ impl Filters {
         }
     }
 
-    /// (dimension, value) pairs, in order.
-    fn pairs(&self) -> Result<Vec<(String, String)>, String> {
+    /// (dimension, operator, values) triples, in order.
+    fn triples(&self) -> Result<Vec<(String, Op, Vec<String>)>, String> {
         match self {
-            Filters::Items(items) => items
+            Filters::Items(items) => items.iter().map(|item| item_triple(item)).collect(),
+            Filters::ByDimension(map) => map
                 .iter()
-                .map(|item| {
-                    item.split_once('=')
-                        .map(|(d, v)| (d.to_string(), v.to_string()))
-                        .ok_or_else(|| format!("filter `{}` is not DIMENSION=VALUE", clip(item)))
-                })
-                .collect(),
-            Filters::ByDimension(map) => Ok(map
-                .iter()
-                .flat_map(|(d, v)| {
+                .map(|(key, v)| {
+                    let (dim, op) = dim_op(key)?;
                     let values = match v {
                         OneOrMany::One(s) => vec![s.text()],
                         OneOrMany::Many(l) => l.iter().map(Scalar::text).collect(),
                     };
-                    values.into_iter().map(move |v| (d.clone(), v))
+                    Ok((dim, op, values))
                 })
-                .collect()),
+                .collect(),
         }
     }
 }
@@ -292,18 +340,37 @@ impl QueryParams {
             }
             group_by.push(d);
         }
-        let mut filters: Vec<(usize, Vec<String>)> = Vec::new();
-        for (dim, value) in self.filter.pairs()? {
+        let mut filters: Vec<(usize, Match)> = Vec::new();
+        for (dim, op, values) in self.filter.triples()? {
             let d = dimension(view, &dim)?;
-            if value.len() > MAX_VALUE_LEN {
+            if values.iter().any(|v| v.len() > MAX_VALUE_LEN) {
                 return Err(format!(
                     "filter value of `{}` is longer than {MAX_VALUE_LEN} bytes",
                     clip(&dim)
                 ));
             }
-            match filters.iter_mut().find(|(i, _)| *i == d) {
-                Some((_, values)) => values.push(value),
-                None => filters.push((d, vec![value])),
+            if values.is_empty() {
+                return Err(format!("filter on `{}` has no value", clip(&dim)));
+            }
+            // Values of one dimension's `=`/`in` filters OR; of its `!=`/`not in`, all are
+            // excluded.
+            let merged = filters.iter_mut().find_map(|(i, m)| {
+                if *i != d {
+                    return None;
+                }
+                match (m, op) {
+                    (Match::In(v), Op::Eq | Op::In) => Some(v),
+                    (Match::NotIn(v), Op::Ne | Op::NotIn) => Some(v),
+                    _ => None,
+                }
+            });
+            match (merged, op) {
+                (Some(v), _) => v.extend(values),
+                (None, Op::Eq | Op::In) => filters.push((d, Match::In(values))),
+                (None, Op::Ne | Op::NotIn) => filters.push((d, Match::NotIn(values))),
+                (None, Op::Prefix) => {
+                    filters.extend(values.into_iter().map(|p| (d, Match::Prefix(p))))
+                }
             }
         }
         let metrics = match self.metrics.as_ref().map(Names::names) {
@@ -437,7 +504,10 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
         )
         .unwrap();
         assert_eq!(q.group_by, [1]);
-        assert_eq!(q.filters, [(0, vec!["a".to_string(), "b".to_string()])]);
+        assert_eq!(
+            q.filters,
+            [(0, Match::In(vec!["a".to_string(), "b".to_string()]))]
+        );
         assert_eq!(q.metrics, [1]);
         assert_eq!(
             q.order_by,
@@ -455,6 +525,44 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
         });
         let from_body = QueryParams::from_json(body).unwrap().resolve(&view(), NOW);
         assert_eq!(from_body.unwrap(), q);
+    }
+
+    #[test]
+    fn filter_operators_in_a_query_string_and_a_json_body() {
+        let q = resolve(
+            "filter=country!=US&filter=country.not_in=DE,FR&filter=app.prefix=com.&filter=app=x\
+             &filter=app.in=y,z",
+        )
+        .unwrap();
+        assert_eq!(
+            q.filters,
+            [
+                (1, Match::NotIn(vec!["US".into(), "DE".into(), "FR".into()])),
+                (0, Match::Prefix("com.".into())),
+                (0, Match::In(vec!["x".into(), "y".into(), "z".into()])),
+            ]
+        );
+        // A row must pass every filter; null passes none.
+        assert!(!q.accepts(&[Some("x"), Some("GB")]));
+        assert!(!q.accepts(&[Some("com.x"), Some("US")]));
+        assert!(!q.accepts(&[Some("com.x"), None]));
+        assert!(!q.accepts(&[None, Some("GB")]));
+        let q = resolve("filter=country!=US&filter=app.prefix=com.").unwrap();
+        assert!(q.accepts(&[Some("com.x"), Some("GB")]));
+        assert!(!q.accepts(&[Some("org.x"), Some("GB")]));
+        assert!(!q.accepts(&[Some("com.x"), None]));
+
+        let body = serde_json::json!({
+            "filter": {"country.ne": "US", "country.not_in": ["DE", "FR"], "app.prefix": "com."},
+        });
+        let from_body = QueryParams::from_json(body)
+            .unwrap()
+            .resolve(&view(), NOW)
+            .unwrap();
+        let from_items =
+            resolve("filter=app.prefix=com.&filter=country!=US&filter=country.not_in=DE,FR")
+                .unwrap();
+        assert_eq!(from_body, from_items);
     }
 
     #[test]
@@ -483,6 +591,11 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
             ("granularity=minute", "finer"),
             ("from=2000-01-01&to=2026-01-01", "range too large"),
             ("filter=country", "DIMENSION=VALUE"),
+            (
+                "filter=country.like=U",
+                "not one of eq, ne, in, not_in, prefix",
+            ),
+            ("filter=colour!=red", "no dimension"),
             ("colour=red", "unknown parameter `colour`"),
             ("order_by=n&metrics=users", "not among"),
             ("from=1&from=2", "given twice"),

@@ -233,3 +233,44 @@ fn a_bucket_stamp_changes_only_with_its_own_state() {
         }
     }
 }
+
+#[test]
+fn filters_keep_what_they_accept_and_no_nulls() {
+    use tandem_core::query::Match;
+
+    let (catalog, layer) = layer();
+    let v = &catalog.views["installs_hourly"];
+    layer
+        .apply(0, &messages(&payloads(5_000), 0, None))
+        .unwrap();
+    let covered = Default::default();
+    let campaign = v.dimensions.iter().position(|d| d == "campaign").unwrap();
+    let mut all = ViewQuery::all(v, NOW - 2 * DAY_US, NOW + DAY_US);
+    all.group_by = vec![campaign];
+    let rows = layer.query(v, &all, &covered).unwrap();
+    assert!(
+        rows.iter().any(|r| r.dims[0].is_none()),
+        "some installs have no campaign"
+    );
+    let some = rows.iter().find_map(|r| r.dims[0].clone()).unwrap();
+    let prefix: String = some.chars().take(3).collect();
+    for m in [
+        Match::In(vec![some.clone()]),
+        Match::NotIn(vec![some.clone()]),
+        Match::Prefix(prefix),
+    ] {
+        let mut q = all.clone();
+        q.filters = vec![(campaign, m.clone())];
+        let mut got = layer.query(v, &q, &covered).unwrap();
+        let mut expected: Vec<_> = rows
+            .iter()
+            .filter(|r| m.accepts(r.dims[0].as_deref()))
+            .cloned()
+            .collect();
+        let key = |r: &tandem_core::query::AggRow| (r.bucket_us, r.dims.clone());
+        got.sort_by_key(key);
+        expected.sort_by_key(key);
+        assert!(!got.is_empty(), "{m:?}");
+        assert_eq!(got, expected, "{m:?}");
+    }
+}
