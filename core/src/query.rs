@@ -216,9 +216,12 @@ impl Coverage {
 /// How fresh the speed layer is.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RealtimeStatus {
-    /// Milliseconds between now and the broker time of the newest message applied; `None`
-    /// before the first message.
+    /// The worst partition's lag ([`RealtimeStatus::partition_lag_ms`]), so that one stuck
+    /// partition cannot hide behind fresh ones; `None` before the first message.
     pub lag_ms: Option<i64>,
+    /// Per partition, milliseconds between now and the broker time of the newest message it
+    /// applied.
+    pub partition_lag_ms: std::collections::BTreeMap<i32, i64>,
     /// Partitions whose state could not be read or is known to be incomplete.
     pub stale_partitions: Vec<i32>,
     /// Whether a speed layer answers at all.
@@ -238,6 +241,8 @@ pub struct ResultRow {
 #[derive(Debug, Clone)]
 pub struct QueryResult {
     pub view: String,
+    /// The view's definition hash: the definition the answer was computed under.
+    pub definition_hash: String,
     pub granularity: Granularity,
     pub coverage: Coverage,
     pub realtime: RealtimeStatus,

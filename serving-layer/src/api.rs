@@ -453,8 +453,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     if let Some(lag) = status.lag_ms {
         out.push_str(&format!(
-            "# HELP tandem_speed_lag_ms Age of the newest applied message.\n# TYPE tandem_speed_lag_ms gauge\ntandem_speed_lag_ms {lag}\n"
+            "# HELP tandem_speed_lag_ms Age of the newest applied message of the partition that lags most.\n# TYPE tandem_speed_lag_ms gauge\ntandem_speed_lag_ms {lag}\n"
         ));
+    }
+    if !status.partition_lag_ms.is_empty() {
+        out.push_str("# HELP tandem_speed_partition_lag_ms Age of the newest applied message, per partition.\n# TYPE tandem_speed_partition_lag_ms gauge\n");
+        for (p, lag) in &status.partition_lag_ms {
+            out.push_str(&format!(
+                "tandem_speed_partition_lag_ms{{partition=\"{p}\"}} {lag}\n"
+            ));
+        }
     }
     out.push_str(&format!(
         "# HELP tandem_speed_stale_partitions Partitions whose speed state is known to be incomplete.\n# TYPE tandem_speed_stale_partitions gauge\ntandem_speed_stale_partitions {}\n",

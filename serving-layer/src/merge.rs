@@ -58,6 +58,7 @@ pub async fn answer_at(
 pub fn shell(view: &ViewDef, q: &ViewQuery, coverage: Coverage) -> QueryResult {
     QueryResult {
         view: view.name.clone(),
+        definition_hash: view.definition_hash.clone(),
         granularity: q.granularity,
         coverage,
         realtime: Default::default(),

@@ -33,7 +33,9 @@ pub fn meta(result: &QueryResult, realtime: &RealtimeStatus) -> Json {
         "batch_version": result.coverage.version,
         "covered_until": result.coverage.covered_until_us().map(format_us),
         "speed_available": realtime.available,
+        "definition_hash": result.definition_hash,
         "speed_lag_ms": realtime.lag_ms,
+        "speed_lag_ms_by_partition": realtime.partition_lag_ms,
         "stale_partitions": realtime.stale_partitions,
         "truncated": result.truncated,
     })
@@ -362,6 +364,7 @@ mod tests {
             tandem_core::Catalog::load(&root.join("schemas"), &root.join("jobs")).unwrap();
         let result = QueryResult {
             view: "purchases_daily".into(),
+            definition_hash: catalog.views["purchases_daily"].definition_hash.clone(),
             granularity: Granularity::Day,
             coverage: Coverage::default(),
             realtime: RealtimeStatus::default(),

@@ -84,6 +84,7 @@ impl RealtimeView for FakeSpeed {
     fn status(&self) -> RealtimeStatus {
         RealtimeStatus {
             lag_ms: Some(42),
+            partition_lag_ms: [(0, 7), (3, 42)].into(),
             stale_partitions: vec![3],
             available: true,
         }
@@ -309,11 +310,23 @@ async fn freshness_and_incomplete_partitions_are_reported() {
         get("/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&metrics=installs").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["meta"]["speed_lag_ms"], 42);
+    assert_eq!(
+        body["meta"]["speed_lag_ms_by_partition"],
+        serde_json::json!({"0": 7, "3": 42})
+    );
     assert_eq!(body["meta"]["stale_partitions"], serde_json::json!([3]));
+    assert_eq!(
+        body["meta"]["definition_hash"],
+        catalog().views["installs_hourly"].definition_hash.as_str()
+    );
     let (status, text) = get("/metrics").await;
     assert_eq!(status, StatusCode::OK);
     let text = text.as_str().unwrap();
     assert!(text.contains("\ntandem_speed_lag_ms 42\n"), "{text}");
+    assert!(
+        text.contains("\ntandem_speed_partition_lag_ms{partition=\"0\"} 7\n"),
+        "{text}"
+    );
     assert!(
         text.contains("\ntandem_speed_stale_partitions 1\n"),
         "{text}"
@@ -711,6 +724,7 @@ impl RealtimeView for CountingSpeed {
             lag_ms: Some(self.lag_ms.load(std::sync::atomic::Ordering::SeqCst)),
             stale_partitions: Vec::new(),
             available: true,
+            ..Default::default()
         }
     }
     fn generation(&self, _: &ViewDef) -> Option<u64> {

@@ -318,16 +318,20 @@ impl RealtimeView for SpeedLayer {
     }
 
     fn status(&self) -> RealtimeStatus {
-        let (mut newest, mut stale_partitions) = (None, Vec::new());
+        let now_ms = self.clock.now_us() / 1000;
+        let (mut partition_lag_ms, mut stale_partitions) = (BTreeMap::new(), Vec::new());
         for (p, state) in self.partition_states() {
             let s = read(&state);
-            newest = newest.max(s.last_broker_ms);
+            if let Some(t) = s.last_broker_ms {
+                partition_lag_ms.insert(p, (now_ms - t).max(0));
+            }
             if s.missed > 0 {
                 stale_partitions.push(p);
             }
         }
         RealtimeStatus {
-            lag_ms: newest.map(|t| (self.clock.now_us() / 1000 - t).max(0)),
+            lag_ms: partition_lag_ms.values().copied().max(),
+            partition_lag_ms,
             stale_partitions,
             available: true,
         }
@@ -430,6 +434,10 @@ impl RealtimeView for SpeedLayers {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
             };
+            for (p, lag) in s.partition_lag_ms {
+                let worst = out.partition_lag_ms.entry(p).or_insert(lag);
+                *worst = (*worst).max(lag);
+            }
             out.stale_partitions.extend(s.stale_partitions);
         }
         out

@@ -69,6 +69,14 @@ fn redelivered_offsets_are_not_counted_twice() {
     assert_eq!(total_events(&catalog, &layer), 1_000);
     assert_eq!(layer.offsets()[&0], 1_000);
     assert_eq!(layer.status().lag_ms, Some(0));
+    // A partition that stopped an hour ago is the lag reported, however fresh the others.
+    let stuck = payloads[..10].to_vec();
+    layer
+        .apply(5, &messages(&stuck, 5, Some(NOW / 1000 - 3_600_000)))
+        .unwrap();
+    let status = layer.status();
+    assert_eq!(status.lag_ms, Some(3_600_000));
+    assert_eq!(status.partition_lag_ms, [(0, 0), (5, 3_600_000)].into());
     assert_eq!(layer.stats.missed_offsets.load(Ordering::Relaxed), 0);
 }
 
