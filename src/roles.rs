@@ -91,7 +91,8 @@ pub struct QueryArgs {
     /// End of the range, exclusive (default: now).
     #[arg(long)]
     pub to: Option<String>,
-    /// minute, hour or day: the view's own or coarser.
+    /// minute, hour, day, week (from Monday), month or all (one bucket for the range): the
+    /// view's own or coarser.
     #[arg(long)]
     pub granularity: Option<String>,
     /// Comma-separated dimensions.

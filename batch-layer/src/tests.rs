@@ -430,7 +430,12 @@ metrics = [
         (start + DAY_US, start + 2 * DAY_US - 90 * 60_000_000),
     ];
     for (from, to) in ranges {
-        for g in [Granularity::Hour, Granularity::Day] {
+        for g in [
+            Granularity::Hour,
+            Granularity::Day,
+            Granularity::Week,
+            Granularity::Month,
+        ] {
             for subset in 0..8usize {
                 let filters = [
                     None,

@@ -104,6 +104,24 @@ impl ViewQuery {
         self.filters.iter().all(|(d, m)| m.accepts(dims[*d]))
     }
 
+    /// The answer bucket a native bucket starting at `bucket_us` rolls up into: its
+    /// granularity's bucket, or the range's start for `all`.
+    pub fn answer_bucket(&self, bucket_us: i64) -> i64 {
+        match self.granularity {
+            Granularity::All => self.from_us,
+            g => g.floor(bucket_us),
+        }
+    }
+
+    /// The end of the answer bucket starting at `start` (exclusive; the range's end for
+    /// `all`).
+    pub fn answer_bucket_end(&self, start: i64) -> i64 {
+        match self.granularity {
+            Granularity::All => self.to_us,
+            g => g.next(start),
+        }
+    }
+
     /// Whether a native bucket start falls in the range.
     pub fn in_range(&self, bucket_us: i64) -> bool {
         bucket_us >= self.from_us && bucket_us < self.to_us

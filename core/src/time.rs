@@ -42,6 +42,18 @@ pub fn day_of(us: i64) -> i64 {
     us.div_euclid(DAY_US)
 }
 
+/// The UTC calendar date holding `us` (clamped to the dates chrono knows).
+pub fn date_of(us: i64) -> NaiveDate {
+    DateTime::<Utc>::from_timestamp_micros(us).map_or(
+        if us < 0 {
+            NaiveDate::MIN
+        } else {
+            NaiveDate::MAX
+        },
+        |d| d.date_naive(),
+    )
+}
+
 /// The first microsecond of day number `day`.
 pub fn day_start_us(day: i64) -> i64 {
     day * DAY_US

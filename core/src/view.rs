@@ -38,43 +38,100 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, Schem
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use chrono::Datelike;
+
 use crate::error::{CoreError, Result};
 pub use crate::metric::{MetricDef, MetricKind, DEFAULT_LG_K};
 pub use crate::paths::{BASE_ROLLUP, BUCKET_COLUMN, DAY_COLUMN, ROLLUP_COLUMN};
 use crate::schema::{is_identifier, timestamp_type, EventSchema, FieldType};
 pub use crate::time::{DAY_US, HOUR_US, MINUTE_US};
 
-/// The width of a view's time buckets. Buckets are aligned to UTC.
+/// The width of time buckets, aligned to UTC. A view and its rollups store minute, hour or
+/// day buckets ([`Granularity::is_stored`]); an answer may also ask `week` (from Monday),
+/// `month` (calendar months) or `all` (one bucket for the whole range).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
     Minute,
     Hour,
     Day,
+    Week,
+    Month,
+    All,
 }
 
 impl Granularity {
-    /// The bucket width in microseconds.
+    /// The bucket width in microseconds, for the fixed-width granularities (up to `week`); a
+    /// month's longest (31 days), and unbounded for `all`.
     pub fn micros(self) -> i64 {
         match self {
             Granularity::Minute => MINUTE_US,
             Granularity::Hour => HOUR_US,
             Granularity::Day => DAY_US,
+            Granularity::Week => 7 * DAY_US,
+            Granularity::Month => 31 * DAY_US,
+            Granularity::All => i64::MAX,
         }
     }
 
-    /// The start of the bucket holding `ts_us` (floor, also for times before 1970).
+    /// Whether views and rollups may store buckets of this width.
+    pub fn is_stored(self) -> bool {
+        self <= Granularity::Day
+    }
+
+    /// The start of the bucket holding `ts_us` (floor, also for times before 1970). `all` has
+    /// no buckets of its own: its one bucket is the range's (`ViewQuery::answer_bucket`), and
+    /// here every time is its own start.
     pub fn floor(self, ts_us: i64) -> i64 {
-        ts_us.div_euclid(self.micros()) * self.micros()
+        match self {
+            Granularity::Minute | Granularity::Hour | Granularity::Day => {
+                ts_us.div_euclid(self.micros()) * self.micros()
+            }
+            Granularity::Week => {
+                // 1970-01-01 was a Thursday: three days after a Monday.
+                let day = ts_us.div_euclid(DAY_US);
+                (day - (day + 3).rem_euclid(7)).saturating_mul(DAY_US)
+            }
+            Granularity::Month => {
+                let d = crate::time::date_of(ts_us);
+                crate::time::day_start_us(crate::time::day_number(d.with_day(1).unwrap_or(d)))
+            }
+            Granularity::All => ts_us,
+        }
+    }
+
+    /// The start of the bucket after the one starting at `start` (saturating).
+    pub fn next(self, start: i64) -> i64 {
+        match self {
+            Granularity::Month => {
+                let d = crate::time::date_of(start);
+                let (y, m) = if d.month() == 12 {
+                    (d.year() + 1, 1)
+                } else {
+                    (d.year(), d.month() + 1)
+                };
+                chrono::NaiveDate::from_ymd_opt(y, m, 1).map_or(i64::MAX, |n| {
+                    crate::time::day_start_us(crate::time::day_number(n))
+                })
+            }
+            Granularity::All => i64::MAX,
+            g => start.saturating_add(g.micros()),
+        }
     }
 
     /// The first bucket start at or after `ts_us` (the latest bucket start for times past it).
     pub fn ceil(self, ts_us: i64) -> i64 {
-        ts_us
-            .checked_add(self.micros() - 1)
-            .map_or(i64::MAX.div_euclid(self.micros()) * self.micros(), |t| {
-                self.floor(t)
-            })
+        let start = self.floor(ts_us);
+        if start == ts_us {
+            start
+        } else {
+            let next = self.next(start);
+            if next == i64::MAX {
+                self.floor(i64::MAX)
+            } else {
+                next
+            }
+        }
     }
 
     pub fn as_str(self) -> &'static str {
@@ -82,6 +139,9 @@ impl Granularity {
             Granularity::Minute => "minute",
             Granularity::Hour => "hour",
             Granularity::Day => "day",
+            Granularity::Week => "week",
+            Granularity::Month => "month",
+            Granularity::All => "all",
         }
     }
 
@@ -90,6 +150,9 @@ impl Granularity {
             "minute" => Some(Granularity::Minute),
             "hour" => Some(Granularity::Hour),
             "day" => Some(Granularity::Day),
+            "week" => Some(Granularity::Week),
+            "month" => Some(Granularity::Month),
+            "all" => Some(Granularity::All),
             _ => None,
         }
     }
@@ -281,13 +344,15 @@ impl ViewDef {
                 format!("no schema `{}` (known: {})", file.source, known.join(", ")),
             )
         })?;
-        let granularity = Granularity::parse(&file.granularity).ok_or_else(|| {
-            CoreError::key(
-                path,
-                "granularity",
-                format!("`{}` (expected minute, hour or day)", file.granularity),
-            )
-        })?;
+        let granularity = Granularity::parse(&file.granularity)
+            .filter(|g| g.is_stored())
+            .ok_or_else(|| {
+                CoreError::key(
+                    path,
+                    "granularity",
+                    format!("`{}` (expected minute, hour or day)", file.granularity),
+                )
+            })?;
         let mut seen: Vec<&str> = vec![BUCKET_COLUMN, DAY_COLUMN, ROLLUP_COLUMN];
         for (i, d) in file.dimensions.iter().enumerate() {
             let key = format!("dimensions[{i}]");
@@ -498,13 +563,15 @@ fn parse_rollups(
         let g = match &r.granularity {
             None => granularity,
             Some(text) => {
-                let g = Granularity::parse(text).ok_or_else(|| {
-                    CoreError::key(
-                        path,
-                        format!("{key}.granularity"),
-                        format!("`{text}` (expected minute, hour or day)"),
-                    )
-                })?;
+                let g = Granularity::parse(text)
+                    .filter(|g| g.is_stored())
+                    .ok_or_else(|| {
+                        CoreError::key(
+                            path,
+                            format!("{key}.granularity"),
+                            format!("`{text}` (expected minute, hour or day)"),
+                        )
+                    })?;
                 if g < granularity {
                     return Err(CoreError::key(
                         path,
@@ -812,6 +879,22 @@ metrics = [
     #[test]
     fn floor_is_utc_aligned_and_handles_negative_times() {
         assert_eq!(Granularity::Hour.floor(HOUR_US + 5), HOUR_US);
+        // Weeks start on Monday, months on the first, in UTC.
+        let t = |s: &str| crate::time::parse_instant(s).unwrap();
+        let thursday = t("2026-11-26T18:00:00Z");
+        assert_eq!(Granularity::Week.floor(thursday), t("2026-11-23"));
+        assert_eq!(Granularity::Week.floor(t("2026-11-23")), t("2026-11-23"));
+        assert_eq!(Granularity::Week.next(t("2026-11-23")), t("2026-11-30"));
+        assert_eq!(Granularity::Week.floor(t("1969-12-31")), t("1969-12-29"));
+        assert_eq!(Granularity::Month.floor(thursday), t("2026-11-01"));
+        assert_eq!(Granularity::Month.next(t("2026-12-01")), t("2027-01-01"));
+        assert_eq!(Granularity::Month.ceil(thursday), t("2026-12-01"));
+        assert_eq!(Granularity::Month.ceil(t("2026-12-01")), t("2026-12-01"));
+        assert_eq!(
+            Granularity::Month.floor(t("1969-12-31T23:00:00Z")),
+            t("1969-12-01")
+        );
+        assert!(Granularity::Day.is_stored() && !Granularity::Week.is_stored());
         assert_eq!(Granularity::Day.floor(-1), -DAY_US);
     }
 }

@@ -94,7 +94,7 @@ pub async fn batch_part(
     let rows = group(
         q,
         rows.into_iter()
-            .filter(|r| coverage.covers(r.bucket_us))
+            .filter(|r| q.in_range(r.bucket_us) && coverage.covers(r.bucket_us))
             .map(|r| (Source::Batch, r)),
     );
     let (mut settled, open): (Vec<_>, Vec<_>) = rows
@@ -134,7 +134,7 @@ pub fn speed_part(
             .chain(
                 speed_rows
                     .into_iter()
-                    .filter(|r| !coverage.covers(r.bucket_us))
+                    .filter(|r| q.in_range(r.bucket_us) && !coverage.covers(r.bucket_us))
                     .map(|r| (Source::Speed, r)),
             ),
     );
@@ -199,20 +199,16 @@ impl SpeedBuckets {
 /// bucket starting at `bucket_us` holds.
 fn settles(coverage: &Coverage, q: &ViewQuery, bucket_us: i64) -> bool {
     let from = bucket_us.max(q.from_us);
-    let to = bucket_us
-        .saturating_add(q.granularity.micros())
-        .min(q.to_us);
+    let to = q.answer_bucket_end(bucket_us).min(q.to_us);
     to <= from || (day_of(from)..=day_of(to - 1)).all(|d| coverage.days.contains(&d))
 }
 
-/// Rows in `q`'s range rolled up to its granularity, marked with the layers they came from.
+/// Rows (native buckets in `q`'s range, or rows already in answer buckets) rolled up to
+/// `q`'s granularity, marked with the layers they came from.
 fn group(q: &ViewQuery, rows: impl Iterator<Item = (Source, AggRow)>) -> Vec<ResultRow> {
     let mut groups: HashMap<GroupKey, (Source, Vec<MetricState>)> = HashMap::new();
     for (source, r) in rows {
-        if !q.in_range(r.bucket_us) {
-            continue;
-        }
-        let key = (q.granularity.floor(r.bucket_us), r.dims);
+        let key = (q.answer_bucket(r.bucket_us), r.dims);
         match groups.get_mut(&key) {
             Some((s, states)) => {
                 if *s != source {

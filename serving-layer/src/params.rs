@@ -37,7 +37,8 @@ pub struct QueryParams {
     /// End of the range (exclusive), in the same forms. Default: now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Scalar>,
-    /// `minute`, `hour` or `day`; the view's own or coarser.
+    /// `minute`, `hour`, `day`, `week` (from Monday), `month` or `all` (one bucket for the
+    /// whole range); the view's own or coarser.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granularity: Option<String>,
     /// Dimensions to group by: a comma list or a list.
@@ -321,7 +322,10 @@ impl QueryParams {
             None => view.granularity,
             Some(g) => {
                 let parsed = Granularity::parse(g).ok_or_else(|| {
-                    format!("granularity `{}` (expected minute, hour or day)", clip(g))
+                    format!(
+                        "granularity `{}` (expected minute, hour, day, week, month or all)",
+                        clip(g)
+                    )
                 })?;
                 if parsed < view.granularity {
                     return Err(format!(

@@ -888,7 +888,14 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
     );
     let coverage = BatchViews::coverage(&batch, view).await.unwrap();
     let mut checked = 0;
-    for granularity in [Granularity::Hour, Granularity::Day] {
+    let granularities = [
+        Granularity::Hour,
+        Granularity::Day,
+        Granularity::Week,
+        Granularity::Month,
+        Granularity::All,
+    ];
+    for granularity in granularities {
         for group_by in [vec![], vec![1], vec![0, 2]] {
             for order_by in [
                 OrderBy::Bucket { descending: false },
@@ -946,7 +953,7 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
             }
         }
     }
-    assert_eq!(checked, 2 * 3 * 4 * 3 * 2);
+    assert_eq!(checked, 5 * 3 * 4 * 3 * 2);
 }
 
 #[tokio::test]
@@ -1108,4 +1115,83 @@ async fn an_answer_rereads_only_the_speed_buckets_whose_stamp_changed() {
         expect(&speed).await.columns()
     );
     assert!(speed.read.lock().unwrap().is_empty());
+}
+
+/// Weeks (from Monday), months and `all` roll up the hours of both layers, also where a
+/// bucket is partly covered by the batch and partly answered by speed.
+#[tokio::test]
+async fn weeks_months_and_all_roll_up_both_layers() {
+    use crate::answer::{answer, Settled};
+    use tandem_core::query::Source;
+    use tandem_core::view::Granularity;
+
+    let catalog = catalog();
+    let view = catalog.view("installs_hourly").unwrap();
+    let d = |day: i64, hour: i64| (DAY + day) * DAY_US + hour * HOUR_US;
+    // DAY is Friday 2024-10-04; the batch covers Friday to Sunday.
+    let batch = Keyed(
+        vec![(d(0, 1), "a", 1), (d(1, 2), "a", 2), (d(2, 3), "b", 4)],
+        [DAY, DAY + 1, DAY + 2].into(),
+    );
+    let speed = Keyed(
+        vec![
+            (d(2, 5), "a", 100), // covered: never served
+            (d(3, 1), "a", 8),   // Monday 2024-10-07
+            (d(27, 0), "b", 16), // Thursday 2024-10-31
+            (d(28, 0), "a", 32), // Friday 2024-11-01
+        ],
+        BTreeSet::new(),
+    );
+    let coverage = BatchViews::coverage(&batch, view).await.unwrap();
+    let day = |s: &str| tandem_core::time::parse_instant(s).unwrap();
+    for (g, expected) in [
+        (
+            Granularity::Week,
+            vec![
+                (day("2024-09-30"), 7, Source::Batch),
+                (day("2024-10-07"), 8, Source::Speed),
+                (day("2024-10-28"), 48, Source::Speed),
+            ],
+        ),
+        (
+            Granularity::Month,
+            vec![
+                (day("2024-10-01"), 31, Source::Mixed),
+                (day("2024-11-01"), 32, Source::Speed),
+            ],
+        ),
+        (Granularity::All, vec![(d(0, 0), 63, Source::Mixed)]),
+    ] {
+        let mut q = ViewQuery::all(view, d(0, 0), d(29, 0));
+        q.granularity = g;
+        q.metrics = vec![0];
+        let whole = crate::merge::answer_at(view, &q, coverage.clone(), &batch, &speed)
+            .await
+            .unwrap();
+        let got: Vec<(i64, u64, Source)> = whole
+            .rows
+            .iter()
+            .map(|r| match r.states[0] {
+                MetricState::Count(n) => (r.bucket_us, n, r.source),
+                _ => panic!("installs is a count"),
+            })
+            .collect();
+        assert_eq!(got, expected, "{g}");
+        // Built from a settled part and the speed's rows, the answer is the same.
+        let settled = Arc::new(Settled::compute(view, &q, &coverage, &batch).await.unwrap());
+        let split = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+        let expected = crate::render::to_arrow(&whole, view).unwrap();
+        assert_eq!(split.batch().unwrap().columns(), expected.columns(), "{g}");
+    }
+    // A view stores minute, hour or day buckets only.
+    let (status, body) =
+        get("/v1/views/installs_hourly/query?from=2024-10-04&granularity=fortnight").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("week, month or all"),
+        "{body}"
+    );
 }
