@@ -95,6 +95,9 @@ pub struct QueryArgs {
     /// view's own or coarser.
     #[arg(long)]
     pub granularity: Option<String>,
+    /// IANA time zone of day, week and month buckets (default UTC).
+    #[arg(long)]
+    pub tz: Option<String>,
     /// Comma-separated dimensions.
     #[arg(long)]
     pub group_by: Option<String>,
@@ -629,6 +632,7 @@ pub fn query(config: &Config, args: QueryArgs) -> Result<()> {
         from: args.from.as_deref().map(Scalar::from),
         to: args.to.as_deref().map(Scalar::from),
         granularity: args.granularity,
+        tz: args.tz,
         group_by: args.group_by.map(Names::Comma),
         filter: Filters::Items(args.filters),
         metrics: args.metrics.map(Names::Comma),

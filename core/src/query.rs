@@ -73,6 +73,8 @@ pub struct ViewQuery {
     pub to_us: i64,
     /// The answer's granularity: the view's own or coarser.
     pub granularity: Granularity,
+    /// The time zone of day, week and month buckets (`None`: UTC). Finer buckets are UTC's.
+    pub tz: Option<chrono_tz::Tz>,
     /// Indexes into the view's dimensions to group by, in the order asked.
     pub group_by: Vec<usize>,
     /// Filters: (dimension index, what it accepts), all of which a row must pass.
@@ -91,6 +93,7 @@ impl ViewQuery {
             from_us,
             to_us,
             granularity: view.granularity,
+            tz: None,
             group_by: Vec::new(),
             filters: Vec::new(),
             metrics: (0..view.metrics.len()).collect(),
@@ -107,19 +110,33 @@ impl ViewQuery {
     /// The answer bucket a native bucket starting at `bucket_us` rolls up into: its
     /// granularity's bucket, or the range's start for `all`.
     pub fn answer_bucket(&self, bucket_us: i64) -> i64 {
-        match self.granularity {
-            Granularity::All => self.from_us,
-            g => g.floor(bucket_us),
+        match (self.granularity, self.zone()) {
+            (Granularity::All, _) => self.from_us,
+            (g, Some(tz)) => crate::time::local_floor(tz, g, bucket_us),
+            (g, None) => g.floor(bucket_us),
         }
     }
 
     /// The end of the answer bucket starting at `start` (exclusive; the range's end for
     /// `all`).
     pub fn answer_bucket_end(&self, start: i64) -> i64 {
-        match self.granularity {
-            Granularity::All => self.to_us,
-            g => g.next(start),
+        match (self.granularity, self.zone()) {
+            (Granularity::All, _) => self.to_us,
+            (g, Some(tz)) => crate::time::local_next(tz, g, start),
+            (g, None) => g.next(start),
         }
+    }
+
+    /// The time zone its buckets follow: `tz` for day and coarser buckets, else none (UTC).
+    pub fn zone(&self) -> Option<chrono_tz::Tz> {
+        self.tz.filter(|_| self.granularity >= Granularity::Day)
+    }
+
+    /// The UTC offsets of the zone at the range's two ends (microseconds), if it has a zone:
+    /// what stored buckets must divide to be cut exactly at its day boundaries.
+    pub fn zone_offsets_us(&self) -> Option<[i64; 2]> {
+        let tz = self.zone()?;
+        Some([self.from_us, self.to_us].map(|t| crate::time::offset_us(tz, t)))
     }
 
     /// Whether a native bucket start falls in the range.

@@ -54,6 +54,74 @@ pub fn date_of(us: i64) -> NaiveDate {
     )
 }
 
+/// The UTC offset of `tz` at `us` (microseconds; 0 outside chrono's dates).
+pub fn offset_us(tz: chrono_tz::Tz, us: i64) -> i64 {
+    use chrono::Offset;
+    DateTime::<Utc>::from_timestamp_micros(us).map_or(0, |d| {
+        i64::from(d.with_timezone(&tz).offset().fix().local_minus_utc()) * 1_000_000
+    })
+}
+
+/// The UTC instant of the first moment of local `date` in `tz` (midnight, or the first
+/// moment after it where a change of offset skips midnight).
+fn local_start_us(tz: chrono_tz::Tz, date: NaiveDate) -> Option<i64> {
+    use chrono::TimeZone;
+    (0..=3).find_map(|h| {
+        let t = date.and_hms_opt(h, 0, 0)?;
+        tz.from_local_datetime(&t)
+            .earliest()
+            .map(|d| d.timestamp_micros())
+    })
+}
+
+/// The start (a UTC instant) of the day, week (from Monday) or month in `tz` that holds `us`;
+/// other granularities floor in UTC.
+pub fn local_floor(tz: chrono_tz::Tz, g: crate::view::Granularity, us: i64) -> i64 {
+    use crate::view::Granularity;
+    use chrono::Datelike;
+    let Some(local) = DateTime::<Utc>::from_timestamp_micros(us).map(|d| d.with_timezone(&tz))
+    else {
+        return g.floor(us);
+    };
+    let date = local.date_naive();
+    let start = match g {
+        Granularity::Day => Some(date),
+        Granularity::Week => date.checked_sub_days(chrono::Days::new(u64::from(
+            date.weekday().num_days_from_monday(),
+        ))),
+        Granularity::Month => date.with_day(1),
+        _ => return g.floor(us),
+    };
+    start
+        .and_then(|d| local_start_us(tz, d))
+        .unwrap_or_else(|| g.floor(us))
+}
+
+/// The start (a UTC instant) of the local day, week or month in `tz` after the one starting at
+/// `start` (saturating); other granularities as in UTC.
+pub fn local_next(tz: chrono_tz::Tz, g: crate::view::Granularity, start: i64) -> i64 {
+    use crate::view::Granularity;
+    // Half a bucket in, so that the local date is the bucket's own whatever the offset.
+    let inside = start.saturating_add(12 * 3_600_000_000);
+    let Some(date) =
+        DateTime::<Utc>::from_timestamp_micros(inside).map(|d| d.with_timezone(&tz).date_naive())
+    else {
+        return g.next(start);
+    };
+    let next = match g {
+        Granularity::Day => date.checked_add_days(chrono::Days::new(1)),
+        Granularity::Week => date.checked_add_days(chrono::Days::new(7)),
+        Granularity::Month => date.checked_add_months(chrono::Months::new(1)),
+        _ => return g.next(start),
+    };
+    let next = match (g, next) {
+        (Granularity::Week, Some(d)) => Some(d),
+        (Granularity::Month, Some(d)) => chrono::Datelike::with_day(&d, 1),
+        (_, d) => d,
+    };
+    next.and_then(|d| local_start_us(tz, d)).unwrap_or(i64::MAX)
+}
+
 /// The first microsecond of day number `day`.
 pub fn day_start_us(day: i64) -> i64 {
     day * DAY_US

@@ -255,6 +255,13 @@ impl Rollup {
         {
             return false;
         }
+        // Buckets in a time zone start at its midnights: this rollup's buckets must divide its
+        // offsets (a day rollup cannot answer New York's days; an hour rollup can).
+        if let Some(offsets) = q.zone_offsets_us() {
+            if offsets.iter().any(|o| o % self.granularity.micros() != 0) {
+                return false;
+            }
+        }
         // The range selects the view buckets starting in [from, to): those in
         // [ceil(from), ceil(to)) at the view's granularity.
         let aligned = |t: i64| {
@@ -895,6 +902,44 @@ metrics = [
             t("1969-12-01")
         );
         assert!(Granularity::Day.is_stored() && !Granularity::Week.is_stored());
+
+        // In a time zone: New York's days start at 04:00 or 05:00 UTC, and the day clocks
+        // move forward has 23 hours.
+        use crate::time::{local_floor, local_next};
+        let ny = chrono_tz::America::New_York;
+        let day = Granularity::Day;
+        assert_eq!(
+            local_floor(ny, day, t("2026-11-26T03:00:00Z")),
+            t("2026-11-25T05:00:00Z")
+        );
+        assert_eq!(
+            local_next(ny, day, t("2026-11-25T05:00:00Z")),
+            t("2026-11-26T05:00:00Z")
+        );
+        assert_eq!(
+            local_floor(ny, day, t("2026-03-08T12:00:00Z")),
+            t("2026-03-08T05:00:00Z")
+        );
+        assert_eq!(
+            local_next(ny, day, t("2026-03-08T05:00:00Z")),
+            t("2026-03-09T04:00:00Z")
+        );
+        let week = Granularity::Week;
+        assert_eq!(local_floor(ny, week, thursday), t("2026-11-23T05:00:00Z"));
+        assert_eq!(
+            local_next(ny, week, t("2026-11-23T05:00:00Z")),
+            t("2026-11-30T05:00:00Z")
+        );
+        let berlin = chrono_tz::Europe::Berlin;
+        let month = Granularity::Month;
+        assert_eq!(
+            local_floor(berlin, month, thursday),
+            t("2026-10-31T23:00:00Z")
+        );
+        assert_eq!(
+            local_next(berlin, month, t("2026-10-31T23:00:00Z")),
+            t("2026-11-30T23:00:00Z")
+        );
         assert_eq!(Granularity::Day.floor(-1), -DAY_US);
     }
 }

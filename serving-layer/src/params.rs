@@ -41,6 +41,10 @@ pub struct QueryParams {
     /// whole range); the view's own or coarser.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granularity: Option<String>,
+    /// The IANA time zone of `day`, `week` and `month` buckets (default UTC), such as
+    /// `Europe/Berlin`; finer buckets are UTC's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tz: Option<String>,
     /// Dimensions to group by: a comma list or a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_by: Option<Names>,
@@ -421,16 +425,38 @@ impl QueryParams {
                 }
             },
         };
-        Ok(ViewQuery {
+        let tz = match &self.tz {
+            None => None,
+            Some(name) => Some(name.parse::<chrono_tz::Tz>().map_err(|_| {
+                format!(
+                    "tz `{}` is not an IANA time zone (such as Europe/Berlin or UTC)",
+                    clip(name)
+                )
+            })?),
+        };
+        let q = ViewQuery {
             from_us,
             to_us,
             granularity,
+            tz,
             group_by,
             filters,
             metrics,
             order_by,
             limit,
-        })
+        };
+        // The zone's midnights must fall on the view's bucket boundaries, or its days would
+        // cut a stored bucket in two.
+        if let (Some(offsets), Some(tz)) = (q.zone_offsets_us(), tz) {
+            if offsets.iter().any(|o| o % view.granularity.micros() != 0) {
+                return Err(format!(
+                    "tz `{tz}` starts its days off the `{}` buckets of this view; ask a \
+                     zone whose offset is whole {0}s, or UTC",
+                    view.granularity
+                ));
+            }
+        }
+        Ok(q)
     }
 }
 
@@ -567,6 +593,15 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
             resolve("filter=app.prefix=com.&filter=country!=US&filter=country.not_in=DE,FR")
                 .unwrap();
         assert_eq!(from_body, from_items);
+    }
+
+    #[test]
+    fn a_time_zone_applies_to_days_and_coarser() {
+        let q = resolve("granularity=week&tz=America/New_York").unwrap();
+        assert_eq!(q.zone(), Some(chrono_tz::America::New_York));
+        // Hours are UTC's: the zone is kept but plays no part.
+        let q = resolve("tz=Asia/Kolkata").unwrap();
+        assert_eq!(q.zone(), None);
     }
 
     #[test]

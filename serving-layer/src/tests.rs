@@ -1195,3 +1195,52 @@ async fn weeks_months_and_all_roll_up_both_layers() {
         "{body}"
     );
 }
+
+/// Days in a time zone: New York's 2024-10-04 runs from 04:00 UTC that day to 04:00 UTC the
+/// next, so it holds a covered UTC day's batch rows and the next UTC day's speed rows.
+#[tokio::test]
+async fn days_in_a_time_zone_take_their_hours_from_both_layers() {
+    use crate::answer::{answer, Settled};
+    use tandem_core::query::Source;
+    use tandem_core::view::Granularity;
+
+    let catalog = catalog();
+    let view = catalog.view("installs_hourly").unwrap();
+    let d = |day: i64, hour: i64| (DAY + day) * DAY_US + hour * HOUR_US;
+    let batch = Keyed(
+        vec![(d(0, 3), "a", 1), (d(0, 4), "a", 2), (d(0, 23), "a", 4)],
+        [DAY].into(),
+    );
+    let speed = Keyed(
+        vec![(d(1, 3), "a", 8), (d(1, 4), "a", 16), (d(1, 5), "a", 32)],
+        BTreeSet::new(),
+    );
+    let coverage = BatchViews::coverage(&batch, view).await.unwrap();
+    let mut q = ViewQuery::all(view, d(-1, 0), d(3, 0));
+    q.granularity = Granularity::Day;
+    q.tz = Some(chrono_tz::America::New_York);
+    q.metrics = vec![0];
+    let whole = crate::merge::answer_at(view, &q, coverage.clone(), &batch, &speed)
+        .await
+        .unwrap();
+    let got: Vec<(i64, u64, Source)> = whole
+        .rows
+        .iter()
+        .map(|r| match r.states[0] {
+            MetricState::Count(n) => (r.bucket_us, n, r.source),
+            _ => panic!("installs is a count"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (d(-1, 4), 1, Source::Batch), // New York's 2024-10-03
+            (d(0, 4), 14, Source::Mixed), // 2024-10-04: 2 + 4 from batch, 8 from speed
+            (d(1, 4), 48, Source::Speed), // 2024-10-05
+        ]
+    );
+    let settled = Arc::new(Settled::compute(view, &q, &coverage, &batch).await.unwrap());
+    let split = answer(view, &q, coverage.clone(), &settled, &speed).unwrap();
+    let expected = crate::render::to_arrow(&whole, view).unwrap();
+    assert_eq!(split.batch().unwrap().columns(), expected.columns());
+}
