@@ -633,6 +633,7 @@ pub fn query(config: &Config, args: QueryArgs) -> Result<()> {
         to: args.to.as_deref().map(Scalar::from),
         granularity: args.granularity,
         tz: args.tz,
+        totals: None,
         group_by: args.group_by.map(Names::Comma),
         filter: Filters::Items(args.filters),
         metrics: args.metrics.map(Names::Comma),

@@ -50,6 +50,11 @@ impl Answered {
         self.fresh.bytes() * 2 + self.runs.len() * 32 + 1024
     }
 
+    /// Whether the Arrow batch is built (sending CSV or Arrow costs no interleaving).
+    pub fn batch_ready(&self) -> bool {
+        self.batch.get().is_some()
+    }
+
     /// The rows as one Arrow batch (without the answer's metadata), built by the first caller.
     pub fn batch(&self) -> Result<RecordBatch, CoreError> {
         if let Some(b) = self.batch.get() {

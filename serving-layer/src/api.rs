@@ -16,9 +16,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value as Json_};
-use tandem_core::query::RealtimeStatus;
+use tandem_core::query::{Coverage, OrderBy, RealtimeStatus, ViewQuery};
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
+use tandem_core::view::ViewDef;
 use tandem_core::Catalog;
 use tower::{BoxError, ServiceBuilder};
 
@@ -27,7 +28,7 @@ use crate::body::Chunks;
 use crate::cache::{normalized, AnswerCache};
 use crate::error::{problem, problem_bodies, ApiError};
 use crate::gzip::{self, Deflated};
-use crate::params::{Format, Params, QueryParams};
+use crate::params::{Format, Params, QueryParams, MAX_LIMIT};
 use crate::render::{self, ARROW_STREAM};
 
 /// What the API serves from.
@@ -308,51 +309,28 @@ async fn run_query(
         let q = params
             .resolve(view, state.clock.now_us())
             .map_err(ApiError::bad_request)?;
-        let gzip = gzip::accepted(headers);
+        let totals = params.totals().map_err(ApiError::bad_request)?;
+        if totals && format != Format::Json {
+            return Err(ApiError::bad_request(
+                "totals are given in JSON answers only; ask JSON, or the same query without \
+                 group_by for the totals",
+            ));
+        }
+        let gzip = gzip::accepted(headers) && format == Format::Json;
         let q = normalized(view, q);
         let coverage = state.batch.coverage(view).await?;
-        let key = state
-            .speed
-            .generation(view)
-            .map(|g| AnswerCache::key(view, &q, &coverage, g));
-        // An answer still standing is sent from here, if its rows are printed (and deflated,
-        // for gzip) already: sending it is no work.
-        if let (Some(key), Format::Json) = (&key, format) {
-            if let Some(answered) = state.answers.get(key) {
-                if !gzip || answered.gzip_ready() {
-                    return render_answer(&answered, &state.speed.status(), format, gzip);
-                }
-            }
-        }
-        // Answering is CPU work: it runs on a blocking thread, so that queries never hold the
-        // runtime's threads that ingestion's tasks run on (the concurrency limit bounds how
-        // many run at once).
-        let (owned, view) = (state.clone(), Arc::clone(view));
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let (batch, speed) = (owned.batch.as_ref(), owned.speed.as_ref());
-            let settled = owned
-                .answers
-                .settled(AnswerCache::settled_key(&view, &q, &coverage), || {
-                    handle
-                        .block_on(Settled::compute(&view, &q, &coverage, batch))
-                        .map_err(ApiError::from)
-                })
-                .map_err(shared_error)?;
-            let compute = || {
-                answer::answer(&view, &q, coverage.clone(), &settled, speed).map_err(ApiError::from)
-            };
-            let answered = match key {
-                Some(key) => owned
-                    .answers
-                    .get_or_compute(key, compute)
-                    .map_err(shared_error)?,
-                None => Arc::new(compute()?),
-            };
-            render_answer(&answered, &speed.status(), format, gzip)
-        })
-        .await
-        .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
+        let answered = obtain(state, view, &q, &coverage, format, gzip).await?;
+        let totals = match totals {
+            true => Some(obtain(state, view, &totals_query(&q), &coverage, format, gzip).await?),
+            false => None,
+        };
+        render_answer(
+            &answered,
+            totals.as_deref(),
+            &state.speed.status(),
+            format,
+            gzip,
+        )
     }
     .await;
     if let Err(e) = &result {
@@ -366,15 +344,92 @@ async fn run_query(
     result
 }
 
+/// The answer of `q` (normalized) on `view` at `coverage`, ready to send in `format` (deflated
+/// too if `gzip`): a standing answer from the cache if it is ready, else one computed, or made
+/// ready, on a blocking thread. Answering is CPU work: it never holds the runtime's threads
+/// that ingestion's tasks run on (the concurrency limit bounds how many run at once).
+async fn obtain(
+    state: &AppState,
+    view: &Arc<ViewDef>,
+    q: &ViewQuery,
+    coverage: &Coverage,
+    format: Format,
+    gzip: bool,
+) -> Result<Arc<Answered>, ApiError> {
+    let key = state
+        .speed
+        .generation(view)
+        .map(|g| AnswerCache::key(view, q, coverage, g));
+    let ready = |a: &Answered| match format {
+        Format::Json => !gzip || a.gzip_ready(),
+        Format::Csv | Format::Arrow => a.batch_ready(),
+    };
+    if let Some(answered) = key.as_ref().and_then(|k| state.answers.get(k)) {
+        if ready(&answered) {
+            return Ok(answered);
+        }
+    }
+    let (owned, view, q, coverage) = (state.clone(), Arc::clone(view), q.clone(), coverage.clone());
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let (batch, speed) = (owned.batch.as_ref(), owned.speed.as_ref());
+        let settled = owned
+            .answers
+            .settled(AnswerCache::settled_key(&view, &q, &coverage), || {
+                handle
+                    .block_on(Settled::compute(&view, &q, &coverage, batch))
+                    .map_err(ApiError::from)
+            })
+            .map_err(shared_error)?;
+        let compute =
+            || answer::answer(&view, &q, coverage.clone(), &settled, speed).map_err(ApiError::from);
+        let answered = match key {
+            Some(key) => owned
+                .answers
+                .get_or_compute(key, compute)
+                .map_err(shared_error)?,
+            None => Arc::new(compute()?),
+        };
+        // What sending needs is made here, not on the runtime's threads.
+        match format {
+            Format::Json if gzip => {
+                answered.gzip();
+            }
+            Format::Json => {}
+            Format::Csv | Format::Arrow => {
+                answered.batch()?;
+            }
+        }
+        Ok(answered)
+    })
+    .await
+    .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
+}
+
+/// The query of `q`'s totals: the same range, granularity and filters, no grouping, one row
+/// per answer bucket in bucket order.
+fn totals_query(q: &ViewQuery) -> ViewQuery {
+    let mut t = q.clone();
+    t.group_by.clear();
+    t.order_by = match q.order_by {
+        OrderBy::Bucket { descending } => OrderBy::Bucket { descending },
+        OrderBy::Metric { .. } => OrderBy::Bucket { descending: false },
+    };
+    t.limit = MAX_LIMIT;
+    t
+}
+
 /// An error several waiting queries share, as each one's own.
 fn shared_error(e: Arc<ApiError>) -> ApiError {
     Arc::try_unwrap(e).unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
 }
 
 /// An answer in the format asked, with `realtime` as the speed layer's freshness; JSON is
-/// gzipped if `gzip` (the client accepts it).
+/// gzipped if `gzip` (the client accepts it), and carries `totals` (an answer of
+/// [`totals_query`]) if given.
 fn render_answer(
     answered: &Answered,
+    totals: Option<&Answered>,
     realtime: &RealtimeStatus,
     format: Format,
     gzip: bool,
@@ -392,23 +447,41 @@ fn render_answer(
             let head = render::json_head(result, realtime);
             let tail = render::JSON_TAIL.as_bytes();
             let vary = (header::VARY, "accept-encoding");
-            match gzip.then(|| answered.gzip()).flatten() {
-                Some(rows) => (
-                    [
-                        (header::CONTENT_TYPE, "application/json"),
-                        (header::CONTENT_ENCODING, "gzip"),
-                        vary,
-                    ],
-                    Body::new(Chunks::new(gzip::member(&[
-                        &Deflated::stored(head.as_bytes()),
-                        rows,
-                        &Deflated::stored(tail),
-                    ]))),
-                )
-                    .into_response(),
+            // gzip needs every part deflated; if one could not be, the answer goes as is.
+            let deflated = match (gzip, totals) {
+                (false, _) => None,
+                (true, None) => answered.gzip().map(|rows| (rows, None)),
+                (true, Some(t)) => answered.gzip().zip(t.gzip()).map(|(r, t)| (r, Some(t))),
+            };
+            match deflated {
+                Some((rows, t)) => {
+                    let (head, middle, end) = (
+                        Deflated::stored(head.as_bytes()),
+                        Deflated::stored(render::JSON_TOTALS.as_bytes()),
+                        Deflated::stored(tail),
+                    );
+                    let mut parts = vec![&head, rows];
+                    if let Some(t) = t {
+                        parts.extend([&middle, t]);
+                    }
+                    parts.push(&end);
+                    (
+                        [
+                            (header::CONTENT_TYPE, "application/json"),
+                            (header::CONTENT_ENCODING, "gzip"),
+                            vary,
+                        ],
+                        Body::new(Chunks::new(gzip::member(&parts))),
+                    )
+                        .into_response()
+                }
                 None => {
                     let mut chunks = vec![Bytes::from(head)];
                     chunks.extend(answered.json_rows());
+                    if let Some(t) = totals {
+                        chunks.push(Bytes::from_static(render::JSON_TOTALS.as_bytes()));
+                        chunks.extend(t.json_rows());
+                    }
                     chunks.push(Bytes::from_static(tail));
                     (
                         [(header::CONTENT_TYPE, "application/json"), vary],

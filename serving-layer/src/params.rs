@@ -41,6 +41,10 @@ pub struct QueryParams {
     /// whole range); the view's own or coarser.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granularity: Option<String>,
+    /// `true` for the answer's totals beside its rows: one row per answer bucket over every
+    /// group (JSON only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<Json>,
     /// The IANA time zone of `day`, `week` and `month` buckets (default UTC), such as
     /// `Europe/Berlin`; finer buckets are UTC's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,6 +256,22 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 }
 
 impl QueryParams {
+    /// Whether the totals are asked: `true`, `false`, `1` or `0` (as text or JSON).
+    pub fn totals(&self) -> Result<bool, String> {
+        match &self.totals {
+            None => Ok(false),
+            Some(Json::Bool(b)) => Ok(*b),
+            Some(Json::String(s)) if s == "true" || s == "1" => Ok(true),
+            Some(Json::String(s)) if s == "false" || s == "0" => Ok(false),
+            Some(Json::Number(n)) if n.as_u64() == Some(1) => Ok(true),
+            Some(Json::Number(n)) if n.as_u64() == Some(0) => Ok(false),
+            Some(other) => Err(format!(
+                "totals `{}` must be true or false",
+                clip(&other.to_string())
+            )),
+        }
+    }
+
     /// Reads a query string: `filter` may repeat, any other key is given once.
     pub fn from_query_string(query: &str) -> Result<Self, String> {
         let mut map = Map::new();

@@ -131,6 +131,10 @@ pub fn json_head(result: &QueryResult, realtime: &RealtimeStatus) -> String {
 /// What follows the rows in the JSON answer.
 pub const JSON_TAIL: &str = "]}";
 
+/// What separates the rows from the totals' rows in a JSON answer with totals (which end with
+/// [`JSON_TAIL`] too).
+pub const JSON_TOTALS: &str = "],\"totals\":[";
+
 /// Rows of the JSON answer, printed once and comma-separated, so that any run of them can be
 /// sent as a slice of one buffer, in many answers.
 #[derive(Debug, Default, Clone)]

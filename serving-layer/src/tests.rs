@@ -1244,3 +1244,92 @@ async fn days_in_a_time_zone_take_their_hours_from_both_layers() {
     let expected = crate::render::to_arrow(&whole, view).unwrap();
     assert_eq!(split.batch().unwrap().columns(), expected.columns());
 }
+
+#[tokio::test]
+async fn totals_come_beside_the_rows_in_json_plain_or_gzipped() {
+    use std::io::Read;
+
+    // Two groups a bucket; the totals hold every group, also those cut by the limit.
+    let catalog = catalog();
+    let d = |day: i64, hour: i64| (DAY + day) * DAY_US + hour * HOUR_US;
+    let batch = Keyed(
+        vec![(d(0, 1), "a", 1), (d(0, 1), "b", 2), (d(0, 2), "a", 4)],
+        [DAY].into(),
+    );
+    let speed = Keyed(vec![(d(1, 0), "b", 8), (d(1, 0), "c", 16)], BTreeSet::new());
+    let app = router(AppState {
+        catalog: Arc::clone(&catalog),
+        batch: Arc::new(batch),
+        speed: Arc::new(speed),
+        clock: Arc::new(MockClock::new(NOW)),
+        metrics: Arc::new(ApiMetrics::default()),
+        readiness: Default::default(),
+        answers: Default::default(),
+    });
+    let uri = "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&group_by=country\
+               &metrics=installs&order_by=-installs&limit=2&totals=true";
+    let fetch = |uri: &'static str, encoding: &'static str| {
+        let app = app.clone();
+        async move {
+            let req = Request::get(uri).header("accept-encoding", encoding);
+            let resp = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+            let status = resp.status();
+            let gz = resp.headers().get("content-encoding").is_some();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let mut text = String::new();
+            if gz {
+                flate2::read::GzDecoder::new(&bytes[..])
+                    .read_to_string(&mut text)
+                    .unwrap();
+            } else {
+                text = String::from_utf8(bytes.to_vec()).unwrap();
+            }
+            (status, serde_json::from_str::<Value>(&text).unwrap())
+        }
+    };
+    let (status, plain) = fetch(uri, "identity").await;
+    assert_eq!(status, StatusCode::OK, "{plain}");
+    assert_eq!(plain["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(plain["meta"]["truncated"], true);
+    let totals: Vec<(String, u64)> = plain["totals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["dims"], serde_json::json!({}));
+            (
+                r["bucket"].as_str().unwrap().to_string(),
+                r["metrics"]["installs"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        totals,
+        [
+            ("2024-10-04T01:00:00Z".to_string(), 3),
+            ("2024-10-04T02:00:00Z".to_string(), 4),
+            ("2024-10-05T00:00:00Z".to_string(), 24),
+        ]
+    );
+    let (_, gzipped) = fetch(uri, "gzip").await;
+    assert_eq!(gzipped, plain);
+
+    // Totals are JSON's only.
+    let (status, body) = fetch(
+        "/v1/views/installs_hourly/query?from=2024-10-04&totals=true&format=csv",
+        "identity",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("JSON answers only"));
+    let (status, body) = fetch(
+        "/v1/views/installs_hourly/query?from=2024-10-04&totals=maybe",
+        "identity",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["detail"].as_str().unwrap().contains("true or false"));
+}
