@@ -13,6 +13,7 @@
 # core 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/demo.sh
 
 abuse="${1:-30}"
 bin="${CARGO_TARGET_DIR:-target}/release/tandem"
@@ -23,15 +24,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n 8192
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-taskset -c 0 "$bin" demo --port 0 --admin-port "$admin_port" --data "$work/data" --history-days 7 \
-  >"$work/demo.out" 2>"$work/demo.err" &
-server=$!
-for _ in $(seq 1 600); do
-  grep -q "is serving" "$work/demo.out" 2>/dev/null && break
-  kill -0 "$server" 2>/dev/null || { cat "$work/demo.err" >&2; exit 1; }
-  sleep 0.5
-done
-base="$(grep -o 'http://127.0.0.1:[0-9]*' "$work/demo.out" | head -n 1)"
+start_demo "$work" --admin-port "$admin_port" --history-days 7
 host="${base#http://}"
 # The probes are asked on the admin listener, which has connections of its own.
 admin="http://127.0.0.1:$admin_port"

@@ -13,6 +13,7 @@
 # (pip install duckdb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/demo.sh
 
 days="${1:-7}"
 seconds="${2:-20}"
@@ -23,15 +24,7 @@ command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; 
 
 work="$(mktemp -d)"
 trap 'kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-taskset -c 0 "$bin" demo --port 0 --data "$work/data" --history-days "$days" --rate "${RATE:-200}" \
-  >"$work/demo.out" 2>"$work/demo.err" &
-server=$!
-for _ in $(seq 1 600); do
-  grep -q "is serving" "$work/demo.out" 2>/dev/null && break
-  kill -0 "$server" 2>/dev/null || { cat "$work/demo.err" >&2; exit 1; }
-  sleep 0.5
-done
-base="$(grep -o 'http://127.0.0.1:[0-9]*' "$work/demo.out" | head -n 1)"
+start_demo "$work" --history-days "$days" --rate "${RATE:-200}"
 from=$(( ($(date +%s) - days * 86400) * 1000 ))
 url="$base/v1/views/installs_hourly/query?from=$from&group_by=media_source"
 rows=$(curl -s "$url" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rows"]))')

@@ -904,42 +904,35 @@ metrics = [
         assert!(Granularity::Day.is_stored() && !Granularity::Week.is_stored());
 
         // In a time zone: New York's days start at 04:00 or 05:00 UTC, and the day clocks
-        // move forward has 23 hours.
+        // move forward has 23 hours; Berlin's months start at 23:00 UTC in winter.
         use crate::time::{local_floor, local_next};
-        let ny = chrono_tz::America::New_York;
-        let day = Granularity::Day;
-        assert_eq!(
-            local_floor(ny, day, t("2026-11-26T03:00:00Z")),
-            t("2026-11-25T05:00:00Z")
-        );
-        assert_eq!(
-            local_next(ny, day, t("2026-11-25T05:00:00Z")),
-            t("2026-11-26T05:00:00Z")
-        );
-        assert_eq!(
-            local_floor(ny, day, t("2026-03-08T12:00:00Z")),
-            t("2026-03-08T05:00:00Z")
-        );
-        assert_eq!(
-            local_next(ny, day, t("2026-03-08T05:00:00Z")),
-            t("2026-03-09T04:00:00Z")
-        );
-        let week = Granularity::Week;
-        assert_eq!(local_floor(ny, week, thursday), t("2026-11-23T05:00:00Z"));
-        assert_eq!(
-            local_next(ny, week, t("2026-11-23T05:00:00Z")),
-            t("2026-11-30T05:00:00Z")
-        );
-        let berlin = chrono_tz::Europe::Berlin;
-        let month = Granularity::Month;
-        assert_eq!(
-            local_floor(berlin, month, thursday),
-            t("2026-10-31T23:00:00Z")
-        );
-        assert_eq!(
-            local_next(berlin, month, t("2026-10-31T23:00:00Z")),
-            t("2026-11-30T23:00:00Z")
-        );
-        assert_eq!(Granularity::Day.floor(-1), -DAY_US);
+        let (ny, berlin) = (chrono_tz::America::New_York, chrono_tz::Europe::Berlin);
+        let (day, week, month) = (Granularity::Day, Granularity::Week, Granularity::Month);
+        for (tz, g, at, floor) in [
+            (ny, day, "2026-11-26T03:00:00Z", "2026-11-25T05:00:00Z"),
+            (ny, day, "2026-03-08T12:00:00Z", "2026-03-08T05:00:00Z"),
+            (ny, week, "2026-11-26T18:00:00Z", "2026-11-23T05:00:00Z"),
+            (
+                berlin,
+                month,
+                "2026-11-26T18:00:00Z",
+                "2026-10-31T23:00:00Z",
+            ),
+        ] {
+            assert_eq!(local_floor(tz, g, t(at)), t(floor), "{tz} {g} {at}");
+        }
+        for (tz, g, start, next) in [
+            (ny, day, "2026-11-25T05:00:00Z", "2026-11-26T05:00:00Z"),
+            (ny, day, "2026-03-08T05:00:00Z", "2026-03-09T04:00:00Z"),
+            (ny, week, "2026-11-23T05:00:00Z", "2026-11-30T05:00:00Z"),
+            (
+                berlin,
+                month,
+                "2026-10-31T23:00:00Z",
+                "2026-11-30T23:00:00Z",
+            ),
+        ] {
+            assert_eq!(local_next(tz, g, t(start)), t(next), "{tz} {g} {start}");
+        }
     }
 }
