@@ -152,7 +152,24 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(problem_bodies))
+        .layer(cors())
+        // The access log: a span per request, with its method, path, status and latency, at
+        // debug level (`RUST_LOG=tower_http=debug`).
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Dashboards served from another origin (Grafana, Superset, a page of one's own) may read
+/// the API from the browser: any origin, `GET` and `POST`, any request header, no cookies (the
+/// API has none), preflights cached for an hour.
+fn cors() -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{Any, CorsLayer};
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers(Any)
+        .expose_headers(Any)
+        .max_age(Duration::from_secs(3600))
 }
 
 /// The admin routes alone: `/livez`, `/readyz` and `/metrics`, for a listener of their own,

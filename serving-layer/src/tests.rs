@@ -1333,3 +1333,29 @@ async fn totals_come_beside_the_rows_in_json_plain_or_gzipped() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["detail"].as_str().unwrap().contains("true or false"));
 }
+
+#[tokio::test]
+async fn dashboards_on_another_origin_may_read_the_api() {
+    let uri = "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06";
+    let preflight = Request::options(uri)
+        .header("origin", "https://grafana.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app().oneshot(preflight).await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    let get = Request::get(uri)
+        .header("origin", "https://grafana.example")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app().oneshot(get).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+}
