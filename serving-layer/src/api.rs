@@ -140,7 +140,7 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
         .load_shed()
         .concurrency_limit(limits.max_concurrent.max(1))
         .timeout(limits.timeout);
-    probes(limits)
+    let router = probes(limits)
         .route("/v1/views", get(list_views))
         .route("/v1/views/{view}", get(get_view))
         .route(
@@ -153,10 +153,15 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(problem_bodies))
         .layer(cors())
-        // The access log: a span per request, with its method, path, status and latency, at
-        // debug level (`RUST_LOG=tower_http=debug`).
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+        .with_state(state);
+    // The access log: a span per request, with its method, path, status and latency, at debug
+    // level (`RUST_LOG=tower_http=debug`). Left out unless that level is on when the router is
+    // built, so that a busy server does not pay for it.
+    if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::DEBUG) {
+        router.layer(tower_http::trace::TraceLayer::new_for_http())
+    } else {
+        router
+    }
 }
 
 /// Dashboards served from another origin (Grafana, Superset, a page of one's own) may read
