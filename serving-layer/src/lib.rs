@@ -27,5 +27,4 @@ pub use api::{
     admin_router, router, router_with, ApiMetrics, AppState, Check, QueryLimits, Readiness,
 };
 pub use error::ApiError;
-pub use merge::answer;
 pub use params::{Format, QueryParams};

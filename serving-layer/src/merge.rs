@@ -20,17 +20,6 @@ use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::Result;
 
-/// Answers `q` on `view` from both layers.
-pub async fn answer(
-    view: &ViewDef,
-    q: &ViewQuery,
-    batch: &dyn BatchViews,
-    speed: &dyn RealtimeView,
-) -> Result<QueryResult> {
-    let coverage = batch.coverage(view).await?;
-    answer_at(view, q, coverage, batch, speed).await
-}
-
 /// Answers `q` on `view` from both layers, the batch at `coverage` (which
 /// [`BatchViews::coverage`] gave).
 pub async fn answer_at(
