@@ -108,6 +108,10 @@ pub struct FileConfig {
 pub struct SpeedFile {
     /// Seconds a publish must be old before the speed layer drops the buckets it covers.
     pub prune_grace_secs: Option<u64>,
+    /// Milliseconds between checkpoints of the partitions that changed.
+    pub checkpoint_interval_ms: Option<u64>,
+    /// Checkpoints kept per partition.
+    pub checkpoint_keep: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +119,9 @@ pub struct SpeedFile {
 pub struct KafkaFile {
     pub brokers: Option<String>,
     pub group_prefix: Option<String>,
+    /// librdkafka settings passed through to every client (TLS, SASL, fetch sizes, ...).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, toml::Value>,
 }
 
 /// One resolved setting, for `tandem config`.
@@ -141,6 +148,12 @@ pub struct Config {
     pub definitions_given: bool,
     /// How old a publish must be before the speed layer drops the buckets it covers.
     pub prune_grace: std::time::Duration,
+    /// Time between the speed layer's checkpoints.
+    pub checkpoint_interval: std::time::Duration,
+    /// Checkpoints kept per partition.
+    pub checkpoint_keep: usize,
+    /// `[kafka.properties]`, passed to librdkafka.
+    pub kafka_properties: Vec<(String, String)>,
     /// Every setting with its origin.
     pub settings: Vec<Setting>,
 }
@@ -149,6 +162,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Longer than serving's look at a view's log (1 s), so no replica still answering from the
 /// previous publish asks the speed layer for buckets it already dropped.
 pub const DEFAULT_PRUNE_GRACE_SECS: u64 = 60;
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_CHECKPOINT_KEEP: usize = 3;
 
 /// A value and where it came from.
 struct Given<T> {
@@ -287,6 +302,30 @@ impl Config {
             Some(s) => given(s, file_key("speed.prune_grace_secs")),
             None => given(DEFAULT_PRUNE_GRACE_SECS, default.clone()),
         };
+        let checkpoint_interval = match file.speed.checkpoint_interval_ms {
+            Some(0) => bail!("speed.checkpoint_interval_ms must be at least 1"),
+            Some(ms) => given(ms, file_key("speed.checkpoint_interval_ms")),
+            None => given(DEFAULT_CHECKPOINT_INTERVAL_MS, default.clone()),
+        };
+        let checkpoint_keep = match file.speed.checkpoint_keep {
+            Some(0) => bail!("speed.checkpoint_keep must be at least 1"),
+            Some(n) => given(n, file_key("speed.checkpoint_keep")),
+            None => given(DEFAULT_CHECKPOINT_KEEP, default.clone()),
+        };
+        let mut kafka_properties = Vec::new();
+        for (key, value) in &file.kafka.properties {
+            let value = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => bail!(
+                    "kafka.properties.{key} must be a string, number or boolean, not {}",
+                    other.type_str()
+                ),
+            };
+            kafka_properties.push((key.clone(), value));
+        }
         let config_from = match opts.config {
             Some(_) => given((), cli("config", "TANDEM_CONFIG")).describe(),
             None => "default".to_string(),
@@ -335,6 +374,25 @@ impl Config {
             from: prune_grace.describe(),
         });
         settings.push(Setting {
+            key: "speed.checkpoint_interval_ms",
+            value: checkpoint_interval.value.to_string(),
+            from: checkpoint_interval.describe(),
+        });
+        settings.push(Setting {
+            key: "speed.checkpoint_keep",
+            value: checkpoint_keep.value.to_string(),
+            from: checkpoint_keep.describe(),
+        });
+        for (key, value) in &kafka_properties {
+            // Secrets (sasl.password, ssl.key.password, ...) are not printed.
+            let secret = key.contains("password") || key.contains("secret");
+            settings.push(Setting {
+                key: "kafka.properties.*",
+                value: format!("{key}={}", if secret { "(set)" } else { value }),
+                from: "config file".into(),
+            });
+        }
+        settings.push(Setting {
             key: "listen",
             value: listen.value.to_string(),
             from: listen.describe(),
@@ -361,6 +419,9 @@ impl Config {
             listen: listen.value,
             admin_listen: admin_listen.map(|a| a.value),
             prune_grace: std::time::Duration::from_secs(prune_grace.value),
+            checkpoint_interval: std::time::Duration::from_millis(checkpoint_interval.value),
+            checkpoint_keep: checkpoint_keep.value,
+            kafka_properties,
             settings,
         })
     }
@@ -369,6 +430,27 @@ impl Config {
         match &self.brokers {
             Some(b) => Ok(b),
             None => bail!("no Kafka brokers: set --brokers, TANDEM_KAFKA_BROKERS or `kafka.brokers` in tandem.toml"),
+        }
+    }
+
+    /// How the consumers reach Kafka.
+    pub fn kafka(&self) -> Result<tandem_speed::KafkaConfig> {
+        Ok(tandem_speed::KafkaConfig {
+            group_prefix: self.group_prefix.clone(),
+            extra: self.kafka_properties.clone(),
+            ..tandem_speed::KafkaConfig::new(self.brokers()?)
+        })
+    }
+
+    /// The consumers' settings: which to start is the role's choice.
+    pub fn consumer_options(&self, archive: bool, speed: bool) -> tandem_speed::ConsumerOptions {
+        tandem_speed::ConsumerOptions {
+            archive,
+            speed,
+            speed_tick: self.checkpoint_interval,
+            checkpoint_keep: self.checkpoint_keep,
+            prune_grace: self.prune_grace,
+            ..Default::default()
         }
     }
 }

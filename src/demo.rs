@@ -108,7 +108,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         Arc::clone(&clock),
         config.listen,
         crate::roles::admin_listen(&config, args.admin_port),
-        config.prune_grace,
+        &config.consumer_options(true, true),
     )
     .await?;
     let archiver = running

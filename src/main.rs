@@ -39,6 +39,9 @@ enum Command {
     Run(roles::ServeArgs),
     /// The archiver role only: Kafka into the master dataset and the dead-letter table.
     Archive,
+    /// The speed layer role with its API (its state, /metrics, probes): instances share the
+    /// topic's partitions through the consumer group, with state in checkpoints.
+    Speed(roles::ServeArgs),
     /// The serving role on published batch views only (no speed layer in this process).
     Serve(roles::ServeArgs),
     /// Batch jobs.
@@ -146,7 +149,8 @@ async fn run(cli: Cli) -> Result<()> {
     let config = Config::resolve(&cli.global)?;
     match cli.command {
         Command::Demo(args) => demo::run(&cli.global, args).await,
-        Command::Run(args) => roles::run_all(&config, args).await,
+        Command::Run(args) => roles::run_all(&config, args, true).await,
+        Command::Speed(args) => roles::run_all(&config, args, false).await,
         Command::Archive => roles::archive(&config).await,
         Command::Serve(args) => roles::serve(&config, args).await,
         Command::Batch(cmd) => roles::batch(&config, cmd).await,

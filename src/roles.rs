@@ -401,7 +401,7 @@ pub async fn start_all(
     clock: Arc<dyn Clock>,
     listen: std::net::SocketAddr,
     admin_listen: Option<std::net::SocketAddr>,
-    prune_grace: std::time::Duration,
+    options: &ConsumerOptions,
 ) -> Result<Running> {
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
@@ -417,10 +417,15 @@ pub async fn start_all(
         kafka_config,
         Arc::clone(&clock),
         &backend,
-        &ConsumerOptions::default(),
+        options,
     )
     .await?;
     let mut state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
+    let speed = Arc::clone(&consumers.speed);
+    state.metrics = Arc::new(ApiMetrics {
+        sources: vec![Arc::new(move |out: &mut String| speed.write_metrics(out))],
+        ..Default::default()
+    });
     let mut readiness = Readiness::default();
     for (schema, stats) in &consumers.archiver_stats {
         readiness = readiness.with(
@@ -436,7 +441,7 @@ pub async fn start_all(
         Arc::clone(&state.batch),
         Arc::clone(catalog),
         PRUNE_EVERY,
-        prune_grace,
+        options.prune_grace,
         backend.clone(),
     ));
     let server = tokio::spawn(serve_api(state, listener, admin, frontend.clone()));
@@ -493,20 +498,18 @@ impl Running {
     }
 }
 
-pub async fn run_all(config: &Config, args: ServeArgs) -> Result<()> {
+/// `tandem run` (every role) and `tandem speed` (the speed layer with its API: its state,
+/// `/metrics` and probes; no archiver).
+pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<()> {
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
-    let kafka_config = KafkaConfig {
-        group_prefix: config.group_prefix.clone(),
-        ..KafkaConfig::new(config.brokers()?)
-    };
     start_all(
         &catalog,
         &storage,
-        &kafka_config,
+        &config.kafka()?,
         clock(),
         args.listen(config),
         args.admin_listen(config),
-        config.prune_grace,
+        &config.consumer_options(archive, true),
     )
     .await?
     .until_stopped()
@@ -519,15 +522,9 @@ pub async fn archive(config: &Config) -> Result<()> {
         Storage::new(config.layout.clone())?,
         clock(),
     );
-    let kafka_config = KafkaConfig {
-        group_prefix: config.group_prefix.clone(),
-        ..KafkaConfig::new(config.brokers()?)
-    };
+    let kafka_config = config.kafka()?;
     let backend = CancellationToken::new();
-    let options = ConsumerOptions {
-        speed: false,
-        ..Default::default()
-    };
+    let options = config.consumer_options(true, false);
     let mut consumers =
         tandem_speed::start(&catalog, &storage, &kafka_config, clock, &backend, &options).await?;
     let failed = tokio::select! {

@@ -10,6 +10,7 @@
 //! generator: the speed, batch and serving crates build on it.
 
 pub mod catalog;
+pub mod codec;
 pub mod decode;
 pub mod error;
 pub mod filter;

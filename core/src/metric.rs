@@ -658,6 +658,84 @@ impl MetricState {
         }
     }
 
+    /// Appends the state to `out` (a tag and its values; a distinct count as its sketch in the
+    /// DataSketches format), as [`MetricState::decode`] reads it back.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use crate::codec::Put;
+        use MetricState::*;
+        let opt_i = |out: &mut Vec<u8>, v: &Option<i128>| match v {
+            Some(v) => (out.put_u8(1), out.put_i128(*v)).0,
+            None => out.put_u8(0),
+        };
+        let opt_f = |out: &mut Vec<u8>, v: &Option<f64>| match v {
+            Some(v) => (out.put_u8(1), out.put_f64(*v)).0,
+            None => out.put_u8(0),
+        };
+        match self {
+            Count(c) => (out.put_u8(0), out.put_u64(*c)).0,
+            SumInt(v) => (out.put_u8(1), out.put_i128(*v)).0,
+            SumFloat(v) => (out.put_u8(2), out.put_f64(*v)).0,
+            MinInt(v) => (out.put_u8(3), opt_i(out, v)).0,
+            MaxInt(v) => (out.put_u8(4), opt_i(out, v)).0,
+            MinFloat(v) => (out.put_u8(5), opt_f(out, v)).0,
+            MaxFloat(v) => (out.put_u8(6), opt_f(out, v)).0,
+            Distinct(d) => {
+                out.put_u8(7);
+                match d.exact {
+                    Some(n) => (out.put_u8(1), out.put_u64(n)).0,
+                    None => out.put_u8(0),
+                }
+                out.put_bytes(&d.serialize());
+            }
+            AvgInt { sum, n } => (out.put_u8(8), out.put_i128(*sum), out.put_u64(*n)).0,
+            AvgFloat { sum, n } => (out.put_u8(9), out.put_f64(*sum), out.put_u64(*n)).0,
+        }
+    }
+
+    /// Reads back a state [`MetricState::encode`] wrote.
+    pub fn decode(
+        r: &mut crate::codec::Reader<'_>,
+    ) -> std::result::Result<Self, crate::codec::Malformed> {
+        use crate::codec::Malformed;
+        use MetricState::*;
+        fn opt<T>(
+            r: &mut crate::codec::Reader<'_>,
+            f: impl Fn(&mut crate::codec::Reader<'_>) -> std::result::Result<T, Malformed>,
+        ) -> std::result::Result<Option<T>, Malformed> {
+            match r.u8()? {
+                0 => Ok(None),
+                1 => f(r).map(Some),
+                t => Err(Malformed(format!("option tag {t}"))),
+            }
+        }
+        Ok(match r.u8()? {
+            0 => Count(r.u64()?),
+            1 => SumInt(r.i128()?),
+            2 => SumFloat(r.f64()?),
+            3 => MinInt(opt(r, |r| r.i128())?),
+            4 => MaxInt(opt(r, |r| r.i128())?),
+            5 => MinFloat(opt(r, |r| r.f64())?),
+            6 => MaxFloat(opt(r, |r| r.f64())?),
+            7 => {
+                let exact = opt(r, |r| r.u64())?;
+                let sketch = r.bytes()?;
+                Distinct(Box::new(
+                    DistinctState::from_parts(sketch, exact)
+                        .map_err(|e| Malformed(e.to_string()))?,
+                ))
+            }
+            8 => AvgInt {
+                sum: r.i128()?,
+                n: r.u64()?,
+            },
+            9 => AvgFloat {
+                sum: r.f64()?,
+                n: r.u64()?,
+            },
+            t => return Err(Malformed(format!("metric state tag {t}"))),
+        })
+    }
+
     /// Folds `other` (a state of the same metric) into `self`.
     pub fn merge(&mut self, other: &MetricState) {
         use MetricState::*;
@@ -753,6 +831,45 @@ mod tests {
             d.update_str(&format!("device-{i}"));
         }
         d
+    }
+
+    #[test]
+    fn every_state_reads_back_as_it_was_written() {
+        let mut merged = MetricState::Distinct(Box::new(sketch_of(0..1_000)));
+        merged.merge(&MetricState::Distinct(Box::new(sketch_of(500..2_000))));
+        let mut exact = sketch_of(0..10);
+        exact.exact = Some(10);
+        let states = [
+            MetricState::Count(42),
+            MetricState::SumInt(-(1i128 << 100)),
+            MetricState::SumFloat(2.5),
+            MetricState::MinInt(None),
+            MetricState::MaxInt(Some(9)),
+            MetricState::MinFloat(Some(-1.0)),
+            MetricState::MaxFloat(None),
+            MetricState::Distinct(Box::new(exact)),
+            merged,
+            MetricState::AvgInt { sum: 7, n: 2 },
+            MetricState::AvgFloat { sum: 7.5, n: 3 },
+        ];
+        let mut bytes = Vec::new();
+        for s in &states {
+            s.encode(&mut bytes);
+        }
+        let mut r = crate::codec::Reader::new(&bytes);
+        for s in &states {
+            let back = MetricState::decode(&mut r).unwrap();
+            match (s, &back) {
+                (MetricState::Distinct(a), MetricState::Distinct(b)) => {
+                    assert_eq!(a.estimate(), b.estimate());
+                    assert_eq!(a.exact, b.exact);
+                }
+                _ => assert_eq!(s, &back),
+            }
+        }
+        assert_eq!(r.remaining(), 0);
+        assert!(MetricState::decode(&mut crate::codec::Reader::new(&[42])).is_err());
+        assert!(MetricState::decode(&mut crate::codec::Reader::new(&bytes[..3])).is_err());
     }
 
     #[test]

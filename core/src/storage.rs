@@ -64,6 +64,37 @@ impl Storage {
         &self.layout
     }
 
+    /// The object store under the deployment's root, for objects that are not Delta tables
+    /// (the speed layer's checkpoints): paths given to it are relative to the root.
+    pub fn objects(&self) -> Result<Arc<dyn ObjectStore>> {
+        let root = self.layout.root();
+        let prefix = object_store::path::Path::from(root.path().trim_matches('/'));
+        match &self.shared {
+            Some(store) => Ok(Arc::new(object_store::prefix::PrefixStore::new(
+                Arc::clone(store),
+                prefix,
+            ))),
+            None => {
+                let dir = self.layout.local_dir().ok_or_else(|| CoreError::Storage {
+                    url: root.to_string(),
+                    message: "not a local directory".into(),
+                })?;
+                std::fs::create_dir_all(&dir).map_err(|source| CoreError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let store =
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| {
+                        CoreError::ObjectStore {
+                            url: root.to_string(),
+                            source: Box::new(e),
+                        }
+                    })?;
+                Ok(Arc::new(store))
+            }
+        }
+    }
+
     fn builder(&self, url: &Url) -> Result<DeltaTableBuilder> {
         let b = DeltaTableBuilder::from_url(url.clone()).map_err(delta)?;
         Ok(match &self.shared {

@@ -77,14 +77,29 @@ impl Readiness {
     }
 }
 
-/// Request counters, by outcome class only (bounded label set).
-#[derive(Debug, Default)]
+/// Writes a role's own metrics (Prometheus text format) into `/metrics`.
+pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
+
+/// Request counters, by outcome class only (bounded label set), and the process's other
+/// roles' metrics.
+#[derive(Default)]
 pub struct ApiMetrics {
     pub queries: AtomicU64,
     pub client_errors: AtomicU64,
     pub server_errors: AtomicU64,
     /// Queries being answered now.
     pub in_flight: AtomicU64,
+    /// The other roles of the process, appended to `/metrics`.
+    pub sources: Vec<MetricsSource>,
+}
+
+impl std::fmt::Debug for ApiMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiMetrics")
+            .field("queries", &self.queries)
+            .field("sources", &self.sources.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counts a query in flight while it lives.
@@ -563,5 +578,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "# HELP tandem_speed_stale_partitions Partitions whose speed state is known to be incomplete.\n# TYPE tandem_speed_stale_partitions gauge\ntandem_speed_stale_partitions {}\n",
         status.stale_partitions.len()
     ));
+    for source in &m.sources {
+        source(&mut out);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -24,7 +24,8 @@ pub mod render;
 mod tests;
 
 pub use api::{
-    admin_router, router, router_with, ApiMetrics, AppState, Check, QueryLimits, Readiness,
+    admin_router, router, router_with, ApiMetrics, AppState, Check, MetricsSource, QueryLimits,
+    Readiness,
 };
 pub use error::ApiError;
 pub use params::{Format, QueryParams};

@@ -36,6 +36,21 @@ impl Interner {
         id
     }
 
+    /// An interner holding `values` as ids 1, 2, ...
+    pub fn from_values(values: Vec<Box<str>>) -> Self {
+        let ids = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.clone(), i as u32 + 1))
+            .collect();
+        Interner { ids, values }
+    }
+
+    /// The values, id 1 first.
+    pub fn values(&self) -> &[Box<str>] {
+        &self.values
+    }
+
     fn value(&self, id: u32) -> Option<&str> {
         (id != 0).then(|| &*self.values[id as usize - 1])
     }

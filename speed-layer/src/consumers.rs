@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::archiver::{Archiver, ArchiverConfig, ArchiverStats};
+use crate::checkpoint::CheckpointStore;
 use crate::error::Result;
 use crate::kafka::{self, KafkaConfig};
 use crate::speed::{SpeedLayer, SpeedLayers, SpeedSink};
@@ -27,8 +28,15 @@ pub struct ConsumerOptions {
     pub archiver: ArchiverConfig,
     /// How often the archiver is asked to flush.
     pub archive_tick: Duration,
-    /// How often the speed layer is asked to flush.
+    /// How often the speed layer checkpoints the partitions that changed.
     pub speed_tick: Duration,
+    /// Keep the speed layer's state in checkpoints in the deployment's storage (off: in memory
+    /// only, replayed from the earliest retained offset after a restart).
+    pub checkpoints: bool,
+    /// How many checkpoints of each partition to keep.
+    pub checkpoint_keep: usize,
+    /// How old a publish must be before the speed layer drops the buckets it covers.
+    pub prune_grace: Duration,
 }
 
 impl Default for ConsumerOptions {
@@ -39,6 +47,9 @@ impl Default for ConsumerOptions {
             archiver: ArchiverConfig::default(),
             archive_tick: Duration::from_millis(500),
             speed_tick: Duration::from_secs(1),
+            checkpoints: true,
+            checkpoint_keep: 3,
+            prune_grace: Duration::from_secs(60),
         }
     }
 }
@@ -108,7 +119,12 @@ pub async fn start(
             });
         }
         if options.speed {
-            let layer = Arc::new(SpeedLayer::new(catalog, name, Arc::clone(&clock))?);
+            let mut layer = SpeedLayer::new(catalog, name, Arc::clone(&clock))?;
+            if options.checkpoints {
+                let store = CheckpointStore::new(storage.objects()?, name, options.checkpoint_keep);
+                layer = layer.with_checkpoints(store);
+            }
+            let layer = Arc::new(layer);
             layers.insert(name.clone(), Arc::clone(&layer));
             let (cfg, topic, token, tick) = (
                 kafka_config.clone(),

@@ -15,6 +15,26 @@ pub enum SpeedError {
     #[error(transparent)]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
 
+    /// A checkpoint could not be read or written.
+    #[error("checkpoint `{path}`")]
+    Checkpoint {
+        path: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    /// A newer owner claimed the partition: this instance's checkpoint was refused.
+    #[error("partition {partition} is fenced: checkpoint {seq} of generation {generation} was refused because a newer owner holds the partition")]
+    Fenced {
+        partition: i32,
+        generation: u64,
+        seq: u64,
+    },
+
+    /// The consumer cannot run on this runtime.
+    #[error("{0}")]
+    Runtime(String),
+
     /// A schema named by the configuration does not exist.
     #[error("no schema `{0}`")]
     UnknownSchema(String),

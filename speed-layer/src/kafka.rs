@@ -3,20 +3,28 @@
 //! them to a [`BatchSink`].
 //!
 //! Offsets are never auto-committed: each sink keeps its offsets with its output and only
-//! reports progress to the group after its output is durable.
+//! reports progress to the group after its output is durable. A sink that keeps per-partition
+//! state moves it with the group's assignments through a [`Rebalance`] handler: the handler
+//! restores an assigned partition and says where its consumption resumes, and saves and drops
+//! a revoked one, before the group goes on.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::message::Message as _;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tandem_core::decode::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
+use crate::error::{Result, SpeedError};
 
 /// How to reach Kafka.
 #[derive(Debug, Clone)]
@@ -47,6 +55,11 @@ impl KafkaConfig {
     /// A consumer of `group`, auto-commit off, starting from the earliest offset when the group
     /// has none.
     pub fn consumer(&self, group: &str) -> Result<StreamConsumer> {
+        Ok(self.client_config(group).create()?)
+    }
+
+    /// The settings of a consumer of `group`.
+    pub fn client_config(&self, group: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("{}-{group}", self.group_prefix))
@@ -58,7 +71,102 @@ impl KafkaConfig {
         for (k, v) in &self.extra {
             c.set(k, v);
         }
-        Ok(c.create()?)
+        c
+    }
+}
+
+/// What a sink with per-partition state does when the group moves partitions. Called from
+/// the consumer's rebalance callback, which waits for the futures: the group goes on only
+/// once they are done.
+pub trait Rebalance: Send + Sync + std::fmt::Debug {
+    /// `partition` is now this consumer's: restore its state; the answer is where consumption
+    /// resumes.
+    fn assigned(&self, partition: i32) -> BoxFuture<'_, Result<Offset>>;
+
+    /// `partition` is no longer this consumer's (`lost`: taken without a revoke, as after a
+    /// session timeout): save what can be saved and drop it.
+    fn revoked(&self, partition: i32, lost: bool) -> BoxFuture<'_, ()>;
+}
+
+/// The consumer's context: runs a [`Rebalance`] handler around each assignment change.
+pub struct Context {
+    topic: String,
+    handler: Option<Arc<dyn Rebalance>>,
+    runtime: tokio::runtime::Handle,
+    /// Partitions assigned whose restore failed: retried at every tick, then sought to.
+    pending: Mutex<Vec<i32>>,
+}
+
+impl ClientContext for Context {}
+
+impl Context {
+    fn wait<T>(&self, f: BoxFuture<'_, T>) -> T {
+        tokio::task::block_in_place(|| self.runtime.block_on(f))
+    }
+}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let outcome = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(h) = &self.handler {
+                    for &p in &partitions {
+                        match self.wait(h.assigned(p)) {
+                            Ok(offset) => {
+                                if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+                                    tracing::warn!(partition = p, error = %e, "cannot set the resume offset");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition = p, error = %e, "partition not restored; retrying at the next tick");
+                                self.pending.lock().expect("pending lock poisoned").push(p);
+                            }
+                        }
+                    }
+                }
+                tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let lost = consumer.assignment_lost();
+                if let Some(h) = &self.handler {
+                    self.pending
+                        .lock()
+                        .expect("pending lock poisoned")
+                        .retain(|p| !partitions.contains(p));
+                    for &p in &partitions {
+                        self.wait(h.revoked(p, lost));
+                    }
+                }
+                tracing::info!(topic = %self.topic, ?partitions, lost, "partitions revoked");
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance failed");
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "applying the new assignment failed");
+        }
     }
 }
 
@@ -135,6 +243,11 @@ pub trait BatchSink {
 
     /// Called on every tick and at shutdown (`final_flush`): write out what is pending.
     async fn flush(&mut self, final_flush: bool) -> Result<Vec<(i32, i64)>>;
+
+    /// The handler that moves the sink's state with the group's assignments, if it keeps any.
+    fn rebalance(&self) -> Option<Arc<dyn Rebalance>> {
+        None
+    }
 }
 
 /// Consumes `topic` as `group` into `sink` until `shutdown`; then flushes the sink once more.
@@ -147,7 +260,21 @@ pub async fn run<S: BatchSink>(
     tick: Duration,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let consumer = config.consumer(group)?;
+    let handler = sink.rebalance();
+    let runtime = tokio::runtime::Handle::current();
+    if handler.is_some() && runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return Err(SpeedError::Runtime(
+            "a consumer that restores state on rebalance needs tokio's multi-thread runtime".into(),
+        ));
+    }
+    let context = Context {
+        topic: topic.to_string(),
+        handler,
+        runtime,
+        pending: Mutex::new(Vec::new()),
+    };
+    let consumer: StreamConsumer<Context> =
+        config.client_config(group).create_with_context(context)?;
     consumer.subscribe(&[topic])?;
     let mut batch = MessageBatch::default();
     let mut ticker = tokio::time::interval(tick);
@@ -157,6 +284,7 @@ pub async fn run<S: BatchSink>(
             biased;
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
+                retry_pending(&consumer, topic).await;
                 let done = sink.flush(false).await?;
                 report(&consumer, topic, &done, CommitMode::Async);
             }
@@ -191,9 +319,37 @@ pub async fn run<S: BatchSink>(
     Ok(())
 }
 
+/// Restores the partitions whose restore failed at assignment, and resumes each where its
+/// state says.
+async fn retry_pending(consumer: &StreamConsumer<Context>, topic: &str) {
+    let ctx = consumer.context();
+    let (Some(handler), pending) = (
+        &ctx.handler,
+        ctx.pending.lock().expect("pending lock poisoned").clone(),
+    ) else {
+        return;
+    };
+    for p in pending {
+        match handler.assigned(p).await {
+            Ok(offset) => {
+                if let Err(e) = consumer.seek(topic, p, offset, Duration::from_secs(10)) {
+                    tracing::warn!(partition = p, error = %e, "restored, but cannot seek; retrying");
+                    continue;
+                }
+                tracing::info!(partition = p, "partition restored after a retry");
+                ctx.pending
+                    .lock()
+                    .expect("pending lock poisoned")
+                    .retain(|&q| q != p);
+            }
+            Err(e) => tracing::warn!(partition = p, error = %e, "partition still not restored"),
+        }
+    }
+}
+
 /// Reports durable progress to the group. Failures only delay the report: the sink's own
 /// stored offsets decide where consumption resumes.
-fn report(consumer: &StreamConsumer, topic: &str, done: &[(i32, i64)], mode: CommitMode) {
+fn report(consumer: &StreamConsumer<Context>, topic: &str, done: &[(i32, i64)], mode: CommitMode) {
     if done.is_empty() {
         return;
     }

@@ -11,6 +11,7 @@
 
 pub mod aggregate;
 pub mod archiver;
+pub mod checkpoint;
 pub mod consumers;
 pub mod error;
 pub mod kafka;
@@ -20,6 +21,7 @@ pub mod speed;
 mod tests;
 
 pub use archiver::{Archiver, ArchiverConfig, ArchiverStats};
+pub use checkpoint::CheckpointStore;
 pub use consumers::{start, ConsumerName, ConsumerOptions, Consumers};
 pub use error::{Result, SpeedError};
 pub use kafka::KafkaConfig;

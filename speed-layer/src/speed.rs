@@ -6,23 +6,36 @@
 //! time, so ingestion waits at most that long. A message whose offset the partition has
 //! already applied is skipped, so a redelivery never counts twice. Buckets a published batch
 //! covers are dropped once the publish is older than a grace period ([`prune_covered`]), so the
-//! state holds what no batch covers yet, plus that grace. Without checkpoints, a restarted speed layer replays its
-//! topic from the earliest retained offset (its consumer group never commits).
+//! state holds what no batch covers yet, plus that grace.
+//!
+//! With a [`CheckpointStore`], a partition's state exists only while this instance owns the
+//! partition: on assignment it is restored from the partition's newest good checkpoint (and
+//! consumption resumes at the checkpoint's offset), every `flush` checkpoints the partitions
+//! that changed, and a revoked partition is checkpointed and dropped from the answers. A
+//! partition whose checkpoint is refused (a newer owner claimed it) is dropped at once.
+//! Without one (tests, benchmarks), any partition that delivers a message gets a state.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tandem_core::decode::{Decoder, Message};
+use tandem_core::metric::MetricState;
 use tandem_core::query::{AggRow, Coverage, RealtimeStatus, RowSet, ViewQuery};
 use tandem_core::time::Clock;
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::{Catalog, CoreError};
 
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use rdkafka::Offset;
+
 use crate::aggregate::{Groups, Interner, ViewAggregator};
+use crate::checkpoint::{encode_state, CheckpointStore, Lease, StateRef, ViewKey};
 use crate::error::{Result, SpeedError};
-use crate::kafka::{BatchSink, MessageBatch};
+use crate::kafka::{BatchSink, MessageBatch, Rebalance};
 
 /// One partition's state: every view's groups and the next offset to apply.
 #[derive(Debug, Default)]
@@ -33,6 +46,18 @@ struct PartitionState {
     last_broker_ms: Option<i64>,
     /// Offsets skipped after this partition's first applied message.
     missed: u64,
+    /// Changes (applies and prunes) so far, and how many the last checkpoint holds.
+    changes: u64,
+    checkpointed: u64,
+}
+
+impl PartitionState {
+    fn empty(views: usize) -> Self {
+        PartitionState {
+            groups: vec![Groups::default(); views],
+            ..Default::default()
+        }
+    }
 }
 
 /// Counters of the speed layer.
@@ -47,6 +72,21 @@ pub struct SpeedStats {
     pub missed_offsets: AtomicU64,
     /// Groups dropped because a published batch covers their buckets.
     pub pruned_groups: AtomicU64,
+    /// Messages of partitions this instance does not own (fetched before a revoke).
+    pub unowned: AtomicU64,
+    /// Checkpoints written, and the last one's size and duration.
+    pub checkpoints: AtomicU64,
+    pub checkpoint_bytes: AtomicU64,
+    pub checkpoint_micros: AtomicU64,
+    /// When the last checkpoint was written (microseconds since the epoch; 0 = never).
+    pub checkpoint_at_us: AtomicU64,
+    /// Checkpoints that could not be written (storage errors; retried at the next flush).
+    pub checkpoint_failures: AtomicU64,
+    /// Checkpoints refused because a newer owner claimed the partition.
+    pub fenced: AtomicU64,
+    /// Partitions restored from a checkpoint, and checkpoints passed over as corrupt or stale.
+    pub restored: AtomicU64,
+    pub skipped_checkpoints: AtomicU64,
 }
 
 /// The speed layer of one event schema.
@@ -64,6 +104,12 @@ pub struct SpeedLayer {
     generations: Vec<AtomicU64>,
     /// The last stamp given to an apply (see `RealtimeView::bucket_stamps`).
     stamps: AtomicU64,
+    /// Where checkpoints go; `None` keeps state in memory only.
+    checkpoints: Option<CheckpointStore>,
+    /// What a checkpoint must match to be restored, per view.
+    view_keys: Vec<ViewKey>,
+    /// This instance's lease on each partition it owns (with checkpoints only).
+    leases: Mutex<BTreeMap<i32, Lease>>,
 }
 
 impl SpeedLayer {
@@ -78,7 +124,24 @@ impl SpeedLayer {
             .map(|v| ViewAggregator::new(Arc::clone(v), s))
             .collect::<Result<Vec<_>>>()?;
         let views = aggregators.len();
+        let view_keys = aggregators
+            .iter()
+            .map(|a| ViewKey {
+                name: a.view.name.clone(),
+                definition_hash: a.view.definition_hash.clone(),
+                dimensions: a.view.dimensions.len(),
+                metrics: a
+                    .view
+                    .metrics
+                    .iter()
+                    .map(|m| std::mem::discriminant(&m.empty_state()))
+                    .collect(),
+            })
+            .collect();
         Ok(SpeedLayer {
+            checkpoints: None,
+            view_keys,
+            leases: Mutex::new(BTreeMap::new()),
             decoder: Decoder::new(Arc::clone(s)),
             aggregators,
             partitions: RwLock::new(BTreeMap::new()),
@@ -87,6 +150,219 @@ impl SpeedLayer {
             generations: (0..views).map(|_| AtomicU64::new(0)).collect(),
             stamps: AtomicU64::new(0),
         })
+    }
+
+    /// Keeps state in `store`'s checkpoints: partitions are then owned through
+    /// [`SpeedLayer::assign`] and [`SpeedLayer::revoke`].
+    pub fn with_checkpoints(mut self, store: CheckpointStore) -> Self {
+        self.checkpoints = Some(store);
+        self
+    }
+
+    /// Every view's answers change (a partition appeared or went).
+    fn bump_all(&self) {
+        for g in &self.generations {
+            g.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Takes ownership of `partition`: restores its newest good checkpoint and claims it.
+    /// Returns where consumption resumes: the checkpoint's offset, or the beginning of what
+    /// the broker retains when there is no checkpoint for these views.
+    pub async fn assign(&self, partition: i32) -> Result<Offset> {
+        let Some(store) = &self.checkpoints else {
+            self.partition_state(partition);
+            return Ok(Offset::Stored);
+        };
+        let restored = store
+            .claim(partition, &self.view_keys, self.clock.now_us())
+            .await?;
+        self.stats
+            .skipped_checkpoints
+            .fetch_add(restored.skipped.len() as u64, Ordering::Relaxed);
+        let (state, offset) = match restored.state {
+            Some((seq, parts)) => {
+                self.stats.restored.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    partition,
+                    checkpoint = seq,
+                    generation = restored.lease.generation,
+                    offset = parts.next_offset,
+                    age_ms = restored.age_us.unwrap_or(0) / 1000,
+                    "partition restored from its checkpoint"
+                );
+                let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut groups = parts.groups;
+                for b in groups.iter_mut().flat_map(|g| g.values_mut()) {
+                    b.stamp = stamp;
+                }
+                let offset = Offset::Offset(parts.next_offset);
+                let state = PartitionState {
+                    next_offset: parts.next_offset,
+                    groups,
+                    interner: parts.interner,
+                    last_broker_ms: parts.last_broker_ms,
+                    missed: parts.missed,
+                    changes: 0,
+                    checkpointed: 0,
+                };
+                (state, offset)
+            }
+            None => {
+                tracing::info!(
+                    partition,
+                    generation = restored.lease.generation,
+                    "no checkpoint for these views; consuming the partition from the beginning the broker retains"
+                );
+                (
+                    PartitionState::empty(self.aggregators.len()),
+                    Offset::Beginning,
+                )
+            }
+        };
+        self.leases
+            .lock()
+            .expect("lease lock poisoned")
+            .insert(partition, restored.lease);
+        self.partitions
+            .write()
+            .expect("speed state lock poisoned")
+            .insert(partition, Arc::new(RwLock::new(state)));
+        self.bump_all();
+        Ok(offset)
+    }
+
+    /// Gives `partition` up: checkpoints it (unless the assignment was `lost`, when a newer
+    /// owner may already hold it) and drops it from the answers.
+    pub async fn revoke(&self, partition: i32, lost: bool) {
+        if !lost {
+            if let Err(e) = self.checkpoint_partition(partition).await {
+                tracing::warn!(partition, error = %e, "revoked partition not checkpointed; its next owner replays from the previous checkpoint");
+            }
+        }
+        self.drop_partition(partition);
+    }
+
+    fn drop_partition(&self, partition: i32) {
+        self.leases
+            .lock()
+            .expect("lease lock poisoned")
+            .remove(&partition);
+        let removed = self
+            .partitions
+            .write()
+            .expect("speed state lock poisoned")
+            .remove(&partition);
+        if removed.is_some() {
+            self.bump_all();
+        }
+    }
+
+    /// Checkpoints every owned partition that changed since its last checkpoint. Returns the
+    /// offsets now durable, to report to the group. A partition a newer owner claimed is
+    /// dropped; a storage error leaves the partition for the next call.
+    pub async fn checkpoint(&self) -> Vec<(i32, i64)> {
+        if self.checkpoints.is_none() {
+            return Vec::new();
+        }
+        let owned: Vec<i32> = self.partition_states().iter().map(|(p, _)| *p).collect();
+        let mut done = Vec::new();
+        for p in owned {
+            match self.checkpoint_partition(p).await {
+                Ok(Some(offset)) => done.push((p, offset)),
+                Ok(None) => {}
+                Err(SpeedError::Fenced { .. }) => {}
+                Err(e) => {
+                    self.stats
+                        .checkpoint_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(partition = p, error = %e, "checkpoint failed; retrying at the next interval");
+                }
+            }
+        }
+        done
+    }
+
+    /// Writes `partition`'s checkpoint if it changed; returns its offset when one was written.
+    async fn checkpoint_partition(&self, partition: i32) -> Result<Option<i64>> {
+        let Some(store) = &self.checkpoints else {
+            return Ok(None);
+        };
+        let Some(state) = self
+            .partitions
+            .read()
+            .expect("speed state lock poisoned")
+            .get(&partition)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let Some(mut lease) = self
+            .leases
+            .lock()
+            .expect("lease lock poisoned")
+            .get(&partition)
+            .copied()
+        else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        let now_us = self.clock.now_us();
+        let (body, changes, offset) = {
+            let s = read(&state);
+            if s.changes == s.checkpointed {
+                return Ok(None);
+            }
+            let body = encode_state(
+                lease.generation,
+                partition,
+                now_us,
+                &self.view_keys,
+                StateRef {
+                    next_offset: s.next_offset,
+                    last_broker_ms: s.last_broker_ms,
+                    missed: s.missed,
+                    interner: &s.interner,
+                    groups: &s.groups,
+                },
+            );
+            (body, s.changes, s.next_offset)
+        };
+        match store.write(partition, &mut lease, body).await {
+            Ok(w) => {
+                write(&state).checkpointed = changes;
+                if let Some(l) = self
+                    .leases
+                    .lock()
+                    .expect("lease lock poisoned")
+                    .get_mut(&partition)
+                {
+                    *l = lease;
+                }
+                let st = &self.stats;
+                st.checkpoints.fetch_add(1, Ordering::Relaxed);
+                st.checkpoint_bytes.store(w.bytes as u64, Ordering::Relaxed);
+                st.checkpoint_micros
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                st.checkpoint_at_us
+                    .store(now_us.max(0) as u64, Ordering::Relaxed);
+                tracing::debug!(
+                    partition,
+                    seq = w.seq,
+                    bytes = w.bytes,
+                    offset,
+                    "checkpoint written"
+                );
+                Ok(Some(offset))
+            }
+            Err(e @ SpeedError::Fenced { .. }) => {
+                self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition, error = %e, "fenced: a newer owner holds the partition; dropping its state");
+                self.drop_partition(partition);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The partitions' states, each still to be locked.
@@ -107,16 +383,31 @@ impl SpeedLayer {
         }
         let mut parts = self.partitions.write().expect("speed state lock poisoned");
         Arc::clone(parts.entry(partition).or_insert_with(|| {
-            Arc::new(RwLock::new(PartitionState {
-                groups: vec![Groups::default(); self.aggregators.len()],
-                ..Default::default()
-            }))
+            Arc::new(RwLock::new(PartitionState::empty(self.aggregators.len())))
         }))
     }
 
     /// Applies one partition's messages (in offset order), skipping offsets already applied.
     pub fn apply(&self, partition: i32, messages: &[Message<'_>]) -> Result<()> {
-        let state = self.partition_state(partition);
+        let state = if self.checkpoints.is_some() {
+            let owned = self
+                .partitions
+                .read()
+                .expect("speed state lock poisoned")
+                .get(&partition)
+                .cloned();
+            match owned {
+                Some(s) => s,
+                None => {
+                    self.stats
+                        .unowned
+                        .fetch_add(messages.len() as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+        } else {
+            self.partition_state(partition)
+        };
         let mut state = write(&state);
         let state = &mut *state;
         let fresh = messages
@@ -160,6 +451,7 @@ impl SpeedLayer {
             }
         }
         state.next_offset = last.offset + 1;
+        state.changes += 1;
         state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
         self.stats
             .events
@@ -186,7 +478,14 @@ impl SpeedLayer {
         let removed: usize = self
             .partition_states()
             .iter()
-            .map(|(_, state)| self.aggregators[i].prune(&mut write(state).groups[i], covered))
+            .map(|(_, state)| {
+                let mut s = write(state);
+                let removed = self.aggregators[i].prune(&mut s.groups[i], covered);
+                if removed > 0 {
+                    s.changes += 1;
+                }
+                removed
+            })
             .sum();
         if removed > 0 {
             self.generations[i].fetch_add(1, Ordering::Release);
@@ -228,6 +527,37 @@ impl SpeedLayer {
             .iter()
             .map(|(p, s)| (*p, read(s).next_offset))
             .collect()
+    }
+
+    /// Groups held and an estimate of their bytes (keys, states, sketches and the hash
+    /// tables' slots), over all views and partitions.
+    pub fn state_size(&self) -> (usize, usize) {
+        let (mut keys, mut bytes) = (0, 0);
+        for (_, state) in self.partition_states() {
+            let s = read(&state);
+            for (key, states) in s
+                .groups
+                .iter()
+                .flat_map(|g| g.values())
+                .flat_map(|b| &b.groups)
+            {
+                keys += 1;
+                bytes +=
+                    48 + key.len() * 4 + states.capacity() * std::mem::size_of::<MetricState>();
+                for m in states {
+                    if let MetricState::Distinct(d) = m {
+                        bytes += d.estimated_size();
+                    }
+                }
+            }
+            bytes += s
+                .interner
+                .values()
+                .iter()
+                .map(|v| 2 * v.len() + 40)
+                .sum::<usize>();
+        }
+        (keys, bytes)
     }
 
     /// The number of groups held, over all views and partitions.
@@ -391,7 +721,26 @@ impl BatchSink for SpeedSink {
     }
 
     async fn flush(&mut self, _final_flush: bool) -> Result<Vec<(i32, i64)>> {
-        Ok(Vec::new())
+        Ok(self.0.checkpoint().await)
+    }
+
+    fn rebalance(&self) -> Option<Arc<dyn Rebalance>> {
+        self.0.checkpoints.as_ref()?;
+        Some(Arc::new(SpeedRebalance(Arc::clone(&self.0))))
+    }
+}
+
+/// Moves a [`SpeedLayer`]'s partitions with the group's assignments.
+#[derive(Debug)]
+struct SpeedRebalance(Arc<SpeedLayer>);
+
+impl Rebalance for SpeedRebalance {
+    fn assigned(&self, partition: i32) -> BoxFuture<'_, Result<Offset>> {
+        Box::pin(self.0.assign(partition))
+    }
+
+    fn revoked(&self, partition: i32, lost: bool) -> BoxFuture<'_, ()> {
+        Box::pin(self.0.revoke(partition, lost))
     }
 }
 
@@ -407,6 +756,69 @@ impl SpeedLayers {
     /// The speed layer of `schema`.
     pub fn get(&self, schema: &str) -> Option<&Arc<SpeedLayer>> {
         self.0.get(schema)
+    }
+
+    /// The layers' counters and gauges in Prometheus' text format, labelled by schema.
+    pub fn write_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        type Get = fn(&SpeedLayer) -> f64;
+        fn load(a: &AtomicU64) -> f64 {
+            a.load(Ordering::Relaxed) as f64
+        }
+        let families: [(&str, &str, &str, Get); 13] = [
+            ("tandem_speed_events_total", "counter", "Events applied to the speed state.", |l| load(&l.stats.events)),
+            ("tandem_speed_rejected_total", "counter", "Messages the decoder rejected (the archiver dead-letters them).", |l| load(&l.stats.rejected)),
+            ("tandem_speed_redelivered_total", "counter", "Messages skipped because their offset was already applied (replayed after a restore or a retry).", |l| load(&l.stats.skipped_redelivered)),
+            ("tandem_speed_missed_offsets_total", "counter", "Offsets never delivered (removed by retention before they were read).", |l| load(&l.stats.missed_offsets)),
+            ("tandem_speed_pruned_groups_total", "counter", "Groups dropped because a published batch covers their buckets.", |l| load(&l.stats.pruned_groups)),
+            ("tandem_speed_unowned_messages_total", "counter", "Messages of partitions this instance no longer owns, not applied.", |l| load(&l.stats.unowned)),
+            ("tandem_speed_checkpoints_total", "counter", "Checkpoints written.", |l| load(&l.stats.checkpoints)),
+            ("tandem_speed_checkpoint_failures_total", "counter", "Checkpoints that could not be written (retried).", |l| load(&l.stats.checkpoint_failures)),
+            ("tandem_speed_fenced_total", "counter", "Checkpoints refused because a newer owner holds the partition.", |l| load(&l.stats.fenced)),
+            ("tandem_speed_restored_partitions_total", "counter", "Partitions restored from a checkpoint.", |l| load(&l.stats.restored)),
+            ("tandem_speed_checkpoints_skipped_total", "counter", "Checkpoints passed over at restore (corrupt, or for other view definitions).", |l| load(&l.stats.skipped_checkpoints)),
+            ("tandem_speed_checkpoint_bytes", "gauge", "Size of the last checkpoint written.", |l| load(&l.stats.checkpoint_bytes)),
+            ("tandem_speed_checkpoint_duration_seconds", "gauge", "Time the last checkpoint took to encode and write.", |l| load(&l.stats.checkpoint_micros) / 1e6),
+        ];
+        for (name, kind, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (schema, layer) in &self.0 {
+                let _ = writeln!(out, "{name}{{schema=\"{schema}\"}} {}", get(layer));
+            }
+        }
+        let _ = writeln!(out, "# HELP tandem_speed_checkpoint_age_seconds Time since the last checkpoint was written.\n# TYPE tandem_speed_checkpoint_age_seconds gauge");
+        for (schema, layer) in &self.0 {
+            let at = layer.stats.checkpoint_at_us.load(Ordering::Relaxed) as i64;
+            if at > 0 {
+                let age = (layer.clock.now_us() - at).max(0) as f64 / 1e6;
+                let _ = writeln!(
+                    out,
+                    "tandem_speed_checkpoint_age_seconds{{schema=\"{schema}\"}} {age}"
+                );
+            }
+        }
+        let sizes: Vec<(&String, (usize, usize))> =
+            self.0.iter().map(|(s, l)| (s, l.state_size())).collect();
+        let _ = writeln!(out, "# HELP tandem_speed_state_keys Groups held in the speed state.\n# TYPE tandem_speed_state_keys gauge");
+        for (schema, (keys, _)) in &sizes {
+            let _ = writeln!(out, "tandem_speed_state_keys{{schema=\"{schema}\"}} {keys}");
+        }
+        let _ = writeln!(out, "# HELP tandem_speed_state_bytes Estimated bytes of the speed state (keys, metric states, sketches).\n# TYPE tandem_speed_state_bytes gauge");
+        for (schema, (_, bytes)) in &sizes {
+            let _ = writeln!(
+                out,
+                "tandem_speed_state_bytes{{schema=\"{schema}\"}} {bytes}"
+            );
+        }
+        let _ = writeln!(out, "# HELP tandem_speed_next_offset The next offset each owned partition applies.\n# TYPE tandem_speed_next_offset gauge");
+        for (schema, layer) in &self.0 {
+            for (p, o) in layer.offsets() {
+                let _ = writeln!(
+                    out,
+                    "tandem_speed_next_offset{{schema=\"{schema}\",partition=\"{p}\"}} {o}"
+                );
+            }
+        }
     }
 }
 

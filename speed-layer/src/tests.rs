@@ -282,3 +282,211 @@ fn filters_keep_what_they_accept_and_no_nulls() {
         assert_eq!(got, expected, "{m:?}");
     }
 }
+
+mod checkpoints {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+    use rdkafka::Offset;
+
+    use crate::CheckpointStore;
+
+    fn owner(catalog: &Catalog, store: &Arc<InMemory>, keep: usize) -> SpeedLayer {
+        let store: Arc<dyn ObjectStore> = Arc::clone(store) as _;
+        SpeedLayer::new(catalog, "app_events", Arc::new(MockClock::new(NOW)))
+            .unwrap()
+            .with_checkpoints(CheckpointStore::new(store, "app_events", keep))
+    }
+
+    async fn objects(store: &InMemory) -> Vec<String> {
+        use futures::TryStreamExt;
+        let mut names: Vec<String> = store
+            .list(Some(&Path::from("speed/app_events/checkpoints/0")))
+            .map_ok(|m| m.location.filename().unwrap_or_default().to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_new_owner_resumes_from_the_checkpoint_with_the_same_answers() {
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(2_000);
+        let msgs = messages(&payloads, 0, Some(NOW / 1000));
+
+        let first = owner(&catalog, &store, 3);
+        assert_eq!(first.assign(0).await.unwrap(), Offset::Beginning);
+        first.apply(0, &msgs[..1_200]).unwrap();
+        assert_eq!(first.checkpoint().await, vec![(0, 1_200)]);
+        // Nothing changed: nothing written.
+        assert_eq!(first.checkpoint().await, vec![]);
+        first.apply(0, &msgs[1_200..1_500]).unwrap();
+        // Messages of a partition this instance does not own are not counted.
+        first.apply(1, &messages(&payloads, 1, None)).unwrap();
+        assert_eq!(first.stats.unowned.load(Ordering::Relaxed), 2_000);
+        first.revoke(0, false).await;
+        assert_eq!(
+            total_events(&catalog, &first),
+            0,
+            "a revoked partition is not answered"
+        );
+
+        let second = owner(&catalog, &store, 3);
+        assert_eq!(second.assign(0).await.unwrap(), Offset::Offset(1_500));
+        assert_eq!(total_events(&catalog, &second), 1_500);
+        second.apply(0, &msgs[1_500..]).unwrap();
+        assert_eq!(total_events(&catalog, &second), 2_000);
+        assert_eq!(second.stats.restored.load(Ordering::Relaxed), 1);
+
+        // Every view answers exactly what one layer fed everything answers.
+        let (_, oracle) = layer();
+        oracle.apply(0, &msgs).unwrap();
+        for v in catalog.views.values().filter(|v| v.source == "app_events") {
+            let q = ViewQuery::all(v, NOW - 2 * DAY_US, NOW + DAY_US);
+            let mut got = second.query(v, &q, &Default::default()).unwrap();
+            let mut want = oracle.query(v, &q, &Default::default()).unwrap();
+            got.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+            want.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+            assert_eq!(got.len(), want.len(), "view {}", v.name);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((g.bucket_us, &g.dims), (w.bucket_us, &w.dims));
+                for (a, b) in g.states.iter().zip(&w.states) {
+                    match (a, b) {
+                        (
+                            tandem_core::metric::MetricState::Distinct(a),
+                            tandem_core::metric::MetricState::Distinct(b),
+                        ) => {
+                            // A restored sketch estimates as a sketch, not with the running
+                            // (HIP) estimate of the one that saw every update: equal within
+                            // the sketch's error.
+                            let bound = 3.0 * tandem_core::metric::hll_rse(a.lg_k());
+                            let err = (a.estimate() - b.estimate()).abs() / b.estimate().max(1.0);
+                            assert!(
+                                err <= bound,
+                                "view {}: {} vs {}",
+                                v.name,
+                                a.estimate(),
+                                b.estimate()
+                            );
+                        }
+                        _ => assert_eq!(a, b, "view {}", v.name),
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before() {
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(1_000);
+        let msgs = messages(&payloads, 0, None);
+        let first = owner(&catalog, &store, 5);
+        first.assign(0).await.unwrap();
+        first.apply(0, &msgs[..400]).unwrap();
+        first.checkpoint().await;
+        first.apply(0, &msgs[400..700]).unwrap();
+        first.checkpoint().await;
+        let names = objects(&store).await;
+        assert_eq!(names.len(), 3, "a claim and two checkpoints: {names:?}");
+        let newest = Path::from(format!(
+            "speed/app_events/checkpoints/0/{}",
+            names.last().unwrap()
+        ));
+        let mut bytes = store
+            .get(&newest)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        store.put(&newest, PutPayload::from(bytes)).await.unwrap();
+
+        let second = owner(&catalog, &store, 5);
+        assert_eq!(second.assign(0).await.unwrap(), Offset::Offset(400));
+        assert_eq!(total_events(&catalog, &second), 400);
+        assert_eq!(second.stats.skipped_checkpoints.load(Ordering::Relaxed), 1);
+        // The corrupt one's number is not reused: the claim goes above it.
+        assert_eq!(objects(&store).await.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_zombie_cannot_overwrite_the_new_owners_checkpoint() {
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(1_000);
+        let msgs = messages(&payloads, 0, None);
+        let zombie = owner(&catalog, &store, 3);
+        zombie.assign(0).await.unwrap();
+        zombie.apply(0, &msgs[..300]).unwrap();
+        zombie.checkpoint().await;
+
+        // The zombie sleeps; the partition moves.
+        let owner2 = owner(&catalog, &store, 3);
+        assert_eq!(owner2.assign(0).await.unwrap(), Offset::Offset(300));
+
+        // The zombie wakes with more events and tries to checkpoint them.
+        zombie.apply(0, &msgs[300..900]).unwrap();
+        assert_eq!(zombie.checkpoint().await, vec![]);
+        assert_eq!(zombie.stats.fenced.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            total_events(&catalog, &zombie),
+            0,
+            "a fenced partition is dropped"
+        );
+
+        owner2.apply(0, &msgs[300..500]).unwrap();
+        assert_eq!(owner2.checkpoint().await, vec![(0, 500)]);
+        let third = owner(&catalog, &store, 3);
+        assert_eq!(third.assign(0).await.unwrap(), Offset::Offset(500));
+        assert_eq!(total_events(&catalog, &third), 500);
+    }
+
+    #[tokio::test]
+    async fn old_checkpoints_are_deleted_past_the_count_kept() {
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(100);
+        let msgs = messages(&payloads, 0, None);
+        let l = owner(&catalog, &store, 2);
+        l.assign(0).await.unwrap();
+        for i in 0..10 {
+            l.apply(0, &msgs[i * 10..(i + 1) * 10]).unwrap();
+            l.checkpoint().await;
+        }
+        let names = objects(&store).await;
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.last().unwrap().starts_with("00000000000000000011"));
+        let again = owner(&catalog, &store, 2);
+        assert_eq!(again.assign(0).await.unwrap(), Offset::Offset(100));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_of_another_view_definition_is_not_restored() {
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(100);
+        let l = owner(&catalog, &store, 3);
+        l.assign(0).await.unwrap();
+        l.apply(0, &messages(&payloads, 0, None)).unwrap();
+        l.checkpoint().await;
+
+        let mut changed = (*catalog).clone();
+        let v = changed.views.get_mut("installs_hourly").unwrap();
+        let mut def = (**v).clone();
+        def.definition_hash = "another definition".into();
+        *v = Arc::new(def);
+        let after = owner(&changed, &store, 3);
+        assert_eq!(after.assign(0).await.unwrap(), Offset::Beginning);
+        assert_eq!(total_events(&changed, &after), 0);
+        assert_eq!(after.stats.skipped_checkpoints.load(Ordering::Relaxed), 1);
+    }
+}
