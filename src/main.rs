@@ -5,6 +5,7 @@
 #![allow(unreachable_pub)]
 
 mod bench;
+mod broker;
 mod config;
 mod defs;
 mod demo;
@@ -68,6 +69,9 @@ enum Command {
         #[arg(long)]
         schema: Option<String>,
     },
+    /// A development Kafka broker (librdkafka's mock cluster, in memory) on a fixed loopback
+    /// port, until Ctrl-C.
+    Broker(broker::BrokerArgs),
     /// Generate synthetic reference events.
     Gen(produce::GenArgs),
     /// Query a view through a running server's API.
@@ -168,6 +172,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Import { files, schema } => roles::import(&config, files, schema).await,
         Command::Gen(args) => produce::gen(&config, args).await,
+        Command::Broker(args) => broker::run(&config, args).await,
         Command::Query(args) => roles::query(&config, args),
         Command::Bench(args) => bench::run(&config, args).await,
         Command::Config => {

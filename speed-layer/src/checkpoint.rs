@@ -89,6 +89,17 @@ pub struct Restored {
     pub skipped: Vec<(u64, String)>,
 }
 
+/// What reading a partition's log found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The highest generation among the objects read.
+    pub generation: u64,
+    /// The newest good checkpoint's number and state.
+    pub state: Option<(u64, Parts)>,
+    pub age_us: Option<i64>,
+    pub skipped: Vec<(u64, String)>,
+}
+
 /// A checkpoint written.
 #[derive(Debug, Clone, Copy)]
 pub struct Written {
@@ -147,43 +158,85 @@ impl CheckpointStore {
         Ok(seqs)
     }
 
+    /// The partitions that have checkpoints.
+    pub async fn partitions(&self) -> Result<Vec<i32>> {
+        let dir = Path::from(format!("speed/{}/checkpoints", self.schema));
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .map_err(|e| self.error(&dir, e))?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename()?.parse().ok())
+            .collect())
+    }
+
+    /// Reads `partition`'s log from the newest object down to the first good checkpoint
+    /// (without claiming anything). Returns the numbers listed, newest first, and what was
+    /// found.
+    pub async fn newest(
+        &self,
+        partition: i32,
+        views: &[ViewKey],
+        now_us: i64,
+    ) -> Result<(Vec<u64>, Found)> {
+        let seqs = self.list(partition).await?;
+        let mut generation = 0;
+        let mut state = None;
+        let mut age_us = None;
+        let mut skipped = Vec::new();
+        for &seq in &seqs {
+            let path = self.object(partition, seq);
+            let bytes = match self.store.get(&path).await {
+                Ok(r) => r.bytes().await.map_err(|e| self.error(&path, e))?,
+                // Deleted by retention since the listing.
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(self.error(&path, e)),
+            };
+            match decode(&bytes, partition, views) {
+                Ok(d) => {
+                    generation = generation.max(d.generation);
+                    if let Some(parts) = d.parts {
+                        age_us = Some(now_us.saturating_sub(d.written_us));
+                        state = Some((seq, parts));
+                        break;
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        partition,
+                        checkpoint = %path,
+                        reason = %why,
+                        "checkpoint skipped; trying the one before"
+                    );
+                    skipped.push((seq, why.0));
+                }
+            }
+        }
+        Ok((
+            seqs,
+            Found {
+                generation,
+                state,
+                age_us,
+                skipped,
+            },
+        ))
+    }
+
     /// Restores `partition` for a new owner and claims it: the newest checkpoint that reads
     /// back whole and matches `views`, and a lease that fences every earlier owner.
     pub async fn claim(&self, partition: i32, views: &[ViewKey], now_us: i64) -> Result<Restored> {
         loop {
-            let seqs = self.list(partition).await?;
-            let mut generation = 0;
-            let mut state = None;
-            let mut age_us = None;
-            let mut skipped = Vec::new();
-            for &seq in &seqs {
-                let path = self.object(partition, seq);
-                let bytes = match self.store.get(&path).await {
-                    Ok(r) => r.bytes().await.map_err(|e| self.error(&path, e))?,
-                    // Deleted by retention since the listing.
-                    Err(object_store::Error::NotFound { .. }) => continue,
-                    Err(e) => return Err(self.error(&path, e)),
-                };
-                match decode(&bytes, partition, views) {
-                    Ok(d) => {
-                        generation = generation.max(d.generation);
-                        if let Some(parts) = d.parts {
-                            age_us = Some(now_us.saturating_sub(d.written_us));
-                            state = Some((seq, parts));
-                            break;
-                        }
-                    }
-                    Err(why) => {
-                        tracing::warn!(
-                            partition,
-                            checkpoint = %path,
-                            reason = %why,
-                            "checkpoint skipped; trying the one before"
-                        );
-                        skipped.push((seq, why.0));
-                    }
-                }
-            }
+            let (seqs, found) = self.newest(partition, views, now_us).await?;
+            let Found {
+                generation,
+                state,
+                age_us,
+                skipped,
+            } = found;
             let newest = seqs.first().copied().unwrap_or(0);
             let lease = Lease {
                 generation: generation + 1,

@@ -125,6 +125,9 @@ pub async fn start(
                 layer = layer.with_checkpoints(store);
             }
             let layer = Arc::new(layer);
+            if let Err(e) = layer.preload().await {
+                tracing::warn!(schema = %name, error = %e, "checkpoints not preloaded; answering from assigned partitions only");
+            }
             layers.insert(name.clone(), Arc::clone(&layer));
             let (cfg, topic, token, tick) = (
                 kafka_config.clone(),

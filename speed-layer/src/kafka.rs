@@ -67,6 +67,10 @@ impl KafkaConfig {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // A crashed member holds its partitions until its session expires: 10 s rather
+            // than librdkafka's 45 s, so a restarted process takes them back sooner.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", "10");
         for (k, v) in &self.extra {
             c.set(k, v);
@@ -86,6 +90,10 @@ pub trait Rebalance: Send + Sync + std::fmt::Debug {
     /// `partition` is no longer this consumer's (`lost`: taken without a revoke, as after a
     /// session timeout): save what can be saved and drop it.
     fn revoked(&self, partition: i32, lost: bool) -> BoxFuture<'_, ()>;
+
+    /// The partitions just assigned (all of them under the eager protocol; the added ones
+    /// under the cooperative one), after each was restored.
+    fn assignment(&self, _partitions: &[i32]) {}
 }
 
 /// The consumer's context: runs a [`Rebalance`] handler around each assignment change.
@@ -133,6 +141,9 @@ impl ConsumerContext for Context {
                             }
                         }
                     }
+                }
+                if let Some(h) = &self.handler {
+                    h.assignment(&partitions);
                 }
                 tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
                 if cooperative {

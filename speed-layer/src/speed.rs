@@ -49,6 +49,9 @@ struct PartitionState {
     /// Changes (applies and prunes) so far, and how many the last checkpoint holds.
     changes: u64,
     checkpointed: u64,
+    /// Loaded from a checkpoint at start to answer from until the group assigns partitions:
+    /// not owned, never applied to, flagged stale in answers.
+    provisional: bool,
 }
 
 impl PartitionState {
@@ -110,6 +113,8 @@ pub struct SpeedLayer {
     view_keys: Vec<ViewKey>,
     /// This instance's lease on each partition it owns (with checkpoints only).
     leases: Mutex<BTreeMap<i32, Lease>>,
+    /// The offset each partition was last restored at.
+    restored_offsets: Mutex<BTreeMap<i32, i64>>,
 }
 
 impl SpeedLayer {
@@ -142,6 +147,7 @@ impl SpeedLayer {
             checkpoints: None,
             view_keys,
             leases: Mutex::new(BTreeMap::new()),
+            restored_offsets: Mutex::new(BTreeMap::new()),
             decoder: Decoder::new(Arc::clone(s)),
             aggregators,
             partitions: RwLock::new(BTreeMap::new()),
@@ -191,22 +197,12 @@ impl SpeedLayer {
                     age_ms = restored.age_us.unwrap_or(0) / 1000,
                     "partition restored from its checkpoint"
                 );
-                let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
-                let mut groups = parts.groups;
-                for b in groups.iter_mut().flat_map(|g| g.values_mut()) {
-                    b.stamp = stamp;
-                }
                 let offset = Offset::Offset(parts.next_offset);
-                let state = PartitionState {
-                    next_offset: parts.next_offset,
-                    groups,
-                    interner: parts.interner,
-                    last_broker_ms: parts.last_broker_ms,
-                    missed: parts.missed,
-                    changes: 0,
-                    checkpointed: 0,
-                };
-                (state, offset)
+                self.restored_offsets
+                    .lock()
+                    .expect("restored offsets lock poisoned")
+                    .insert(partition, parts.next_offset);
+                (self.state_from(parts), offset)
             }
             None => {
                 tracing::info!(
@@ -230,6 +226,71 @@ impl SpeedLayer {
             .insert(partition, Arc::new(RwLock::new(state)));
         self.bump_all();
         Ok(offset)
+    }
+
+    fn state_from(&self, parts: crate::checkpoint::Parts) -> PartitionState {
+        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut groups = parts.groups;
+        for b in groups.iter_mut().flat_map(|g| g.values_mut()) {
+            b.stamp = stamp;
+        }
+        PartitionState {
+            next_offset: parts.next_offset,
+            groups,
+            interner: parts.interner,
+            last_broker_ms: parts.last_broker_ms,
+            missed: parts.missed,
+            changes: 0,
+            checkpointed: 0,
+            provisional: false,
+        }
+    }
+
+    /// Loads every partition's newest good checkpoint, to answer from until the group assigns
+    /// partitions (a restarted process otherwise answers nothing until its old membership
+    /// expires). These states are flagged stale and never applied to; the first assignment
+    /// replaces those it assigns and drops the others. Returns how many were loaded.
+    pub async fn preload(&self) -> Result<usize> {
+        let Some(store) = &self.checkpoints else {
+            return Ok(0);
+        };
+        let mut loaded = 0;
+        for partition in store.partitions().await? {
+            let (_, found) = store
+                .newest(partition, &self.view_keys, self.clock.now_us())
+                .await?;
+            let Some((_, parts)) = found.state else {
+                continue;
+            };
+            let mut state = self.state_from(parts);
+            state.provisional = true;
+            let mut map = self.partitions.write().expect("speed state lock poisoned");
+            // An assignment that came first wins.
+            map.entry(partition)
+                .or_insert_with(|| Arc::new(RwLock::new(state)));
+            loaded += 1;
+        }
+        if loaded > 0 {
+            self.bump_all();
+            tracing::info!(
+                partitions = loaded,
+                "answering from checkpoints until the group assigns partitions"
+            );
+        }
+        Ok(loaded)
+    }
+
+    /// The group's assignment is `assigned`: provisional states of other partitions go.
+    pub fn assignment(&self, assigned: &[i32]) {
+        let provisional: Vec<i32> = self
+            .partition_states()
+            .iter()
+            .filter(|(p, s)| !assigned.contains(p) && read(s).provisional)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in provisional {
+            self.drop_partition(p);
+        }
     }
 
     /// Gives `partition` up: checkpoints it (unless the assignment was `lost`, when a newer
@@ -397,8 +458,8 @@ impl SpeedLayer {
                 .get(&partition)
                 .cloned();
             match owned {
-                Some(s) => s,
-                None => {
+                Some(s) if !read(&s).provisional => s,
+                _ => {
                     self.stats
                         .unowned
                         .fetch_add(messages.len() as u64, Ordering::Relaxed);
@@ -655,7 +716,7 @@ impl RealtimeView for SpeedLayer {
             if let Some(t) = s.last_broker_ms {
                 partition_lag_ms.insert(p, (now_ms - t).max(0));
             }
-            if s.missed > 0 {
+            if s.missed > 0 || s.provisional {
                 stale_partitions.push(p);
             }
         }
@@ -742,6 +803,10 @@ impl Rebalance for SpeedRebalance {
     fn revoked(&self, partition: i32, lost: bool) -> BoxFuture<'_, ()> {
         Box::pin(self.0.revoke(partition, lost))
     }
+
+    fn assignment(&self, partitions: &[i32]) {
+        self.0.assignment(partitions)
+    }
 }
 
 /// The speed layers of several schemas, answering each view from its schema's layer.
@@ -809,6 +874,20 @@ impl SpeedLayers {
                 out,
                 "tandem_speed_state_bytes{{schema=\"{schema}\"}} {bytes}"
             );
+        }
+        let _ = writeln!(out, "# HELP tandem_speed_restored_offset The offset each partition was last restored at from its checkpoint.\n# TYPE tandem_speed_restored_offset gauge");
+        for (schema, layer) in &self.0 {
+            for (p, o) in layer
+                .restored_offsets
+                .lock()
+                .expect("restored offsets lock poisoned")
+                .iter()
+            {
+                let _ = writeln!(
+                    out,
+                    "tandem_speed_restored_offset{{schema=\"{schema}\",partition=\"{p}\"}} {o}"
+                );
+            }
         }
         let _ = writeln!(out, "# HELP tandem_speed_next_offset The next offset each owned partition applies.\n# TYPE tandem_speed_next_offset gauge");
         for (schema, layer) in &self.0 {

@@ -451,6 +451,34 @@ mod checkpoints {
     }
 
     #[tokio::test]
+    async fn a_restarted_process_answers_from_checkpoints_flagged_stale_until_assigned() {
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(600);
+        let first = owner(&catalog, &store, 3);
+        for p in [0, 1] {
+            first.assign(p).await.unwrap();
+            first
+                .apply(p, &messages(&payloads[p as usize * 300..][..300], p, None))
+                .unwrap();
+        }
+        first.checkpoint().await;
+
+        let restarted = owner(&catalog, &store, 3);
+        assert_eq!(restarted.preload().await.unwrap(), 2);
+        assert_eq!(total_events(&catalog, &restarted), 600);
+        assert_eq!(restarted.status().stale_partitions, vec![0, 1]);
+        // Not owned yet: nothing is applied to a provisional state.
+        restarted.apply(0, &messages(&payloads, 0, None)).unwrap();
+        assert_eq!(total_events(&catalog, &restarted), 600);
+        // The group gives this process partition 1 only.
+        assert_eq!(restarted.assign(1).await.unwrap(), Offset::Offset(300));
+        restarted.assignment(&[1]);
+        assert_eq!(total_events(&catalog, &restarted), 300);
+        assert!(restarted.status().stale_partitions.is_empty());
+    }
+
+    #[tokio::test]
     async fn old_checkpoints_are_deleted_past_the_count_kept() {
         let (catalog, _) = layer();
         let store = Arc::new(InMemory::new());
