@@ -1,0 +1,267 @@
+//! Crashes: `tandem run` killed with SIGKILL while a stream flows, against `tandem broker` in a
+//! process of its own, restarted each time on the same storage. The speed layer's answers must
+//! end equal to an oracle computed from the produced events, and each restart must resume from
+//! a checkpoint at most one checkpoint interval old.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use support::{get_json, oracle, row_key, serving_address, within, Killed};
+use tandem_core::time::{format_us, Clock, SystemClock};
+use tandem_core::view::DAY_US;
+use tandem_workload::{Event, GenConfig, Generator};
+
+const TOPIC: &str = "app_events";
+const PARTITIONS: usize = 3;
+const EVENTS: usize = 24_000;
+const RATE: usize = 3_000;
+
+fn tandem(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    c.current_dir(dir).env("RUST_LOG", "info");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TANDEM_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `tandem broker` on a fixed port, up once it accepts connections.
+fn broker(dir: &Path) -> (Killed, String) {
+    let port = free_port();
+    let child = tandem(dir)
+        .args(["broker", "--port", &port.to_string()])
+        .args(["--partitions", &PARTITIONS.to_string(), "--topic", TOPIC])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let address = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(&address).is_err() {
+        assert!(Instant::now() < deadline, "the broker did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (Killed(child), address)
+}
+
+/// `tandem run` on the shared storage; its API's base URL once it serves.
+fn run(dir: &Path, brokers: &str) -> (Killed, String) {
+    let mut child = tandem(dir)
+        .args(["--config", "tandem.toml", "run", "--brokers", brokers])
+        .args(["--data", "data", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = serving_address(child.stderr.take().unwrap());
+    (Killed(child), format!("http://{address}"))
+}
+
+/// The speed layer's gauges and counters from `/metrics`, by name and partition label.
+fn metrics(base: &str) -> BTreeMap<(String, Option<i64>), f64> {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("tandem_speed_")) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = key.split('{').next().unwrap().to_string();
+        let partition = key
+            .split("partition=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|p| p.parse().ok());
+        out.insert((name, partition), value.parse().unwrap());
+    }
+    out
+}
+
+/// Each owned partition's `name` gauge.
+fn per_partition(m: &BTreeMap<(String, Option<i64>), f64>, name: &str) -> BTreeMap<i64, i64> {
+    m.iter()
+        .filter(|((n, p), _)| n == name && p.is_some())
+        .map(|((_, p), v)| (p.unwrap(), *v as i64))
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Produces `events` at `RATE` a second from a thread; counts what was sent.
+fn stream(
+    brokers: &str,
+    events: Vec<Event>,
+    sent: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for (i, e) in events.iter().enumerate() {
+            let due = started + Duration::from_secs_f64(i as f64 / RATE as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let payload = e.to_json();
+            let mut rec = BaseRecord::to(TOPIC)
+                .key(e.device_id.as_str())
+                .payload(payload.as_str());
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        rec = r;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+            producer.poll(Duration::ZERO);
+            sent.store(i + 1, Ordering::Relaxed);
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    })
+}
+
+#[test]
+fn kill_9_at_20_50_and_80_percent_loses_nothing_and_counts_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = env!("CARGO_MANIFEST_DIR");
+    std::fs::write(
+        dir.path().join("tandem.toml"),
+        format!(
+            "schemas = \"{repo}/schemas\"\njobs = \"{repo}/jobs\"\n\
+             [kafka.properties]\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 500\n\
+             [speed]\ncheckpoint_interval_ms = 1000\n"
+        ),
+    )
+    .unwrap();
+    let (_broker, brokers) = broker(dir.path());
+
+    let now = SystemClock.now_us();
+    let events: Vec<Event> = Generator::new(GenConfig {
+        seed: 7,
+        ..Default::default()
+    })
+    .history(EVENTS, now - 2 * DAY_US, now)
+    .collect();
+    let sent = Arc::new(AtomicUsize::new(0));
+
+    let (mut server, mut base) = run(dir.path(), &brokers);
+    wait_for("the first assignment", Duration::from_secs(60), || {
+        per_partition(&metrics(&base), "tandem_speed_next_offset").len() == PARTITIONS
+    });
+    let producer = stream(&brokers, events.clone(), Arc::clone(&sent));
+
+    for share in [0.2, 0.5, 0.8] {
+        let at = (EVENTS as f64 * share) as usize;
+        wait_for(
+            "the stream to reach the kill point",
+            Duration::from_secs(120),
+            || sent.load(Ordering::Relaxed) >= at,
+        );
+        // What was applied 1.5 s before the kill: a checkpoint written since (every 1 s)
+        // holds at least this much.
+        let before = per_partition(&metrics(&base), "tandem_speed_next_offset");
+        std::thread::sleep(Duration::from_millis(1_500));
+        drop(server); // SIGKILL
+        (server, base) = run(dir.path(), &brokers);
+        wait_for(
+            "the partitions to be restored",
+            Duration::from_secs(60),
+            || {
+                let m = metrics(&base);
+                per_partition(&m, "tandem_speed_restored_offset").len() == PARTITIONS
+                    && m.get(&("tandem_speed_restored_partitions_total".into(), None))
+                        == Some(&(PARTITIONS as f64))
+            },
+        );
+        let restored = per_partition(&metrics(&base), "tandem_speed_restored_offset");
+        for (p, offset) in &before {
+            assert!(
+                restored[p] >= *offset,
+                "after the kill at {share}: partition {p} restored at {} though {offset} was applied 1.5 s before the kill (checkpoints every 1 s)",
+                restored[p]
+            );
+        }
+    }
+    producer.join().unwrap();
+
+    wait_for(
+        "the speed layer to apply every event",
+        Duration::from_secs(120),
+        || {
+            per_partition(&metrics(&base), "tandem_speed_next_offset")
+                .values()
+                .sum::<i64>()
+                >= EVENTS as i64
+        },
+    );
+    let truth = oracle(&events);
+    let views = [
+        (
+            "installs_hourly",
+            "app_id,media_source,campaign,country",
+            "installs",
+            "devices",
+        ),
+        ("active_devices_daily", "app_id", "events", "active_devices"),
+    ];
+    for (view, dims, count, distinct) in views {
+        let url = format!(
+            "{base}/v1/views/{view}/query?from={}&to={}&group_by={dims}&limit=100000",
+            format_us(now - 5 * DAY_US),
+            format_us(now + DAY_US),
+        );
+        let (_, answer) = get_json(&url);
+        assert_eq!(answer["meta"]["stale_partitions"], serde_json::json!([]));
+        let dims: Vec<String> = dims.split(',').map(str::to_string).collect();
+        let rows = answer["rows"].as_array().unwrap();
+        let want = &truth[view];
+        assert_eq!(rows.len(), want.len(), "{view}: groups");
+        for row in rows {
+            let key = row_key(row, &dims);
+            let t = &want[&key];
+            assert_eq!(
+                row["metrics"][count].as_u64().unwrap(),
+                t.count,
+                "{view} {key:?}"
+            );
+            let devices = row["metrics"][distinct]["value"].as_f64().unwrap();
+            assert!(
+                within(devices, t.devices.len(), 1.04 / 64.0, 3.0),
+                "{view} {key:?}: {devices} devices, {} exact",
+                t.devices.len()
+            );
+        }
+    }
+}
