@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use support::{get_json, oracle, row_key, serving_address, within, Killed};
+use support::{get_json, oracle, row_key, within, Killed};
 use tandem_core::time::{format_us, Clock, SystemClock};
 use tandem_core::view::DAY_US;
 use tandem_workload::{Event, GenConfig, Generator};
@@ -64,14 +64,32 @@ fn broker(dir: &Path) -> (Killed, String) {
 
 /// `tandem run` on the shared storage; its API's base URL once it serves.
 fn run(dir: &Path, brokers: &str) -> (Killed, String) {
-    let mut child = tandem(dir)
-        .args(["--config", "tandem.toml", "run", "--brokers", brokers])
+    start(dir, "run", brokers)
+}
+
+/// `tandem ROLE` (`run` or `speed`) on the shared storage; its API's base URL once it serves.
+/// Its log goes to `logs/ROLE-PID.log` in the deployment directory.
+fn start(dir: &Path, role: &str, brokers: &str) -> (Killed, String) {
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let n = std::fs::read_dir(dir.join("logs")).unwrap().count();
+    let log = dir.join("logs").join(format!("{n:02}-{role}.log"));
+    let child = tandem(dir)
+        .args(["--config", "tandem.toml", role, "--brokers", brokers])
         .args(["--data", "data", "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let address = serving_address(child.stderr.take().unwrap());
-    (Killed(child), format!("http://{address}"))
+    let child = Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(i) = text.find("address=") {
+            let address = text[i + 8..].split_whitespace().next().unwrap().to_string();
+            return (child, format!("http://{address}"));
+        }
+        assert!(Instant::now() < deadline, "{role} did not start:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The speed layer's gauges and counters from `/metrics`, by name and partition label.
@@ -114,10 +132,11 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Produces `events` at `RATE` a second from a thread; counts what was sent.
+/// Produces `events` at `rate` a second from a thread; counts what was sent.
 fn stream(
     brokers: &str,
     events: Vec<Event>,
+    rate: usize,
     sent: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<()> {
     let producer: BaseProducer = ClientConfig::new()
@@ -128,7 +147,7 @@ fn stream(
     std::thread::spawn(move || {
         let started = Instant::now();
         for (i, e) in events.iter().enumerate() {
-            let due = started + Duration::from_secs_f64(i as f64 / RATE as f64);
+            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
@@ -152,8 +171,9 @@ fn stream(
     })
 }
 
-#[test]
-fn kill_9_at_20_50_and_80_percent_loses_nothing_and_counts_nothing_twice() {
+/// A deployment directory with its `tandem.toml` (6 s consumer sessions, so that a killed
+/// member's partitions move on quickly; checkpoints every second).
+fn deployment() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let repo = env!("CARGO_MANIFEST_DIR");
     std::fs::write(
@@ -165,22 +185,56 @@ fn kill_9_at_20_50_and_80_percent_loses_nothing_and_counts_nothing_twice() {
         ),
     )
     .unwrap();
-    let (_broker, brokers) = broker(dir.path());
+    dir
+}
 
-    let now = SystemClock.now_us();
-    let events: Vec<Event> = Generator::new(GenConfig {
-        seed: 7,
+/// `EVENTS` reference events over the two days before `now`.
+fn events(now: i64, seed: u64) -> Vec<Event> {
+    Generator::new(GenConfig {
+        seed,
         ..Default::default()
     })
     .history(EVENTS, now - 2 * DAY_US, now)
-    .collect();
+    .collect()
+}
+
+/// The partitions a serving process owns (restored or assigned, not provisional).
+fn owned(base: &str) -> usize {
+    per_partition(&metrics(base), "tandem_speed_next_offset").len()
+}
+
+fn signal(child: &Killed, signal: &str) {
+    let ok = Command::new("kill")
+        .args([signal, &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {signal}");
+}
+
+/// Stops `child` with SIGTERM and waits for it to finish its shutdown.
+fn stop(mut child: Killed) {
+    signal(&child, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn kill_9_at_20_50_and_80_percent_loses_nothing_and_counts_nothing_twice() {
+    let dir = deployment();
+    let (_broker, brokers) = broker(dir.path());
+    let now = SystemClock.now_us();
+    let events = events(now, 7);
     let sent = Arc::new(AtomicUsize::new(0));
 
     let (mut server, mut base) = run(dir.path(), &brokers);
     wait_for("the first assignment", Duration::from_secs(60), || {
         per_partition(&metrics(&base), "tandem_speed_next_offset").len() == PARTITIONS
     });
-    let producer = stream(&brokers, events.clone(), Arc::clone(&sent));
+    let producer = stream(&brokers, events.clone(), RATE, Arc::clone(&sent));
 
     for share in [0.2, 0.5, 0.8] {
         let at = (EVENTS as f64 * share) as usize;
@@ -215,18 +269,23 @@ fn kill_9_at_20_50_and_80_percent_loses_nothing_and_counts_nothing_twice() {
         }
     }
     producer.join().unwrap();
+    assert_matches_oracle(&base, &events, now);
+}
 
+/// Once `base` has applied every event, its answers equal the oracle's: counts exactly,
+/// distinct counts within three standard errors.
+fn assert_matches_oracle(base: &str, events: &[Event], now: i64) {
     wait_for(
         "the speed layer to apply every event",
         Duration::from_secs(120),
         || {
-            per_partition(&metrics(&base), "tandem_speed_next_offset")
+            per_partition(&metrics(base), "tandem_speed_next_offset")
                 .values()
                 .sum::<i64>()
                 >= EVENTS as i64
         },
     );
-    let truth = oracle(&events);
+    let truth = oracle(events);
     let views = [
         (
             "installs_hourly",
@@ -264,4 +323,85 @@ fn kill_9_at_20_50_and_80_percent_loses_nothing_and_counts_nothing_twice() {
             );
         }
     }
+}
+
+#[test]
+fn instances_join_and_leave_and_a_zombie_is_fenced_without_changing_a_count() {
+    let dir = deployment();
+    let (_broker, brokers) = broker(dir.path());
+    let now = SystemClock.now_us();
+    let events = events(now, 11);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let at = |share: f64| {
+        let n = (EVENTS as f64 * share) as usize;
+        let sent = Arc::clone(&sent);
+        wait_for("the stream", Duration::from_secs(120), move || {
+            sent.load(Ordering::Relaxed) >= n
+        });
+    };
+
+    let (a, a_url) = run(dir.path(), &brokers);
+    wait_for("the first assignment", Duration::from_secs(60), || {
+        owned(&a_url) == PARTITIONS
+    });
+    // Slower, so that the stream still flows through every step below (each rebalance of the
+    // mock cluster takes a few seconds).
+    let producer = stream(&brokers, events.clone(), RATE / 3, Arc::clone(&sent));
+
+    // A second instance joins mid-stream: the partitions are shared...
+    at(0.2);
+    let (b, b_url) = start(dir.path(), "speed", &brokers);
+    wait_for(
+        "the partitions to be shared",
+        Duration::from_secs(60),
+        || {
+            let (x, y) = (owned(&a_url), owned(&b_url));
+            x > 0 && y > 0 && x + y == PARTITIONS
+        },
+    );
+    // ... and leaves again (SIGTERM: its partitions are checkpointed as they are revoked).
+    at(0.4);
+    stop(b);
+    wait_for(
+        "the partitions to come back",
+        Duration::from_secs(60),
+        || owned(&a_url) == PARTITIONS,
+    );
+
+    // A zombie: `a` sleeps past its session while `c` takes its partitions, then wakes up.
+    // Its first write (its next checkpoint, or the one it tries as it learns that its
+    // partitions were lost) is refused.
+    at(0.55);
+    let (c, c_url) = start(dir.path(), "speed", &brokers);
+    wait_for(
+        "the partitions to be shared",
+        Duration::from_secs(60),
+        || {
+            let (x, y) = (owned(&a_url), owned(&c_url));
+            x > 0 && y > 0 && x + y == PARTITIONS
+        },
+    );
+    signal(&a, "-STOP");
+    wait_for(
+        "the new owner to take everything",
+        Duration::from_secs(60),
+        || owned(&c_url) == PARTITIONS,
+    );
+    signal(&a, "-CONT");
+    wait_for("the zombie to be fenced", Duration::from_secs(30), || {
+        metrics(&a_url)
+            .get(&("tandem_speed_fenced_total".into(), None))
+            .is_some_and(|&n| n >= 1.0)
+    });
+
+    // `c` leaves; `a` ends with every partition and every event exactly once.
+    at(0.8);
+    stop(c);
+    wait_for(
+        "the partitions to come back",
+        Duration::from_secs(60),
+        || owned(&a_url) == PARTITIONS,
+    );
+    producer.join().unwrap();
+    assert_matches_oracle(&a_url, &events, now);
 }

@@ -293,12 +293,17 @@ impl SpeedLayer {
         }
     }
 
-    /// Gives `partition` up: checkpoints it (unless the assignment was `lost`, when a newer
-    /// owner may already hold it) and drops it from the answers.
+    /// Gives `partition` up: checkpoints it and drops it from the answers. A `lost` partition
+    /// (the session expired: a newer owner may hold it already) is checkpointed too: if no one
+    /// claimed it yet, its next owner starts from fresher state; if someone did, the fence
+    /// refuses the write and counts it.
     pub async fn revoke(&self, partition: i32, lost: bool) {
-        if !lost {
-            if let Err(e) = self.checkpoint_partition(partition).await {
-                tracing::warn!(partition, error = %e, "revoked partition not checkpointed; its next owner replays from the previous checkpoint");
+        // A lost partition is written even unchanged: the write is how this instance learns
+        // whether it was fenced.
+        match self.checkpoint_partition(partition, lost).await {
+            Ok(_) | Err(SpeedError::Fenced { .. }) => {}
+            Err(e) => {
+                tracing::warn!(partition, lost, error = %e, "revoked partition not checkpointed; its next owner replays from the previous checkpoint")
             }
         }
         self.drop_partition(partition);
@@ -329,7 +334,7 @@ impl SpeedLayer {
         let owned: Vec<i32> = self.partition_states().iter().map(|(p, _)| *p).collect();
         let mut done = Vec::new();
         for p in owned {
-            match self.checkpoint_partition(p).await {
+            match self.checkpoint_partition(p, false).await {
                 Ok(Some(offset)) => done.push((p, offset)),
                 Ok(None) => {}
                 Err(SpeedError::Fenced { .. }) => {}
@@ -344,8 +349,9 @@ impl SpeedLayer {
         done
     }
 
-    /// Writes `partition`'s checkpoint if it changed; returns its offset when one was written.
-    async fn checkpoint_partition(&self, partition: i32) -> Result<Option<i64>> {
+    /// Writes `partition`'s checkpoint if it changed (or if `force`); returns its offset when
+    /// one was written.
+    async fn checkpoint_partition(&self, partition: i32, force: bool) -> Result<Option<i64>> {
         let Some(store) = &self.checkpoints else {
             return Ok(None);
         };
@@ -371,7 +377,7 @@ impl SpeedLayer {
         let now_us = self.clock.now_us();
         let (body, changes, offset) = {
             let s = read(&state);
-            if s.changes == s.checkpointed {
+            if s.changes == s.checkpointed && !force {
                 return Ok(None);
             }
             let body = encode_state(
