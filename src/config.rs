@@ -112,6 +112,8 @@ pub struct SpeedFile {
     pub checkpoint_interval_ms: Option<u64>,
     /// Checkpoints kept per partition.
     pub checkpoint_keep: Option<usize>,
+    /// Messages a partition may lag with `/readyz` still ready.
+    pub ready_max_lag: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,6 +154,8 @@ pub struct Config {
     pub checkpoint_interval: std::time::Duration,
     /// Checkpoints kept per partition.
     pub checkpoint_keep: usize,
+    /// Messages a partition may lag with `/readyz` still ready.
+    pub ready_max_lag: i64,
     /// `[kafka.properties]`, passed to librdkafka.
     pub kafka_properties: Vec<(String, String)>,
     /// Every setting with its origin.
@@ -164,6 +168,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_PRUNE_GRACE_SECS: u64 = 60;
 pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_CHECKPOINT_KEEP: usize = 3;
+pub const DEFAULT_READY_MAX_LAG: i64 = 100_000;
 
 /// A value and where it came from.
 struct Given<T> {
@@ -312,6 +317,11 @@ impl Config {
             Some(n) => given(n, file_key("speed.checkpoint_keep")),
             None => given(DEFAULT_CHECKPOINT_KEEP, default.clone()),
         };
+        let ready_max_lag = match file.speed.ready_max_lag {
+            Some(n) if n < 0 => bail!("speed.ready_max_lag must not be negative"),
+            Some(n) => given(n, file_key("speed.ready_max_lag")),
+            None => given(DEFAULT_READY_MAX_LAG, default.clone()),
+        };
         let mut kafka_properties = Vec::new();
         for (key, value) in &file.kafka.properties {
             let value = match value {
@@ -383,6 +393,11 @@ impl Config {
             value: checkpoint_keep.value.to_string(),
             from: checkpoint_keep.describe(),
         });
+        settings.push(Setting {
+            key: "speed.ready_max_lag",
+            value: ready_max_lag.value.to_string(),
+            from: ready_max_lag.describe(),
+        });
         for (key, value) in &kafka_properties {
             // Secrets (sasl.password, ssl.key.password, ...) are not printed.
             let secret = key.contains("password") || key.contains("secret");
@@ -421,6 +436,7 @@ impl Config {
             prune_grace: std::time::Duration::from_secs(prune_grace.value),
             checkpoint_interval: std::time::Duration::from_millis(checkpoint_interval.value),
             checkpoint_keep: checkpoint_keep.value,
+            ready_max_lag: ready_max_lag.value,
             kafka_properties,
             settings,
         })
@@ -450,6 +466,7 @@ impl Config {
             speed_tick: self.checkpoint_interval,
             checkpoint_keep: self.checkpoint_keep,
             prune_grace: self.prune_grace,
+            ready_max_lag: self.ready_max_lag,
             ..Default::default()
         }
     }

@@ -392,6 +392,9 @@ fn archiver_check(stats: Arc<tandem_speed::archiver::ArchiverStats>, stall: Dura
 /// How often the speed layer looks at what published batches cover.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long no Kafka broker may be reachable before the speed layer says it is not ready.
+const SPEED_BROKER_GRACE: Duration = Duration::from_secs(10);
+
 /// Starts the archiver and the speed layer of every schema, the pruning of the speed layer's
 /// covered buckets, and the API on `listen`.
 pub async fn start_all(
@@ -431,6 +434,13 @@ pub async fn start_all(
         readiness = readiness.with(
             format!("archiver `{schema}`"),
             archiver_check(Arc::clone(stats), ARCHIVER_STALL),
+        );
+    }
+    for (schema, layer) in consumers.speed.iter() {
+        let (layer, max_lag) = (Arc::clone(layer), options.ready_max_lag);
+        readiness = readiness.with(
+            format!("speed layer `{schema}`"),
+            Box::new(move || layer.not_ready(max_lag, SPEED_BROKER_GRACE)),
         );
     }
     state.readiness = Arc::new(readiness);

@@ -545,3 +545,63 @@ metrics = [
     }
     h.stop().await;
 }
+
+/// Request errors on fetch and commit, then the broker down for 10 s: the consumers neither
+/// crash nor lose or double an event, and the speed layer says it is not ready while no
+/// broker can be reached, and ready again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_faults_and_an_outage_change_no_count() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use std::time::{Duration, Instant};
+
+    let mut h = Harness::start(&[], 2).await;
+    let all = events(23, 6_000);
+    h.produce(&all[..2_000]);
+    h.settle().await;
+
+    h.cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4],
+    );
+    h.cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 4],
+    );
+    h.produce(&all[2_000..4_000]);
+    h.settle().await;
+
+    let grace = Duration::from_secs(2);
+    let not_ready = |h: &Harness| h.speed.not_ready(100_000, grace);
+    h.cluster.broker_down(1).unwrap();
+    let down = Instant::now();
+    let deadline = down + Duration::from_secs(30);
+    let why = loop {
+        if let Some(why) = not_ready(&h) {
+            break why;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reported the broker unreachable"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(why.contains("no Kafka broker"), "{why}");
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
+    h.cluster.broker_up(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(why) = not_ready(&h) {
+        assert!(Instant::now() < deadline, "still not ready: {why}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h.tasks.try_join_next().is_none(), "a consumer stopped");
+
+    h.produce(&all[4_000..]);
+    h.settle().await;
+    let truth = oracle(&all);
+    let view = "installs_hourly";
+    let dims = h.catalog.views[view].dimensions.clone();
+    let rows = h.all_rows(view).await;
+    check(view, &dims, &rows, &truth[view]);
+    assert_eq!(rows.len(), truth[view].len());
+    h.stop().await;
+}

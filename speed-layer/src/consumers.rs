@@ -37,6 +37,9 @@ pub struct ConsumerOptions {
     pub checkpoint_keep: usize,
     /// How old a publish must be before the speed layer drops the buckets it covers.
     pub prune_grace: Duration,
+    /// Messages a partition may be behind its high watermark with the speed layer still
+    /// ready (`/readyz`).
+    pub ready_max_lag: i64,
 }
 
 impl Default for ConsumerOptions {
@@ -50,6 +53,7 @@ impl Default for ConsumerOptions {
             checkpoints: true,
             checkpoint_keep: 3,
             prune_grace: Duration::from_secs(60),
+            ready_max_lag: 100_000,
         }
     }
 }

@@ -94,6 +94,10 @@ pub trait Rebalance: Send + Sync + std::fmt::Debug {
     /// The partitions just assigned (all of them under the eager protocol; the added ones
     /// under the cooperative one), after each was restored.
     fn assignment(&self, _partitions: &[i32]) {}
+
+    /// From the client's statistics (every second): each assigned partition's high
+    /// watermark, and whether any broker is reachable.
+    fn watermarks(&self, _high: &[(i32, i64)], _broker_up: bool) {}
 }
 
 /// The consumer's context: runs a [`Rebalance`] handler around each assignment change.
@@ -105,7 +109,72 @@ pub struct Context {
     pending: Mutex<Vec<i32>>,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    /// Reads only what the speed layer needs from librdkafka's statistics JSON (rdkafka's own
+    /// `Statistics` type refuses some brokers' figures, such as the mock cluster's).
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Some(h) = &self.handler else {
+            return;
+        };
+        let stats: ClientStats = match serde_json::from_slice(statistics) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "unreadable client statistics");
+                return;
+            }
+        };
+        let broker_up = stats
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        let high: Vec<(i32, i64)> = stats
+            .topics
+            .get(&self.topic)
+            .map(|t| {
+                t.partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.desired && p.hi_offset >= 0)
+                    .map(|p| (p.partition, p.hi_offset))
+                    .collect()
+            })
+            .unwrap_or_default();
+        h.watermarks(&high, broker_up);
+    }
+}
+
+/// The part of librdkafka's statistics the consumers read.
+#[derive(Debug, serde::Deserialize)]
+struct ClientStats {
+    #[serde(default)]
+    brokers: std::collections::HashMap<String, BrokerStats>,
+    #[serde(default)]
+    topics: std::collections::HashMap<String, TopicStats>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BrokerStats {
+    nodeid: i64,
+    state: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct TopicStats {
+    #[serde(default)]
+    partitions: std::collections::HashMap<String, PartitionStats>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PartitionStats {
+    partition: i32,
+    #[serde(default)]
+    desired: bool,
+    #[serde(default = "unknown_offset")]
+    hi_offset: i64,
+}
+
+fn unknown_offset() -> i64 {
+    -1
+}
 
 impl Context {
     fn wait<T>(&self, f: BoxFuture<'_, T>) -> T {
@@ -284,8 +353,16 @@ pub async fn run<S: BatchSink>(
         runtime,
         pending: Mutex::new(Vec::new()),
     };
-    let consumer: StreamConsumer<Context> =
-        config.client_config(group).create_with_context(context)?;
+    let mut client = config.client_config(group);
+    if context.handler.is_some()
+        && !config
+            .extra
+            .iter()
+            .any(|(k, _)| k == "statistics.interval.ms")
+    {
+        client.set("statistics.interval.ms", "1000");
+    }
+    let consumer: StreamConsumer<Context> = client.create_with_context(context)?;
     consumer.subscribe(&[topic])?;
     let mut batch = MessageBatch::default();
     let mut ticker = tokio::time::interval(tick);

@@ -115,6 +115,17 @@ pub struct SpeedLayer {
     leases: Mutex<BTreeMap<i32, Lease>>,
     /// The offset each partition was last restored at.
     restored_offsets: Mutex<BTreeMap<i32, i64>>,
+    /// The broker's view, from the consumer's statistics.
+    broker: Mutex<BrokerView>,
+}
+
+/// What the consumer's statistics last said about the broker.
+#[derive(Debug, Default)]
+struct BrokerView {
+    /// Each assigned partition's high watermark.
+    high: BTreeMap<i32, i64>,
+    /// Since when no broker is reachable (`None`: one is, or no statistics yet).
+    down_since: Option<std::time::Instant>,
 }
 
 impl SpeedLayer {
@@ -148,6 +159,7 @@ impl SpeedLayer {
             view_keys,
             leases: Mutex::new(BTreeMap::new()),
             restored_offsets: Mutex::new(BTreeMap::new()),
+            broker: Mutex::new(BrokerView::default()),
             decoder: Decoder::new(Arc::clone(s)),
             aggregators,
             partitions: RwLock::new(BTreeMap::new()),
@@ -278,6 +290,77 @@ impl SpeedLayer {
             );
         }
         Ok(loaded)
+    }
+
+    /// Records the broker's high watermarks and reachability (from the consumer's
+    /// statistics).
+    pub fn watermarks(&self, high: &[(i32, i64)], broker_up: bool) {
+        let mut b = self.broker.lock().expect("broker view lock poisoned");
+        b.high = high.iter().copied().collect();
+        match (broker_up, b.down_since) {
+            (true, _) => b.down_since = None,
+            (false, None) => {
+                tracing::warn!("no Kafka broker is reachable");
+                b.down_since = Some(std::time::Instant::now());
+            }
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// Messages each owned partition has still to apply (high watermark minus next offset).
+    pub fn consumer_lag(&self) -> BTreeMap<i32, i64> {
+        let high = self
+            .broker
+            .lock()
+            .expect("broker view lock poisoned")
+            .high
+            .clone();
+        self.partition_states()
+            .iter()
+            .filter_map(|(p, s)| {
+                let s = read(s);
+                let h = *high.get(p)?;
+                (!s.provisional).then(|| (*p, (h - s.next_offset).max(0)))
+            })
+            .collect()
+    }
+
+    /// Why the speed layer should not take traffic yet, if it should not: no broker
+    /// reachable for longer than `broker_grace`, partitions not assigned yet (answered from
+    /// checkpoints), or a partition more than `max_lag` messages behind (catching up after a
+    /// restore).
+    pub fn not_ready(&self, max_lag: i64, broker_grace: std::time::Duration) -> Option<String> {
+        if let Some(since) = self
+            .broker
+            .lock()
+            .expect("broker view lock poisoned")
+            .down_since
+        {
+            if since.elapsed() >= broker_grace {
+                return Some(format!(
+                    "no Kafka broker reachable for {} s",
+                    since.elapsed().as_secs()
+                ));
+            }
+        }
+        let provisional: Vec<i32> = self
+            .partition_states()
+            .iter()
+            .filter(|(_, s)| read(s).provisional)
+            .map(|(p, _)| *p)
+            .collect();
+        if !provisional.is_empty() {
+            return Some(format!(
+                "waiting for the group to assign partitions (partitions {provisional:?} answered from their checkpoints)"
+            ));
+        }
+        let behind: Vec<String> = self
+            .consumer_lag()
+            .into_iter()
+            .filter(|&(_, lag)| lag > max_lag)
+            .map(|(p, lag)| format!("partition {p} is {lag} messages behind"))
+            .collect();
+        (!behind.is_empty()).then(|| format!("catching up: {}", behind.join(", ")))
     }
 
     /// The group's assignment is `assigned`: provisional states of other partitions go.
@@ -813,6 +896,10 @@ impl Rebalance for SpeedRebalance {
     fn assignment(&self, partitions: &[i32]) {
         self.0.assignment(partitions)
     }
+
+    fn watermarks(&self, high: &[(i32, i64)], broker_up: bool) {
+        self.0.watermarks(high, broker_up)
+    }
 }
 
 /// The speed layers of several schemas, answering each view from its schema's layer.
@@ -827,6 +914,11 @@ impl SpeedLayers {
     /// The speed layer of `schema`.
     pub fn get(&self, schema: &str) -> Option<&Arc<SpeedLayer>> {
         self.0.get(schema)
+    }
+
+    /// Every layer, by schema.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<SpeedLayer>)> {
+        self.0.iter()
     }
 
     /// The layers' counters and gauges in Prometheus' text format, labelled by schema.
@@ -892,6 +984,15 @@ impl SpeedLayers {
                 let _ = writeln!(
                     out,
                     "tandem_speed_restored_offset{{schema=\"{schema}\",partition=\"{p}\"}} {o}"
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP tandem_speed_consumer_lag Messages each owned partition has still to apply (the broker's high watermark minus the next offset).\n# TYPE tandem_speed_consumer_lag gauge");
+        for (schema, layer) in &self.0 {
+            for (p, lag) in layer.consumer_lag() {
+                let _ = writeln!(
+                    out,
+                    "tandem_speed_consumer_lag{{schema=\"{schema}\",partition=\"{p}\"}} {lag}"
                 );
             }
         }

@@ -479,6 +479,40 @@ mod checkpoints {
     }
 
     #[tokio::test]
+    async fn readiness_says_why_while_catching_up_unassigned_or_cut_off() {
+        use std::time::Duration;
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(100);
+        let l = owner(&catalog, &store, 3);
+        l.assign(0).await.unwrap();
+        l.apply(0, &messages(&payloads, 0, None)).unwrap();
+        let grace = Duration::from_secs(10);
+        assert_eq!(l.not_ready(1_000, grace), None, "no statistics yet");
+        l.watermarks(&[(0, 5_000)], true);
+        assert_eq!(l.consumer_lag()[&0], 4_900);
+        let why = l.not_ready(1_000, grace).unwrap();
+        assert!(why.contains("partition 0 is 4900 messages behind"), "{why}");
+        l.watermarks(&[(0, 100)], true);
+        assert_eq!(l.not_ready(1_000, grace), None);
+        l.watermarks(&[(0, 100)], false);
+        assert_eq!(l.not_ready(1_000, grace), None, "within the grace");
+        let why = l.not_ready(1_000, Duration::ZERO).unwrap();
+        assert!(why.contains("no Kafka broker"), "{why}");
+        l.watermarks(&[(0, 100)], true);
+        assert_eq!(l.not_ready(1_000, Duration::ZERO), None, "back");
+        l.checkpoint().await;
+
+        let restarted = owner(&catalog, &store, 3);
+        restarted.preload().await.unwrap();
+        let why = restarted.not_ready(1_000, grace).unwrap();
+        assert!(why.contains("waiting for the group"), "{why}");
+        restarted.assign(0).await.unwrap();
+        restarted.assignment(&[0]);
+        assert_eq!(restarted.not_ready(1_000, grace), None);
+    }
+
+    #[tokio::test]
     async fn old_checkpoints_are_deleted_past_the_count_kept() {
         let (catalog, _) = layer();
         let store = Arc::new(InMemory::new());
