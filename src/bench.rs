@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tandem_workload::bench::{decode_aggregate, reference_payloads};
+use tandem_workload::bench::{checkpoint, decode_aggregate, reference_payloads};
 
 use crate::config::Config;
 use crate::roles::catalog;
@@ -29,6 +29,12 @@ pub struct BenchArgs {
     /// The Python interpreter of the peer; `none` skips the peer.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// Also time a checkpoint of the aggregated state and its restore (to a local directory).
+    #[arg(long)]
+    pub checkpoint: bool,
+    /// Print the figures as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> Result<()> {
@@ -49,12 +55,58 @@ pub async fn run(config: &Config, args: BenchArgs) -> Result<()> {
         payloads.len(),
         t.elapsed().as_secs_f64()
     );
-    let (payloads, r) = tokio::task::spawn_blocking(move || {
+    let with_checkpoint = args.checkpoint;
+    let (payloads, r, ck) = tokio::task::spawn_blocking(move || {
         let r = decode_aggregate(&catalog, &schema, &payloads, args.rounds);
-        (payloads, r)
+        let ck = with_checkpoint.then(|| checkpoint(&catalog, &schema, &payloads));
+        (payloads, r, ck)
     })
     .await?;
     let r = r?;
+    let ck = ck.transpose()?;
+    if args.json {
+        let peer = match args.python.as_str() {
+            "none" => None,
+            python => python_peer(python, &payloads).ok(),
+        };
+        let mut out = serde_json::json!({
+            "events": r.events,
+            "json_bytes": r.bytes,
+            "views": r.views,
+            "decode_events_per_s": r.decode_events_per_s(),
+            "decode_aggregate_events_per_s": r.aggregate_events_per_s(),
+            "python_peer_events_per_s": peer,
+            "ratio_to_python_peer": peer.map(|p| r.aggregate_events_per_s() / p),
+        });
+        if let Some(c) = &ck {
+            out["checkpoint"] = serde_json::json!({
+                "keys": c.keys,
+                "state_bytes": c.state_bytes,
+                "state_bytes_per_key": c.state_bytes as f64 / c.keys.max(1) as f64,
+                "checkpoint_bytes": c.checkpoint_bytes,
+                "checkpoint_bytes_per_key": c.checkpoint_bytes as f64 / c.keys.max(1) as f64,
+                "checkpoint_seconds": c.checkpoint_s,
+                "restore_seconds": c.restore_s,
+            });
+        }
+        println!("{out}");
+        return Ok(());
+    }
+    if let Some(c) = &ck {
+        println!(
+            "speed state:        {:>10} keys, {:.0} MB in memory ({:.0} bytes a key)",
+            c.keys,
+            c.state_bytes as f64 / 1e6,
+            c.state_bytes as f64 / c.keys.max(1) as f64
+        );
+        println!(
+            "checkpoint:         {:>10.2} s to encode and write {:.0} MB ({:.0} bytes a key); restore {:.2} s",
+            c.checkpoint_s,
+            c.checkpoint_bytes as f64 / 1e6,
+            c.checkpoint_bytes as f64 / c.keys.max(1) as f64,
+            c.restore_s
+        );
+    }
     println!(
         "reference events:   {:>10} ({:.0} MB of JSON, {:.0} bytes each)",
         r.events,

@@ -10,6 +10,7 @@ mod config;
 mod defs;
 mod demo;
 mod produce;
+mod replay;
 mod roles;
 
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Rewind a consumer group to a time (every instance of the group stopped): the speed
+    /// layer's checkpoints are rewound so that nothing counts twice.
+    Replay(replay::ReplayArgs),
     /// Load JSON-lines history into the master dataset.
     Import {
         /// Files of JSON lines, one event per line.
@@ -173,6 +177,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Import { files, schema } => roles::import(&config, files, schema).await,
         Command::Gen(args) => produce::gen(&config, args).await,
         Command::Broker(args) => broker::run(&config, args).await,
+        Command::Replay(args) => replay::run(&config, args).await,
         Command::Query(args) => roles::query(&config, args),
         Command::Bench(args) => bench::run(&config, args).await,
         Command::Config => {

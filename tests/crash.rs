@@ -405,3 +405,41 @@ fn instances_join_and_leave_and_a_zombie_is_fenced_without_changing_a_count() {
     producer.join().unwrap();
     assert_matches_oracle(&a_url, &events, now);
 }
+
+#[test]
+fn replaying_the_speed_group_from_a_time_counts_nothing_twice() {
+    let dir = deployment();
+    let (_broker, brokers) = broker(dir.path());
+    let now = SystemClock.now_us();
+    let events = events(now, 13);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (a, a_url) = run(dir.path(), &brokers);
+    wait_for("the first assignment", Duration::from_secs(60), || {
+        owned(&a_url) == PARTITIONS
+    });
+    stream(&brokers, events.clone(), 20 * RATE, Arc::clone(&sent))
+        .join()
+        .unwrap();
+    assert_matches_oracle(&a_url, &events, now);
+
+    let replay = |dir: &Path| {
+        tandem(dir)
+            .args(["--config", "tandem.toml", "--data", "data", "replay"])
+            .args(["--brokers", &brokers, "--group", "speed"])
+            .args(["--from-time", &format_us(now - DAY_US)])
+            .output()
+            .unwrap()
+    };
+    stop(a);
+    let out = replay(dir.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("rewound"), "{text}");
+
+    let (_a, a_url) = run(dir.path(), &brokers);
+    assert_matches_oracle(&a_url, &events, now);
+}

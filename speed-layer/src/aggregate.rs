@@ -105,13 +105,15 @@ impl ViewAggregator {
     }
 
     /// Folds `batch` (decoded events of the view's schema) into `groups`, stamping the buckets
-    /// it changes with `stamp`. Returns whether it changed any.
+    /// it changes with `stamp`; with `from`, only events of buckets from `from` on. Returns
+    /// whether it changed any.
     pub fn apply(
         &self,
         batch: &RecordBatch,
         groups: &mut Groups,
         interner: &mut Interner,
         stamp: u64,
+        from: Option<i64>,
     ) -> Result<bool> {
         let n = batch.num_rows();
         if n == 0 {
@@ -142,6 +144,9 @@ impl ViewAggregator {
                 }
             }
             let bucket = self.view.granularity.floor(times.value(row));
+            if from.is_some_and(|f| bucket < f) {
+                continue;
+            }
             key.clear();
             for (col, (_, ty)) in dim_cols.iter().zip(&self.dims) {
                 let id = if col.is_null(row) {

@@ -30,7 +30,7 @@ use crate::aggregate::{Bucket, Groups, Interner};
 use crate::error::{Result, SpeedError};
 
 const MAGIC: &[u8; 8] = b"TNDMCKPT";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const KIND_STATE: u8 = 0;
 const KIND_CLAIM: u8 = 1;
 
@@ -51,6 +51,7 @@ pub struct Parts {
     pub next_offset: i64,
     pub last_broker_ms: Option<i64>,
     pub missed: u64,
+    pub replay: Option<Replay>,
     pub interner: Interner,
     /// One per view, in the order of the layer's views.
     pub groups: Vec<Groups>,
@@ -62,8 +63,19 @@ pub struct StateRef<'a> {
     pub next_offset: i64,
     pub last_broker_ms: Option<i64>,
     pub missed: u64,
+    pub replay: Option<&'a Replay>,
     pub interner: &'a Interner,
     pub groups: &'a [Groups],
+}
+
+/// A rewound partition (`tandem replay`): its buckets from `cutoffs` on were discarded, and
+/// its offsets before `until` are read again, counting only the events of those buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// The offset the state held before the rewind.
+    pub until: i64,
+    /// Per view: the first bucket discarded (and so counted again).
+    pub cutoffs: Vec<i64>,
 }
 
 /// An owner's hold on a partition's checkpoint log.
@@ -357,6 +369,17 @@ pub fn encode_state(
         None => out.put_u8(0),
     }
     out.put_u64(state.missed);
+    match state.replay {
+        Some(r) => {
+            out.put_u8(1);
+            out.put_i64(r.until);
+            out.put_u32(r.cutoffs.len() as u32);
+            for &c in &r.cutoffs {
+                out.put_i64(c);
+            }
+        }
+        None => out.put_u8(0),
+    }
     let values = state.interner.values();
     out.put_u32(values.len() as u32);
     for v in values {
@@ -435,6 +458,18 @@ fn decode(bytes: &[u8], partition: i32, views: &[ViewKey]) -> Result<Decoded, Ma
         _ => Some(r.i64()?),
     };
     let missed = r.u64()?;
+    let replay = match r.u8()? {
+        0 => None,
+        _ => {
+            let until = r.i64()?;
+            let n = r.count(8)?;
+            let cutoffs = (0..n).map(|_| r.i64()).collect::<Result<Vec<_>, _>>()?;
+            if cutoffs.len() != views.len() {
+                return Err(Malformed("a replay window for other views".into()));
+            }
+            Some(Replay { until, cutoffs })
+        }
+    };
     let n_values = r.count(4)?;
     let values = (0..n_values)
         .map(|_| r.str().map(Box::from))
@@ -507,6 +542,7 @@ fn decode(bytes: &[u8], partition: i32, views: &[ViewKey]) -> Result<Decoded, Ma
             next_offset,
             last_broker_ms,
             missed,
+            replay,
             interner: Interner::from_values(values),
             groups,
         }),

@@ -33,7 +33,7 @@ use futures::future::BoxFuture;
 use rdkafka::Offset;
 
 use crate::aggregate::{Groups, Interner, ViewAggregator};
-use crate::checkpoint::{encode_state, CheckpointStore, Lease, StateRef, ViewKey};
+use crate::checkpoint::{encode_state, CheckpointStore, Lease, Replay, StateRef, ViewKey};
 use crate::error::{Result, SpeedError};
 use crate::kafka::{BatchSink, MessageBatch, Rebalance};
 
@@ -52,6 +52,8 @@ struct PartitionState {
     /// Loaded from a checkpoint at start to answer from until the group assigns partitions:
     /// not owned, never applied to, flagged stale in answers.
     provisional: bool,
+    /// After `tandem replay`: offsets before `until` count only in the buckets discarded.
+    replay: Option<Replay>,
 }
 
 impl PartitionState {
@@ -255,6 +257,7 @@ impl SpeedLayer {
             changes: 0,
             checkpointed: 0,
             provisional: false,
+            replay: parts.replay,
         }
     }
 
@@ -376,6 +379,83 @@ impl SpeedLayer {
         }
     }
 
+    /// The first bucket at or after `from_us` of every view, in the order of the state's
+    /// views: what a rewind to `from_us` discards.
+    pub fn cutoffs(&self, from_us: i64) -> Vec<i64> {
+        self.aggregators
+            .iter()
+            .map(|a| {
+                let g = a.view.granularity;
+                let floor = g.floor(from_us);
+                if floor < from_us {
+                    g.next(floor)
+                } else {
+                    floor
+                }
+            })
+            .collect()
+    }
+
+    /// Rewinds `partition`'s checkpointed state (for `tandem replay`, with no instance
+    /// consuming): discards every view's buckets from its cutoff on and makes the partition
+    /// resume at `offset`, counting the offsets it had already applied only in the discarded
+    /// buckets. `offset` must hold every event of those buckets (the offset for the earliest
+    /// cutoff's time: brokers stamp an event after it happens). Returns the offset the state
+    /// held and the groups discarded, or `None` if there is nothing to rewind.
+    pub async fn rewind(
+        &self,
+        partition: i32,
+        cutoffs: &[i64],
+        offset: i64,
+    ) -> Result<Option<(i64, usize)>> {
+        let store = self
+            .checkpoints
+            .as_ref()
+            .ok_or_else(|| SpeedError::Runtime("rewinding needs the checkpoint store".into()))?;
+        let restored = store
+            .claim(partition, &self.view_keys, self.clock.now_us())
+            .await?;
+        let mut lease = restored.lease;
+        let Some((_, mut parts)) = restored.state else {
+            return Ok(None);
+        };
+        if let Some(r) = &parts.replay {
+            return Err(SpeedError::Runtime(format!(
+                "partition {partition} is still replaying an earlier rewind (up to offset {}); let the speed layer pass it first",
+                r.until
+            )));
+        }
+        if offset >= parts.next_offset {
+            return Ok(None);
+        }
+        let mut discarded = 0;
+        for (g, &cutoff) in parts.groups.iter_mut().zip(cutoffs) {
+            let tail = g.split_off(&cutoff);
+            discarded += tail.values().map(|b| b.groups.len()).sum::<usize>();
+        }
+        let held = parts.next_offset;
+        let replay = Replay {
+            until: held,
+            cutoffs: cutoffs.to_vec(),
+        };
+        let body = encode_state(
+            lease.generation,
+            partition,
+            self.clock.now_us(),
+            &self.view_keys,
+            StateRef {
+                next_offset: offset,
+                last_broker_ms: parts.last_broker_ms,
+                missed: parts.missed,
+                replay: Some(&replay),
+                interner: &parts.interner,
+                groups: &parts.groups,
+            },
+        );
+        store.write(partition, &mut lease, body).await?;
+        Ok(Some((held, discarded)))
+    }
+
     /// Gives `partition` up: checkpoints it and drops it from the answers. A `lost` partition
     /// (the session expired: a newer owner may hold it already) is checkpointed too: if no one
     /// claimed it yet, its next owner starts from fresher state; if someone did, the fence
@@ -472,6 +552,7 @@ impl SpeedLayer {
                     next_offset: s.next_offset,
                     last_broker_ms: s.last_broker_ms,
                     missed: s.missed,
+                    replay: s.replay.as_ref(),
                     interner: &s.interner,
                     groups: &s.groups,
                 },
@@ -587,29 +668,60 @@ impl SpeedLayer {
                 "offsets were never delivered to the speed layer (removed by retention, or an aborted transaction)"
             );
         }
-        let decoded = self.decoder.decode(messages, self.clock.now_us())?;
-        let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
-        for (i, (agg, groups)) in self
-            .aggregators
-            .iter()
-            .zip(state.groups.iter_mut())
-            .enumerate()
-        {
-            if agg.apply(&decoded.batch, groups, &mut state.interner, stamp)? {
-                // After the change, before the partition's lock is released.
-                self.generations[i].fetch_add(1, Ordering::Release);
-            }
-        }
+        let decoded_rows = self.apply_to(state, messages)?;
+        let decoded = decoded_rows;
         state.next_offset = last.offset + 1;
         state.changes += 1;
         state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
-        self.stats
-            .events
-            .fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
-        self.stats
-            .rejected
-            .fetch_add(decoded.rejected.len() as u64, Ordering::Relaxed);
+        self.stats.events.fetch_add(decoded.0, Ordering::Relaxed);
+        self.stats.rejected.fetch_add(decoded.1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Decodes `messages` and folds them into `state`'s views. In a replay window, only the
+    /// events of the discarded buckets count. Returns (events, rejected).
+    fn apply_to(&self, state: &mut PartitionState, messages: &[Message<'_>]) -> Result<(u64, u64)> {
+        let (replayed, rest) = match &state.replay {
+            Some(r) => {
+                let split = messages.partition_point(|m| m.offset < r.until);
+                messages.split_at(split)
+            }
+            None => (&messages[..0], messages),
+        };
+        let (mut events, mut rejected) = (0, 0);
+        for (part, window) in [(replayed, true), (rest, false)] {
+            if part.is_empty() {
+                continue;
+            }
+            let decoded = self.decoder.decode(part, self.clock.now_us())?;
+            let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
+            for (i, (agg, groups)) in self
+                .aggregators
+                .iter()
+                .zip(state.groups.iter_mut())
+                .enumerate()
+            {
+                let from = match (&state.replay, window) {
+                    (Some(r), true) => Some(r.cutoffs[i]),
+                    _ => None,
+                };
+                if agg.apply(&decoded.batch, groups, &mut state.interner, stamp, from)? {
+                    // After the change, before the partition's lock is released.
+                    self.generations[i].fetch_add(1, Ordering::Release);
+                }
+            }
+            events += decoded.batch.num_rows() as u64;
+            rejected += decoded.rejected.len() as u64;
+        }
+        if state
+            .replay
+            .as_ref()
+            .is_some_and(|r| messages.last().is_some_and(|m| m.offset + 1 >= r.until))
+        {
+            tracing::info!("replay window passed; counting every event again");
+            state.replay = None;
+        }
+        Ok((events, rejected))
     }
 
     /// Drops the state of `view`'s buckets that `covered` covers, once the publish that covers

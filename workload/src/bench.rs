@@ -115,3 +115,110 @@ pub fn decode_aggregate(
         aggregate_s,
     })
 }
+
+/// What checkpointing a speed state measured.
+#[derive(Debug, Clone)]
+pub struct CheckpointFigures {
+    /// Groups held over all views and partitions.
+    pub keys: usize,
+    /// The state's estimated bytes in memory.
+    pub state_bytes: usize,
+    /// Bytes of the checkpoints written (one per partition).
+    pub checkpoint_bytes: u64,
+    /// Encoding and writing every partition's checkpoint to a local directory.
+    pub checkpoint_s: f64,
+    /// Reading them back into a new owner's state.
+    pub restore_s: f64,
+}
+
+/// Aggregates `payloads` into every view of `schema`, then times a checkpoint of the whole
+/// state to a local directory (under the system's temporary directory, removed after) and
+/// its restore by a new owner.
+pub fn checkpoint(
+    catalog: &Catalog,
+    schema: &str,
+    payloads: &[String],
+) -> Result<CheckpointFigures> {
+    use object_store::local::LocalFileSystem;
+    use tandem_speed::CheckpointStore;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| WorkloadError::Bench(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("tandem-checkpoint-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| WorkloadError::Bench(e.to_string()))?;
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(
+        LocalFileSystem::new_with_prefix(&dir).map_err(|e| WorkloadError::Bench(e.to_string()))?,
+    );
+    let layer = |store: &Arc<dyn object_store::ObjectStore>| -> Result<SpeedLayer> {
+        Ok(SpeedLayer::new(catalog, schema, Arc::new(SystemClock))?
+            .with_checkpoints(CheckpointStore::new(Arc::clone(store), schema, 1)))
+    };
+    let result = runtime.block_on(async {
+        let owner = layer(&store)?;
+        for p in 0..PARTITIONS as i32 {
+            owner.assign(p).await?;
+        }
+        for (i, chunk) in payloads.chunks(CHUNK * PARTITIONS).enumerate() {
+            for p in 0..PARTITIONS {
+                let msgs: Vec<Message<'_>> = chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| j % PARTITIONS == p)
+                    .map(|(j, payload)| Message {
+                        payload: Some(payload.as_bytes()),
+                        partition: p as i32,
+                        offset: ((i * CHUNK * PARTITIONS + j) / PARTITIONS) as i64,
+                        timestamp_ms: None,
+                    })
+                    .collect();
+                owner.apply(p as i32, &msgs)?;
+            }
+        }
+        let (keys, state_bytes) = owner.state_size();
+        let t = Instant::now();
+        let written = owner.checkpoint().await;
+        let checkpoint_s = t.elapsed().as_secs_f64();
+        if written.len() != PARTITIONS {
+            return Err(WorkloadError::Bench(format!(
+                "{} of {PARTITIONS} partitions checkpointed",
+                written.len()
+            )));
+        }
+        let checkpoint_bytes = dir_bytes(&dir);
+        let t = Instant::now();
+        let restored = layer(&store)?;
+        for p in 0..PARTITIONS as i32 {
+            restored.assign(p).await?;
+        }
+        let restore_s = t.elapsed().as_secs_f64();
+        if restored.state_size().0 != keys {
+            return Err(WorkloadError::Bench("the restored state differs".into()));
+        }
+        Ok(CheckpointFigures {
+            keys,
+            state_bytes,
+            checkpoint_bytes,
+            checkpoint_s,
+            restore_s,
+        })
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
