@@ -114,6 +114,8 @@ pub struct SpeedFile {
     pub checkpoint_keep: Option<usize>,
     /// Messages a partition may lag with `/readyz` still ready.
     pub ready_max_lag: Option<i64>,
+    /// The most groups the speed state holds.
+    pub max_state_keys: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +158,8 @@ pub struct Config {
     pub checkpoint_keep: usize,
     /// Messages a partition may lag with `/readyz` still ready.
     pub ready_max_lag: i64,
+    /// The most groups the speed state holds.
+    pub max_state_keys: usize,
     /// `[kafka.properties]`, passed to librdkafka.
     pub kafka_properties: Vec<(String, String)>,
     /// Every setting with its origin.
@@ -169,6 +173,8 @@ pub const DEFAULT_PRUNE_GRACE_SECS: u64 = 60;
 pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_CHECKPOINT_KEEP: usize = 3;
 pub const DEFAULT_READY_MAX_LAG: i64 = 100_000;
+/// About 2 GB of speed state at 200 bytes a key.
+pub const DEFAULT_MAX_STATE_KEYS: usize = 10_000_000;
 
 /// A value and where it came from.
 struct Given<T> {
@@ -322,6 +328,11 @@ impl Config {
             Some(n) => given(n, file_key("speed.ready_max_lag")),
             None => given(DEFAULT_READY_MAX_LAG, default.clone()),
         };
+        let max_state_keys = match file.speed.max_state_keys {
+            Some(0) => bail!("speed.max_state_keys must be at least 1"),
+            Some(n) => given(n, file_key("speed.max_state_keys")),
+            None => given(DEFAULT_MAX_STATE_KEYS, default.clone()),
+        };
         let mut kafka_properties = Vec::new();
         for (key, value) in &file.kafka.properties {
             let value = match value {
@@ -398,6 +409,11 @@ impl Config {
             value: ready_max_lag.value.to_string(),
             from: ready_max_lag.describe(),
         });
+        settings.push(Setting {
+            key: "speed.max_state_keys",
+            value: max_state_keys.value.to_string(),
+            from: max_state_keys.describe(),
+        });
         for (key, value) in &kafka_properties {
             // Secrets (sasl.password, ssl.key.password, ...) are not printed.
             let secret = key.contains("password") || key.contains("secret");
@@ -437,6 +453,7 @@ impl Config {
             checkpoint_interval: std::time::Duration::from_millis(checkpoint_interval.value),
             checkpoint_keep: checkpoint_keep.value,
             ready_max_lag: ready_max_lag.value,
+            max_state_keys: max_state_keys.value,
             kafka_properties,
             settings,
         })
@@ -467,6 +484,7 @@ impl Config {
             checkpoint_keep: self.checkpoint_keep,
             prune_grace: self.prune_grace,
             ready_max_lag: self.ready_max_lag,
+            max_state_keys: self.max_state_keys,
             ..Default::default()
         }
     }

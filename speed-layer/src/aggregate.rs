@@ -69,6 +69,28 @@ pub struct Bucket {
 /// One view's groups in one partition, by bucket start.
 pub type Groups = BTreeMap<i64, Bucket>;
 
+/// What an apply may do.
+#[derive(Debug, Clone, Copy)]
+pub struct Admit<'a> {
+    /// Only events of buckets from this one on (a replay window).
+    pub from: Option<i64>,
+    /// Events of buckets this covers are late: counted, not applied.
+    pub covered: Option<&'a Coverage>,
+    /// New groups the apply may create (the state-key cap's room).
+    pub new_keys: usize,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Applied {
+    pub changed: bool,
+    /// Events of covered buckets, not applied.
+    pub late: u64,
+    /// Events that needed a new group past the cap, not applied.
+    pub over_cap: u64,
+    pub new_keys: usize,
+}
+
 /// A view ready to apply batches of its schema.
 #[derive(Debug, Clone)]
 pub struct ViewAggregator {
@@ -105,19 +127,19 @@ impl ViewAggregator {
     }
 
     /// Folds `batch` (decoded events of the view's schema) into `groups`, stamping the buckets
-    /// it changes with `stamp`; with `from`, only events of buckets from `from` on. Returns
-    /// whether it changed any.
+    /// it changes with `stamp`, as far as `admit` lets it.
     pub fn apply(
         &self,
         batch: &RecordBatch,
         groups: &mut Groups,
         interner: &mut Interner,
         stamp: u64,
-        from: Option<i64>,
-    ) -> Result<bool> {
+        admit: &Admit<'_>,
+    ) -> Result<Applied> {
+        let mut applied = Applied::default();
         let n = batch.num_rows();
         if n == 0 {
-            return Ok(false);
+            return Ok(applied);
         }
         let mask: Option<BooleanArray> = self
             .filter
@@ -137,6 +159,7 @@ impl ViewAggregator {
         let mut text = String::new();
         // Events arrive mostly in the current bucket: its groups are looked up once per run.
         let mut current: Option<(i64, &mut BucketGroups)> = None;
+        let (mut last_bucket, mut last_covered) = (None, false);
         for row in 0..n {
             if let Some(m) = &mask {
                 if !m.value(row) {
@@ -144,7 +167,15 @@ impl ViewAggregator {
                 }
             }
             let bucket = self.view.granularity.floor(times.value(row));
-            if from.is_some_and(|f| bucket < f) {
+            if admit.from.is_some_and(|f| bucket < f) {
+                continue;
+            }
+            if last_bucket != Some(bucket) {
+                last_bucket = Some(bucket);
+                last_covered = admit.covered.is_some_and(|c| c.covers(bucket));
+            }
+            if last_covered {
+                applied.late += 1;
                 continue;
             }
             key.clear();
@@ -178,15 +209,25 @@ impl ViewAggregator {
             };
             let states = match bucket_groups.get_mut(key.as_slice()) {
                 Some(s) => s,
-                None => bucket_groups
-                    .entry(key.clone().into_boxed_slice())
-                    .or_insert_with(|| self.view.metrics.iter().map(|m| m.empty_state()).collect()),
+                None if applied.new_keys < admit.new_keys => {
+                    applied.new_keys += 1;
+                    bucket_groups
+                        .entry(key.clone().into_boxed_slice())
+                        .or_insert_with(|| {
+                            self.view.metrics.iter().map(|m| m.empty_state()).collect()
+                        })
+                }
+                None => {
+                    applied.over_cap += 1;
+                    continue;
+                }
             };
             for (state, col) in states.iter_mut().zip(&metric_cols) {
                 state.update(*col, row);
             }
+            applied.changed = true;
         }
-        Ok(current.is_some())
+        Ok(applied)
     }
 
     /// Drops the groups of buckets `covered` covers; returns how many.

@@ -40,6 +40,8 @@ pub struct ConsumerOptions {
     /// Messages a partition may be behind its high watermark with the speed layer still
     /// ready (`/readyz`).
     pub ready_max_lag: i64,
+    /// The most groups the speed state of a schema holds (see `SpeedLayer::with_max_keys`).
+    pub max_state_keys: usize,
 }
 
 impl Default for ConsumerOptions {
@@ -54,6 +56,7 @@ impl Default for ConsumerOptions {
             checkpoint_keep: 3,
             prune_grace: Duration::from_secs(60),
             ready_max_lag: 100_000,
+            max_state_keys: 10_000_000,
         }
     }
 }
@@ -123,7 +126,8 @@ pub async fn start(
             });
         }
         if options.speed {
-            let mut layer = SpeedLayer::new(catalog, name, Arc::clone(&clock))?;
+            let mut layer = SpeedLayer::new(catalog, name, Arc::clone(&clock))?
+                .with_max_keys(options.max_state_keys);
             if options.checkpoints {
                 let store = CheckpointStore::new(storage.objects()?, name, options.checkpoint_keep);
                 layer = layer.with_checkpoints(store);

@@ -32,7 +32,7 @@ use std::sync::Mutex;
 use futures::future::BoxFuture;
 use rdkafka::Offset;
 
-use crate::aggregate::{Groups, Interner, ViewAggregator};
+use crate::aggregate::{Admit, Groups, Interner, ViewAggregator};
 use crate::checkpoint::{encode_state, CheckpointStore, Lease, Replay, StateRef, ViewKey};
 use crate::error::{Result, SpeedError};
 use crate::kafka::{BatchSink, MessageBatch, Rebalance};
@@ -79,6 +79,11 @@ pub struct SpeedStats {
     pub pruned_groups: AtomicU64,
     /// Messages of partitions this instance does not own (fetched before a revoke).
     pub unowned: AtomicU64,
+    /// View rows of buckets a settled publish covers: not applied (the archiver sends their
+    /// events to the master dataset, the next batch run recomputes their days).
+    pub late: AtomicU64,
+    /// View rows that needed a new group past the state-key cap: not applied.
+    pub over_cap: AtomicU64,
     /// Checkpoints written, and the last one's size and duration.
     pub checkpoints: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
@@ -119,6 +124,13 @@ pub struct SpeedLayer {
     restored_offsets: Mutex<BTreeMap<i32, i64>>,
     /// The broker's view, from the consumer's statistics.
     broker: Mutex<BrokerView>,
+    /// Per view: the coverage of the last publish older than the prune grace (its buckets'
+    /// events are late).
+    covered: Vec<RwLock<Option<Arc<Coverage>>>>,
+    /// Groups held, over all views and partitions, and the most allowed.
+    keys: std::sync::atomic::AtomicUsize,
+    max_keys: usize,
+    cap_warned: std::sync::atomic::AtomicBool,
 }
 
 /// What the consumer's statistics last said about the broker.
@@ -162,6 +174,10 @@ impl SpeedLayer {
             leases: Mutex::new(BTreeMap::new()),
             restored_offsets: Mutex::new(BTreeMap::new()),
             broker: Mutex::new(BrokerView::default()),
+            covered: (0..views).map(|_| RwLock::new(None)).collect(),
+            keys: std::sync::atomic::AtomicUsize::new(0),
+            max_keys: usize::MAX,
+            cap_warned: std::sync::atomic::AtomicBool::new(false),
             decoder: Decoder::new(Arc::clone(s)),
             aggregators,
             partitions: RwLock::new(BTreeMap::new()),
@@ -177,6 +193,38 @@ impl SpeedLayer {
     pub fn with_checkpoints(mut self, store: CheckpointStore) -> Self {
         self.checkpoints = Some(store);
         self
+    }
+
+    /// Caps the groups held over all views and partitions: past it, events that need a new
+    /// group are counted (`over_cap`) and not applied, and their partitions are flagged stale;
+    /// existing groups keep counting.
+    pub fn with_max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// Groups in `state`.
+    fn keys_of(state: &PartitionState) -> usize {
+        state
+            .groups
+            .iter()
+            .flat_map(|g| g.values())
+            .map(|b| b.groups.len())
+            .sum()
+    }
+
+    /// Puts `state` in for `partition`, keeping the key count.
+    fn install(&self, partition: i32, state: PartitionState, only_if_absent: bool) {
+        let added = Self::keys_of(&state);
+        let mut map = self.partitions.write().expect("speed state lock poisoned");
+        if only_if_absent && map.contains_key(&partition) {
+            return;
+        }
+        self.keys.fetch_add(added, Ordering::Relaxed);
+        if let Some(old) = map.insert(partition, Arc::new(RwLock::new(state))) {
+            let removed = Self::keys_of(&read(&old));
+            self.keys.fetch_sub(removed, Ordering::Relaxed);
+        }
     }
 
     /// Every view's answers change (a partition appeared or went).
@@ -234,10 +282,7 @@ impl SpeedLayer {
             .lock()
             .expect("lease lock poisoned")
             .insert(partition, restored.lease);
-        self.partitions
-            .write()
-            .expect("speed state lock poisoned")
-            .insert(partition, Arc::new(RwLock::new(state)));
+        self.install(partition, state, false);
         self.bump_all();
         Ok(offset)
     }
@@ -279,10 +324,8 @@ impl SpeedLayer {
             };
             let mut state = self.state_from(parts);
             state.provisional = true;
-            let mut map = self.partitions.write().expect("speed state lock poisoned");
             // An assignment that came first wins.
-            map.entry(partition)
-                .or_insert_with(|| Arc::new(RwLock::new(state)));
+            self.install(partition, state, true);
             loaded += 1;
         }
         if loaded > 0 {
@@ -482,7 +525,9 @@ impl SpeedLayer {
             .write()
             .expect("speed state lock poisoned")
             .remove(&partition);
-        if removed.is_some() {
+        if let Some(state) = removed {
+            let keys = Self::keys_of(&read(&state));
+            self.keys.fetch_sub(keys, Ordering::Relaxed);
             self.bump_all();
         }
     }
@@ -705,9 +750,37 @@ impl SpeedLayer {
                     (Some(r), true) => Some(r.cutoffs[i]),
                     _ => None,
                 };
-                if agg.apply(&decoded.batch, groups, &mut state.interner, stamp, from)? {
+                let covered = self.covered[i]
+                    .read()
+                    .expect("coverage lock poisoned")
+                    .clone();
+                let admit = Admit {
+                    from,
+                    covered: covered.as_deref(),
+                    new_keys: self
+                        .max_keys
+                        .saturating_sub(self.keys.load(Ordering::Relaxed)),
+                };
+                let applied =
+                    agg.apply(&decoded.batch, groups, &mut state.interner, stamp, &admit)?;
+                if applied.changed {
                     // After the change, before the partition's lock is released.
                     self.generations[i].fetch_add(1, Ordering::Release);
+                }
+                self.keys.fetch_add(applied.new_keys, Ordering::Relaxed);
+                self.stats.late.fetch_add(applied.late, Ordering::Relaxed);
+                if applied.over_cap > 0 {
+                    self.stats
+                        .over_cap
+                        .fetch_add(applied.over_cap, Ordering::Relaxed);
+                    // The state lacks these events until a batch covers their days.
+                    state.missed += applied.over_cap;
+                    if !self.cap_warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            max_keys = self.max_keys,
+                            "the speed state reached its key cap: events that need a new group are not applied (counted in tandem_speed_over_cap_total; the archiver keeps them and the next batch run serves them)"
+                        );
+                    }
                 }
             }
             events += decoded.batch.num_rows() as u64;
@@ -737,6 +810,8 @@ impl SpeedLayer {
         if covered.days.is_empty() || !settled {
             return 0;
         }
+        // From now on, events of these days are late.
+        *self.covered[i].write().expect("coverage lock poisoned") = Some(Arc::new(covered.clone()));
         let removed: usize = self
             .partition_states()
             .iter()
@@ -751,6 +826,7 @@ impl SpeedLayer {
             .sum();
         if removed > 0 {
             self.generations[i].fetch_add(1, Ordering::Release);
+            self.keys.fetch_sub(removed, Ordering::Relaxed);
         }
         self.stats
             .pruned_groups
@@ -1040,7 +1116,10 @@ impl SpeedLayers {
         fn load(a: &AtomicU64) -> f64 {
             a.load(Ordering::Relaxed) as f64
         }
-        let families: [(&str, &str, &str, Get); 13] = [
+        let families: [(&str, &str, &str, Get); 16] = [
+            ("tandem_speed_late_total", "counter", "View rows of days a settled publish covers: not applied (the next batch run recomputes those days).", |l| load(&l.stats.late)),
+            ("tandem_speed_over_cap_total", "counter", "View rows that needed a new group past the state-key cap: not applied (the batch serves them).", |l| load(&l.stats.over_cap)),
+            ("tandem_speed_state_keys_max", "gauge", "The cap on groups held (speed.max_state_keys).", |l| l.max_keys as f64),
             ("tandem_speed_events_total", "counter", "Events applied to the speed state.", |l| load(&l.stats.events)),
             ("tandem_speed_rejected_total", "counter", "Messages the decoder rejected (the archiver dead-letters them).", |l| load(&l.stats.rejected)),
             ("tandem_speed_redelivered_total", "counter", "Messages skipped because their offset was already applied (replayed after a restore or a retry).", |l| load(&l.stats.skipped_redelivered)),

@@ -563,6 +563,57 @@ mod checkpoints {
         }
     }
 
+    #[test]
+    fn past_the_key_cap_new_groups_are_counted_not_applied() {
+        let (catalog, _) = layer();
+        let capped = SpeedLayer::new(&catalog, "app_events", Arc::new(MockClock::new(NOW)))
+            .unwrap()
+            .with_max_keys(50);
+        let payloads = payloads(2_000);
+        capped.apply(0, &messages(&payloads, 0, None)).unwrap();
+        assert_eq!(capped.state_size().0, 50);
+        assert!(capped.stats.over_cap.load(Ordering::Relaxed) > 0);
+        assert_eq!(capped.status().stale_partitions, vec![0]);
+        // Groups that exist keep counting: the cap bounds memory, not the events of known keys.
+        let before = total_events(&catalog, &capped);
+        let again: Vec<Message<'_>> = messages(&payloads, 0, None)
+            .into_iter()
+            .map(|m| Message {
+                offset: m.offset + 2_000,
+                ..m
+            })
+            .collect();
+        capped.apply(0, &again).unwrap();
+        assert_eq!(total_events(&catalog, &capped), 2 * before);
+        assert_eq!(capped.state_size().0, 50);
+    }
+
+    #[test]
+    fn events_of_days_a_settled_publish_covers_are_late() {
+        use tandem_core::query::Coverage;
+        let (catalog, layer) = layer();
+        let payloads = payloads(1_000);
+        let msgs = messages(&payloads, 0, None);
+        layer.apply(0, &msgs[..500]).unwrap();
+        // A publish covering every day of the events, older than the grace.
+        let days = (tandem_core::time::day_of(NOW - 2 * DAY_US)..=tandem_core::time::day_of(NOW))
+            .collect();
+        let covered = Coverage {
+            version: Some(1),
+            days,
+            published_us: Some(NOW - 120_000_000),
+        };
+        let v = &catalog.views["active_devices_daily"];
+        assert!(layer.prune(&v.name, &covered, 60_000_000) > 0);
+        layer.apply(0, &msgs[500..]).unwrap();
+        assert_eq!(layer.stats.late.load(Ordering::Relaxed), 500);
+        assert_eq!(
+            total_events(&catalog, &layer),
+            0,
+            "late events are the batch's"
+        );
+    }
+
     #[tokio::test]
     async fn old_checkpoints_are_deleted_past_the_count_kept() {
         let (catalog, _) = layer();
