@@ -116,6 +116,8 @@ pub struct SpeedFile {
     pub ready_max_lag: Option<i64>,
     /// The most groups the speed state holds.
     pub max_state_keys: Option<usize>,
+    /// Seconds of event time within which a repeated event id is a duplicate.
+    pub dedup_window_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +162,8 @@ pub struct Config {
     pub ready_max_lag: i64,
     /// The most groups the speed state holds.
     pub max_state_keys: usize,
+    /// Event time within which a repeated event id is a duplicate.
+    pub dedup_window: std::time::Duration,
     /// `[kafka.properties]`, passed to librdkafka.
     pub kafka_properties: Vec<(String, String)>,
     /// Every setting with its origin.
@@ -175,6 +179,7 @@ pub const DEFAULT_CHECKPOINT_KEEP: usize = 3;
 pub const DEFAULT_READY_MAX_LAG: i64 = 100_000;
 /// About 2 GB of speed state at 200 bytes a key.
 pub const DEFAULT_MAX_STATE_KEYS: usize = 10_000_000;
+pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 60;
 
 /// A value and where it came from.
 struct Given<T> {
@@ -333,6 +338,10 @@ impl Config {
             Some(n) => given(n, file_key("speed.max_state_keys")),
             None => given(DEFAULT_MAX_STATE_KEYS, default.clone()),
         };
+        let dedup_window = match file.speed.dedup_window_secs {
+            Some(n) => given(n, file_key("speed.dedup_window_secs")),
+            None => given(DEFAULT_DEDUP_WINDOW_SECS, default.clone()),
+        };
         let mut kafka_properties = Vec::new();
         for (key, value) in &file.kafka.properties {
             let value = match value {
@@ -414,6 +423,11 @@ impl Config {
             value: max_state_keys.value.to_string(),
             from: max_state_keys.describe(),
         });
+        settings.push(Setting {
+            key: "speed.dedup_window_secs",
+            value: dedup_window.value.to_string(),
+            from: dedup_window.describe(),
+        });
         for (key, value) in &kafka_properties {
             // Secrets (sasl.password, ssl.key.password, ...) are not printed.
             let secret = key.contains("password") || key.contains("secret");
@@ -454,6 +468,7 @@ impl Config {
             checkpoint_keep: checkpoint_keep.value,
             ready_max_lag: ready_max_lag.value,
             max_state_keys: max_state_keys.value,
+            dedup_window: std::time::Duration::from_secs(dedup_window.value),
             kafka_properties,
             settings,
         })
@@ -485,6 +500,7 @@ impl Config {
             prune_grace: self.prune_grace,
             ready_max_lag: self.ready_max_lag,
             max_state_keys: self.max_state_keys,
+            dedup_window: self.dedup_window,
             ..Default::default()
         }
     }

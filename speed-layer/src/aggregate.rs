@@ -78,6 +78,8 @@ pub struct Admit<'a> {
     pub covered: Option<&'a Coverage>,
     /// New groups the apply may create (the state-key cap's room).
     pub new_keys: usize,
+    /// Rows not to apply (`true`): duplicates of events already applied.
+    pub skip: Option<&'a BooleanArray>,
 }
 
 /// What an apply did.
@@ -165,6 +167,9 @@ impl ViewAggregator {
                 if !m.value(row) {
                     continue;
                 }
+            }
+            if admit.skip.is_some_and(|s| s.value(row)) {
+                continue;
             }
             let bucket = self.view.granularity.floor(times.value(row));
             if admit.from.is_some_and(|f| bucket < f) {

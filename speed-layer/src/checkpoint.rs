@@ -27,6 +27,7 @@ use tandem_core::codec::{Malformed, Put, Reader};
 use tandem_core::metric::MetricState;
 
 use crate::aggregate::{Bucket, Groups, Interner};
+use crate::dedup::Dedup;
 use crate::error::{Result, SpeedError};
 
 const MAGIC: &[u8; 8] = b"TNDMCKPT";
@@ -52,6 +53,7 @@ pub struct Parts {
     pub last_broker_ms: Option<i64>,
     pub missed: u64,
     pub replay: Option<Replay>,
+    pub dedup: Option<Dedup>,
     pub interner: Interner,
     /// One per view, in the order of the layer's views.
     pub groups: Vec<Groups>,
@@ -64,6 +66,7 @@ pub struct StateRef<'a> {
     pub last_broker_ms: Option<i64>,
     pub missed: u64,
     pub replay: Option<&'a Replay>,
+    pub dedup: Option<&'a Dedup>,
     pub interner: &'a Interner,
     pub groups: &'a [Groups],
 }
@@ -380,6 +383,13 @@ pub fn encode_state(
         }
         None => out.put_u8(0),
     }
+    match state.dedup {
+        Some(d) => {
+            out.put_u8(1);
+            d.encode(&mut out);
+        }
+        None => out.put_u8(0),
+    }
     let values = state.interner.values();
     out.put_u32(values.len() as u32);
     for v in values {
@@ -470,6 +480,10 @@ fn decode(bytes: &[u8], partition: i32, views: &[ViewKey]) -> Result<Decoded, Ma
             Some(Replay { until, cutoffs })
         }
     };
+    let dedup = match r.u8()? {
+        0 => None,
+        _ => Some(Dedup::decode(&mut r)?),
+    };
     let n_values = r.count(4)?;
     let values = (0..n_values)
         .map(|_| r.str().map(Box::from))
@@ -543,6 +557,7 @@ fn decode(bytes: &[u8], partition: i32, views: &[ViewKey]) -> Result<Decoded, Ma
             last_broker_ms,
             missed,
             replay,
+            dedup,
             interner: Interner::from_values(values),
             groups,
         }),

@@ -42,6 +42,8 @@ pub struct ConsumerOptions {
     pub ready_max_lag: i64,
     /// The most groups the speed state of a schema holds (see `SpeedLayer::with_max_keys`).
     pub max_state_keys: usize,
+    /// Event time within which a repeated event id is dropped as a duplicate (zero: never).
+    pub dedup_window: Duration,
 }
 
 impl Default for ConsumerOptions {
@@ -57,6 +59,7 @@ impl Default for ConsumerOptions {
             prune_grace: Duration::from_secs(60),
             ready_max_lag: 100_000,
             max_state_keys: 10_000_000,
+            dedup_window: Duration::from_secs(60),
         }
     }
 }
@@ -127,7 +130,8 @@ pub async fn start(
         }
         if options.speed {
             let mut layer = SpeedLayer::new(catalog, name, Arc::clone(&clock))?
-                .with_max_keys(options.max_state_keys);
+                .with_max_keys(options.max_state_keys)
+                .with_dedup_window(options.dedup_window);
             if options.checkpoints {
                 let store = CheckpointStore::new(storage.objects()?, name, options.checkpoint_keep);
                 layer = layer.with_checkpoints(store);

@@ -13,6 +13,7 @@ pub mod aggregate;
 pub mod archiver;
 pub mod checkpoint;
 pub mod consumers;
+pub mod dedup;
 pub mod error;
 pub mod kafka;
 pub mod speed;

@@ -29,11 +29,13 @@ use tandem_core::{Catalog, CoreError};
 
 use std::sync::Mutex;
 
+use datafusion::arrow::array::AsArray;
 use futures::future::BoxFuture;
 use rdkafka::Offset;
 
 use crate::aggregate::{Admit, Groups, Interner, ViewAggregator};
 use crate::checkpoint::{encode_state, CheckpointStore, Lease, Replay, StateRef, ViewKey};
+use crate::dedup::Dedup;
 use crate::error::{Result, SpeedError};
 use crate::kafka::{BatchSink, MessageBatch, Rebalance};
 
@@ -54,6 +56,8 @@ struct PartitionState {
     provisional: bool,
     /// After `tandem replay`: offsets before `until` count only in the buckets discarded.
     replay: Option<Replay>,
+    /// The event ids seen within the duplicate window.
+    dedup: Option<Dedup>,
 }
 
 impl PartitionState {
@@ -84,6 +88,8 @@ pub struct SpeedStats {
     pub late: AtomicU64,
     /// View rows that needed a new group past the state-key cap: not applied.
     pub over_cap: AtomicU64,
+    /// Events dropped as repeats of an event id seen within the duplicate window.
+    pub duplicates: AtomicU64,
     /// Checkpoints written, and the last one's size and duration.
     pub checkpoints: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
@@ -131,6 +137,11 @@ pub struct SpeedLayer {
     keys: std::sync::atomic::AtomicUsize,
     max_keys: usize,
     cap_warned: std::sync::atomic::AtomicBool,
+    /// Duplicates by event id are dropped within this much event time (0: not at all).
+    dedup_window_us: i64,
+    /// The event id and event time columns of decoded batches.
+    event_id: usize,
+    event_time: usize,
 }
 
 /// What the consumer's statistics last said about the broker.
@@ -178,6 +189,9 @@ impl SpeedLayer {
             keys: std::sync::atomic::AtomicUsize::new(0),
             max_keys: usize::MAX,
             cap_warned: std::sync::atomic::AtomicBool::new(false),
+            dedup_window_us: 0,
+            event_id: s.event_id,
+            event_time: s.event_time,
             decoder: Decoder::new(Arc::clone(s)),
             aggregators,
             partitions: RwLock::new(BTreeMap::new()),
@@ -200,6 +214,13 @@ impl SpeedLayer {
     /// existing groups keep counting.
     pub fn with_max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
+        self
+    }
+
+    /// Drops events whose id was seen within `window` of event time (per partition; see
+    /// [`crate::dedup`]).
+    pub fn with_dedup_window(mut self, window: std::time::Duration) -> Self {
+        self.dedup_window_us = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
         self
     }
 
@@ -303,6 +324,7 @@ impl SpeedLayer {
             checkpointed: 0,
             provisional: false,
             replay: parts.replay,
+            dedup: parts.dedup,
         }
     }
 
@@ -491,6 +513,7 @@ impl SpeedLayer {
                 last_broker_ms: parts.last_broker_ms,
                 missed: parts.missed,
                 replay: Some(&replay),
+                dedup: parts.dedup.as_ref(),
                 interner: &parts.interner,
                 groups: &parts.groups,
             },
@@ -598,6 +621,7 @@ impl SpeedLayer {
                     last_broker_ms: s.last_broker_ms,
                     missed: s.missed,
                     replay: s.replay.as_ref(),
+                    dedup: s.dedup.as_ref(),
                     interner: &s.interner,
                     groups: &s.groups,
                 },
@@ -739,6 +763,29 @@ impl SpeedLayer {
                 continue;
             }
             let decoded = self.decoder.decode(part, self.clock.now_us())?;
+            // Duplicates by event id, outside a replay window (whose events were applied
+            // before, and are read again on purpose).
+            if self.dedup_window_us > 0 && state.dedup.is_none() {
+                state.dedup = Some(Dedup::new(self.dedup_window_us));
+            }
+            let (skip, duplicates) = match (&mut state.dedup, window) {
+                (Some(d), false) => {
+                    let batch = &decoded.batch;
+                    match (
+                        batch.column(self.event_id).as_string_opt::<i32>(),
+                        batch
+                            .column(self.event_time)
+                            .as_primitive_opt::<datafusion::arrow::datatypes::TimestampMicrosecondType>(),
+                    ) {
+                        (Some(ids), Some(times)) => d.check(ids, times),
+                        _ => (None, 0),
+                    }
+                }
+                _ => (None, 0),
+            };
+            self.stats
+                .duplicates
+                .fetch_add(duplicates, Ordering::Relaxed);
             let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
             for (i, (agg, groups)) in self
                 .aggregators
@@ -760,6 +807,7 @@ impl SpeedLayer {
                     new_keys: self
                         .max_keys
                         .saturating_sub(self.keys.load(Ordering::Relaxed)),
+                    skip: skip.as_ref(),
                 };
                 let applied =
                     agg.apply(&decoded.batch, groups, &mut state.interner, stamp, &admit)?;
@@ -783,7 +831,7 @@ impl SpeedLayer {
                     }
                 }
             }
-            events += decoded.batch.num_rows() as u64;
+            events += decoded.batch.num_rows() as u64 - duplicates;
             rejected += decoded.rejected.len() as u64;
         }
         if state
@@ -1116,7 +1164,8 @@ impl SpeedLayers {
         fn load(a: &AtomicU64) -> f64 {
             a.load(Ordering::Relaxed) as f64
         }
-        let families: [(&str, &str, &str, Get); 16] = [
+        let families: [(&str, &str, &str, Get); 17] = [
+            ("tandem_speed_duplicates_total", "counter", "Events dropped as repeats of an event id seen within the duplicate window.", |l| load(&l.stats.duplicates)),
             ("tandem_speed_late_total", "counter", "View rows of days a settled publish covers: not applied (the next batch run recomputes those days).", |l| load(&l.stats.late)),
             ("tandem_speed_over_cap_total", "counter", "View rows that needed a new group past the state-key cap: not applied (the batch serves them).", |l| load(&l.stats.over_cap)),
             ("tandem_speed_state_keys_max", "gauge", "The cap on groups held (speed.max_state_keys).", |l| l.max_keys as f64),

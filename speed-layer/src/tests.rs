@@ -563,6 +563,35 @@ mod checkpoints {
         }
     }
 
+    #[tokio::test]
+    async fn a_repeated_event_id_counts_once_also_across_a_restore() {
+        use std::time::Duration;
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let payloads = payloads(600);
+        // The producer retried: events 100..200 arrive again, at new offsets.
+        let mut stream: Vec<String> = payloads[..400].to_vec();
+        stream.extend_from_slice(&payloads[100..200]);
+        stream.extend_from_slice(&payloads[400..]);
+        let msgs = messages(&stream, 0, None);
+        let with_window = |store: &Arc<InMemory>| {
+            owner(&catalog, store, 3).with_dedup_window(Duration::from_secs(7 * 24 * 3600))
+        };
+        let first = with_window(&store);
+        first.assign(0).await.unwrap();
+        first.apply(0, &msgs[..450]).unwrap();
+        first.checkpoint().await;
+        first.revoke(0, false).await;
+        // The new owner still knows the ids applied before the checkpoint.
+        let second = with_window(&store);
+        second.assign(0).await.unwrap();
+        second.apply(0, &msgs[450..]).unwrap();
+        assert_eq!(total_events(&catalog, &second), 600);
+        let dropped = first.stats.duplicates.load(Ordering::Relaxed)
+            + second.stats.duplicates.load(Ordering::Relaxed);
+        assert_eq!(dropped, 100);
+    }
+
     #[test]
     fn past_the_key_cap_new_groups_are_counted_not_applied() {
         let (catalog, _) = layer();
