@@ -14,12 +14,32 @@ use tandem_core::codec::{Malformed, Put, Reader};
 
 const SLOT_US: i64 = 60_000_000;
 
+/// The ids are hashes already: a set of them needs no hashing of its own.
+#[derive(Debug, Clone, Copy, Default)]
+struct Identity(u64);
+
+impl std::hash::Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | *b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type Ids = HashSet<u64, std::hash::BuildHasherDefault<Identity>>;
+
 /// The ids one partition saw within the window.
 #[derive(Debug, Clone, Default)]
 pub struct Dedup {
     window_us: i64,
     newest_us: i64,
-    slots: BTreeMap<i64, HashSet<u64>>,
+    slots: BTreeMap<i64, Ids>,
 }
 
 /// FNV-1a, then a final mix: stable across builds and versions, since the hashes are kept in
@@ -89,7 +109,7 @@ impl Dedup {
 
     /// Ids held.
     pub fn len(&self) -> usize {
-        self.slots.values().map(HashSet::len).sum()
+        self.slots.values().map(Ids::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -116,7 +136,7 @@ impl Dedup {
         for _ in 0..r.count(12)? {
             let slot = r.i64()?;
             let n = r.count(8)?;
-            let ids = (0..n).map(|_| r.u64()).collect::<Result<HashSet<_>, _>>()?;
+            let ids = (0..n).map(|_| r.u64()).collect::<Result<Ids, _>>()?;
             slots.insert(slot, ids);
         }
         Ok(Dedup {
