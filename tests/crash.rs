@@ -212,6 +212,21 @@ fn signal(child: &Killed, signal: &str) {
     assert!(ok, "kill {signal}");
 }
 
+/// Starts a `tandem speed` instance and waits until it and the instance at `a_url` share
+/// the partitions.
+fn join(dir: &Path, brokers: &str, a_url: &str) -> (Killed, String) {
+    let (b, b_url) = start(dir, "speed", brokers);
+    wait_for(
+        "the partitions to be shared",
+        Duration::from_secs(60),
+        || {
+            let (x, y) = (owned(a_url), owned(&b_url));
+            x > 0 && y > 0 && x + y == PARTITIONS
+        },
+    );
+    (b, b_url)
+}
+
 /// Stops `child` with SIGTERM and waits for it to finish its shutdown.
 fn stop(mut child: Killed) {
     signal(&child, "-TERM");
@@ -350,18 +365,10 @@ fn instances_join_and_leave_and_a_zombie_is_fenced_without_changing_a_count() {
 
     // A second instance joins mid-stream: the partitions are shared...
     at(0.2);
-    let (b, b_url) = start(dir.path(), "speed", &brokers);
-    wait_for(
-        "the partitions to be shared",
-        Duration::from_secs(60),
-        || {
-            let (x, y) = (owned(&a_url), owned(&b_url));
-            x > 0 && y > 0 && x + y == PARTITIONS
-        },
-    );
+    let b = join(dir.path(), &brokers, &a_url);
     // ... and leaves again (SIGTERM: its partitions are checkpointed as they are revoked).
     at(0.4);
-    stop(b);
+    stop(b.0);
     wait_for(
         "the partitions to come back",
         Duration::from_secs(60),
@@ -372,15 +379,7 @@ fn instances_join_and_leave_and_a_zombie_is_fenced_without_changing_a_count() {
     // Its first write (its next checkpoint, or the one it tries as it learns that its
     // partitions were lost) is refused.
     at(0.55);
-    let (c, c_url) = start(dir.path(), "speed", &brokers);
-    wait_for(
-        "the partitions to be shared",
-        Duration::from_secs(60),
-        || {
-            let (x, y) = (owned(&a_url), owned(&c_url));
-            x > 0 && y > 0 && x + y == PARTITIONS
-        },
-    );
+    let (c, c_url) = join(dir.path(), &brokers, &a_url);
     signal(&a, "-STOP");
     wait_for(
         "the new owner to take everything",

@@ -1213,36 +1213,20 @@ impl SpeedLayers {
                 "tandem_speed_state_bytes{{schema=\"{schema}\"}} {bytes}"
             );
         }
-        let _ = writeln!(out, "# HELP tandem_speed_restored_offset The offset each partition was last restored at from its checkpoint.\n# TYPE tandem_speed_restored_offset gauge");
-        for (schema, layer) in &self.0 {
-            for (p, o) in layer
-                .restored_offsets
-                .lock()
-                .expect("restored offsets lock poisoned")
-                .iter()
-            {
-                let _ = writeln!(
-                    out,
-                    "tandem_speed_restored_offset{{schema=\"{schema}\",partition=\"{p}\"}} {o}"
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP tandem_speed_consumer_lag Messages each owned partition has still to apply (the broker's high watermark minus the next offset).\n# TYPE tandem_speed_consumer_lag gauge");
-        for (schema, layer) in &self.0 {
-            for (p, lag) in layer.consumer_lag() {
-                let _ = writeln!(
-                    out,
-                    "tandem_speed_consumer_lag{{schema=\"{schema}\",partition=\"{p}\"}} {lag}"
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP tandem_speed_next_offset The next offset each owned partition applies.\n# TYPE tandem_speed_next_offset gauge");
-        for (schema, layer) in &self.0 {
-            for (p, o) in layer.offsets() {
-                let _ = writeln!(
-                    out,
-                    "tandem_speed_next_offset{{schema=\"{schema}\",partition=\"{p}\"}} {o}"
-                );
+        type PerPartition = fn(&SpeedLayer) -> BTreeMap<i32, i64>;
+        let per_partition: [(&str, &str, PerPartition); 3] = [
+            ("tandem_speed_restored_offset", "The offset each partition was last restored at from its checkpoint.", |l| {
+                l.restored_offsets.lock().expect("restored offsets lock poisoned").clone()
+            }),
+            ("tandem_speed_consumer_lag", "Messages each owned partition has still to apply (the broker's high watermark minus the next offset).", SpeedLayer::consumer_lag),
+            ("tandem_speed_next_offset", "The next offset each owned partition applies.", SpeedLayer::offsets),
+        ];
+        for (name, help, get) in per_partition {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (schema, layer) in &self.0 {
+                for (p, v) in get(layer) {
+                    let _ = writeln!(out, "{name}{{schema=\"{schema}\",partition=\"{p}\"}} {v}");
+                }
             }
         }
     }

@@ -299,6 +299,19 @@ mod checkpoints {
             .with_checkpoints(CheckpointStore::new(store, "app_events", keep))
     }
 
+    /// A fresh store, `n` generated payloads, and an owner of partition 0 keeping `keep`
+    /// checkpoints.
+    async fn owning(
+        n: usize,
+        keep: usize,
+    ) -> (Arc<Catalog>, Arc<InMemory>, Vec<String>, SpeedLayer) {
+        let (catalog, _) = layer();
+        let store = Arc::new(InMemory::new());
+        let first = owner(&catalog, &store, keep);
+        first.assign(0).await.unwrap();
+        (catalog, store, payloads(n), first)
+    }
+
     async fn objects(store: &InMemory) -> Vec<String> {
         use futures::TryStreamExt;
         let mut names: Vec<String> = store
@@ -382,12 +395,8 @@ mod checkpoints {
 
     #[tokio::test]
     async fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before() {
-        let (catalog, _) = layer();
-        let store = Arc::new(InMemory::new());
-        let payloads = payloads(1_000);
+        let (catalog, store, payloads, first) = owning(1_000, 5).await;
         let msgs = messages(&payloads, 0, None);
-        let first = owner(&catalog, &store, 5);
-        first.assign(0).await.unwrap();
         first.apply(0, &msgs[..400]).unwrap();
         first.checkpoint().await;
         first.apply(0, &msgs[400..700]).unwrap();
@@ -420,12 +429,8 @@ mod checkpoints {
 
     #[tokio::test]
     async fn a_zombie_cannot_overwrite_the_new_owners_checkpoint() {
-        let (catalog, _) = layer();
-        let store = Arc::new(InMemory::new());
-        let payloads = payloads(1_000);
+        let (catalog, store, payloads, zombie) = owning(1_000, 3).await;
         let msgs = messages(&payloads, 0, None);
-        let zombie = owner(&catalog, &store, 3);
-        zombie.assign(0).await.unwrap();
         zombie.apply(0, &msgs[..300]).unwrap();
         zombie.checkpoint().await;
 
@@ -481,11 +486,7 @@ mod checkpoints {
     #[tokio::test]
     async fn readiness_says_why_while_catching_up_unassigned_or_cut_off() {
         use std::time::Duration;
-        let (catalog, _) = layer();
-        let store = Arc::new(InMemory::new());
-        let payloads = payloads(100);
-        let l = owner(&catalog, &store, 3);
-        l.assign(0).await.unwrap();
+        let (catalog, store, payloads, l) = owning(100, 3).await;
         l.apply(0, &messages(&payloads, 0, None)).unwrap();
         let grace = Duration::from_secs(10);
         assert_eq!(l.not_ready(1_000, grace), None, "no statistics yet");
@@ -514,12 +515,8 @@ mod checkpoints {
 
     #[tokio::test]
     async fn a_rewound_partition_counts_every_event_once() {
-        let (catalog, _) = layer();
-        let store = Arc::new(InMemory::new());
-        let payloads = payloads(1_500);
+        let (catalog, store, payloads, first) = owning(1_500, 3).await;
         let msgs = messages(&payloads, 0, None);
-        let first = owner(&catalog, &store, 3);
-        first.assign(0).await.unwrap();
         first.apply(0, &msgs[..1_000]).unwrap();
         first.checkpoint().await;
         first.revoke(0, false).await;
@@ -645,12 +642,8 @@ mod checkpoints {
 
     #[tokio::test]
     async fn old_checkpoints_are_deleted_past_the_count_kept() {
-        let (catalog, _) = layer();
-        let store = Arc::new(InMemory::new());
-        let payloads = payloads(100);
+        let (catalog, store, payloads, l) = owning(100, 2).await;
         let msgs = messages(&payloads, 0, None);
-        let l = owner(&catalog, &store, 2);
-        l.assign(0).await.unwrap();
         for i in 0..10 {
             l.apply(0, &msgs[i * 10..(i + 1) * 10]).unwrap();
             l.checkpoint().await;
@@ -664,11 +657,7 @@ mod checkpoints {
 
     #[tokio::test]
     async fn a_checkpoint_of_another_view_definition_is_not_restored() {
-        let (catalog, _) = layer();
-        let store = Arc::new(InMemory::new());
-        let payloads = payloads(100);
-        let l = owner(&catalog, &store, 3);
-        l.assign(0).await.unwrap();
+        let (catalog, store, payloads, l) = owning(100, 3).await;
         l.apply(0, &messages(&payloads, 0, None)).unwrap();
         l.checkpoint().await;
 
