@@ -394,6 +394,25 @@ mod checkpoints {
     }
 
     #[tokio::test]
+    async fn a_crash_between_applying_and_checkpointing_replays_from_the_checkpoint_once() {
+        let (catalog, store, payloads, first) = owning(1_000, 3).await;
+        let msgs = messages(&payloads, 0, None);
+        first.apply(0, &msgs[..300]).unwrap();
+        first.checkpoint().await;
+        // Applied, then the process dies before its next checkpoint: no revoke, no write.
+        first.apply(0, &msgs[300..800]).unwrap();
+        drop(first);
+
+        let next = owner(&catalog, &store, 3);
+        assert_eq!(next.assign(0).await.unwrap(), Offset::Offset(300));
+        // The broker delivers from the checkpoint's offset on; the consumer may also hand
+        // over a batch that overlaps what the checkpoint holds.
+        next.apply(0, &msgs[250..]).unwrap();
+        assert_eq!(total_events(&catalog, &next), 1_000);
+        assert_eq!(next.stats.skipped_redelivered.load(Ordering::Relaxed), 50);
+    }
+
+    #[tokio::test]
     async fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before() {
         let (catalog, store, payloads, first) = owning(1_000, 5).await;
         let msgs = messages(&payloads, 0, None);
