@@ -945,21 +945,6 @@ impl SpeedLayer {
         }
         (keys, bytes)
     }
-
-    /// The number of groups held, over all views and partitions.
-    pub fn group_count(&self) -> usize {
-        self.partition_states()
-            .iter()
-            .map(|(_, s)| {
-                read(s)
-                    .groups
-                    .iter()
-                    .flat_map(|g| g.values())
-                    .map(|b| b.groups.len())
-                    .sum::<usize>()
-            })
-            .sum()
-    }
 }
 
 /// `h` and `x` mixed (FxHash's step): equal inputs give equal stamps, different ones almost
