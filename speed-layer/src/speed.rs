@@ -586,22 +586,20 @@ impl SpeedLayer {
         let Some(store) = &self.checkpoints else {
             return Ok(None);
         };
-        let Some(state) = self
-            .partitions
-            .read()
-            .expect("speed state lock poisoned")
-            .get(&partition)
-            .cloned()
-        else {
-            return Ok(None);
-        };
-        let Some(mut lease) = self
+        // Only a partition this instance holds a lease on (not a provisional one).
+        let lease = self
             .leases
             .lock()
             .expect("lease lock poisoned")
             .get(&partition)
-            .copied()
-        else {
+            .copied();
+        let state = self
+            .partitions
+            .read()
+            .expect("speed state lock poisoned")
+            .get(&partition)
+            .cloned();
+        let (Some(state), Some(mut lease)) = (state, lease) else {
             return Ok(None);
         };
         let started = std::time::Instant::now();
