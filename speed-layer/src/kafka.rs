@@ -110,8 +110,8 @@ pub struct Context {
 }
 
 impl ClientContext for Context {
-    /// Reads only what the speed layer needs from librdkafka's statistics JSON (rdkafka's own
-    /// `Statistics` type refuses some brokers' figures, such as the mock cluster's).
+    /// Reads only what the speed layer needs from librdkafka's statistics JSON, leniently (a
+    /// missing field has its default), rather than all of rdkafka's `Statistics`.
     fn stats_raw(&self, statistics: &[u8]) {
         let Some(h) = &self.handler else {
             return;
