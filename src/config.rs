@@ -101,6 +101,19 @@ pub struct FileConfig {
     pub kafka: KafkaFile,
     #[serde(default)]
     pub speed: SpeedFile,
+    #[serde(default)]
+    pub batch: BatchFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchFile {
+    /// Bytes a recompute's operators may hold before they spill: `"4GiB"`, `"512MB"`, bytes.
+    pub memory_limit: Option<toml::Value>,
+    /// Where spills go (default: the system's temporary directory).
+    pub spill_dir: Option<PathBuf>,
+    /// Threads of a recompute (default: the machine's cores).
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +179,8 @@ pub struct Config {
     pub dedup_window: std::time::Duration,
     /// `[kafka.properties]`, passed to librdkafka.
     pub kafka_properties: Vec<(String, String)>,
+    /// How recomputes run: threads, memory limit, spill directory.
+    pub batch: tandem_batch::BatchOptions,
     /// Every setting with its origin.
     pub settings: Vec<Setting>,
 }
@@ -342,6 +357,21 @@ impl Config {
             Some(n) => given(n, file_key("speed.dedup_window_secs")),
             None => given(DEFAULT_DEDUP_WINDOW_SECS, default.clone()),
         };
+        let memory_limit = match &file.batch.memory_limit {
+            Some(v) => given(
+                parse_size(v).map_err(|e| anyhow::anyhow!("batch.memory_limit: {e}"))?,
+                file_key("batch.memory_limit"),
+            ),
+            None => given(default_memory_limit(), default.clone()),
+        };
+        if memory_limit.value < (16 << 20) {
+            bail!("batch.memory_limit must be at least 16MiB");
+        }
+        let batch_threads = match file.batch.threads {
+            Some(0) => bail!("batch.threads must be at least 1"),
+            Some(n) => Some(given(n, file_key("batch.threads"))),
+            None => None,
+        };
         let mut kafka_properties = Vec::new();
         for (key, value) in &file.kafka.properties {
             let value = match value {
@@ -428,6 +458,42 @@ impl Config {
             value: dedup_window.value.to_string(),
             from: dedup_window.describe(),
         });
+        settings.push(Setting {
+            key: "batch.memory_limit",
+            value: format!("{} MiB", memory_limit.value >> 20),
+            from: match memory_limit.origin {
+                Origin::Default => "default (half the machine's memory)".into(),
+                _ => memory_limit.describe(),
+            },
+        });
+        settings.push(Setting {
+            key: "batch.spill_dir",
+            value: file
+                .batch
+                .spill_dir
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| std::env::temp_dir().display().to_string()),
+            from: if file.batch.spill_dir.is_some() {
+                "config file".into()
+            } else {
+                "default".into()
+            },
+        });
+        settings.push(match &batch_threads {
+            Some(t) => Setting {
+                key: "batch.threads",
+                value: t.value.to_string(),
+                from: t.describe(),
+            },
+            None => Setting {
+                key: "batch.threads",
+                value: std::thread::available_parallelism()
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|_| "1".into()),
+                from: "default (the machine's cores)".into(),
+            },
+        });
         for (key, value) in &kafka_properties {
             // Secrets (sasl.password, ssl.key.password, ...) are not printed.
             let secret = key.contains("password") || key.contains("secret");
@@ -470,6 +536,11 @@ impl Config {
             max_state_keys: max_state_keys.value,
             dedup_window: std::time::Duration::from_secs(dedup_window.value),
             kafka_properties,
+            batch: tandem_batch::BatchOptions {
+                threads: batch_threads.map(|t| t.value),
+                memory_limit: Some(memory_limit.value),
+                spill_dir: file.batch.spill_dir.clone(),
+            },
             settings,
         })
     }
@@ -531,6 +602,57 @@ impl fmt::Display for Config {
 enum StoreSpec {
     Dir(PathBuf),
     Url(String),
+}
+
+/// Half the machine's memory (from `/proc/meminfo`), or 4 GiB where that cannot be read.
+fn default_memory_limit() -> usize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+    });
+    match total_kib {
+        Some(kib) => kib * 1024 / 2,
+        None => 4 << 30,
+    }
+}
+
+/// A size: bytes as a number, or a number with `B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`,
+/// `TB`/`TiB` (decimal and binary units alike, spaces allowed).
+pub fn parse_size(v: &toml::Value) -> std::result::Result<usize, String> {
+    let text = match v {
+        toml::Value::Integer(n) if *n > 0 => return Ok(*n as usize),
+        toml::Value::String(s) => s.trim(),
+        other => return Err(format!("expected a size such as \"4GiB\", not {other}")),
+    };
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as \"4GiB\""))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "kib" | "k" => 1024.0,
+        "mb" => 1e6,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "tb" => 1e12,
+        "tib" | "t" => 1024f64.powi(4),
+        u => {
+            return Err(format!(
+                "`{u}` is not a unit of size (B, KiB, MiB, GiB, MB, GB, ...)"
+            ))
+        }
+    };
+    let bytes = number * scale;
+    if !(bytes >= 1.0 && bytes < usize::MAX as f64) {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(bytes as usize)
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -638,6 +760,38 @@ mod tests {
             "{env_only}"
         );
         assert!(env_only.contains("environment TANDEM_DATA"), "{env_only}");
+    }
+
+    #[test]
+    fn batch_memory_limit_takes_units_and_bad_values_name_the_key() {
+        let size =
+            |v: &str| parse_size(&toml::from_str::<toml::Value>(&format!("v = {v}")).unwrap()["v"]);
+        assert_eq!(size("\"1GiB\""), Ok(1 << 30));
+        assert_eq!(size("\"512 MB\""), Ok(512_000_000));
+        assert_eq!(size("\"1.5g\""), Ok(3 << 29));
+        assert_eq!(size("4096"), Ok(4096));
+        assert!(size("\"lots\"").is_err());
+        assert!(size("\"3 parsecs\"").is_err());
+        assert!(size("-1").is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tandem.toml");
+        std::fs::write(&path, "[batch]\nmemory_limit = \"1GiB\"\nthreads = 2\n").unwrap();
+        let c = Config::resolve(&parse(&["--config", path.to_str().unwrap()], &[])).unwrap();
+        assert_eq!(c.batch.memory_limit, Some(1 << 30));
+        assert_eq!(c.batch.threads, Some(2));
+        assert!(c.to_string().contains("batch.memory_limit"));
+        for bad in [
+            "memory_limit = \"lots\"",
+            "memory_limit = \"1KiB\"",
+            "threads = 0",
+        ] {
+            std::fs::write(&path, format!("[batch]\n{bad}\n")).unwrap();
+            let err = Config::resolve(&parse(&["--config", path.to_str().unwrap()], &[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("batch."), "{bad}: {err}");
+        }
     }
 
     #[test]

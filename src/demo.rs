@@ -199,7 +199,8 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let batch = BatchLayer::new(storage.clone(), Arc::clone(&catalog), Arc::clone(&clock));
+    let batch = BatchLayer::new(storage.clone(), Arc::clone(&catalog), Arc::clone(&clock))
+        .with_options(config.batch.clone());
     let t = Instant::now();
     for r in batch.run(None, &RunRequest::default()).await? {
         println!(

@@ -64,9 +64,11 @@ enum Command {
     /// Rewind a consumer group to a time (every instance of the group stopped): the speed
     /// layer's checkpoints are rewound so that nothing counts twice.
     Replay(replay::ReplayArgs),
-    /// Load JSON-lines history into the master dataset.
+    /// Load history (JSON lines or Parquet) into the master dataset; files already imported
+    /// are skipped.
     Import {
-        /// Files of JSON lines, one event per line.
+        /// Files of JSON lines (one event per line) or Parquet (`.parquet`); a directory
+        /// stands for the `.parquet`, `.jsonl`, `.json` and `.ndjson` files under it.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The event schema of the files (default: the only schema).
@@ -170,6 +172,8 @@ async fn run(cli: Cli) -> Result<()> {
                     from: Some(from),
                     to: Some(to),
                     full: false,
+                    json: false,
+                    memory_limit: None,
                 },
             )
             .await

@@ -78,6 +78,13 @@ pub enum BatchCommand {
         /// Recompute every closed day, not only new and dirty ones.
         #[arg(long, conflicts_with_all = ["from", "to"])]
         full: bool,
+        /// Print the reports as one JSON object on stdout (progress still goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// The bytes the recompute may hold before it spills (e.g. `1GiB`; default:
+        /// `batch.memory_limit`).
+        #[arg(long)]
+        memory_limit: Option<String>,
     },
 }
 
@@ -579,6 +586,8 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
         from,
         to,
         full,
+        json,
+        memory_limit,
     } = cmd;
     let day = |flag: &str, v: Option<String>| -> Result<Option<i64>> {
         v.map(|s| parse_day(&s).with_context(|| format!("{flag} `{s}` is not a day (YYYY-MM-DD)")))
@@ -590,17 +599,52 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
         full,
     };
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
-    let layer = BatchLayer::new(storage, catalog, clock());
-    for r in layer.run(view.as_deref(), &req).await? {
+    let mut options = config.batch.clone();
+    if let Some(m) = memory_limit {
+        options.memory_limit = Some(
+            crate::config::parse_size(&toml::Value::String(m))
+                .map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
+        );
+    }
+    let started = std::time::Instant::now();
+    let progress: tandem_batch::Progress = Arc::new(|view: &str, d: &tandem_batch::DayReport| {
+        eprintln!(
+            "{view} {}: read {} rows ({:.1} MB) -> {} rows in {:.2} s",
+            d.day,
+            d.rows_read,
+            d.bytes_read as f64 / 1e6,
+            d.rows,
+            d.seconds
+        );
+    });
+    let layer = BatchLayer::new(storage, catalog, clock())
+        .with_options(options)
+        .with_progress(progress);
+    let reports = layer.run(view.as_deref(), &req).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "views": reports,
+                "seconds": started.elapsed().as_secs_f64(),
+            })
+        );
+        return Ok(());
+    }
+    for r in reports {
         match (r.days.len(), r.version) {
             (0, _) => println!("{}: nothing to recompute", r.view),
             (n, Some(v)) => println!(
-                "{}: published {} rows and {} rollup rows for {n} day(s) {}..{} as version {v}",
+                "{}: published {} rows and {} rollup rows for {n} day(s) {}..{} as version {v}; read {} rows ({:.1} MB); {:.2} s ({:.2} s publishing)",
                 r.view,
                 r.rows,
                 r.rollup_rows,
                 r.days[0],
-                r.days[n - 1]
+                r.days[n - 1],
+                r.rows_read,
+                r.bytes_read as f64 / 1e6,
+                r.seconds,
+                r.publish_seconds
             ),
             (n, None) => println!("{}: computed {n} day(s)", r.view),
         }
@@ -622,10 +666,42 @@ pub async fn import(config: &Config, files: Vec<PathBuf>, schema: Option<String>
         }
         None => bail!("several schemas are defined; name one with --schema"),
     };
-    let r = tandem_batch::import_jsonl(&storage, &schema, &files, clock().now_us()).await?;
+    let started = std::time::Instant::now();
+    let (mut events, mut bytes) = (0usize, 0u64);
+    let r = tandem_batch::import_files(&storage, &schema, &files, clock().now_us(), |f| {
+        if f.skipped {
+            eprintln!(
+                "[{}/{}] {}: already imported (same content), skipped",
+                f.index,
+                f.of,
+                f.path.display()
+            );
+            return;
+        }
+        events += f.events;
+        bytes += f.bytes;
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        eprintln!(
+            "[{}/{}] {}: {} events, {} rejected, {:.1} s; so far {} events, {:.0} events/s, {:.1} MB/s",
+            f.index,
+            f.of,
+            f.path.display(),
+            f.events,
+            f.rejected,
+            f.seconds,
+            events,
+            events as f64 / secs,
+            bytes as f64 / secs / 1e6
+        );
+    })
+    .await?;
     println!(
-        "imported {} events from {} file(s); {} rejected into the dead-letter table",
-        r.events, r.files, r.rejected
+        "imported {} events from {} file(s) in {:.1} s; {} rejected into the dead-letter table; {} file(s) already imported, skipped",
+        r.events,
+        r.files,
+        started.elapsed().as_secs_f64(),
+        r.rejected,
+        r.skipped
     );
     Ok(())
 }

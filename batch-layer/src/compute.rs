@@ -18,17 +18,24 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
+use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{
     cast as cast_expr, date_trunc, ident, lit, Expr, SessionConfig, SessionContext,
 };
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
+use deltalake::kernel::Action;
+use deltalake::protocol::DeltaOperation;
 use deltalake::protocol::SaveMode;
+use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
 use deltalake::DeltaTable;
 use futures::TryStreamExt;
 use serde_json::{json, Value as Json};
@@ -59,7 +66,7 @@ pub struct RunRequest {
 }
 
 /// What one publish did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct PublishReport {
     pub view: String,
     /// Days recomputed, `YYYY-MM-DD`.
@@ -70,6 +77,44 @@ pub struct PublishReport {
     pub rollup_rows: usize,
     /// The view table's version after the publish (`None` if nothing was to do).
     pub version: Option<i64>,
+    /// Per recomputed day: what was read and computed.
+    pub per_day: Vec<DayReport>,
+    /// Master rows and bytes read, over every day.
+    pub rows_read: u64,
+    pub bytes_read: u64,
+    /// Seconds spent computing the rollups, writing and committing.
+    pub publish_seconds: f64,
+    /// Seconds of the whole run of this view.
+    pub seconds: f64,
+}
+
+/// What the recompute of one view's day read and computed.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct DayReport {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// Master rows and Parquet bytes the scan read (after partition and row-group pruning).
+    pub rows_read: u64,
+    pub bytes_read: u64,
+    /// The view's rows computed for the day, and its rollups' rows.
+    pub rows: usize,
+    pub rollup_rows: usize,
+    pub seconds: f64,
+}
+
+/// Hears about each day as its recompute ends, before the publish.
+pub type Progress = Arc<dyn Fn(&str, &DayReport) + Send + Sync>;
+
+/// How batch work runs: threads, memory and where it spills.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOptions {
+    /// Threads of a query (DataFusion's target partitions); the machine's cores if unset.
+    pub threads: Option<usize>,
+    /// The bytes queries may hold (DataFusion's memory pool); what does not fit is spilled to
+    /// `spill_dir`. Unbounded if unset.
+    pub memory_limit: Option<usize>,
+    /// Where spills go; the system's temporary directory if unset.
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 /// The last publish of a view, as its commit metadata says.
@@ -139,22 +184,56 @@ pub(crate) async fn published(table: &DeltaTable) -> Result<Published> {
 }
 
 /// The batch layer: recomputes and publishes views.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BatchLayer {
     storage: Storage,
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
+    options: BatchOptions,
+    progress: Option<Progress>,
+}
+
+impl std::fmt::Debug for BatchLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchLayer")
+            .field("storage", &self.storage)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A DataFusion session for batch work: strings read back as plain `Utf8`.
 pub(crate) fn session() -> SessionContext {
+    session_with(&BatchOptions::default()).expect("a session without a memory limit")
+}
+
+/// A session for batch work with `options`: its threads, and a memory pool that spills
+/// (shared fairly among a query's operators) when a limit is set.
+pub(crate) fn session_with(options: &BatchOptions) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
+    if let Some(n) = options.threads {
+        config = config.with_target_partitions(n.max(1));
+    }
     config
         .options_mut()
         .execution
         .parquet
         .schema_force_view_types = false;
-    SessionContext::new_with_config(config)
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(limit) = options.memory_limit {
+        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit)));
+    }
+    if let Some(dir) = &options.spill_dir {
+        std::fs::create_dir_all(dir).map_err(|source| BatchError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        runtime = runtime.with_temp_file_path(dir);
+    }
+    Ok(SessionContext::new_with_config_rt(
+        config,
+        runtime.build_arc()?,
+    ))
 }
 
 impl BatchLayer {
@@ -163,7 +242,21 @@ impl BatchLayer {
             storage,
             catalog,
             clock,
+            options: BatchOptions::default(),
+            progress: None,
         }
+    }
+
+    /// Runs with `options` (threads, memory limit, spill directory).
+    pub fn with_options(mut self, options: BatchOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Calls `progress` with each day's report as the day's recompute ends.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// Recomputes and publishes every view (or the one named).
@@ -182,12 +275,10 @@ impl BatchLayer {
     /// Recomputes the requested (or the new and dirty) closed days of `view` and publishes
     /// them in one commit.
     pub async fn run_view(&self, view: &ViewDef, req: &RunRequest) -> Result<PublishReport> {
+        let started = Instant::now();
         let mut report = PublishReport {
             view: view.name.clone(),
-            days: Vec::new(),
-            rows: 0,
-            rollup_rows: 0,
-            version: None,
+            ..Default::default()
         };
         let master_url = self.storage.layout().master(&view.source);
         let Some(master) = self.storage.open(&master_url).await? else {
@@ -204,7 +295,7 @@ impl BatchLayer {
         let same_definition = previous.hash.as_deref() == Some(view.definition_hash.as_str());
         let today = day_of(self.clock.now_us());
 
-        let ctx = session();
+        let ctx = session_with(&self.options)?;
         ctx.register_table("master", master.table_provider().await?)?;
         let available = self.master_days(&ctx).await?;
         let days: BTreeSet<i64> = match (req.from_day, req.to_day) {
@@ -249,17 +340,66 @@ impl BatchLayer {
             return Ok(report);
         }
         let day_strings: Vec<String> = days.iter().map(|&d| day_string(d)).collect();
-        let mut batches = self.compute(&ctx, view, &day_strings).await?;
-        report.rows = batches.iter().map(RecordBatch::num_rows).sum();
-        // The rollups of the recomputed days, from their rows, off the runtime's threads.
-        let rollups = {
-            let (view, base) = (view.clone(), batches.clone());
-            tokio::task::spawn_blocking(move || crate::rollup::compute(&view, &base))
-                .await
-                .map_err(|e| BatchError::BadRequest(format!("computing rollups failed: {e}")))??
+        // Day by day: a view's buckets never span days, so each day is a query of its own and
+        // a recompute holds one day's working set, however long the range. Each day's rows are
+        // written to files as soon as they are computed and all are committed at the end, in
+        // one commit; only a changed definition (a new schema replacing every row) is written
+        // from memory by one Delta write.
+        let schema = view.batch_schema();
+        let mut table = match existing {
+            Some(t) if same_definition => Some(t),
+            Some(_) => None,
+            None => Some(
+                self.storage
+                    .open_or_create(&view_url, &schema, &[ROLLUP_COLUMN, DAY_COLUMN])
+                    .await?,
+            ),
         };
-        report.rollup_rows = rollups.iter().map(RecordBatch::num_rows).sum();
-        batches.extend(rollups);
+        let mut writer = match &table {
+            Some(t) => {
+                Some(RecordBatchWriter::for_table(t).map_err(|e| BatchError::delta(&view_url, e))?)
+            }
+            None => None,
+        };
+        let mut adds = Vec::new();
+        let mut batches = Vec::new();
+        for day in &day_strings {
+            let day_started = Instant::now();
+            let (rows, read) = self.compute(&ctx, view, std::slice::from_ref(day)).await?;
+            let day_report = DayReport {
+                day: day.clone(),
+                rows_read: read.rows,
+                bytes_read: read.bytes,
+                rows: rows.rows,
+                rollup_rows: rows.rollup_rows,
+                seconds: day_started.elapsed().as_secs_f64(),
+            };
+            tracing::debug!(view = %view.name, day = %day, rows_read = read.rows, rows = day_report.rows, "day computed");
+            if let Some(p) = &self.progress {
+                p(&view.name, &day_report);
+            }
+            report.rows += rows.rows;
+            report.rollup_rows += rows.rollup_rows;
+            report.rows_read += read.rows;
+            report.bytes_read += read.bytes;
+            report.per_day.push(day_report);
+            match &mut writer {
+                Some(w) => {
+                    for b in rows.batches {
+                        w.write(b)
+                            .await
+                            .map_err(|e| BatchError::delta(&view_url, e))?;
+                    }
+                    adds.extend(
+                        w.flush()
+                            .await
+                            .map_err(|e| BatchError::delta(&view_url, e))?,
+                    );
+                }
+                None => batches.extend(rows.batches),
+            }
+        }
+        let publish_started = Instant::now();
 
         // Publish: one commit replaces exactly the recomputed days and records the coverage.
         let mut coverage = Coverage {
@@ -279,36 +419,77 @@ impl BatchLayer {
             (HASH_KEY.to_string(), json!(view.definition_hash)),
             (MASTER_VERSION_KEY.to_string(), json!(master_version)),
         ]);
-        let schema = view.batch_schema();
-        let table = match existing {
-            Some(t) if same_definition => t,
-            _ => {
-                self.storage
-                    .open_or_create(&view_url, &schema, &[ROLLUP_COLUMN, DAY_COLUMN])
-                    .await?
+        if let Some(table) = table.take() {
+            // The files of the recomputed days are replaced by the ones just written.
+            let replaced: Vec<_> = table
+                .get_active_add_actions_by_partitions(&[])
+                .try_collect()
+                .await
+                .map_err(|e| BatchError::delta(&view_url, e))?;
+            let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
+            for f in replaced {
+                let in_days = f
+                    .partition_values_map()
+                    .get(DAY_COLUMN)
+                    .and_then(|v| v.as_deref())
+                    .is_some_and(|d| day_strings.iter().any(|x| x == d));
+                if in_days {
+                    actions.push(Action::Remove(f.remove_action(true)));
+                }
             }
-        };
+            let predicate = format!(
+                "{DAY_COLUMN} IN ({})",
+                day_strings
+                    .iter()
+                    .map(|d| format!("'{d}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let snapshot = table
+                .snapshot()
+                .map_err(|e| BatchError::delta(&view_url, e))?;
+            let commit = CommitBuilder::from(props)
+                .with_actions(actions)
+                .build(
+                    Some(snapshot as &dyn TableReference),
+                    table.log_store(),
+                    DeltaOperation::Write {
+                        mode: SaveMode::Overwrite,
+                        partition_by: Some(vec![ROLLUP_COLUMN.into(), DAY_COLUMN.into()]),
+                        predicate: Some(predicate),
+                    },
+                )
+                .await
+                .map_err(|e| conflict_or(view, &view_url, e))?;
+            report.version = Some(commit.version() as i64);
+            report.days = day_strings;
+            report.publish_seconds = publish_started.elapsed().as_secs_f64();
+            report.seconds = started.elapsed().as_secs_f64();
+            tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
+            return Ok(report);
+        }
+        let table = self
+            .storage
+            .open_or_create(&view_url, &schema, &[ROLLUP_COLUMN, DAY_COLUMN])
+            .await?;
         let batches = if batches.is_empty() {
             vec![RecordBatch::new_empty(schema)]
         } else {
             batches
         };
-        let mut write = table
+        // A changed definition: every row of the old one goes, with its schema.
+        let table = table
             .write(batches)
             .with_save_mode(SaveMode::Overwrite)
             .with_partition_columns([ROLLUP_COLUMN, DAY_COLUMN])
-            .with_commit_properties(props);
-        if same_definition {
-            write = write.with_replace_where(
-                ident(DAY_COLUMN)
-                    .in_list(day_strings.iter().map(|d| lit(d.as_str())).collect(), false),
-            );
-        } else {
-            write = write.with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite);
-        }
-        let table = write.await.map_err(|e| conflict_or(view, &view_url, e))?;
+            .with_commit_properties(props)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+            .await
+            .map_err(|e| conflict_or(view, &view_url, e))?;
         report.version = table.version().map(|v| v as i64);
         report.days = day_strings;
+        report.publish_seconds = publish_started.elapsed().as_secs_f64();
+        report.seconds = started.elapsed().as_secs_f64();
         tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
         Ok(report)
     }
@@ -332,13 +513,14 @@ impl BatchLayer {
         Ok(days)
     }
 
-    /// The exact rows of `view` for `days`, in the view's batch schema.
+    /// The exact rows of `view` for `days` and its rollups' rows, in the view's batch schema,
+    /// and what was read.
     pub(crate) async fn compute(
         &self,
         ctx: &SessionContext,
         view: &ViewDef,
         days: &[String],
-    ) -> Result<Vec<RecordBatch>> {
+    ) -> Result<(Rows, Read)> {
         let schema = self.catalog.schema_of(view);
         let mut df = ctx.table("master").await?.filter(
             ident(DAY_COLUMN).in_list(days.iter().map(|d| lit(d.as_str())).collect(), false),
@@ -365,131 +547,200 @@ impl BatchLayer {
             .collect();
 
         let metrics = || view.metrics.iter().enumerate();
-        let df = if distinct_fields.len() == 1 {
-            // Two phases: first grouped by the keys and the distinct field, then by the keys.
-            let f = *distinct_fields.iter().next().expect("one");
-            const F: &str = "__distinct";
-            let mut group = vec![bucket];
-            group.extend(dims);
-            group.push(ident(f).alias(F));
-            let partial = metrics()
-                .flat_map(|(i, m)| metric_exprs(i, m, Phase::Partial))
-                .collect();
-            let phase1 = df.aggregate(group, partial)?;
-            let mut keys = vec![ident(BUCKET_COLUMN)];
-            keys.extend(view.dimensions.iter().map(|d| ident(d.as_str())));
-            let finals = metrics()
-                .flat_map(|(i, m)| metric_exprs(i, m, Phase::Final { distinct: F }))
-                .collect();
-            phase1.aggregate(keys, finals)?
-        } else {
-            let mut group = vec![bucket];
-            group.extend(dims);
-            let aggs = metrics()
-                .flat_map(|(i, m)| metric_exprs(i, m, Phase::Direct))
-                .collect();
-            df.aggregate(group, aggs)?
+        let threads = ctx.state().config().target_partitions();
+        // One distinct field: DataFusion computes the first phase (grouped by the keys and the
+        // distinct field), and one pass over its rows builds the view's rows and the rollups'
+        // (crate::cube). No distinct metric: DataFusion computes the view's rows, the same
+        // pass the rollups. Several distinct fields: DataFusion computes the view's rows in one
+        // phase and the rollups are merged from them (crate::rollup).
+        const F: &str = "__distinct";
+        let (df, cube_input) = match distinct_fields.len() {
+            1 => {
+                let f = *distinct_fields.iter().next().expect("one");
+                let mut group = vec![bucket];
+                group.extend(dims);
+                group.push(ident(f).alias(F));
+                let partial = metrics()
+                    .flat_map(|(i, m)| metric_exprs(i, m, Phase::Partial))
+                    .collect();
+                (df.aggregate(group, partial)?, Some(Some(F)))
+            }
+            n => {
+                let mut group = vec![bucket];
+                group.extend(dims);
+                let aggs = metrics()
+                    .flat_map(|(i, m)| metric_exprs(i, m, Phase::Direct))
+                    .collect();
+                (df.aggregate(group, aggs)?, (n == 0).then_some(None))
+            }
         };
-        let target = view.batch_schema();
-        let mut out = Vec::new();
-        for b in df.collect().await? {
-            if b.num_rows() == 0 {
+        let started = Instant::now();
+        let plan = df.create_physical_plan().await?;
+        let collected = collect(Arc::clone(&plan), ctx.task_ctx()).await?;
+        let read = Read::of(plan.as_ref());
+        tracing::debug!(view = %view.name, seconds = started.elapsed().as_secs_f64(), rows = collected.iter().map(RecordBatch::num_rows).sum::<usize>(), "first phase computed");
+        let started = Instant::now();
+        let tables = match cube_input {
+            Some(distinct) => {
+                let view = view.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::cube::build(&view, &collected, distinct, threads)
+                })
+                .await
+                .map_err(|e| {
+                    BatchError::BadRequest(format!("building the view's rows failed: {e}"))
+                })??
+            }
+            None => {
+                let base = final_rows(view, collected)?;
+                let (view, b) = (view.clone(), base.clone());
+                let rollups =
+                    tokio::task::spawn_blocking(move || crate::rollup::compute(&view, &b))
+                        .await
+                        .map_err(|e| {
+                            BatchError::BadRequest(format!("computing rollups failed: {e}"))
+                        })??;
+                base.into_iter().chain(rollups).collect()
+            }
+        };
+        tracing::debug!(view = %view.name, seconds = started.elapsed().as_secs_f64(), "view and rollup rows built");
+        let mut out = Rows::default();
+        for b in tables {
+            let base = b
+                .column_by_name(ROLLUP_COLUMN)
+                .map(|c| c.as_string::<i32>().value(0) == BASE_ROLLUP)
+                .unwrap_or(false);
+            if base {
+                out.rows += b.num_rows();
+            } else {
+                out.rollup_rows += b.num_rows();
+            }
+            out.batches.push(b);
+        }
+        Ok((out, read))
+    }
+}
+
+/// A day's rows: the view's and its rollups', in the view's batch schema.
+#[derive(Debug, Default)]
+pub(crate) struct Rows {
+    pub batches: Vec<RecordBatch>,
+    /// The view's own rows and the rollups' among `batches`.
+    pub rows: usize,
+    pub rollup_rows: usize,
+}
+
+/// The one-phase plan's output in the view's batch schema (the view's own rows).
+fn final_rows(view: &ViewDef, collected: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    let target = view.batch_schema();
+    let mut out = Vec::new();
+    for b in collected {
+        if b.num_rows() == 0 {
+            continue;
+        }
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
+        for field in target.fields() {
+            if field.name() == ROLLUP_COLUMN {
+                columns.push(Arc::new(StringArray::from_iter_values(
+                    std::iter::repeat_n(BASE_ROLLUP, b.num_rows()),
+                )));
                 continue;
             }
-            let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
-            for field in target.fields() {
-                if field.name() == ROLLUP_COLUMN {
-                    columns.push(Arc::new(StringArray::from_iter_values(
-                        std::iter::repeat_n(BASE_ROLLUP, b.num_rows()),
-                    )));
-                    continue;
-                }
-                if field.name() == DAY_COLUMN {
-                    let buckets = b
-                        .column_by_name(BUCKET_COLUMN)
-                        .expect("bucket")
-                        .as_primitive::<TimestampMicrosecondType>();
-                    let dt: StringArray = buckets
-                        .iter()
-                        .map(|t| t.map(|t| day_string(day_of(t))))
-                        .collect();
-                    columns.push(Arc::new(dt));
-                    continue;
-                }
-                let col = b.column_by_name(field.name()).ok_or_else(|| {
-                    BatchError::BadRequest(format!("plan lost column {}", field.name()))
-                })?;
-                columns.push(if col.data_type() == field.data_type() {
-                    Arc::clone(col)
-                } else {
-                    cast(col, field.data_type())?
-                });
+            if field.name() == DAY_COLUMN {
+                let buckets = b
+                    .column_by_name(BUCKET_COLUMN)
+                    .expect("bucket")
+                    .as_primitive::<TimestampMicrosecondType>();
+                let dt: StringArray = buckets
+                    .iter()
+                    .map(|t| t.map(|t| day_string(day_of(t))))
+                    .collect();
+                columns.push(Arc::new(dt));
+                continue;
             }
-            let nulls_ok = columns
-                .iter()
-                .zip(target.fields())
-                .all(|(c, f)| f.is_nullable() || c.null_count() == 0);
-            if !nulls_ok {
-                return Err(BatchError::BadRequest(format!(
-                    "view `{}`: a non-null column came out null",
-                    view.name
-                )));
-            }
-            out.push(RecordBatch::try_new(Arc::clone(&target), columns)?);
+            let col = b.column_by_name(field.name()).ok_or_else(|| {
+                BatchError::BadRequest(format!("plan lost column {}", field.name()))
+            })?;
+            columns.push(if col.data_type() == field.data_type() {
+                Arc::clone(col)
+            } else {
+                cast(col, field.data_type())?
+            });
         }
-        Ok(out)
+        let nulls_ok = columns
+            .iter()
+            .zip(target.fields())
+            .all(|(c, f)| f.is_nullable() || c.null_count() == 0);
+        if !nulls_ok {
+            return Err(BatchError::BadRequest(format!(
+                "view `{}`: a non-null column came out null",
+                view.name
+            )));
+        }
+        out.push(RecordBatch::try_new(Arc::clone(&target), columns)?);
+    }
+    Ok(out)
+}
+
+/// What a plan's scans read, from their metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Read {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl Read {
+    /// Sums the leaves' (the scans') output rows and Parquet bytes scanned.
+    fn of(plan: &dyn ExecutionPlan) -> Self {
+        let children = plan.children();
+        if children.is_empty() {
+            let m = plan.metrics().unwrap_or_default();
+            return Read {
+                rows: m.output_rows().unwrap_or(0) as u64,
+                bytes: m
+                    .sum_by_name("bytes_scanned")
+                    .map(|v| v.as_usize() as u64)
+                    .unwrap_or(0),
+            };
+        }
+        children.into_iter().fold(Read::default(), |acc, c| {
+            let r = Read::of(c.as_ref());
+            Read {
+                rows: acc.rows + r.rows,
+                bytes: acc.bytes + r.bytes,
+            }
+        })
     }
 }
 
 /// Where a metric's aggregates sit in the plan.
 #[derive(Debug, Clone, Copy)]
-enum Phase<'a> {
-    /// One aggregation over the events.
+enum Phase {
+    /// One aggregation over the events: the view's rows.
     Direct,
-    /// The first of two: grouped by the keys and the distinct field.
+    /// The first of two, grouped by the keys and the distinct field: partials, named as the
+    /// metric's batch columns, that crate::cube folds into the view's rows and the rollups'.
     Partial,
-    /// The second of two, over the partials; `distinct` is the grouped distinct field.
-    Final { distinct: &'a str },
 }
 
 /// The batch expressions of every metric kind: the aggregates that compute metric `i`'s batch
-/// view columns ([`MetricDef::batch_fields`], named as they are), in a one-phase plan, or as
-/// partials (`__m{i}_{j}`) and their combination in a two-phase plan.
-fn metric_exprs(i: usize, m: &MetricDef, phase: Phase<'_>) -> Vec<Expr> {
+/// view columns ([`MetricDef::batch_fields`], named as they are) in a one-phase plan, or their
+/// partials in the first phase of two (none for a distinct metric: its field is grouped by).
+fn metric_exprs(_i: usize, m: &MetricDef, phase: Phase) -> Vec<Expr> {
     let columns: Vec<String> = m.batch_fields().iter().map(|f| f.name().clone()).collect();
     let field = || ident(m.field.as_deref().unwrap_or_default());
-    let part = |j: usize| format!("__m{i}_{j}");
     let named = |j: usize, e: Expr| e.alias(&columns[j]);
     let hll = |x: Expr| HllSketchUdaf::udaf(m.lg_k()).call(vec![x]);
-    // A kind whose partials combine with the same aggregate (sum of sums, min of mins).
-    let same = |agg: fn(Expr) -> Expr, input: Expr| match phase {
-        Phase::Direct => vec![named(0, agg(input))],
-        Phase::Partial => vec![agg(input).alias(part(0))],
-        Phase::Final { .. } => vec![named(0, agg(ident(part(0))))],
-    };
     match (m.kind, phase) {
-        (MetricKind::Count, Phase::Final { .. }) => vec![named(0, sum(ident(part(0))))],
-        (MetricKind::Count, _) => same(count, lit(1)),
-        (MetricKind::Sum, _) => same(sum, field()),
-        (MetricKind::Min, _) => same(min, field()),
-        (MetricKind::Max, _) => same(max, field()),
+        (MetricKind::Count, _) => vec![named(0, count(lit(1)))],
+        (MetricKind::Sum, _) => vec![named(0, sum(field()))],
+        (MetricKind::Min, _) => vec![named(0, min(field()))],
+        (MetricKind::Max, _) => vec![named(0, max(field()))],
         (MetricKind::Distinct, Phase::Direct) => {
             vec![named(0, count_distinct(field())), named(1, hll(field()))]
         }
         (MetricKind::Distinct, Phase::Partial) => Vec::new(),
-        (MetricKind::Distinct, Phase::Final { distinct }) => vec![
-            named(0, count(ident(distinct))),
-            named(1, hll(ident(distinct))),
-        ],
-        (MetricKind::Avg, Phase::Direct) => {
-            vec![named(0, sum(field())), named(1, count(field()))]
-        }
-        (MetricKind::Avg, Phase::Partial) => {
-            vec![sum(field()).alias(part(0)), count(field()).alias(part(1))]
-        }
-        (MetricKind::Avg, Phase::Final { .. }) => {
-            vec![named(0, sum(ident(part(0)))), named(1, sum(ident(part(1))))]
-        }
+        (MetricKind::Avg, _) => vec![named(0, sum(field())), named(1, count(field()))],
     }
 }
 

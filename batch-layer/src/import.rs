@@ -1,115 +1,336 @@
-//! `tandem import`: history from JSON-lines files into the master dataset, through the same
-//! decoder as Kafka messages and the same writer (core's `MasterWriter`) as the archiver.
-//! Rejected lines go to the dead-letter table with the file's name as their topic and the line
-//! number as their offset. Each file is one commit.
+//! `tandem import`: history files into the master dataset, through the same decoder as Kafka
+//! messages and the same writer (core's `MasterWriter`) as the archiver.
+//!
+//! Files are JSON lines or Parquet (by extension, `.parquet`); a directory stands for every such
+//! file under it. A Parquet file's rows are re-encoded as JSON objects and decoded like lines, so
+//! both formats are held to one set of rules (types, required fields, the event-time policy) and
+//! a rejected Parquet row reaches the dead-letter table as the JSON of its row. Rejected rows go
+//! there with the file's name as their topic and the row's number (from 1) as their offset.
+//!
+//! Each file is one commit, and an import is idempotent: the commit carries a Delta `txn` action
+//! whose app id is the BLAKE3 hash of the file's content, so a file already imported (under any
+//! name) is skipped, and an import that crashed can simply be run again.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
+use datafusion::arrow::json::LineDelimitedWriter;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::json;
-use tandem_core::decode::{Decoder, Message};
+use tandem_core::decode::{Decoder, Message, Rejected};
 use tandem_core::master::{archive_batch, MasterCommit, MasterWriter};
 use tandem_core::schema::EventSchema;
 use tandem_core::storage::Storage;
 
 use crate::error::{BatchError, Result};
 
-/// Lines decoded per batch.
+/// Rows decoded per batch.
 const CHUNK: usize = 50_000;
+
+/// The `txn` app id prefix of imported files; the rest is the content hash.
+pub const IMPORT_APP_PREFIX: &str = "tandem.import.";
 
 /// What one import did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ImportReport {
     pub events: usize,
     pub rejected: usize,
+    /// Files imported now.
     pub files: usize,
+    /// Files skipped because their content was imported before.
+    pub skipped: usize,
 }
 
-/// Imports JSON-lines `files` of `schema` into the master dataset. `now_us` drives the
-/// event-time policy (future events are rejected).
-pub async fn import_jsonl(
-    storage: &Storage,
-    schema: &std::sync::Arc<EventSchema>,
-    files: &[impl AsRef<Path>],
+/// What happened to one file, for progress output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileReport {
+    pub path: PathBuf,
+    /// 1-based position among the files of the import, and their number.
+    pub index: usize,
+    pub of: usize,
+    pub events: usize,
+    pub rejected: usize,
+    pub bytes: u64,
+    /// Already imported: nothing was written.
+    pub skipped: bool,
+    pub seconds: f64,
+}
+
+/// The format of a history file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    JsonLines,
+    Parquet,
+}
+
+impl Format {
+    fn of(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("parquet") => Format::Parquet,
+            _ => Format::JsonLines,
+        }
+    }
+}
+
+/// The files `paths` stand for: each file itself, each directory every `.parquet`, `.jsonl`,
+/// `.json` and `.ndjson` file under it, sorted.
+pub fn expand(paths: &[impl AsRef<Path>]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let io = |source| BatchError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io)?;
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("parquet" | "jsonl" | "json" | "ndjson")
+            ) {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        let p = p.as_ref();
+        if p.is_dir() {
+            walk(p, &mut out)?;
+        } else {
+            out.push(p.to_path_buf());
+        }
+    }
+    Ok(out)
+}
+
+/// The BLAKE3 hash of a file's content, in hex.
+fn content_hash(path: &Path) -> Result<String> {
+    let io = |source| BatchError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Decodes one file's rows into master batches and rejects.
+struct FileDecoder<'a> {
+    schema: &'a EventSchema,
+    decoder: &'a Decoder,
     now_us: i64,
-) -> Result<ImportReport> {
-    let decoder = Decoder::new(std::sync::Arc::clone(schema));
-    let mut writer: Option<MasterWriter> = None;
-    let mut report = ImportReport::default();
-    for path in files {
-        let path = path.as_ref();
+    batches: Vec<datafusion::arrow::record_batch::RecordBatch>,
+    rejects: Vec<Rejected>,
+    events: usize,
+    /// Rows seen so far (the next row's number is `rows + 1`).
+    rows: i64,
+}
+
+impl FileDecoder<'_> {
+    /// Decodes `lines`, the next rows of the file; an empty line is no event but keeps its number.
+    fn push(&mut self, lines: &[Vec<u8>]) -> Result<()> {
+        let messages: Vec<Message<'_>> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(i, l)| Message {
+                payload: Some(l),
+                partition: -1,
+                offset: self.rows + i as i64 + 1,
+                timestamp_ms: None,
+            })
+            .collect();
+        let decoded = self.decoder.decode(&messages, self.now_us)?;
+        if decoded.batch.num_rows() > 0 {
+            let b = archive_batch(self.schema, &decoded)?;
+            self.events += b.num_rows();
+            self.batches.push(b);
+        }
+        self.rejects.extend(decoded.rejected);
+        self.rows += lines.len() as i64;
+        Ok(())
+    }
+
+    fn jsonl(&mut self, path: &Path) -> Result<()> {
         let io = |source| BatchError::Io {
             path: path.display().to_string(),
             source,
         };
         let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
-        let mut batches = Vec::new();
-        let mut rejects = Vec::new();
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
-        let mut line_no = 0i64;
-        let mut split = reader.split(b'\n');
-        loop {
-            let next = split.next().transpose().map_err(io)?;
-            let done = next.is_none();
-            if let Some(mut l) = next {
-                if l.last() == Some(&b'\r') {
-                    l.pop();
-                }
-                // Blank lines keep their number but are not events.
-                if l.iter().all(u8::is_ascii_whitespace) {
-                    l.clear();
-                }
-                lines.push(l);
+        for line in reader.split(b'\n') {
+            let mut l = line.map_err(io)?;
+            if l.last() == Some(&b'\r') {
+                l.pop();
             }
-            if lines.len() == CHUNK || (done && !lines.is_empty()) {
-                let messages: Vec<Message<'_>> = lines
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, l)| !l.is_empty())
-                    .map(|(i, l)| Message {
-                        payload: Some(l),
-                        partition: -1,
-                        offset: line_no + i as i64 + 1,
-                        timestamp_ms: None,
-                    })
-                    .collect();
-                let decoded = decoder.decode(&messages, now_us)?;
-                if decoded.batch.num_rows() > 0 {
-                    let b = archive_batch(schema, &decoded)?;
-                    report.events += b.num_rows();
-                    batches.push(b);
-                }
-                report.rejected += decoded.rejected.len();
-                rejects.extend(decoded.rejected);
-                line_no += lines.len() as i64;
+            if l.iter().all(u8::is_ascii_whitespace) {
+                l.clear();
+            }
+            lines.push(l);
+            if lines.len() == CHUNK {
+                self.push(&lines)?;
                 lines.clear();
             }
-            if done {
-                break;
-            }
         }
+        if !lines.is_empty() {
+            self.push(&lines)?;
+        }
+        Ok(())
+    }
+
+    fn parquet(&mut self, path: &Path) -> Result<()> {
         let name = path.display().to_string();
-        if !batches.is_empty() || !rejects.is_empty() {
-            let w = match &mut writer {
-                Some(w) => w,
-                None => writer.insert(
-                    MasterWriter::open(storage.clone(), std::sync::Arc::clone(schema)).await?,
-                ),
-            };
-            w.commit(
-                MasterCommit {
-                    rows: batches,
-                    rejects,
-                    source: name.clone(),
-                    metadata: vec![("tandem.import".to_string(), json!(name))],
-                    ..Default::default()
-                },
-                now_us,
-            )
-            .await?;
+        let file = std::fs::File::open(path).map_err(|source| BatchError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        let bad = |e: &dyn std::fmt::Display| {
+            BatchError::BadRequest(format!("{name}: not a readable Parquet file: {e}"))
+        };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| bad(&e))?
+            .with_batch_size(CHUNK)
+            .build()
+            .map_err(|e| bad(&e))?;
+        let mut json = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(&e))?;
+            json.clear();
+            let mut w = LineDelimitedWriter::new(&mut json);
+            w.write(&batch)?;
+            w.finish()?;
+            drop(w);
+            let lines: Vec<Vec<u8>> = json
+                .split(|&b| b == b'\n')
+                .take(batch.num_rows())
+                .map(<[u8]>::to_vec)
+                .collect();
+            self.push(&lines)?;
         }
+        Ok(())
+    }
+}
+
+/// Imports history `files` (JSON lines or Parquet; directories stand for the files under them)
+/// of `schema` into the master dataset, one commit per file, skipping files whose content was
+/// imported before. `now_us` drives the event-time policy (future events are rejected);
+/// `progress` hears about every file as it is done.
+pub async fn import_files(
+    storage: &Storage,
+    schema: &Arc<EventSchema>,
+    files: &[impl AsRef<Path>],
+    now_us: i64,
+    mut progress: impl FnMut(&FileReport),
+) -> Result<ImportReport> {
+    let files = expand(files)?;
+    let decoder = Decoder::new(Arc::clone(schema));
+    let mut writer: Option<MasterWriter> = None;
+    let mut report = ImportReport::default();
+    for (i, path) in files.iter().enumerate() {
+        let started = Instant::now();
+        let name = path.display().to_string();
+        let bytes = std::fs::metadata(path)
+            .map_err(|source| BatchError::Io {
+                path: name.clone(),
+                source,
+            })?
+            .len();
+        let app_id = format!("{IMPORT_APP_PREFIX}{}", content_hash(path)?);
+        let w = match &mut writer {
+            Some(w) => w,
+            None => writer.insert(MasterWriter::open(storage.clone(), Arc::clone(schema)).await?),
+        };
+        let (in_master, in_dead_letters) = w.txn_versions(&app_id, &app_id).await?;
+        let mut file = FileReport {
+            path: path.clone(),
+            index: i + 1,
+            of: files.len(),
+            events: 0,
+            rejected: 0,
+            bytes,
+            skipped: in_master >= 1,
+            seconds: 0.0,
+        };
+        if file.skipped {
+            tracing::info!(file = %name, "already imported (same content); skipped");
+            report.skipped += 1;
+            file.seconds = started.elapsed().as_secs_f64();
+            progress(&file);
+            continue;
+        }
+        let mut d = FileDecoder {
+            schema,
+            decoder: &decoder,
+            now_us,
+            batches: Vec::new(),
+            rejects: Vec::new(),
+            events: 0,
+            rows: 0,
+        };
+        // An import is a command of its own: decoding on this task holds up nothing else.
+        match Format::of(path) {
+            Format::JsonLines => d.jsonl(path)?,
+            Format::Parquet => d.parquet(path)?,
+        }
+        file.events = d.events;
+        file.rejected = d.rejects.len();
+        // The dead letters' commit of an earlier, interrupted run of this file stands: its
+        // rejects are not written twice.
+        let rejects = if in_dead_letters >= 1 {
+            Vec::new()
+        } else {
+            d.rejects
+        };
+        let dead_letter_txns = if rejects.is_empty() {
+            Vec::new()
+        } else {
+            vec![(app_id.clone(), 1)]
+        };
+        w.commit(
+            MasterCommit {
+                rows: d.batches,
+                rejects,
+                source: name.clone(),
+                master_txns: vec![(app_id, 1)],
+                dead_letter_txns,
+                metadata: vec![("tandem.import".to_string(), json!(name))],
+            },
+            now_us,
+        )
+        .await?;
         report.files += 1;
-        tracing::info!(file = %name, events = report.events, rejected = report.rejected, "imported");
+        report.events += file.events;
+        report.rejected += file.rejected;
+        file.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(file = %name, events = file.events, rejected = file.rejected, "imported");
+        progress(&file);
     }
     Ok(report)
+}
+
+/// Imports JSON-lines `files` of `schema` ([`import_files`] without progress).
+pub async fn import_jsonl(
+    storage: &Storage,
+    schema: &Arc<EventSchema>,
+    files: &[impl AsRef<Path>],
+    now_us: i64,
+) -> Result<ImportReport> {
+    import_files(storage, schema, files, now_us, |_| {}).await
 }

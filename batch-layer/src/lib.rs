@@ -9,6 +9,7 @@
 //! DataFusion aggregate that builds the same DataSketches HLL sketches as the speed layer.
 
 pub mod compute;
+mod cube;
 pub mod error;
 pub mod hll;
 pub mod import;
@@ -18,7 +19,7 @@ pub mod views;
 #[cfg(test)]
 mod tests;
 
-pub use compute::{BatchLayer, PublishReport, RunRequest};
+pub use compute::{BatchLayer, BatchOptions, DayReport, Progress, PublishReport, RunRequest};
 pub use error::{BatchError, Result};
-pub use import::{import_jsonl, ImportReport};
+pub use import::{import_files, import_jsonl, FileReport, ImportReport};
 pub use views::DeltaBatchViews;

@@ -146,7 +146,11 @@ impl MasterWriter {
                     CoreError::Internal(format!("a master batch without `{DAY_COLUMN}`"))
                 })?
                 .as_string::<i32>();
-            report.days.extend(dt.iter().flatten().map(str::to_string));
+            for d in dt.iter().flatten() {
+                if !report.days.contains(d) {
+                    report.days.insert(d.to_string());
+                }
+            }
         }
         let mut metadata = commit.metadata;
         metadata.push((DAYS_KEY.to_string(), json!(report.days)));

@@ -20,6 +20,7 @@ use datafusion::arrow::datatypes::{
     DataType, Decimal128Type, Field, Float64Type, Int64Type, TimestampMicrosecondType,
 };
 use datasketches::hash::value::raw_bytes;
+pub use datasketches::hll::Coupon;
 use datasketches::hll::{HllSketch, HllType, HllUnion};
 use serde::{Deserialize, Serialize};
 
@@ -498,6 +499,29 @@ impl DistinctState {
         match &mut self.union {
             Some(u) => u.update_value(raw_bytes::from_slice(&bytes)),
             None => self.sketch.update(raw_bytes::from_slice(&bytes)),
+        }
+    }
+
+    /// The coupon a string value adds to a sketch (`None` for the empty string, which
+    /// sketches skip): computed once, it can be added to many sketches ([`Self::update_coupon`]).
+    pub fn coupon_of_str(v: &str) -> Option<Coupon> {
+        (!v.is_empty()).then(|| Coupon::from_value(raw_bytes::from_str(v)))
+    }
+
+    /// The coupon an integer value adds to a sketch (see [`Self::coupon_of_str`]).
+    pub fn coupon_of_i64(v: i64) -> Coupon {
+        Coupon::from_value(raw_bytes::from_slice(&v.to_le_bytes()))
+    }
+
+    /// Adds a value by its coupon: the same as adding the value.
+    pub fn update_coupon(&mut self, c: Coupon) {
+        match &mut self.union {
+            Some(u) => {
+                let mut one = new_sketch(self.sketch.lg_config_k().max(4));
+                one.update_with_coupon(c);
+                u.update(&one);
+            }
+            None => self.sketch.update_with_coupon(c),
         }
     }
 

@@ -1,0 +1,390 @@
+//! A view's rows and every rollup's, built in one pass over the first phase's rows.
+//!
+//! DataFusion's first phase groups a day's events by the view's keys and its distinct field
+//! (`GROUP BY bucket, dims, device_id`), reducing every other metric to partials on the way.
+//! Each of those rows is then folded into the view's own table and into each rollup's at once:
+//! its dimension values are interned once, its distinct value hashed once into a sketch
+//! coupon, and every table adds the coupon to its group's sketch. A rollup's sketch is thus
+//! built from the distinct values themselves, never as a union of the view's sketches (a union
+//! per group costs a 4 KiB gadget and a merge per input sketch). The view's distinct counts are
+//! exact: the first phase's rows of one group hold distinct values. A rollup's are not (its
+//! groups span the view's), and are published as sketches only, as before.
+//!
+//! The tables are split among threads; each thread reads every row and owns its tables.
+//! A view without a distinct metric comes here with its final rows, one per group, and the
+//! same pass computes the rollups from them.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
+use datafusion::arrow::record_batch::RecordBatch;
+use hashbrown::{HashMap, HashTable};
+use tandem_core::metric::{Coupon, DistinctState, MetricKind, MetricState};
+use tandem_core::time::{day_of, day_string};
+use tandem_core::view::{Granularity, Rollup, ViewDef, BASE_ROLLUP, BUCKET_COLUMN};
+
+use crate::error::{BatchError, Result};
+use crate::hll::{for_each_value, Value};
+
+/// The rows of one batch, read once for every table.
+struct Prepared {
+    buckets: Vec<i64>,
+    /// Per view dimension, each row's value id (0 = null).
+    ids: Vec<Vec<u32>>,
+    /// Per row: whether the distinct value is there (not null), and its coupon (`None` for a
+    /// null or a value sketches skip).
+    present: Vec<bool>,
+    coupons: Vec<Option<Coupon>>,
+    /// Per metric (none for the distinct metrics), each row's state.
+    states: Vec<Vec<MetricState>>,
+}
+
+/// One table being built: the view's own rows or a rollup's.
+struct Table {
+    name: String,
+    /// The view dimensions it holds, ascending.
+    dims: Vec<usize>,
+    granularity: Granularity,
+    /// Distinct counts are exact (the view's own rows from distinct-level input).
+    exact: bool,
+    /// Per group: its key (bucket as two words, then the dimension ids), `width` words each.
+    keys: Vec<u32>,
+    width: usize,
+    index: HashTable<u32>,
+    /// Per group, every metric's state.
+    states: Vec<MetricState>,
+}
+
+impl Table {
+    fn new(view: &ViewDef, name: String, dims: Vec<usize>, g: Granularity, exact: bool) -> Self {
+        let width = 2 + dims.len();
+        Table {
+            name,
+            dims,
+            granularity: g,
+            exact,
+            keys: Vec::new(),
+            width,
+            index: HashTable::new(),
+            states: Vec::with_capacity(view.metrics.len()),
+        }
+    }
+
+    fn groups(&self) -> usize {
+        self.keys.len() / self.width
+    }
+
+    /// Folds rows of `p` into this table.
+    fn add(&mut self, view: &ViewDef, p: &Prepared) {
+        let metrics = view.metrics.len();
+        let mut key = vec![0u32; self.width];
+        for row in 0..p.buckets.len() {
+            let bucket = self.granularity.floor(p.buckets[row]);
+            key[0] = bucket as u32;
+            key[1] = (bucket >> 32) as u32;
+            for (k, &d) in self.dims.iter().enumerate() {
+                key[2 + k] = p.ids[d][row];
+            }
+            let hash = hash_key(&key);
+            let (keys, width) = (&self.keys, self.width);
+            let group = match self.index.find(hash, |&g| {
+                let at = g as usize * width;
+                same(&keys[at..at + width], &key)
+            }) {
+                Some(&g) => g as usize,
+                None => {
+                    let g = self.groups();
+                    self.keys.extend_from_slice(&key);
+                    for m in &view.metrics {
+                        let mut s = m.empty_state();
+                        if let MetricState::Distinct(d) = &mut s {
+                            d.exact = self.exact.then_some(0);
+                        }
+                        self.states.push(s);
+                    }
+                    let (keys, width) = (&self.keys, self.width);
+                    self.index.insert_unique(hash, g as u32, |&g| {
+                        let at = g as usize * width;
+                        hash_key(&keys[at..at + width])
+                    });
+                    g
+                }
+            };
+            let states = &mut self.states[group * metrics..(group + 1) * metrics];
+            let mut partial = p.states.iter();
+            for (m, state) in view.metrics.iter().zip(states) {
+                if m.kind == MetricKind::Distinct {
+                    if let MetricState::Distinct(d) = state {
+                        if p.present[row] {
+                            d.exact = d.exact.map(|n| n + 1);
+                        }
+                        if let Some(c) = p.coupons[row] {
+                            d.update_coupon(c);
+                        }
+                    }
+                } else if let Some(column) = partial.next() {
+                    state.merge(&column[row]);
+                }
+            }
+        }
+    }
+
+    /// The table's rows as one batch of the view's batch schema (dimensions it leaves out are
+    /// null).
+    fn finish(
+        &self,
+        view: &ViewDef,
+        schema: &SchemaRef,
+        values: &[Vec<String>],
+    ) -> Result<RecordBatch> {
+        let n = self.groups();
+        let metrics = view.metrics.len();
+        let bucket = |g: usize| {
+            let at = g * self.width;
+            (self.keys[at] as i64 & 0xffff_ffff) | ((self.keys[at + 1] as i64) << 32)
+        };
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from_iter_values((0..n).map(bucket)).with_timezone("UTC"),
+        ));
+        for (d, values) in values.iter().enumerate().take(view.dimensions.len()) {
+            let column: StringArray = match self.dims.iter().position(|&x| x == d) {
+                Some(k) => (0..n)
+                    .map(|g| match self.keys[g * self.width + 2 + k] {
+                        0 => None,
+                        id => Some(values[id as usize - 1].as_str()),
+                    })
+                    .collect(),
+                None => StringArray::new_null(n),
+            };
+            columns.push(Arc::new(column));
+        }
+        for (i, m) in view.metrics.iter().enumerate() {
+            let states: Vec<&MetricState> = (0..n).map(|g| &self.states[g * metrics + i]).collect();
+            columns.extend(m.batch_columns(&states)?);
+        }
+        columns.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n(self.name.as_str(), n),
+        )));
+        // Rows of a day are many: its name is formatted once.
+        let mut day = (i64::MIN, String::new());
+        let mut dt = datafusion::arrow::array::StringBuilder::with_capacity(n, n * 10);
+        for g in 0..n {
+            let d = day_of(bucket(g));
+            if d != day.0 {
+                day = (d, day_string(d));
+            }
+            dt.append_value(&day.1);
+        }
+        columns.push(Arc::new(dt.finish()));
+        Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+    }
+}
+
+/// A key's hash: its words folded by multiply-rotate (keys are a few words; a general
+/// byte hasher costs more than the lookup).
+#[inline]
+fn hash_key(key: &[u32]) -> u64 {
+    let mut h: u64 = 0x243f_6a88_85a3_08d3;
+    for &w in key {
+        h = (h ^ u64::from(w))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+    h ^ (h >> 32)
+}
+
+#[inline]
+fn same(a: &[u32], b: &[u32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// Interns dimension values: per dimension, the value of id `i + 1`.
+#[derive(Default)]
+struct Interner {
+    ids: Vec<HashMap<String, u32>>,
+    values: Vec<Vec<String>>,
+}
+
+impl Interner {
+    fn column(&mut self, d: usize, column: &ArrayRef) -> Result<Vec<u32>> {
+        let column = if column.data_type() == &DataType::Utf8 {
+            Arc::clone(column)
+        } else {
+            cast(column, &DataType::Utf8)?
+        };
+        let text = column.as_string::<i32>();
+        let (ids, values) = (&mut self.ids[d], &mut self.values[d]);
+        Ok(text
+            .iter()
+            .map(|v| match v {
+                None => 0,
+                Some(v) => match ids.get(v) {
+                    Some(&id) => id,
+                    None => {
+                        values.push(v.to_string());
+                        let id = values.len() as u32;
+                        ids.insert(v.to_string(), id);
+                        id
+                    }
+                },
+            })
+            .collect())
+    }
+}
+
+/// The view's own rows (named [`BASE_ROLLUP`]) and every rollup's, from `input`: the first
+/// phase's rows with the distinct field in column `distinct` when the view has one distinct
+/// metric, otherwise the view's final rows. Every other metric's partials are in columns named
+/// as its batch columns. `threads` share the tables.
+pub(crate) fn build(
+    view: &ViewDef,
+    input: &[RecordBatch],
+    distinct: Option<&str>,
+    threads: usize,
+) -> Result<Vec<RecordBatch>> {
+    let dims = view.dimensions.len();
+    let mut interner = Interner {
+        ids: vec![HashMap::new(); dims],
+        values: vec![Vec::new(); dims],
+    };
+    let mut tables = vec![Table::new(
+        view,
+        BASE_ROLLUP.to_string(),
+        (0..dims).collect(),
+        view.granularity,
+        true,
+    )];
+    tables.extend(
+        view.rollups
+            .iter()
+            .map(|r: &Rollup| Table::new(view, r.name(), r.dims.clone(), r.granularity, false)),
+    );
+    let threads = threads.clamp(1, tables.len());
+    // Tables dealt round-robin to threads: the view's own (the largest) on the first.
+    let mut shares: Vec<Vec<Table>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, t) in tables.into_iter().enumerate() {
+        shares[i % threads].push(t);
+    }
+    let (mut preparing, mut adding) = (0.0, 0.0);
+    for batch in input {
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        let p = prepare(view, batch, distinct, &mut interner)?;
+        preparing += t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            for share in shares.iter_mut() {
+                let p = &p;
+                scope.spawn(move || {
+                    for t in share.iter_mut() {
+                        t.add(view, p);
+                    }
+                });
+            }
+        });
+        adding += t.elapsed().as_secs_f64();
+    }
+    let t = std::time::Instant::now();
+    let schema = view.batch_schema();
+    // Each thread writes (and then drops) its own tables.
+    let values = &interner.values;
+    let finished: Vec<Vec<(usize, Result<RecordBatch>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .enumerate()
+            .map(|(s, share)| {
+                let schema = &schema;
+                scope.spawn(move || {
+                    share
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(_, t)| t.groups() > 0)
+                        .map(|(k, t)| (k * threads + s, t.finish(view, schema, values)))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a table thread panicked"))
+            .collect()
+    });
+    let mut tables: Vec<(usize, Result<RecordBatch>)> = finished.into_iter().flatten().collect();
+    tables.sort_by_key(|(i, _)| *i);
+    let out = tables.into_iter().map(|(_, b)| b).collect();
+    tracing::debug!(
+        preparing,
+        adding,
+        finishing = t.elapsed().as_secs_f64(),
+        "view and rollup tables"
+    );
+    out
+}
+
+/// Reads one input batch for the tables.
+fn prepare(
+    view: &ViewDef,
+    batch: &RecordBatch,
+    distinct: Option<&str>,
+    interner: &mut Interner,
+) -> Result<Prepared> {
+    let column = |name: &str| {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
+    };
+    let n = batch.num_rows();
+    let buckets = column(BUCKET_COLUMN)?
+        .as_primitive::<TimestampMicrosecondType>()
+        .values()
+        .to_vec();
+    let ids = view
+        .dimensions
+        .iter()
+        .enumerate()
+        .map(|(d, name)| interner.column(d, column(name)?))
+        .collect::<Result<Vec<_>>>()?;
+    let mut present = vec![false; n];
+    let mut coupons = vec![None; n];
+    if let Some(name) = distinct {
+        let values = column(name)?;
+        for (row, p) in present.iter_mut().enumerate() {
+            *p = values.is_valid(row);
+        }
+        for_each_value(values, None, |row, v| {
+            coupons[row] = match v {
+                Value::I64(x) => Some(DistinctState::coupon_of_i64(x)),
+                Value::Str(x) => DistinctState::coupon_of_str(x),
+            }
+        })?;
+    }
+    let mut states = Vec::new();
+    for m in view
+        .metrics
+        .iter()
+        .filter(|m| m.kind != MetricKind::Distinct)
+    {
+        let columns = m
+            .batch_fields()
+            .iter()
+            .map(|f| column(f.name()).cloned())
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        states.push(
+            (0..n)
+                .map(|row| m.state_from_batch(&columns, row))
+                .collect::<tandem_core::Result<Vec<_>>>()?,
+        );
+    }
+    Ok(Prepared {
+        buckets,
+        ids,
+        present,
+        coupons,
+        states,
+    })
+}
