@@ -608,12 +608,18 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
     }
     let started = std::time::Instant::now();
     let progress: tandem_batch::Progress = Arc::new(|view: &str, d: &tandem_batch::DayReport| {
+        let spilled = if d.spilled_bytes > 0 {
+            format!(", spilled {:.1} MB", d.spilled_bytes as f64 / 1e6)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{view} {}: read {} rows ({:.1} MB) -> {} rows in {:.2} s",
+            "{view} {}: read {} rows ({:.1} MB) -> {} rows, {} rollup rows in {:.2} s{spilled}",
             d.day,
             d.rows_read,
             d.bytes_read as f64 / 1e6,
             d.rows,
+            d.rollup_rows,
             d.seconds
         );
     });

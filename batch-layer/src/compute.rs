@@ -96,6 +96,8 @@ pub struct DayReport {
     /// Master rows and Parquet bytes the scan read (after partition and row-group pruning).
     pub rows_read: u64,
     pub bytes_read: u64,
+    /// Bytes the day's query spilled to disk to stay within the memory limit.
+    pub spilled_bytes: u64,
     /// The view's rows computed for the day, and its rollups' rows.
     pub rows: usize,
     pub rollup_rows: usize,
@@ -222,6 +224,11 @@ pub(crate) fn session_with(options: &BatchOptions) -> Result<SessionContext> {
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = options.memory_limit {
         runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit)));
+        // An operator reserves memory a batch at a time; under a small limit, batches are made
+        // small enough that one batch's reservation leaves room to spill (4 KiB of pool per
+        // row of a batch; the default 8,192 rows from 32 MiB up).
+        let rows = (limit / 4096).clamp(256, config.batch_size());
+        config = config.with_batch_size(rows);
     }
     if let Some(dir) = &options.spill_dir {
         std::fs::create_dir_all(dir).map_err(|source| BatchError::Io {
@@ -370,6 +377,7 @@ impl BatchLayer {
                 day: day.clone(),
                 rows_read: read.rows,
                 bytes_read: read.bytes,
+                spilled_bytes: read.spilled,
                 rows: rows.rows,
                 rollup_rows: rows.rollup_rows,
                 seconds: day_started.elapsed().as_secs_f64(),
@@ -578,6 +586,7 @@ impl BatchLayer {
         let plan = df.create_physical_plan().await?;
         let collected = collect(Arc::clone(&plan), ctx.task_ctx()).await?;
         let read = Read::of(plan.as_ref());
+        tracing::trace!(plan = %datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true), "first phase");
         tracing::debug!(view = %view.name, seconds = started.elapsed().as_secs_f64(), rows = collected.iter().map(RecordBatch::num_rows).sum::<usize>(), "first phase computed");
         let started = Instant::now();
         let tables = match cube_input {
@@ -687,27 +696,38 @@ fn final_rows(view: &ViewDef, collected: Vec<RecordBatch>) -> Result<Vec<RecordB
 pub(crate) struct Read {
     pub rows: u64,
     pub bytes: u64,
+    /// Bytes spilled to disk under the memory limit.
+    pub spilled: u64,
 }
 
 impl Read {
-    /// Sums the leaves' (the scans') output rows and Parquet bytes scanned.
+    /// Sums the leaves' (the scans') output rows and Parquet bytes scanned, and every
+    /// operator's spilled bytes.
     fn of(plan: &dyn ExecutionPlan) -> Self {
+        let m = plan.metrics().unwrap_or_default();
+        let sum = |name: &str| {
+            m.sum_by_name(name)
+                .map(|v| v.as_usize() as u64)
+                .unwrap_or(0)
+        };
         let children = plan.children();
+        let own = Read {
+            spilled: m.spilled_bytes().unwrap_or(0) as u64,
+            ..Default::default()
+        };
         if children.is_empty() {
-            let m = plan.metrics().unwrap_or_default();
             return Read {
                 rows: m.output_rows().unwrap_or(0) as u64,
-                bytes: m
-                    .sum_by_name("bytes_scanned")
-                    .map(|v| v.as_usize() as u64)
-                    .unwrap_or(0),
+                bytes: sum("bytes_scanned"),
+                ..own
             };
         }
-        children.into_iter().fold(Read::default(), |acc, c| {
+        children.into_iter().fold(own, |acc, c| {
             let r = Read::of(c.as_ref());
             Read {
                 rows: acc.rows + r.rows,
                 bytes: acc.bytes + r.bytes,
+                spilled: acc.spilled + r.spilled,
             }
         })
     }

@@ -680,3 +680,103 @@ async fn parquet_imports_are_checked_like_json_and_never_imported_twice() {
         .unwrap();
     assert_eq!(total(&s, "active_devices_daily").await, 2_999);
 }
+
+/// Every row of `view` as the serving layer reads it, sorted, with metric states shown (exact
+/// counts and sums, sketch estimates).
+async fn rows_of(storage: &Storage, view: &tandem_core::view::ViewDef) -> Vec<String> {
+    let views = DeltaBatchViews::new(storage.clone()).with_refresh(std::time::Duration::ZERO);
+    let cov = views.coverage(view).await.unwrap();
+    let mut q = ViewQuery::all(view, NOW - 30 * DAY_US, NOW);
+    q.group_by = (0..view.dimensions.len()).collect();
+    q.limit = usize::MAX;
+    let mut rows: Vec<String> = views
+        .query(view, &q, &cov)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {:?} {:?}", r.bucket_us, r.dims, r.states))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Under a memory limit far below what the first phase holds, the recompute spills to disk
+/// and publishes the same rows as without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recompute_under_a_small_memory_limit_spills_and_publishes_the_same_rows() {
+    let s = setup();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let jobs = s.dir.join("jobs");
+    std::fs::create_dir(&jobs).unwrap();
+    // The batch benchmark's hourly cube: five dimensions, a count, a distinct and a sum.
+    std::fs::write(
+        jobs.join("cube_hourly.toml"),
+        r#"kind = "view"
+source = "app_events"
+granularity = "hour"
+dimensions = ["app_id", "media_source", "campaign", "country", "event_name"]
+metrics = [
+  { name = "events", kind = "count" },
+  { name = "devices", kind = "distinct", field = "device_id" },
+  { name = "revenue_usd", kind = "sum", field = "revenue_usd" },
+]"#,
+    )
+    .unwrap();
+    let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
+    let schema = Arc::clone(&catalog.schemas["app_events"]);
+    let lines: Vec<String> = Generator::new(GenConfig {
+        seed: 11,
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(60_000, NOW - 3 * DAY_US, NOW - DAY_US)
+    .map(|e| e.to_json())
+    .collect();
+    let file = s.dir.join("h.jsonl");
+    write_lines(&file, &lines);
+    import_jsonl(&s.storage, &schema, &[&file], NOW)
+        .await
+        .unwrap();
+    let view = &catalog.views["cube_hourly"];
+    let full = RunRequest {
+        full: true,
+        ..Default::default()
+    };
+    let layer = |options: crate::BatchOptions| {
+        BatchLayer::new(
+            s.storage.clone(),
+            Arc::clone(&catalog),
+            Arc::new(s.clock.clone()),
+        )
+        .with_options(options)
+    };
+    let free = layer(crate::BatchOptions::default())
+        .run(Some("cube_hourly"), &full)
+        .await
+        .unwrap()
+        .remove(0);
+    let unlimited = rows_of(&s.storage, view).await;
+    assert!(unlimited.len() > 10_000, "{}", unlimited.len());
+    assert_eq!(free.per_day.iter().map(|d| d.spilled_bytes).sum::<u64>(), 0);
+
+    let spill = tempfile::tempdir().unwrap();
+    let small = layer(crate::BatchOptions {
+        threads: Some(2),
+        memory_limit: Some(2 << 20),
+        spill_dir: Some(spill.path().to_path_buf()),
+    })
+    .run(Some("cube_hourly"), &full)
+    .await
+    .unwrap()
+    .remove(0);
+    assert!(
+        small.per_day.iter().map(|d| d.spilled_bytes).sum::<u64>() > 0,
+        "a 2 MiB limit makes the first phase spill: {:?}",
+        small.per_day
+    );
+    assert_eq!(small.rows, free.rows);
+    assert_eq!(small.rollup_rows, free.rollup_rows);
+    assert_eq!(small.rows_read, 60_000);
+    assert!(small.version > free.version);
+    assert_eq!(rows_of(&s.storage, view).await, unlimited);
+}
