@@ -210,28 +210,27 @@ struct Interner {
 
 impl Interner {
     fn column(&mut self, d: usize, column: &ArrayRef) -> Result<Vec<u32>> {
-        let column = if column.data_type() == &DataType::Utf8 {
-            Arc::clone(column)
-        } else {
-            cast(column, &DataType::Utf8)?
-        };
-        let text = column.as_string::<i32>();
         let (ids, values) = (&mut self.ids[d], &mut self.values[d]);
-        Ok(text
-            .iter()
-            .map(|v| match v {
-                None => 0,
-                Some(v) => match ids.get(v) {
-                    Some(&id) => id,
-                    None => {
-                        values.push(v.to_string());
-                        let id = values.len() as u32;
-                        ids.insert(v.to_string(), id);
-                        id
-                    }
-                },
-            })
-            .collect())
+        let mut intern = |v: Option<&str>| match v {
+            None => 0,
+            Some(v) => match ids.get(v) {
+                Some(&id) => id,
+                None => {
+                    values.push(v.to_string());
+                    let id = values.len() as u32;
+                    ids.insert(v.to_string(), id);
+                    id
+                }
+            },
+        };
+        Ok(match column.data_type() {
+            DataType::Utf8View => column.as_string_view().iter().map(&mut intern).collect(),
+            DataType::Utf8 => column.as_string::<i32>().iter().map(&mut intern).collect(),
+            _ => {
+                let column = cast(column, &DataType::Utf8)?;
+                column.as_string::<i32>().iter().map(&mut intern).collect()
+            }
+        })
     }
 }
 
