@@ -614,13 +614,14 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
             String::new()
         };
         eprintln!(
-            "{view} {}: read {} rows ({:.1} MB) -> {} rows, {} rollup rows in {:.2} s{spilled}",
+            "{view} {}: read {} rows ({:.1} MB) -> {} rows, {} rollup rows in {:.2} s, written in {:.2} s{spilled}",
             d.day,
             d.rows_read,
             d.bytes_read as f64 / 1e6,
             d.rows,
             d.rollup_rows,
-            d.seconds
+            d.seconds,
+            d.write_seconds
         );
     });
     let layer = BatchLayer::new(storage, catalog, clock())

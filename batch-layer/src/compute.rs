@@ -27,6 +27,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
+use datafusion::parquet::basic::Compression;
+use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use datafusion::parquet::schema::types::ColumnPath;
 use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{
     cast as cast_expr, date_trunc, ident, lit, when, Expr, SessionConfig, SessionContext,
@@ -101,7 +104,9 @@ pub struct DayReport {
     /// The view's rows computed for the day, and its rollups' rows.
     pub rows: usize,
     pub rollup_rows: usize,
+    /// Seconds computing the rows, and writing them to files.
     pub seconds: f64,
+    pub write_seconds: f64,
 }
 
 /// Hears about each day as its recompute ends, before the publish.
@@ -370,9 +375,11 @@ impl BatchLayer {
             ),
         };
         let mut writer = match &table {
-            Some(t) => {
-                Some(RecordBatchWriter::for_table(t).map_err(|e| BatchError::delta(&view_url, e))?)
-            }
+            Some(t) => Some(
+                RecordBatchWriter::for_table(t)
+                    .map_err(|e| BatchError::delta(&view_url, e))?
+                    .with_writer_properties(writer_properties(view)),
+            ),
             None => None,
         };
         let mut adds = Vec::new();
@@ -383,7 +390,7 @@ impl BatchLayer {
                 true => self.compute(&ctx, view, day).await?,
                 false => Default::default(),
             };
-            let day_report = DayReport {
+            let mut day_report = DayReport {
                 day: day.clone(),
                 rows_read: read.rows,
                 bytes_read: read.bytes,
@@ -391,16 +398,9 @@ impl BatchLayer {
                 rows: rows.rows,
                 rollup_rows: rows.rollup_rows,
                 seconds: day_started.elapsed().as_secs_f64(),
+                write_seconds: 0.0,
             };
-            tracing::debug!(view = %view.name, day = %day, rows_read = read.rows, rows = day_report.rows, "day computed");
-            if let Some(p) = &self.progress {
-                p(&view.name, &day_report);
-            }
-            report.rows += rows.rows;
-            report.rollup_rows += rows.rollup_rows;
-            report.rows_read += read.rows;
-            report.bytes_read += read.bytes;
-            report.per_day.push(day_report);
+            let write_started = Instant::now();
             match &mut writer {
                 Some(w) => {
                     for b in rows.batches {
@@ -416,6 +416,16 @@ impl BatchLayer {
                 }
                 None => batches.extend(rows.batches),
             }
+            day_report.write_seconds = write_started.elapsed().as_secs_f64();
+            tracing::debug!(view = %view.name, day = %day, rows_read = read.rows, rows = day_report.rows, "day computed");
+            if let Some(p) = &self.progress {
+                p(&view.name, &day_report);
+            }
+            report.rows += rows.rows;
+            report.rollup_rows += rows.rollup_rows;
+            report.rows_read += read.rows;
+            report.bytes_read += read.bytes;
+            report.per_day.push(day_report);
         }
         let publish_started = Instant::now();
 
@@ -691,6 +701,26 @@ fn final_rows(view: &ViewDef, collected: Vec<RecordBatch>) -> Result<Vec<RecordB
         out.push(RecordBatch::try_new(Arc::clone(&target), columns)?);
     }
     Ok(out)
+}
+
+/// How a view's files are written: sketches (unique bytes per row, never filtered on) without
+/// a dictionary or statistics; everything else as deltalake writes it (Snappy, dictionaries,
+/// page statistics for pruning).
+fn writer_properties(view: &ViewDef) -> WriterProperties {
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(1 << 20));
+    for m in &view.metrics {
+        for f in m.batch_fields() {
+            if f.data_type() == &DataType::Binary {
+                let column = ColumnPath::from(f.name().as_str());
+                b = b
+                    .set_column_dictionary_enabled(column.clone(), false)
+                    .set_column_statistics_enabled(column, EnabledStatistics::None);
+            }
+        }
+    }
+    b.build()
 }
 
 /// The master dataset's data files by day (`dt`), from its snapshot: paths relative to the

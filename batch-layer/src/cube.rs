@@ -262,60 +262,85 @@ pub(crate) fn build(
             .map(|r: &Rollup| Table::new(view, r.name(), r.dims.clone(), r.granularity, false)),
     );
     let threads = threads.clamp(1, tables.len());
-    // Tables dealt round-robin to threads: the view's own (the largest) on the first.
-    let mut shares: Vec<Vec<Table>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, t) in tables.into_iter().enumerate() {
-        shares[i % threads].push(t);
-    }
-    let (mut preparing, mut adding) = (0.0, 0.0);
-    for batch in input {
-        if batch.num_rows() == 0 {
-            continue;
-        }
-        let t = std::time::Instant::now();
-        let p = prepare(view, batch, distinct, &mut interner)?;
-        preparing += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
+    // Tables go to threads as threads come free, the largest first (the view's own, then the
+    // rollups with the most dimensions at the finest grain): the longest jobs start first.
+    let mut order: Vec<usize> = (0..tables.len()).collect();
+    order.sort_by_key(|&i| {
+        let t = &tables[i];
+        (std::cmp::Reverse(t.dims.len()), t.granularity)
+    });
+    let tables: Vec<std::sync::Mutex<Table>> =
+        tables.into_iter().map(std::sync::Mutex::new).collect();
+    let each_table = |work: &(dyn Fn(&mut Table) + Sync)| {
+        let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
-            for share in shares.iter_mut() {
-                let p = &p;
-                scope.spawn(move || {
-                    for t in share.iter_mut() {
-                        t.add(view, p);
-                    }
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = order.get(k) else { break };
+                    let mut t = tables[i].lock().unwrap_or_else(|e| e.into_inner());
+                    work(&mut t);
                 });
             }
         });
+    };
+    let (mut preparing, mut adding) = (0.0, 0.0);
+    // Input rows are taken in chunks, so threads meet once per chunk, not once per batch.
+    const CHUNK_ROWS: usize = 1 << 18;
+    let mut start = 0;
+    while start < input.len() {
+        let mut end = start;
+        let mut rows = 0;
+        while end < input.len() && (rows == 0 || rows + input[end].num_rows() <= CHUNK_ROWS) {
+            rows += input[end].num_rows();
+            end += 1;
+        }
+        let chunk = &input[start..end];
+        start = end;
+        if rows == 0 {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        let batch = if chunk.len() == 1 {
+            chunk[0].clone()
+        } else {
+            datafusion::arrow::compute::concat_batches(&chunk[0].schema(), chunk)?
+        };
+        let p = prepare(view, &batch, distinct, &mut interner)?;
+        preparing += t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        each_table(&|table: &mut Table| table.add(view, &p));
         adding += t.elapsed().as_secs_f64();
     }
     let t = std::time::Instant::now();
     let schema = view.batch_schema();
-    // Each thread writes (and then drops) its own tables.
     let values = &interner.values;
-    let finished: Vec<Vec<(usize, Result<RecordBatch>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = shares
-            .into_iter()
-            .enumerate()
-            .map(|(s, share)| {
-                let schema = &schema;
-                scope.spawn(move || {
-                    share
-                        .into_iter()
-                        .enumerate()
-                        .filter(|(_, t)| t.groups() > 0)
-                        .map(|(k, t)| (k * threads + s, t.finish(view, schema, values)))
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a table thread panicked"))
-            .collect()
-    });
-    let mut tables: Vec<(usize, Result<RecordBatch>)> = finished.into_iter().flatten().collect();
-    tables.sort_by_key(|(i, _)| *i);
-    let out = tables.into_iter().map(|(_, b)| b).collect();
+    let finished: Vec<std::sync::Mutex<Option<Result<RecordBatch>>>> = (0..tables.len())
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    {
+        let (finished, tables, schema) = (&finished, &tables, &schema);
+        // Each table is written, then emptied, by the thread that takes it.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = order.get(k) else { break };
+                    let mut t = tables[i].lock().unwrap_or_else(|e| e.into_inner());
+                    if t.groups() > 0 {
+                        let b = t.finish(view, schema, values);
+                        *finished[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+                    }
+                    *t = Table::new(view, String::new(), Vec::new(), t.granularity, false);
+                });
+            }
+        });
+    }
+    let out = finished
+        .into_iter()
+        .filter_map(|f| f.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect();
     tracing::debug!(
         preparing,
         adding,
