@@ -374,12 +374,20 @@ impl BatchLayer {
                     .await?,
             ),
         };
-        let mut writer = match &table {
-            Some(t) => Some(
-                RecordBatchWriter::for_table(t)
-                    .map_err(|e| BatchError::delta(&view_url, e))?
-                    .with_writer_properties(writer_properties(view)),
-            ),
+        // As many file writers as threads: a day's tables are encoded in parallel.
+        let mut writers = match &table {
+            Some(t) => {
+                let n = ctx.state().config().target_partitions().max(1);
+                let mut w = Vec::with_capacity(n);
+                for _ in 0..n {
+                    w.push(
+                        RecordBatchWriter::for_table(t)
+                            .map_err(|e| BatchError::delta(&view_url, e))?
+                            .with_writer_properties(writer_properties(view)),
+                    );
+                }
+                Some(w)
+            }
             None => None,
         };
         let mut adds = Vec::new();
@@ -401,15 +409,10 @@ impl BatchLayer {
                 write_seconds: 0.0,
             };
             let write_started = Instant::now();
-            match &mut writer {
+            match &mut writers {
                 Some(w) => {
-                    for b in rows.batches {
-                        w.write(b)
-                            .await
-                            .map_err(|e| BatchError::delta(&view_url, e))?;
-                    }
                     adds.extend(
-                        w.flush()
+                        write_files(w, rows.batches)
                             .await
                             .map_err(|e| BatchError::delta(&view_url, e))?,
                     );
@@ -701,6 +704,59 @@ fn final_rows(view: &ViewDef, collected: Vec<RecordBatch>) -> Result<Vec<RecordB
         out.push(RecordBatch::try_new(Arc::clone(&target), columns)?);
     }
     Ok(out)
+}
+
+/// Writes `batches` to files with `writers` in parallel (the largest batches first, each to
+/// the writer with the fewest rows so far) and returns the files' add actions; the writers
+/// are handed back for the next day.
+async fn write_files(
+    writers: &mut Vec<RecordBatchWriter>,
+    mut batches: Vec<RecordBatch>,
+) -> std::result::Result<Vec<deltalake::kernel::Add>, deltalake::DeltaTableError> {
+    batches.sort_by_key(|b| std::cmp::Reverse(b.num_rows()));
+    let mut shares: Vec<(usize, Vec<RecordBatch>)> =
+        (0..writers.len()).map(|_| (0, Vec::new())).collect();
+    for b in batches {
+        let least = shares
+            .iter_mut()
+            .min_by_key(|(rows, _)| *rows)
+            .expect("at least one writer");
+        least.0 += b.num_rows();
+        least.1.push(b);
+    }
+    let tasks: Vec<_> = std::mem::take(writers)
+        .into_iter()
+        .zip(shares)
+        .map(|(mut w, (_, share))| {
+            tokio::spawn(async move {
+                for b in share {
+                    w.write(b).await?;
+                }
+                let adds = w.flush().await?;
+                Ok::<_, deltalake::DeltaTableError>((w, adds))
+            })
+        })
+        .collect();
+    let mut adds = Vec::new();
+    let mut failed = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok((w, a))) => {
+                writers.push(w);
+                adds.extend(a);
+            }
+            Ok(Err(e)) => failed = Some(e),
+            Err(e) => {
+                failed = Some(deltalake::DeltaTableError::Generic(format!(
+                    "a file writer failed: {e}"
+                )))
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(adds),
+    }
 }
 
 /// How a view's files are written: sketches (unique bytes per row, never filtered on) without
