@@ -75,6 +75,11 @@ enum Command {
         #[arg(long)]
         schema: Option<String>,
     },
+    /// Merge small files per day in every table (Delta OPTIMIZE), rows unchanged.
+    Compact(roles::CompactArgs),
+    /// Delete files no table version within the retention period references, including files
+    /// written but never committed.
+    Vacuum(roles::VacuumArgs),
     /// A development Kafka broker (librdkafka's mock cluster, in memory) on a fixed loopback
     /// port, until Ctrl-C.
     Broker(broker::BrokerArgs),
@@ -182,6 +187,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Gen(args) => produce::gen(&config, args).await,
         Command::Broker(args) => broker::run(&config, args).await,
         Command::Replay(args) => replay::run(&config, args).await,
+        Command::Compact(args) => roles::compact(&config, args).await,
+        Command::Vacuum(args) => roles::vacuum(&config, args).await,
         Command::Query(args) => roles::query(&config, args),
         Command::Bench(args) => bench::run(&config, args).await,
         Command::Config => {

@@ -89,6 +89,33 @@ pub enum BatchCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// Only these days (`YYYY-MM-DD`, comma-separated) of the day-partitioned tables.
+    #[arg(long, value_delimiter = ',')]
+    pub days: Option<Vec<String>>,
+    /// The size to merge files up to, e.g. `128MiB`.
+    #[arg(long, default_value = "128MiB")]
+    pub target_size: String,
+    /// Print the reports as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VacuumArgs {
+    /// Keep every file a version of the last this many hours references (and any file younger):
+    /// readers and a running batch still need them.
+    #[arg(long, default_value_t = 168)]
+    pub retention_hours: u64,
+    /// List what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the reports as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct QueryArgs {
     /// The view to query.
     pub view: String,
@@ -655,6 +682,67 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
             ),
             (n, None) => println!("{}: computed {n} day(s)", r.view),
         }
+    }
+    Ok(())
+}
+
+pub async fn compact(config: &Config, args: CompactArgs) -> Result<()> {
+    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    if let Some(days) = &args.days {
+        for d in days {
+            parse_day(d).with_context(|| format!("--days: `{d}` is not a day (YYYY-MM-DD)"))?;
+        }
+    }
+    let target = crate::config::parse_size(&toml::Value::String(args.target_size.clone()))
+        .map_err(|e| anyhow::anyhow!("--target-size: {e}"))?;
+    let mut reports = Vec::new();
+    for t in tandem_batch::maintenance::tables(&storage, &catalog) {
+        let Some(r) =
+            tandem_batch::maintenance::compact(&storage, &t, args.days.as_deref(), target as u64)
+                .await
+                .with_context(|| format!("compacting {}", t.name))?
+        else {
+            continue;
+        };
+        if !args.json {
+            match r.version {
+                Some(v) => println!(
+                    "{}: {} files merged into {} in {} partition(s), version {v}",
+                    r.table, r.files_removed, r.files_added, r.partitions
+                ),
+                None => println!("{}: nothing to merge", r.table),
+            }
+        }
+        reports.push(r);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "tables": reports }));
+    }
+    Ok(())
+}
+
+pub async fn vacuum(config: &Config, args: VacuumArgs) -> Result<()> {
+    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    let retention = std::time::Duration::from_secs(args.retention_hours.saturating_mul(3600));
+    let mut reports = Vec::new();
+    for t in tandem_batch::maintenance::tables(&storage, &catalog) {
+        let Some(r) = tandem_batch::maintenance::vacuum(&storage, &t, retention, args.dry_run)
+            .await
+            .with_context(|| format!("vacuuming {}", t.name))?
+        else {
+            continue;
+        };
+        if !args.json {
+            let verb = if r.dry_run { "would delete" } else { "deleted" };
+            println!("{}: {verb} {} file(s)", r.table, r.files.len());
+            for f in &r.files {
+                println!("  {f}");
+            }
+        }
+        reports.push(r);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "tables": reports }));
     }
     Ok(())
 }

@@ -103,6 +103,17 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
             .arg(&file),
     );
     assert!(out.contains("imported 3000 events"), "{out}");
+    // The same file again (here by its directory): skipped, nothing added.
+    let out = run_ok(
+        tandem(dir.path())
+            .args(defs)
+            .args(["--data", "d", "import"])
+            .arg(dir.path()),
+    );
+    assert!(
+        out.contains("imported 0 events") && out.contains("1 file(s) already imported"),
+        "{out}"
+    );
     let out = run_ok(tandem(dir.path()).args(defs).args([
         "--data",
         "d",
@@ -112,6 +123,53 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
         "installs_hourly",
     ]));
     assert!(out.contains("installs_hourly: published"), "{out}");
+    // --json: one object a scheduler reads, with what each day read and computed.
+    let out = run_ok(tandem(dir.path()).args(defs).args([
+        "--data",
+        "d",
+        "batch",
+        "run",
+        "--view",
+        "installs_hourly",
+        "--full",
+        "--json",
+        "--memory-limit",
+        "64MiB",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let view = &report["views"][0];
+    assert_eq!(view["view"], "installs_hourly");
+    let days = view["per_day"].as_array().unwrap();
+    assert!(!days.is_empty(), "{out}");
+    let read: u64 = days.iter().map(|d| d["rows_read"].as_u64().unwrap()).sum();
+    assert_eq!(read, view["rows_read"].as_u64().unwrap());
+    assert!(read > 0 && read <= 3000, "{out}");
+
+    // Upkeep: compaction leaves a file per day; a dry run of vacuum lists what the compaction
+    // and the republish replaced, and deletes nothing.
+    let out = run_ok(
+        tandem(dir.path())
+            .args(defs)
+            .args(["--data", "d", "compact", "--json"]),
+    );
+    let compacted: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        compacted["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["table"] == "master/app_events"),
+        "{out}"
+    );
+    let out = run_ok(tandem(dir.path()).args(defs).args([
+        "--data",
+        "d",
+        "vacuum",
+        "--retention-hours",
+        "0",
+        "--dry-run",
+    ]));
+    assert!(out.contains("views/installs_hourly: would delete"), "{out}");
 
     let mut child = tandem(dir.path())
         .args(defs)

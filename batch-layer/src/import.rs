@@ -75,7 +75,8 @@ impl Format {
 }
 
 /// The files `paths` stand for: each file itself, each directory every `.parquet`, `.jsonl`,
-/// `.json` and `.ndjson` file under it, sorted.
+/// `.json` and `.ndjson` file under it, sorted; directories that are Delta tables (a store's,
+/// Tandem's own included) or hidden (`.x`, `_x`) are not walked.
 pub fn expand(paths: &[impl AsRef<Path>]) -> Result<Vec<PathBuf>> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let io = |source| BatchError::Io {
@@ -90,7 +91,14 @@ pub fn expand(paths: &[impl AsRef<Path>]) -> Result<Vec<PathBuf>> {
         entries.sort();
         for p in entries {
             if p.is_dir() {
-                walk(&p, out)?;
+                // Not a Delta table's files (Tandem's own store among them), nor hidden ones.
+                let hidden = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.') || n.starts_with('_'));
+                if !hidden && !p.join("_delta_log").is_dir() {
+                    walk(&p, out)?;
+                }
             } else if matches!(
                 p.extension().and_then(|e| e.to_str()),
                 Some("parquet" | "jsonl" | "json" | "ndjson")

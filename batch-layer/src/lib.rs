@@ -1,18 +1,21 @@
 //! tandem-batch: everything that reads the master dataset.
 //!
 //! [`compute`] recomputes views exactly with DataFusion from the master dataset (a Delta
-//! table of every valid event) and publishes each run atomically, one Delta commit per view
-//! that replaces the recomputed days and records the view's coverage and definition hash;
-//! `rollup` computes the view's rollups, published in the same commit.
-//! [`views`] reads the published views back for the serving layer through core's
-//! `BatchViews`. [`import`] loads history files into the master dataset. [`hll`] is the
-//! DataFusion aggregate that builds the same DataSketches HLL sketches as the speed layer.
+//! table of every valid event), a day at a time, and publishes each run atomically, one Delta
+//! commit per view that replaces the recomputed days and records the view's coverage and
+//! definition hash; `cube` builds a day's view rows and rollups in one pass over DataFusion's
+//! first phase (`rollup` merges rollups for views it cannot serve). [`views`] reads the
+//! published views back for the serving layer through core's `BatchViews`. [`import`] loads
+//! history files into the master dataset; [`maintenance`] compacts and vacuums the tables.
+//! [`hll`] is the DataFusion aggregate that builds the same DataSketches HLL sketches as the
+//! speed layer.
 
 pub mod compute;
 mod cube;
 pub mod error;
 pub mod hll;
 pub mod import;
+pub mod maintenance;
 mod rollup;
 pub mod views;
 

@@ -780,3 +780,146 @@ metrics = [
     assert!(small.version > free.version);
     assert_eq!(rows_of(&s.storage, view).await, unlimited);
 }
+
+/// Rows and revenue of the master dataset, and its data files by day.
+async fn master_state(s: &Setup) -> (i64, String, std::collections::BTreeMap<String, usize>) {
+    let t = s
+        .storage
+        .open(&s.storage.layout().master("app_events"))
+        .await
+        .unwrap()
+        .unwrap();
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("m", t.table_provider().await.unwrap())
+        .unwrap();
+    let b = ctx
+        .sql("SELECT count(*), CAST(sum(revenue_usd) AS VARCHAR) FROM m")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    use datafusion::arrow::array::AsArray;
+    let rows = b[0]
+        .column(0)
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+        .value(0);
+    let revenue = datafusion::arrow::compute::cast(
+        b[0].column(1),
+        &datafusion::arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap()
+    .as_string::<i32>()
+    .value(0)
+    .to_string();
+    let mut files = std::collections::BTreeMap::new();
+    use futures::TryStreamExt;
+    let views: Vec<_> = t
+        .get_active_add_actions_by_partitions(&[])
+        .try_collect()
+        .await
+        .unwrap();
+    for f in views {
+        let day = f.partition_values_map()["dt"].clone().unwrap();
+        *files.entry(day).or_insert(0) += 1;
+    }
+    (rows, revenue, files)
+}
+
+/// Compaction merges each day's small files without changing a row, a recompute after it finds
+/// nothing dirty, and imports stay idempotent; vacuum deletes what compaction replaced and a
+/// file no commit names (as a crash leaves), and the table reads the same after.
+#[tokio::test]
+async fn compaction_keeps_the_rows_and_vacuum_removes_replaced_and_orphan_files() {
+    let s = setup();
+    let schema = Arc::clone(&s.catalog.schemas["app_events"]);
+    let mut files = Vec::new();
+    for seed in 1..=3 {
+        let lines: Vec<String> = Generator::new(GenConfig {
+            seed,
+            late_share: 0.0,
+            ..Default::default()
+        })
+        .history(1_000, NOW - 3 * DAY_US, NOW - DAY_US)
+        .map(|e| e.to_json())
+        .collect();
+        let f = s.dir.join(format!("part{seed}.jsonl"));
+        write_lines(&f, &lines);
+        files.push(f);
+    }
+    import_jsonl(&s.storage, &schema, &files, NOW)
+        .await
+        .unwrap();
+    let batch = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    );
+    batch.run(None, &RunRequest::default()).await.unwrap();
+    let (rows, revenue, before) = master_state(&s).await;
+    assert_eq!(rows, 3_000);
+    assert!(before.values().all(|&n| n == 3), "{before:?}");
+
+    let tables = crate::maintenance::tables(&s.storage, &s.catalog);
+    let master = tables
+        .iter()
+        .find(|t| t.name == "master/app_events")
+        .unwrap();
+    let r = crate::maintenance::compact(&s.storage, master, None, 128 << 20)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.files_removed as usize, before.values().sum::<usize>());
+    assert_eq!(r.files_added as usize, before.len());
+    let (rows_after, revenue_after, after) = master_state(&s).await;
+    assert_eq!((rows_after, revenue_after), (rows, revenue.clone()));
+    assert!(after.values().all(|&n| n == 1), "{after:?}");
+    // Compacting again finds nothing to do.
+    let again = crate::maintenance::compact(&s.storage, master, None, 128 << 20)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.files_removed, again.version), (0, None));
+
+    // No day became dirty, and an import of the same files adds nothing.
+    let rerun = batch.run(None, &RunRequest::default()).await.unwrap();
+    assert!(rerun.iter().all(|r| r.days.is_empty()), "{rerun:?}");
+    let r = import_jsonl(&s.storage, &schema, &files, NOW)
+        .await
+        .unwrap();
+    assert_eq!((r.files, r.skipped), (0, 3));
+
+    // A data file written but never committed.
+    let day_dir = s
+        .dir
+        .join("data/master/app_events")
+        .join(format!("dt={}", after.keys().next().unwrap()));
+    let committed = std::fs::read_dir(&day_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .unwrap();
+    let orphan = day_dir.join("part-00000-orphan-c000.snappy.parquet");
+    std::fs::copy(&committed, &orphan).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    let dry = crate::maintenance::vacuum(&s.storage, master, std::time::Duration::ZERO, true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(dry.files.iter().any(|f| f.contains("orphan")), "{dry:?}");
+    assert_eq!(
+        dry.files.len(),
+        before.values().sum::<usize>() + 1,
+        "{dry:?}"
+    );
+    assert!(orphan.exists(), "a dry run deletes nothing");
+    let done = crate::maintenance::vacuum(&s.storage, master, std::time::Duration::ZERO, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.files, dry.files);
+    assert!(!orphan.exists());
+    let (rows_vacuumed, revenue_vacuumed, _) = master_state(&s).await;
+    assert_eq!((rows_vacuumed, revenue_vacuumed), (rows, revenue));
+}
