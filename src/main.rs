@@ -75,6 +75,9 @@ enum Command {
         #[arg(long)]
         schema: Option<String>,
     },
+    /// Erase one subject's events (GDPR) from the master dataset and the dead-letter table;
+    /// the next batch run republishes their days without them.
+    Erase(roles::EraseArgs),
     /// Merge small files per day in every table (Delta OPTIMIZE), rows unchanged.
     Compact(roles::CompactArgs),
     /// Delete files no table version within the retention period references, including files
@@ -188,6 +191,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Broker(args) => broker::run(&config, args).await,
         Command::Replay(args) => replay::run(&config, args).await,
         Command::Compact(args) => roles::compact(&config, args).await,
+        Command::Erase(args) => roles::erase(&config, args).await,
         Command::Vacuum(args) => roles::vacuum(&config, args).await,
         Command::Query(args) => roles::query(&config, args),
         Command::Bench(args) => bench::run(&config, args).await,

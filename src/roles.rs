@@ -89,6 +89,22 @@ pub enum BatchCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct EraseArgs {
+    /// The field that identifies the subject, e.g. `device_id`.
+    #[arg(long)]
+    pub field: String,
+    /// The subject's value of the field.
+    #[arg(long)]
+    pub value: String,
+    /// The event schema (default: the only schema).
+    #[arg(long)]
+    pub schema: Option<String>,
+    /// Who asks, for the audit record (default: $USER).
+    #[arg(long)]
+    pub who: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct CompactArgs {
     /// Only these days (`YYYY-MM-DD`, comma-separated) of the day-partitioned tables.
     #[arg(long, value_delimiter = ',')]
@@ -683,6 +699,51 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
             (n, None) => println!("{}: computed {n} day(s)", r.view),
         }
     }
+    Ok(())
+}
+
+pub async fn erase(config: &Config, args: EraseArgs) -> Result<()> {
+    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    let schema = match &args.schema {
+        Some(s) => Arc::clone(
+            catalog
+                .schemas
+                .get(s)
+                .with_context(|| format!("--schema: no schema `{s}`"))?,
+        ),
+        None if catalog.schemas.len() == 1 => {
+            Arc::clone(catalog.schemas.values().next().expect("one"))
+        }
+        None => bail!("several schemas are defined; name one with --schema"),
+    };
+    let who = args
+        .who
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into());
+    let r = tandem_batch::erase::erase(
+        &storage,
+        &schema,
+        &args.field,
+        &args.value,
+        &who,
+        clock().now_us(),
+    )
+    .await?;
+    println!(
+        "erased {} event(s) from master/{} and {} dead letter(s); {} day(s) to recompute: {}",
+        r.master_rows,
+        r.schema,
+        r.dead_letter_rows,
+        r.days.len(),
+        r.days.join(", ")
+    );
+    println!(
+        "audit record written (value as SHA-256 {}); run `tandem batch run` to republish those days. \
+         The speed layer's state still counts the subject's events of days no batch covers yet \
+         (a sketch cannot remove a value) until a publish covers them.",
+        r.value_sha256
+    );
     Ok(())
 }
 

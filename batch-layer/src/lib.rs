@@ -6,12 +6,14 @@
 //! definition hash; `cube` builds a day's view rows and rollups in one pass over DataFusion's
 //! first phase (`rollup` merges rollups for views it cannot serve). [`views`] reads the
 //! published views back for the serving layer through core's `BatchViews`. [`import`] loads
-//! history files into the master dataset; [`maintenance`] compacts and vacuums the tables.
+//! history files into the master dataset; [`maintenance`] compacts and vacuums the tables;
+//! [`erase`] deletes one subject's events.
 //! [`hll`] is the DataFusion aggregate that builds the same DataSketches HLL sketches as the
 //! speed layer.
 
 pub mod compute;
 mod cube;
+pub mod erase;
 pub mod error;
 pub mod hll;
 pub mod import;

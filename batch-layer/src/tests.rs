@@ -923,3 +923,96 @@ async fn compaction_keeps_the_rows_and_vacuum_removes_replaced_and_orphan_files(
     let (rows_vacuumed, revenue_vacuumed, _) = master_state(&s).await;
     assert_eq!((rows_vacuumed, revenue_vacuumed), (rows, revenue));
 }
+
+/// Erasing a device deletes its events from the master dataset and its dead letters, marks
+/// their days dirty so the next run republishes them without it, and leaves an audit record
+/// that does not hold the value.
+#[tokio::test]
+async fn erasure_removes_a_subject_everywhere_and_is_audited() {
+    let s = setup();
+    let schema = Arc::clone(&s.catalog.schemas["app_events"]);
+    let mut lines: Vec<String> = Generator::new(GenConfig {
+        seed: 4,
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(3_000, NOW - 3 * DAY_US, NOW - DAY_US)
+    .map(|e| e.to_json())
+    .collect();
+    let device = {
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        v["device_id"].as_str().unwrap().to_string()
+    };
+    let of_device = lines.iter().filter(|l| l.contains(&device)).count() as u64;
+    // A dead letter of the same device (no event id) and one of another.
+    lines.push(format!(r#"{{"device_id":"{device}","app_id":"x"}}"#));
+    lines.push(r#"{"device_id":"someone-else","app_id":"x"}"#.to_string());
+    let file = s.dir.join("h.jsonl");
+    write_lines(&file, &lines);
+    let r = import_jsonl(&s.storage, &schema, &[&file], NOW)
+        .await
+        .unwrap();
+    assert_eq!((r.events, r.rejected), (3_000, 2));
+    let batch = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    );
+    batch.run(None, &RunRequest::default()).await.unwrap();
+    let before = total(&s, "active_devices_daily").await;
+
+    let err = crate::erase::erase(&s.storage, &schema, "nope", &device, "dpo", NOW)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no field `nope`"), "{err}");
+
+    let r = crate::erase::erase(&s.storage, &schema, "device_id", &device, "dpo", NOW)
+        .await
+        .unwrap();
+    assert_eq!((r.master_rows, r.dead_letter_rows), (of_device, 1));
+    assert!(!r.days.is_empty());
+    assert_eq!(master_state(&s).await.0 as u64, 3_000 - of_device);
+    assert_eq!(dead_letters(&s).await, 1);
+
+    // The next run recomputes exactly the subject's days.
+    let rerun = batch
+        .run(Some("active_devices_daily"), &RunRequest::default())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(rerun.days, r.days);
+    assert_eq!(total(&s, "active_devices_daily").await, before - of_device);
+
+    // Audited without the value.
+    let audit = s
+        .storage
+        .open(&s.storage.layout().erasures())
+        .await
+        .unwrap()
+        .unwrap();
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("a", audit.table_provider().await.unwrap())
+        .unwrap();
+    let rows = ctx
+        .sql("SELECT who, field, value_sha256, master_rows FROM a")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let shown = datafusion::arrow::util::pretty::pretty_format_batches(&rows)
+        .unwrap()
+        .to_string();
+    assert!(
+        shown.contains("dpo") && shown.contains(&r.value_sha256),
+        "{shown}"
+    );
+    assert!(!shown.contains(&device), "{shown}");
+
+    // Erasing again finds nothing and is audited too.
+    let again = crate::erase::erase(&s.storage, &schema, "device_id", &device, "dpo", NOW)
+        .await
+        .unwrap();
+    assert_eq!((again.master_rows, again.dead_letter_rows), (0, 0));
+}

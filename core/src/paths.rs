@@ -91,6 +91,11 @@ impl Layout {
         self.join(&["views", view])
     }
 
+    /// The audit table of erasures.
+    pub fn erasures(&self) -> Url {
+        self.join(&["audit", "erasures"])
+    }
+
     /// Whether the root is a local directory (and which).
     pub fn local_dir(&self) -> Option<std::path::PathBuf> {
         (self.root.scheme() == "file")
