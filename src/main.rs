@@ -75,6 +75,9 @@ enum Command {
         #[arg(long)]
         schema: Option<String>,
     },
+    /// Dead letters: list them, or replay them through the current schema.
+    #[command(subcommand)]
+    Dlq(roles::DlqCommand),
     /// Erase one subject's events (GDPR) from the master dataset and the dead-letter table;
     /// the next batch run republishes their days without them.
     Erase(roles::EraseArgs),
@@ -192,6 +195,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Replay(args) => replay::run(&config, args).await,
         Command::Compact(args) => roles::compact(&config, args).await,
         Command::Erase(args) => roles::erase(&config, args).await,
+        Command::Dlq(cmd) => roles::dlq(&config, cmd).await,
         Command::Vacuum(args) => roles::vacuum(&config, args).await,
         Command::Query(args) => roles::query(&config, args),
         Command::Bench(args) => bench::run(&config, args).await,

@@ -89,6 +89,40 @@ pub enum BatchCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct DlqFilter {
+    /// Only dead letters of this reason: `decode`, `schema` or `event_time`.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only dead letters received at or after this time (RFC 3339, a date or epoch ms).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// The event schema (default: the only schema).
+    #[arg(long)]
+    pub schema: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Show dead letters: where they came from, why, and their bytes.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// At most this many, oldest first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode dead letters again with the current schema; move those that are events now into
+    /// the master dataset (once), leave the rest.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct EraseArgs {
     /// The field that identifies the subject, e.g. `device_id`.
     #[arg(long)]
@@ -697,6 +731,84 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
                 r.publish_seconds
             ),
             (n, None) => println!("{}: computed {n} day(s)", r.view),
+        }
+    }
+    Ok(())
+}
+
+fn one_schema(
+    catalog: &Catalog,
+    name: Option<&str>,
+) -> Result<Arc<tandem_core::schema::EventSchema>> {
+    Ok(match name {
+        Some(s) => Arc::clone(
+            catalog
+                .schemas
+                .get(s)
+                .with_context(|| format!("--schema: no schema `{s}`"))?,
+        ),
+        None if catalog.schemas.len() == 1 => {
+            Arc::clone(catalog.schemas.values().next().expect("one"))
+        }
+        None => bail!("several schemas are defined; name one with --schema"),
+    })
+}
+
+pub async fn dlq(config: &Config, cmd: DlqCommand) -> Result<()> {
+    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    let (DlqCommand::List { filter, .. } | DlqCommand::Replay { filter }) = &cmd;
+    let schema = one_schema(&catalog, filter.schema.as_deref())?;
+    if let Some(r) = &filter.reason {
+        if !["decode", "schema", "event_time"].contains(&r.as_str()) {
+            bail!("--reason `{r}`: one of decode, schema, event_time");
+        }
+    }
+    let since_us = match &filter.since {
+        Some(t) => Some(tandem_core::time::parse_instant(t).with_context(|| {
+            format!("--since `{t}` is not a time (RFC 3339, a date or epoch ms)")
+        })?),
+        None => None,
+    };
+    let f = tandem_batch::dlq::Filter {
+        reason: filter.reason.clone(),
+        since_us,
+    };
+    match cmd {
+        DlqCommand::List { limit, json, .. } => {
+            let letters = tandem_batch::dlq::list(&storage, &schema, &f).await?;
+            let total = letters.len();
+            for d in letters.iter().take(limit) {
+                if json {
+                    println!("{}", serde_json::to_string(d)?);
+                } else {
+                    println!(
+                        "{} {}[{}]@{} {}: {}\n    {}",
+                        tandem_core::time::format_us(d.received_at_us),
+                        d.topic,
+                        d.partition,
+                        d.offset,
+                        d.reason,
+                        d.error,
+                        tandem_batch::dlq::printable(&d.raw)
+                    );
+                }
+            }
+            if !json && total > limit {
+                eprintln!("{total} dead letters; the oldest {limit} shown (--limit)");
+            }
+        }
+        DlqCommand::Replay { .. } => {
+            let r = tandem_batch::dlq::replay(&storage, &schema, &f, clock().now_us()).await?;
+            if r.finished_earlier > 0 {
+                println!(
+                    "finished an interrupted replay: {} dead letter(s) were already in the master dataset",
+                    r.finished_earlier
+                );
+            }
+            println!(
+                "moved {} dead letter(s) into the master dataset; {} still rejected, left as they are",
+                r.moved, r.still_rejected
+            );
         }
     }
     Ok(())

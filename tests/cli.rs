@@ -171,6 +171,35 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
     ]));
     assert!(out.contains("views/installs_hourly: would delete"), "{out}");
 
+    // Dead letters: a file with one bad line, listed and (still bad) left by a replay.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"event_id\":\"only\"}\n").unwrap();
+    run_ok(
+        tandem(dir.path())
+            .args(defs)
+            .args(["--data", "d", "import"])
+            .arg(&bad),
+    );
+    let out = run_ok(
+        tandem(dir.path())
+            .args(defs)
+            .args(["--data", "d", "dlq", "list", "--reason", "schema", "--json"]),
+    );
+    let letter: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(letter["raw"], "{\"event_id\":\"only\"}", "{out}");
+    let out = run_ok(
+        tandem(dir.path())
+            .args(defs)
+            .args(["--data", "d", "dlq", "replay"]),
+    );
+    assert!(out.contains("moved 0 dead letter(s)"), "{out}");
+    let err = run_err(
+        tandem(dir.path())
+            .args(defs)
+            .args(["--data", "d", "dlq", "list", "--reason", "nope"]),
+    );
+    assert!(err.contains("--reason"), "{err}");
+
     let mut child = tandem(dir.path())
         .args(defs)
         .args(["--data", "d", "--listen", "127.0.0.1:0", "serve"])

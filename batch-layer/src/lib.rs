@@ -7,12 +7,13 @@
 //! first phase (`rollup` merges rollups for views it cannot serve). [`views`] reads the
 //! published views back for the serving layer through core's `BatchViews`. [`import`] loads
 //! history files into the master dataset; [`maintenance`] compacts and vacuums the tables;
-//! [`erase`] deletes one subject's events.
+//! [`erase`] deletes one subject's events; [`dlq`] lists and replays dead letters.
 //! [`hll`] is the DataFusion aggregate that builds the same DataSketches HLL sketches as the
 //! speed layer.
 
 pub mod compute;
 mod cube;
+pub mod dlq;
 pub mod erase;
 pub mod error;
 pub mod hll;

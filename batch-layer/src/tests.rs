@@ -1016,3 +1016,85 @@ async fn erasure_removes_a_subject_everywhere_and_is_audited() {
         .unwrap();
     assert_eq!((again.master_rows, again.dead_letter_rows), (0, 0));
 }
+
+/// Dead letters are listed by reason and time with their bytes printable; a replay moves those
+/// that are events now into the master dataset once, even when it was interrupted between its
+/// two commits, and leaves the rest.
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_once_even_after_an_interrupted_replay() {
+    use crate::dlq::{list, replay, replay_with, Filter};
+    let s = setup();
+    let schema = Arc::clone(&s.catalog.schemas["app_events"]);
+    let mut gen = Generator::new(GenConfig::default());
+    let good = gen.next_at(NOW - DAY_US).to_json();
+    // Two days ahead of the clock: refused now, an event once the clock has moved on.
+    let future = gen.next_at(NOW + 2 * DAY_US).to_json();
+    let file = s.dir.join("mixed.jsonl");
+    write_lines(
+        &file,
+        &[
+            good,
+            future.clone(),
+            "{not json\u{1}".into(),
+            r#"{"event_id":"x"}"#.into(),
+        ],
+    );
+    import_jsonl(&s.storage, &schema, &[&file], NOW)
+        .await
+        .unwrap();
+
+    let all = list(&s.storage, &schema, &Filter::default()).await.unwrap();
+    assert_eq!(all.len(), 3);
+    let late = Filter {
+        reason: Some("event_time".into()),
+        ..Default::default()
+    };
+    let only = list(&s.storage, &schema, &late).await.unwrap();
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].raw, future.as_bytes());
+    assert_eq!(only[0].offset, 2);
+    let broken = all.iter().find(|d| d.reason == "decode").unwrap();
+    assert_eq!(crate::dlq::printable(&broken.raw), "{not json\\u{1}");
+    let since = Filter {
+        since_us: Some(NOW + 1),
+        ..Default::default()
+    };
+    assert!(list(&s.storage, &schema, &since).await.unwrap().is_empty());
+
+    // Nothing changed: nothing moves.
+    let r = replay(&s.storage, &schema, &Filter::default(), NOW)
+        .await
+        .unwrap();
+    assert_eq!((r.moved, r.still_rejected), (0, 3));
+
+    // Three days later the future event is an event; the first replay stops between its
+    // commits, the next one finishes it and moves nothing twice.
+    let later = NOW + 3 * DAY_US;
+    replay_with(&s.storage, &schema, &Filter::default(), later, true)
+        .await
+        .unwrap();
+    assert_eq!(master_state(&s).await.0, 2);
+    assert_eq!(dead_letters(&s).await, 3, "interrupted before the delete");
+    let r = replay(&s.storage, &schema, &Filter::default(), later)
+        .await
+        .unwrap();
+    assert_eq!((r.finished_earlier, r.moved, r.still_rejected), (1, 0, 2));
+    assert_eq!(master_state(&s).await.0, 2);
+    assert_eq!(dead_letters(&s).await, 2);
+    let again = replay(&s.storage, &schema, &Filter::default(), later)
+        .await
+        .unwrap();
+    assert_eq!((again.finished_earlier, again.moved), (0, 0));
+    assert_eq!(master_state(&s).await.0, 2);
+
+    // An uninterrupted replay moves in one go.
+    let file2 = s.dir.join("more.jsonl");
+    write_lines(&file2, &[gen.next_at(NOW + 2 * DAY_US).to_json()]);
+    import_jsonl(&s.storage, &schema, &[&file2], NOW)
+        .await
+        .unwrap();
+    let r = replay(&s.storage, &schema, &late, later).await.unwrap();
+    assert_eq!((r.finished_earlier, r.moved, r.still_rejected), (0, 1, 0));
+    assert_eq!(master_state(&s).await.0, 3);
+    assert_eq!(dead_letters(&s).await, 2);
+}
