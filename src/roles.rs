@@ -816,18 +816,7 @@ pub async fn dlq(config: &Config, cmd: DlqCommand) -> Result<()> {
 
 pub async fn erase(config: &Config, args: EraseArgs) -> Result<()> {
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
-    let schema = match &args.schema {
-        Some(s) => Arc::clone(
-            catalog
-                .schemas
-                .get(s)
-                .with_context(|| format!("--schema: no schema `{s}`"))?,
-        ),
-        None if catalog.schemas.len() == 1 => {
-            Arc::clone(catalog.schemas.values().next().expect("one"))
-        }
-        None => bail!("several schemas are defined; name one with --schema"),
-    };
+    let schema = one_schema(&catalog, args.schema.as_deref())?;
     let who = args
         .who
         .clone()
@@ -922,18 +911,7 @@ pub async fn vacuum(config: &Config, args: VacuumArgs) -> Result<()> {
 
 pub async fn import(config: &Config, files: Vec<PathBuf>, schema: Option<String>) -> Result<()> {
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
-    let schema = match schema {
-        Some(s) => Arc::clone(
-            catalog
-                .schemas
-                .get(&s)
-                .with_context(|| format!("no schema `{s}`"))?,
-        ),
-        None if catalog.schemas.len() == 1 => {
-            Arc::clone(catalog.schemas.values().next().expect("one"))
-        }
-        None => bail!("several schemas are defined; name one with --schema"),
-    };
+    let schema = one_schema(&catalog, schema.as_deref())?;
     let started = std::time::Instant::now();
     let (mut events, mut bytes) = (0usize, 0u64);
     let r = tandem_batch::import_files(&storage, &schema, &files, clock().now_us(), |f| {

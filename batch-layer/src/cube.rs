@@ -271,7 +271,8 @@ pub(crate) fn build(
     });
     let tables: Vec<std::sync::Mutex<Table>> =
         tables.into_iter().map(std::sync::Mutex::new).collect();
-    let each_table = |work: &(dyn Fn(&mut Table) + Sync)| {
+    // `work` on every table, `threads` at a time, each table by the next free thread.
+    let each_table = |work: &(dyn Fn(usize, &mut Table) + Sync)| {
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for _ in 0..threads {
@@ -279,7 +280,7 @@ pub(crate) fn build(
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&i) = order.get(k) else { break };
                     let mut t = tables[i].lock().unwrap_or_else(|e| e.into_inner());
-                    work(&mut t);
+                    work(i, &mut t);
                 });
             }
         });
@@ -309,7 +310,7 @@ pub(crate) fn build(
         let p = prepare(view, &batch, distinct, &mut interner)?;
         preparing += t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
-        each_table(&|table: &mut Table| table.add(view, &p));
+        each_table(&|_, table: &mut Table| table.add(view, &p));
         adding += t.elapsed().as_secs_f64();
     }
     let t = std::time::Instant::now();
@@ -318,25 +319,14 @@ pub(crate) fn build(
     let finished: Vec<std::sync::Mutex<Option<Result<RecordBatch>>>> = (0..tables.len())
         .map(|_| std::sync::Mutex::new(None))
         .collect();
-    {
-        let (finished, tables, schema) = (&finished, &tables, &schema);
-        // Each table is written, then emptied, by the thread that takes it.
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&i) = order.get(k) else { break };
-                    let mut t = tables[i].lock().unwrap_or_else(|e| e.into_inner());
-                    if t.groups() > 0 {
-                        let b = t.finish(view, schema, values);
-                        *finished[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
-                    }
-                    *t = Table::new(view, String::new(), Vec::new(), t.granularity, false);
-                });
-            }
-        });
-    }
+    // Each table is written, then emptied, by the thread that takes it.
+    each_table(&|i, t: &mut Table| {
+        if t.groups() > 0 {
+            let b = t.finish(view, &schema, values);
+            *finished[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+        }
+        *t = Table::new(view, String::new(), Vec::new(), t.granularity, false);
+    });
     let out = finished
         .into_iter()
         .filter_map(|f| f.into_inner().unwrap_or_else(|e| e.into_inner()))

@@ -587,30 +587,15 @@ fn write_parquet(path: &Path, lines: &[String]) {
 }
 
 async fn dead_letters(s: &Setup) -> usize {
-    match s
-        .storage
-        .open(&s.storage.layout().dead_letter("app_events"))
-        .await
-        .unwrap()
-    {
-        Some(t) => {
-            let ctx = datafusion::prelude::SessionContext::new();
-            ctx.register_table("d", t.table_provider().await.unwrap())
-                .unwrap();
-            let b = ctx
-                .sql("SELECT count(*) FROM d")
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap();
-            use datafusion::arrow::array::AsArray;
-            b[0].column(0)
-                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                .value(0) as usize
-        }
-        None => 0,
+    let url = s.storage.layout().dead_letter("app_events");
+    if s.storage.open(&url).await.unwrap().is_none() {
+        return 0;
     }
+    let b = sql_on(s, &url, "SELECT count(*) FROM t").await;
+    use datafusion::arrow::array::AsArray;
+    b[0].column(0)
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+        .value(0) as usize
 }
 
 /// Parquet history is held to the JSON rules (a row without its required `device_id` is a dead
@@ -781,24 +766,29 @@ metrics = [
     assert_eq!(rows_of(&s.storage, view).await, unlimited);
 }
 
+/// The answer of `sql` over the Delta table at `url`, registered as `t`.
+async fn sql_on(
+    s: &Setup,
+    url: &url::Url,
+    sql: &str,
+) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
+    let t = s.storage.open(url).await.unwrap().unwrap();
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("t", t.table_provider().await.unwrap())
+        .unwrap();
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
 /// Rows and revenue of the master dataset, and its data files by day.
 async fn master_state(s: &Setup) -> (i64, String, std::collections::BTreeMap<String, usize>) {
-    let t = s
-        .storage
-        .open(&s.storage.layout().master("app_events"))
-        .await
-        .unwrap()
-        .unwrap();
-    let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_table("m", t.table_provider().await.unwrap())
-        .unwrap();
-    let b = ctx
-        .sql("SELECT count(*), CAST(sum(revenue_usd) AS VARCHAR) FROM m")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let url = s.storage.layout().master("app_events");
+    let b = sql_on(
+        s,
+        &url,
+        "SELECT count(*), CAST(sum(revenue_usd) AS VARCHAR) FROM t",
+    )
+    .await;
+    let t = s.storage.open(&url).await.unwrap().unwrap();
     use datafusion::arrow::array::AsArray;
     let rows = b[0]
         .column(0)
@@ -985,22 +975,12 @@ async fn erasure_removes_a_subject_everywhere_and_is_audited() {
     assert_eq!(total(&s, "active_devices_daily").await, before - of_device);
 
     // Audited without the value.
-    let audit = s
-        .storage
-        .open(&s.storage.layout().erasures())
-        .await
-        .unwrap()
-        .unwrap();
-    let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_table("a", audit.table_provider().await.unwrap())
-        .unwrap();
-    let rows = ctx
-        .sql("SELECT who, field, value_sha256, master_rows FROM a")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let rows = sql_on(
+        &s,
+        &s.storage.layout().erasures(),
+        "SELECT who, field, value_sha256, master_rows FROM t",
+    )
+    .await;
     let shown = datafusion::arrow::util::pretty::pretty_format_batches(&rows)
         .unwrap()
         .to_string();
