@@ -85,7 +85,7 @@ pub struct PublishReport {
     /// Master rows and bytes read, over every day.
     pub rows_read: u64,
     pub bytes_read: u64,
-    /// Seconds spent computing the rollups, writing and committing.
+    /// Seconds of the publish's commit (the files are written day by day: see the days).
     pub publish_seconds: f64,
     /// Seconds of the whole run of this view.
     pub seconds: f64,
@@ -211,15 +211,14 @@ impl std::fmt::Debug for BatchLayer {
 
 /// A DataFusion session for batch work: strings read back as plain `Utf8`.
 pub(crate) fn session() -> SessionContext {
-    session_with(&BatchOptions::default(), false).expect("a session without a memory limit")
+    session_with(&BatchOptions::default()).expect("a session without a memory limit")
 }
 
 /// A session for batch work with `options`: its threads, and a memory pool that spills
-/// (shared fairly among a query's operators) when a limit is set.
-///
-/// With `view_types`, Parquet strings are read as `Utf8View` (no copy of the bytes, and the
-/// grouping DataFusion does fastest); otherwise as plain `Utf8`.
-pub(crate) fn session_with(options: &BatchOptions, view_types: bool) -> Result<SessionContext> {
+/// (shared fairly among a query's operators) when a limit is set. Parquet strings are read as
+/// plain `Utf8`: `Utf8View` grouping was no faster here, and reserves memory in blocks of
+/// megabytes, which a small memory limit cannot spare.
+pub(crate) fn session_with(options: &BatchOptions) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
     if let Some(n) = options.threads {
         config = config.with_target_partitions(n.max(1));
@@ -228,14 +227,14 @@ pub(crate) fn session_with(options: &BatchOptions, view_types: bool) -> Result<S
         .options_mut()
         .execution
         .parquet
-        .schema_force_view_types = view_types;
+        .schema_force_view_types = false;
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = options.memory_limit {
         runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit)));
         // An operator reserves memory a batch at a time; under a small limit, batches are made
         // small enough that one batch's reservation leaves room to spill (4 KiB of pool per
         // row of a batch; the default 8,192 rows from 32 MiB up).
-        let rows = (limit / 4096).clamp(256, config.batch_size());
+        let rows = (limit / 4096).max(256).min(config.batch_size());
         config = config.with_batch_size(rows);
     }
     if let Some(dir) = &options.spill_dir {
@@ -310,9 +309,7 @@ impl BatchLayer {
         let same_definition = previous.hash.as_deref() == Some(view.definition_hash.as_str());
         let today = day_of(self.clock.now_us());
 
-        // Plain strings: `Utf8View` grouping was no faster here, and reserves memory in blocks
-        // of megabytes, which a small memory limit cannot spare.
-        let ctx = session_with(&self.options, false)?;
+        let ctx = session_with(&self.options)?;
         ctx.register_table("master", master.table_provider().await?)?;
         // The days the master holds, from its snapshot's file list (no scan).
         let files = master_files(&master, &master_url).await?;
