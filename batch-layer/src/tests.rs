@@ -47,6 +47,18 @@ fn write_lines(path: &Path, lines: &[String]) {
     }
 }
 
+/// `n` generated events of `seed` (no late ones) in `[from, to)`, as JSON lines.
+fn history(seed: u64, n: usize, from: i64, to: i64) -> Vec<String> {
+    Generator::new(GenConfig {
+        seed,
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(n, from, to)
+    .map(|e| e.to_json())
+    .collect()
+}
+
 async fn total(s: &Setup, view: &str) -> u64 {
     let v = &s.catalog.views[view];
     let views = DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::ZERO);
@@ -252,14 +264,7 @@ async fn published_versions_are_answered_from_memory_one_version_per_query() {
     let s = setup();
     let schema = Arc::clone(&s.catalog.schemas["app_events"]);
     let import = |name: &str, seed: u64, n: usize| {
-        let lines: Vec<String> = Generator::new(GenConfig {
-            seed,
-            late_share: 0.0,
-            ..Default::default()
-        })
-        .history(n, NOW - 3 * DAY_US, NOW - DAY_US)
-        .map(|e| e.to_json())
-        .collect();
+        let lines: Vec<String> = history(seed, n, NOW - 3 * DAY_US, NOW - DAY_US);
         let file = s.dir.join(name);
         write_lines(&file, &lines);
         file
@@ -371,14 +376,7 @@ metrics = [
     let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
     let schema = Arc::clone(&catalog.schemas["app_events"]);
     let start = day_of(NOW - 4 * DAY_US) * DAY_US;
-    let lines: Vec<String> = Generator::new(GenConfig {
-        seed: 7,
-        late_share: 0.0,
-        ..Default::default()
-    })
-    .history(6_000, start, day_of(NOW) * DAY_US)
-    .map(|e| e.to_json())
-    .collect();
+    let lines: Vec<String> = history(7, 6_000, start, day_of(NOW) * DAY_US);
     let file = s.dir.join("h.jsonl");
     write_lines(&file, &lines);
     import_jsonl(&s.storage, &schema, &[&file], NOW)
@@ -709,14 +707,7 @@ metrics = [
     .unwrap();
     let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
     let schema = Arc::clone(&catalog.schemas["app_events"]);
-    let lines: Vec<String> = Generator::new(GenConfig {
-        seed: 11,
-        late_share: 0.0,
-        ..Default::default()
-    })
-    .history(60_000, NOW - 3 * DAY_US, NOW - DAY_US)
-    .map(|e| e.to_json())
-    .collect();
+    let lines: Vec<String> = history(11, 60_000, NOW - 3 * DAY_US, NOW - DAY_US);
     let file = s.dir.join("h.jsonl");
     write_lines(&file, &lines);
     import_jsonl(&s.storage, &schema, &[&file], NOW)
@@ -825,14 +816,7 @@ async fn compaction_keeps_the_rows_and_vacuum_removes_replaced_and_orphan_files(
     let schema = Arc::clone(&s.catalog.schemas["app_events"]);
     let mut files = Vec::new();
     for seed in 1..=3 {
-        let lines: Vec<String> = Generator::new(GenConfig {
-            seed,
-            late_share: 0.0,
-            ..Default::default()
-        })
-        .history(1_000, NOW - 3 * DAY_US, NOW - DAY_US)
-        .map(|e| e.to_json())
-        .collect();
+        let lines: Vec<String> = history(seed, 1_000, NOW - 3 * DAY_US, NOW - DAY_US);
         let f = s.dir.join(format!("part{seed}.jsonl"));
         write_lines(&f, &lines);
         files.push(f);
@@ -921,14 +905,7 @@ async fn compaction_keeps_the_rows_and_vacuum_removes_replaced_and_orphan_files(
 async fn erasure_removes_a_subject_everywhere_and_is_audited() {
     let s = setup();
     let schema = Arc::clone(&s.catalog.schemas["app_events"]);
-    let mut lines: Vec<String> = Generator::new(GenConfig {
-        seed: 4,
-        late_share: 0.0,
-        ..Default::default()
-    })
-    .history(3_000, NOW - 3 * DAY_US, NOW - DAY_US)
-    .map(|e| e.to_json())
-    .collect();
+    let mut lines: Vec<String> = history(4, 3_000, NOW - 3 * DAY_US, NOW - DAY_US);
     let device = {
         let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
         v["device_id"].as_str().unwrap().to_string()
