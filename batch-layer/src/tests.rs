@@ -1055,3 +1055,105 @@ async fn dead_letters_are_listed_and_replayed_once_even_after_an_interrupted_rep
     assert_eq!(master_state(&s).await.0, 3);
     assert_eq!(dead_letters(&s).await, 2);
 }
+
+/// A field added to a schema is added to the master dataset when a writer starts on the new
+/// definition (earlier rows read null); a field removed or retyped is refused at start with a
+/// message naming it, and so is a writer still on the definition before the field was added.
+#[tokio::test]
+async fn a_field_added_to_a_schema_joins_the_master_and_removals_are_refused() {
+    let s = setup();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let original = std::fs::read_to_string(root.join("schemas/app_events.toml")).unwrap();
+    let load = |text: String| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app_events.toml"), text).unwrap();
+        let c = Catalog::load(dir.path(), &root.join("jobs")).unwrap();
+        Arc::clone(&c.schemas["app_events"])
+    };
+    let v1 = Arc::clone(&s.catalog.schemas["app_events"]);
+    let anchor = r#"  { name = "platform",     type = "string" },"#;
+    assert!(original.contains(anchor));
+    let v2 = load(original.replace(
+        anchor,
+        &format!("{anchor}\n  {{ name = \"os_version\", type = \"string\" }},"),
+    ));
+
+    let file = s.dir.join("old.jsonl");
+    write_lines(&file, &history(1, 500, NOW - 2 * DAY_US, NOW - DAY_US));
+    import_jsonl(&s.storage, &v1, &[&file], NOW).await.unwrap();
+    // An archiver started on the old definition, still running when the new one starts.
+    let mut running = tandem_core::master::MasterWriter::open(s.storage.clone(), Arc::clone(&v1))
+        .await
+        .unwrap();
+
+    // The new definition: the column is added, new rows carry it.
+    let mut with_os: Vec<String> = history(2, 300, NOW - 2 * DAY_US, NOW - DAY_US);
+    for l in &mut with_os {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["os_version"] = serde_json::json!("17.1");
+        *l = v.to_string();
+    }
+    let file2 = s.dir.join("new.jsonl");
+    write_lines(&file2, &with_os);
+    import_jsonl(&s.storage, &v2, &[&file2], NOW).await.unwrap();
+
+    // The archiver still on the old definition cannot commit over the new schema (nothing is
+    // written), and restarting it on the old definition is refused, naming the field.
+    let lines = history(3, 200, NOW - 2 * DAY_US, NOW - DAY_US);
+    let messages: Vec<tandem_core::decode::Message<'_>> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| tandem_core::decode::Message {
+            payload: Some(l.as_bytes()),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+        })
+        .collect();
+    let decoded = tandem_core::decode::Decoder::new(Arc::clone(&v1))
+        .decode(&messages, NOW)
+        .unwrap();
+    assert!(running
+        .commit(
+            tandem_core::master::MasterCommit {
+                rows: vec![tandem_core::master::archive_batch(&v1, &decoded).unwrap()],
+                ..Default::default()
+            },
+            NOW,
+        )
+        .await
+        .is_err());
+    let err = tandem_core::master::MasterWriter::open(s.storage.clone(), Arc::clone(&v1))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`os_version`"), "{err}");
+
+    let url = s.storage.layout().master("app_events");
+    let b = sql_on(&s, &url, "SELECT count(*), count(os_version) FROM t").await;
+    use datafusion::arrow::array::AsArray;
+    let col = |i: usize| {
+        b[0].column(i)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+            .value(0)
+    };
+    assert_eq!((col(0), col(1)), (800, 300));
+
+    // Removing or retyping a field is refused, naming it.
+    for (text, field) in [
+        (original.replace(anchor, ""), "platform"),
+        (
+            original.replace(
+                r#"{ name = "revenue_usd",  type = "decimal", scale = 6 }"#,
+                r#"{ name = "revenue_usd",  type = "float" }"#,
+            ),
+            "revenue_usd",
+        ),
+    ] {
+        let err = tandem_core::master::MasterWriter::open(s.storage.clone(), load(text))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("`{field}`")), "{err}");
+    }
+}

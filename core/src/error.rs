@@ -26,6 +26,11 @@ pub enum CoreError {
         message: String,
     },
 
+    /// A schema's definition changed in a way its master dataset cannot follow (a field
+    /// removed or retyped).
+    #[error("schema `{schema}`: {message}")]
+    SchemaChange { schema: String, message: String },
+
     /// A query does not fit the view it names (the user's mistake: HTTP 400).
     #[error("{0}")]
     BadQuery(String),

@@ -25,8 +25,9 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 
+use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::Transaction;
+use deltalake::kernel::{StructField, StructType, Transaction};
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use serde_json::{json, Value as Json};
@@ -86,6 +87,7 @@ impl MasterWriter {
         let master = storage
             .open_or_create(&master_url, &schema.master_schema(), &[DAY_COLUMN])
             .await?;
+        let master = evolve(master, &master_url, &schema).await?;
         let dlq = storage
             .open_or_create(&dlq_url, &dead_letter_schema(), &[])
             .await?;
@@ -189,6 +191,55 @@ fn table_err(url: &Url, source: deltalake::DeltaTableError) -> CoreError {
         table: url.to_string(),
         source: Box::new(source),
     }
+}
+
+/// Follows `schema` where the master dataset can: fields the definition added are added to the
+/// table (nullable; earlier rows read them as null) by a metadata commit; a field removed from
+/// the definition, or given another type, is refused with a message naming it (the rows
+/// already written keep it, and a batch run would misread them).
+async fn evolve(table: DeltaTable, url: &Url, schema: &EventSchema) -> Result<DeltaTable> {
+    let wanted = StructType::try_from_arrow(schema.master_schema().as_ref())
+        .map_err(|e| table_err(url, e.into()))?;
+    let current = table.snapshot().map_err(|e| table_err(url, e))?.schema();
+    let refuse = |message: String| CoreError::SchemaChange {
+        schema: schema.name.clone(),
+        message,
+    };
+    for f in current.fields() {
+        match wanted.field(f.name()) {
+            None => {
+                return Err(refuse(format!(
+                    "field `{}` is in the master dataset but no longer in the definition; \
+                     removing a field is refused (rows hold it): put it back",
+                    f.name()
+                )))
+            }
+            Some(w) if w.data_type() != f.data_type() => {
+                return Err(refuse(format!(
+                    "field `{}` is {} in the master dataset but {} in the definition; \
+                     changing a field's type is refused (rows hold the old one): add a field \
+                     under a new name instead",
+                    f.name(),
+                    f.data_type(),
+                    w.data_type()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let added: Vec<StructField> = wanted
+        .fields()
+        .filter(|w| current.field(w.name()).is_none())
+        .map(|w| StructField::new(w.name(), w.data_type().clone(), true))
+        .collect();
+    if added.is_empty() {
+        return Ok(table);
+    }
+    table
+        .add_columns()
+        .with_fields(added)
+        .await
+        .map_err(|e| table_err(url, e))
 }
 
 /// The version stored with `app_id` in `table`'s `txn` actions, -1 if none.
