@@ -103,6 +103,30 @@ pub struct FileConfig {
     pub speed: SpeedFile,
     #[serde(default)]
     pub batch: BatchFile,
+    #[serde(default)]
+    pub archive: ArchiveFile,
+    #[serde(default)]
+    pub maintenance: MaintenanceFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveFile {
+    /// The longest a valid event waits in the archiver before it is committed, milliseconds.
+    pub flush_interval_ms: Option<u64>,
+    /// Commit as soon as this many rows are pending (sets the size of the files it writes).
+    pub flush_rows: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceFile {
+    /// `tandem run` compacts every table this often (0: never).
+    pub compact_interval_secs: Option<u64>,
+    /// `tandem run` vacuums every table this often (0: never).
+    pub vacuum_interval_secs: Option<u64>,
+    /// What a scheduled vacuum keeps: files a version of the last this many hours references.
+    pub vacuum_retention_hours: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +205,12 @@ pub struct Config {
     pub kafka_properties: Vec<(String, String)>,
     /// How recomputes run: threads, memory limit, spill directory.
     pub batch: tandem_batch::BatchOptions,
+    /// When the archiver commits.
+    pub archiver: tandem_speed::ArchiverConfig,
+    /// How often `tandem run` compacts and vacuums (`None`: never), and the vacuum's retention.
+    pub compact_interval: Option<std::time::Duration>,
+    pub vacuum_interval: Option<std::time::Duration>,
+    pub vacuum_retention: std::time::Duration,
     /// Every setting with its origin.
     pub settings: Vec<Setting>,
 }
@@ -372,6 +402,40 @@ impl Config {
             Some(n) => Some(given(n, file_key("batch.threads"))),
             None => None,
         };
+        let defaults = tandem_speed::ArchiverConfig::default();
+        let flush_interval = match file.archive.flush_interval_ms {
+            Some(0) => bail!("archive.flush_interval_ms must be at least 1"),
+            Some(ms) => given(ms, file_key("archive.flush_interval_ms")),
+            None => given(defaults.flush_interval.as_millis() as u64, default.clone()),
+        };
+        let flush_rows = match file.archive.flush_rows {
+            Some(0) => bail!("archive.flush_rows must be at least 1"),
+            Some(n) => given(n, file_key("archive.flush_rows")),
+            None => given(defaults.flush_rows, default.clone()),
+        };
+        let every = |v: Option<u64>, key: &'static str| match v {
+            Some(0) | None => given(
+                0,
+                if v.is_some() {
+                    file_key(key)
+                } else {
+                    default.clone()
+                },
+            ),
+            Some(n) => given(n, file_key(key)),
+        };
+        let compact_every = every(
+            file.maintenance.compact_interval_secs,
+            "maintenance.compact_interval_secs",
+        );
+        let vacuum_every = every(
+            file.maintenance.vacuum_interval_secs,
+            "maintenance.vacuum_interval_secs",
+        );
+        let retention = match file.maintenance.vacuum_retention_hours {
+            Some(h) => given(h, file_key("maintenance.vacuum_retention_hours")),
+            None => given(168, default.clone()),
+        };
         let mut kafka_properties = Vec::new();
         for (key, value) in &file.kafka.properties {
             let value = match value {
@@ -458,6 +522,23 @@ impl Config {
             value: dedup_window.value.to_string(),
             from: dedup_window.describe(),
         });
+        for (key, g) in [
+            ("archive.flush_interval_ms", &flush_interval),
+            ("maintenance.compact_interval_secs", &compact_every),
+            ("maintenance.vacuum_interval_secs", &vacuum_every),
+            ("maintenance.vacuum_retention_hours", &retention),
+        ] {
+            settings.push(Setting {
+                key,
+                value: g.value.to_string(),
+                from: g.describe(),
+            });
+        }
+        settings.push(Setting {
+            key: "archive.flush_rows",
+            value: flush_rows.value.to_string(),
+            from: flush_rows.describe(),
+        });
         settings.push(Setting {
             key: "batch.memory_limit",
             value: format!("{} MiB", memory_limit.value >> 20),
@@ -536,6 +617,15 @@ impl Config {
             max_state_keys: max_state_keys.value,
             dedup_window: std::time::Duration::from_secs(dedup_window.value),
             kafka_properties,
+            archiver: tandem_speed::ArchiverConfig {
+                flush_interval: std::time::Duration::from_millis(flush_interval.value),
+                flush_rows: flush_rows.value,
+            },
+            compact_interval: (compact_every.value > 0)
+                .then(|| std::time::Duration::from_secs(compact_every.value)),
+            vacuum_interval: (vacuum_every.value > 0)
+                .then(|| std::time::Duration::from_secs(vacuum_every.value)),
+            vacuum_retention: std::time::Duration::from_secs(retention.value.saturating_mul(3600)),
             batch: tandem_batch::BatchOptions {
                 threads: batch_threads.map(|t| t.value),
                 memory_limit: Some(memory_limit.value),
@@ -572,6 +662,7 @@ impl Config {
             ready_max_lag: self.ready_max_lag,
             max_state_keys: self.max_state_keys,
             dedup_window: self.dedup_window,
+            archiver: self.archiver,
             ..Default::default()
         }
     }
@@ -781,16 +872,36 @@ mod tests {
         assert_eq!(c.batch.memory_limit, Some(1 << 30));
         assert_eq!(c.batch.threads, Some(2));
         assert!(c.to_string().contains("batch.memory_limit"));
+        std::fs::write(
+            &path,
+            "[archive]\nflush_interval_ms = 500\nflush_rows = 1000\n[maintenance]\ncompact_interval_secs = 3600\n",
+        )
+        .unwrap();
+        let c = Config::resolve(&parse(&["--config", path.to_str().unwrap()], &[])).unwrap();
+        assert_eq!(
+            c.archiver.flush_interval,
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(c.archiver.flush_rows, 1000);
+        assert_eq!(
+            c.compact_interval,
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(c.vacuum_interval, None);
+        assert_eq!(c.consumer_options(true, false).archiver.flush_rows, 1000);
         for bad in [
-            "memory_limit = \"lots\"",
-            "memory_limit = \"1KiB\"",
-            "threads = 0",
+            "[batch]\nmemory_limit = \"lots\"",
+            "[batch]\nmemory_limit = \"1KiB\"",
+            "[batch]\nthreads = 0",
+            "[archive]\nflush_rows = 0",
+            "[archive]\nflush_interval_ms = 0",
         ] {
-            std::fs::write(&path, format!("[batch]\n{bad}\n")).unwrap();
+            std::fs::write(&path, format!("{bad}\n")).unwrap();
             let err = Config::resolve(&parse(&["--config", path.to_str().unwrap()], &[]))
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("batch."), "{bad}: {err}");
+            let key = bad.trim_start_matches('[').split(']').next().unwrap();
+            assert!(err.contains(&format!("{key}.")), "{bad}: {err}");
         }
     }
 

@@ -596,6 +596,30 @@ impl Running {
 /// `/metrics` and probes; no archiver).
 pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<()> {
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    if archive {
+        // Upkeep on a schedule, beside the roles; a failed round is logged and tried again at
+        // the next one (a collision with the archiver's commit is normal).
+        let schedule = [
+            (config.compact_interval, Upkeep::Compact),
+            (
+                config.vacuum_interval,
+                Upkeep::Vacuum(config.vacuum_retention),
+            ),
+        ];
+        for (every, job) in schedule {
+            if let Some(every) = every {
+                let (catalog, storage) = (Arc::clone(&catalog), storage.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        job.run(&storage, &catalog).await;
+                    }
+                });
+            }
+        }
+    }
     start_all(
         &catalog,
         &storage,
@@ -608,6 +632,49 @@ pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<
     .await?
     .until_stopped()
     .await
+}
+
+/// Table upkeep `tandem run` does on a schedule.
+#[derive(Debug, Clone, Copy)]
+enum Upkeep {
+    Compact,
+    /// With this retention.
+    Vacuum(std::time::Duration),
+}
+
+impl Upkeep {
+    /// One round over every table; failures are logged, never fatal.
+    async fn run(self, storage: &Storage, catalog: &Catalog) {
+        for t in tandem_batch::maintenance::tables(storage, catalog) {
+            match self {
+                Upkeep::Compact => {
+                    match tandem_batch::maintenance::compact(storage, &t, None, 128 << 20).await {
+                        Ok(Some(r)) if r.version.is_some() => tracing::info!(
+                            table = %r.table,
+                            files_removed = r.files_removed,
+                            files_added = r.files_added,
+                            "compacted"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(table = %t.name, error = %e, "compaction failed; next round retries")
+                        }
+                    }
+                }
+                Upkeep::Vacuum(retention) => {
+                    match tandem_batch::maintenance::vacuum(storage, &t, retention, false).await {
+                        Ok(Some(r)) if !r.files.is_empty() => {
+                            tracing::info!(table = %r.table, files = r.files.len(), "vacuumed")
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(table = %t.name, error = %e, "vacuum failed; next round retries")
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 pub async fn archive(config: &Config) -> Result<()> {
