@@ -17,16 +17,16 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
+use datafusion::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashTable;
 use tandem_core::metric::{Coupon, DistinctState, MetricKind, MetricState};
 use tandem_core::time::{day_of, day_string};
 use tandem_core::view::{Granularity, Rollup, ViewDef, BASE_ROLLUP, BUCKET_COLUMN};
 
 use crate::error::{BatchError, Result};
 use crate::hll::{for_each_value, Value};
+use crate::rollup::Dictionary;
 
 /// The rows of one batch, read once for every table.
 struct Prepared {
@@ -137,7 +137,7 @@ impl Table {
         &self,
         view: &ViewDef,
         schema: &SchemaRef,
-        values: &[Vec<String>],
+        dictionary: &Dictionary,
     ) -> Result<RecordBatch> {
         let n = self.groups();
         let metrics = view.metrics.len();
@@ -149,7 +149,8 @@ impl Table {
         columns.push(Arc::new(
             TimestampMicrosecondArray::from_iter_values((0..n).map(bucket)).with_timezone("UTC"),
         ));
-        for (d, values) in values.iter().enumerate().take(view.dimensions.len()) {
+        for d in 0..view.dimensions.len() {
+            let values = dictionary.values(d);
             let column: StringArray = match self.dims.iter().position(|&x| x == d) {
                 Some(k) => (0..n)
                     .map(|g| match self.keys[g * self.width + 2 + k] {
@@ -201,39 +202,6 @@ fn same(a: &[u32], b: &[u32]) -> bool {
     a.iter().zip(b).all(|(x, y)| x == y)
 }
 
-/// Interns dimension values: per dimension, the value of id `i + 1`.
-#[derive(Default)]
-struct Interner {
-    ids: Vec<HashMap<String, u32>>,
-    values: Vec<Vec<String>>,
-}
-
-impl Interner {
-    fn column(&mut self, d: usize, column: &ArrayRef) -> Result<Vec<u32>> {
-        let (ids, values) = (&mut self.ids[d], &mut self.values[d]);
-        let mut intern = |v: Option<&str>| match v {
-            None => 0,
-            Some(v) => match ids.get(v) {
-                Some(&id) => id,
-                None => {
-                    values.push(v.to_string());
-                    let id = values.len() as u32;
-                    ids.insert(v.to_string(), id);
-                    id
-                }
-            },
-        };
-        Ok(match column.data_type() {
-            DataType::Utf8View => column.as_string_view().iter().map(&mut intern).collect(),
-            DataType::Utf8 => column.as_string::<i32>().iter().map(&mut intern).collect(),
-            _ => {
-                let column = cast(column, &DataType::Utf8)?;
-                column.as_string::<i32>().iter().map(&mut intern).collect()
-            }
-        })
-    }
-}
-
 /// The view's own rows (named [`BASE_ROLLUP`]) and every rollup's, from `input`: the first
 /// phase's rows with the distinct field in column `distinct` when the view has one distinct
 /// metric, otherwise the view's final rows. Every other metric's partials are in columns named
@@ -245,10 +213,7 @@ pub(crate) fn build(
     threads: usize,
 ) -> Result<Vec<RecordBatch>> {
     let dims = view.dimensions.len();
-    let mut interner = Interner {
-        ids: vec![HashMap::new(); dims],
-        values: vec![Vec::new(); dims],
-    };
+    let mut dictionary = Dictionary::new(dims);
     let mut tables = vec![Table::new(
         view,
         BASE_ROLLUP.to_string(),
@@ -307,7 +272,7 @@ pub(crate) fn build(
         } else {
             datafusion::arrow::compute::concat_batches(&chunk[0].schema(), chunk)?
         };
-        let p = prepare(view, &batch, distinct, &mut interner)?;
+        let p = prepare(view, &batch, distinct, &mut dictionary)?;
         preparing += t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         each_table(&|_, table: &mut Table| table.add(view, &p));
@@ -315,14 +280,14 @@ pub(crate) fn build(
     }
     let t = std::time::Instant::now();
     let schema = view.batch_schema();
-    let values = &interner.values;
+    let dictionary = &dictionary;
     let finished: Vec<std::sync::Mutex<Option<Result<RecordBatch>>>> = (0..tables.len())
         .map(|_| std::sync::Mutex::new(None))
         .collect();
     // Each table is written, then emptied, by the thread that takes it.
     each_table(&|i, t: &mut Table| {
         if t.groups() > 0 {
-            let b = t.finish(view, &schema, values);
+            let b = t.finish(view, &schema, dictionary);
             *finished[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
         }
         *t = Table::new(view, String::new(), Vec::new(), t.granularity, false);
@@ -345,7 +310,7 @@ fn prepare(
     view: &ViewDef,
     batch: &RecordBatch,
     distinct: Option<&str>,
-    interner: &mut Interner,
+    dictionary: &mut Dictionary,
 ) -> Result<Prepared> {
     let column = |name: &str| {
         batch
@@ -361,7 +326,7 @@ fn prepare(
         .dimensions
         .iter()
         .enumerate()
-        .map(|(d, name)| interner.column(d, column(name)?))
+        .map(|(d, name)| dictionary.intern_column(d, column(name)?))
         .collect::<Result<Vec<_>>>()?;
     let mut present = vec![false; n];
     let mut coupons = vec![None; n];

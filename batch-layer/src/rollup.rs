@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
-use datafusion::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::metric::MetricState;
 use tandem_core::time::{day_of, day_string};
@@ -34,14 +34,14 @@ struct Rows {
 #[derive(Debug, Default)]
 pub(crate) struct Dictionary {
     values: Vec<Vec<String>>,
-    ids: Vec<HashMap<String, u32>>,
+    ids: Vec<hashbrown::HashMap<String, u32>>,
 }
 
 impl Dictionary {
     pub(crate) fn new(dims: usize) -> Self {
         Dictionary {
             values: vec![Vec::new(); dims],
-            ids: vec![HashMap::new(); dims],
+            ids: vec![hashbrown::HashMap::new(); dims],
         }
     }
 
@@ -53,6 +53,24 @@ impl Dictionary {
         let id = self.values[dim].len() as u32;
         self.ids[dim].insert(value.to_string(), id);
         id
+    }
+
+    /// The ids of a column's values (a string column, or one cast to strings).
+    pub(crate) fn intern_column(&mut self, dim: usize, column: &ArrayRef) -> Result<Vec<u32>> {
+        let mut intern = |v: Option<&str>| v.map_or(0, |v| self.intern(dim, v));
+        Ok(match column.data_type() {
+            DataType::Utf8View => column.as_string_view().iter().map(&mut intern).collect(),
+            DataType::Utf8 => column.as_string::<i32>().iter().map(&mut intern).collect(),
+            _ => {
+                let column = datafusion::arrow::compute::cast(column, &DataType::Utf8)?;
+                column.as_string::<i32>().iter().map(&mut intern).collect()
+            }
+        })
+    }
+
+    /// The values of `dim`, by id minus one.
+    pub(crate) fn values(&self, dim: usize) -> &[String] {
+        &self.values[dim]
     }
 
     pub(crate) fn value(&self, dim: usize, id: u32) -> Option<&str> {
