@@ -68,8 +68,7 @@ pub fn printable(raw: &[u8]) -> String {
             })
             .collect(),
         Err(_) => {
-            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-            format!("0x{hex}")
+            format!("0x{}", tandem_core::codec::hex(raw))
         }
     }
 }

@@ -84,7 +84,7 @@ pub async fn erase(
     let mut report = EraseReport {
         schema: schema.name.clone(),
         field: field.to_string(),
-        value_sha256: hex(&Sha256::digest(value.as_bytes())),
+        value_sha256: tandem_core::codec::hex(&Sha256::digest(value.as_bytes())),
         ..Default::default()
     };
     let predicate = || ident(field).eq(lit(value));
@@ -194,8 +194,4 @@ pub async fn erase(
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

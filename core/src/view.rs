@@ -504,11 +504,7 @@ impl ViewDef {
             "rollups": self.rollups.iter().map(Rollup::name).collect::<Vec<_>>(),
         });
         h.update(canonical.to_string().as_bytes());
-        h.finalize()
-            .iter()
-            .take(12)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::codec::hex(&h.finalize()[..12])
     }
 
     /// The index of a metric by name.
