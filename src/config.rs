@@ -138,6 +138,17 @@ pub struct BatchFile {
     pub spill_dir: Option<PathBuf>,
     /// Threads of a recompute (default: the machine's cores).
     pub threads: Option<usize>,
+    /// When the scheduler recomputes views (cron, default `"0 1 * * *"`; `"off"`: never).
+    pub schedule: Option<String>,
+    /// The time zone of `schedule` (IANA name; default UTC).
+    pub timezone: Option<String>,
+    /// Seconds a scheduler's lease on a task lasts unless renewed.
+    pub lease_ttl_secs: Option<u64>,
+    /// Seconds between the scheduler's rounds.
+    pub scheduler_interval_secs: Option<u64>,
+    /// Seconds after a day's end before the batch layer treats it as closed, once the
+    /// archiver has committed past it.
+    pub close_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +216,9 @@ pub struct Config {
     pub kafka_properties: Vec<(String, String)>,
     /// How recomputes run: threads, memory limit, spill directory.
     pub batch: tandem_batch::BatchOptions,
+    /// How the scheduler runs views and jobs, and how often it looks.
+    pub scheduler: tandem_batch::scheduler::SchedulerConfig,
+    pub scheduler_interval: std::time::Duration,
     /// When the archiver commits.
     pub archiver: tandem_speed::ArchiverConfig,
     /// How often `tandem run` compacts and vacuums (`None`: never), and the vacuum's retention.
@@ -402,6 +416,38 @@ impl Config {
             Some(n) => Some(given(n, file_key("batch.threads"))),
             None => None,
         };
+        let timezone: chrono_tz::Tz = match &file.batch.timezone {
+            Some(tz) => tz
+                .parse()
+                .map_err(|_| anyhow::anyhow!("batch.timezone: `{tz}` is not an IANA time zone"))?,
+            None => chrono_tz::UTC,
+        };
+        let mut scheduler = tandem_batch::scheduler::SchedulerConfig::default();
+        match file.batch.schedule.as_deref() {
+            Some("off") => scheduler.views = None,
+            Some(expr) => {
+                scheduler.views = Some(
+                    tandem_core::job::Schedule::parse(expr, timezone)
+                        .map_err(|e| anyhow::anyhow!("batch.schedule: {e}"))?,
+                )
+            }
+            None => {
+                if let Some(s) = &mut scheduler.views {
+                    s.timezone = timezone;
+                }
+            }
+        }
+        match file.batch.lease_ttl_secs {
+            Some(n) if n < 3 => bail!("batch.lease_ttl_secs must be at least 3"),
+            Some(n) => scheduler.lease_ttl = std::time::Duration::from_secs(n),
+            None => {}
+        }
+        let scheduler_interval = match file.batch.scheduler_interval_secs {
+            Some(0) => bail!("batch.scheduler_interval_secs must be at least 1"),
+            Some(n) => std::time::Duration::from_secs(n),
+            None => std::time::Duration::from_secs(30),
+        };
+        let close_grace = std::time::Duration::from_secs(file.batch.close_grace_secs.unwrap_or(900));
         let defaults = tandem_speed::ArchiverConfig::default();
         let flush_interval = match file.archive.flush_interval_ms {
             Some(0) => bail!("archive.flush_interval_ms must be at least 1"),
@@ -561,6 +607,18 @@ impl Config {
                 "default".into()
             },
         });
+        settings.push(Setting {
+            key: "batch.schedule",
+            value: scheduler
+                .views
+                .as_ref()
+                .map_or_else(|| "off".to_string(), |s| format!("{} ({})", s.expr, s.timezone)),
+            from: if file.batch.schedule.is_some() {
+                "config file".into()
+            } else {
+                "default".into()
+            },
+        });
         settings.push(match &batch_threads {
             Some(t) => Setting {
                 key: "batch.threads",
@@ -630,7 +688,10 @@ impl Config {
                 threads: batch_threads.map(|t| t.value),
                 memory_limit: Some(memory_limit.value),
                 spill_dir: file.batch.spill_dir.clone(),
+                close_grace,
             },
+            scheduler,
+            scheduler_interval,
             settings,
         })
     }

@@ -4,6 +4,7 @@
 // A binary exports nothing: `pub` here means "for the other modules of the CLI".
 #![allow(unreachable_pub)]
 
+mod batch;
 mod bench;
 mod broker;
 mod config;
@@ -46,21 +47,15 @@ enum Command {
     Speed(roles::ServeArgs),
     /// The serving role on published batch views only (no speed layer in this process).
     Serve(roles::ServeArgs),
-    /// Batch jobs.
+    /// Batch work: views' recomputes and SQL jobs, by hand or scheduled; runs, publishes,
+    /// rollback.
     #[command(subcommand)]
-    Batch(roles::BatchCommand),
-    /// Recompute one view over a range of days (same as `batch run --view V --from --to`).
-    Backfill {
-        /// The view to recompute.
-        #[arg(long)]
-        view: String,
-        /// First day (YYYY-MM-DD).
-        #[arg(long)]
-        from: String,
-        /// Last day (YYYY-MM-DD), inclusive.
-        #[arg(long)]
-        to: String,
-    },
+    Batch(batch::BatchCommand),
+    /// Recompute a view (or run an SQL job) over a range of days, a chunk at a time, each
+    /// chunk published atomically; run again after an interruption, it resumes.
+    Backfill(batch::BackfillArgs),
+    /// Run a read-only SQL query over the master datasets, the views and the jobs' outputs.
+    Sql(batch::SqlArgs),
     /// Rewind a consumer group to a time (every instance of the group stopped): the speed
     /// layer's checkpoints are rewound so that nothing counts twice.
     Replay(replay::ReplayArgs),
@@ -174,21 +169,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Speed(args) => roles::run_all(&config, args, false).await,
         Command::Archive => roles::archive(&config).await,
         Command::Serve(args) => roles::serve(&config, args).await,
-        Command::Batch(cmd) => roles::batch(&config, cmd).await,
-        Command::Backfill { view, from, to } => {
-            roles::batch(
-                &config,
-                roles::BatchCommand::Run {
-                    view: Some(view),
-                    from: Some(from),
-                    to: Some(to),
-                    full: false,
-                    json: false,
-                    memory_limit: None,
-                },
-            )
-            .await
-        }
+        Command::Batch(cmd) => batch::batch(&config, cmd).await,
+        Command::Backfill(args) => batch::backfill(&config, args).await,
+        Command::Sql(args) => batch::sql(&config, args).await,
         Command::Import { files, schema } => roles::import(&config, files, schema).await,
         Command::Gen(args) => produce::gen(&config, args).await,
         Command::Broker(args) => broker::run(&config, args).await,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use tandem_batch::{BatchLayer, DeltaBatchViews, RunRequest};
+use tandem_batch::DeltaBatchViews;
 use tandem_core::storage::Storage;
 use tandem_core::time::{parse_day, Clock, SystemClock};
 use tandem_core::traits::{NoRealtime, RealtimeView};
@@ -60,32 +60,6 @@ pub fn admin_listen(config: &Config, port: Option<u16>) -> Option<std::net::Sock
         (None, Some(p)) => Some(std::net::SocketAddr::new(config.listen.ip(), p)),
         (None, None) => None,
     }
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BatchCommand {
-    /// Recompute views from the master dataset and publish them.
-    Run {
-        /// Only this view.
-        #[arg(long)]
-        view: Option<String>,
-        /// First day (YYYY-MM-DD) to recompute.
-        #[arg(long, requires = "to")]
-        from: Option<String>,
-        /// Last day (YYYY-MM-DD) to recompute, inclusive.
-        #[arg(long, requires = "from")]
-        to: Option<String>,
-        /// Recompute every closed day, not only new and dirty ones.
-        #[arg(long, conflicts_with_all = ["from", "to"])]
-        full: bool,
-        /// Print the reports as one JSON object on stdout (progress still goes to stderr).
-        #[arg(long)]
-        json: bool,
-        /// The bytes the recompute may hold before it spills (e.g. `1GiB`; default:
-        /// `batch.memory_limit`).
-        #[arg(long)]
-        memory_limit: Option<String>,
-    },
 }
 
 #[derive(Debug, Args)]
@@ -619,6 +593,10 @@ pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<
                 });
             }
         }
+        // The scheduler of views and SQL jobs; their SQL is checked before anything starts.
+        let scheduler = crate::batch::scheduler(config).await?;
+        let every = config.scheduler_interval;
+        tokio::spawn(async move { scheduler.run_until(every, std::future::pending()).await });
     }
     start_all(
         &catalog,
@@ -722,85 +700,6 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
     }
     token.cancel();
     server.await?
-}
-
-pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
-    let BatchCommand::Run {
-        view,
-        from,
-        to,
-        full,
-        json,
-        memory_limit,
-    } = cmd;
-    let day = |flag: &str, v: Option<String>| -> Result<Option<i64>> {
-        v.map(|s| parse_day(&s).with_context(|| format!("{flag} `{s}` is not a day (YYYY-MM-DD)")))
-            .transpose()
-    };
-    let req = RunRequest {
-        from_day: day("--from", from)?,
-        to_day: day("--to", to)?,
-        full,
-    };
-    let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
-    let mut options = config.batch.clone();
-    if let Some(m) = memory_limit {
-        options.memory_limit = Some(
-            crate::config::parse_size(&toml::Value::String(m))
-                .map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))?,
-        );
-    }
-    let started = std::time::Instant::now();
-    let progress: tandem_batch::Progress = Arc::new(|view: &str, d: &tandem_batch::DayReport| {
-        let spilled = if d.spilled_bytes > 0 {
-            format!(", spilled {:.1} MB", d.spilled_bytes as f64 / 1e6)
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "{view} {}: read {} rows ({:.1} MB) -> {} rows, {} rollup rows in {:.2} s, written in {:.2} s{spilled}",
-            d.day,
-            d.rows_read,
-            d.bytes_read as f64 / 1e6,
-            d.rows,
-            d.rollup_rows,
-            d.seconds,
-            d.write_seconds
-        );
-    });
-    let layer = BatchLayer::new(storage, catalog, clock())
-        .with_options(options)
-        .with_progress(progress);
-    let reports = layer.run(view.as_deref(), &req).await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "views": reports,
-                "seconds": started.elapsed().as_secs_f64(),
-            })
-        );
-        return Ok(());
-    }
-    for r in reports {
-        match (r.days.len(), r.version) {
-            (0, _) => println!("{}: nothing to recompute", r.view),
-            (n, Some(v)) => println!(
-                "{}: published {} rows and {} rollup rows for {n} day(s) {}..{} as version {v}; read {} rows ({:.1} MB); {:.2} s ({:.2} s publishing)",
-                r.view,
-                r.rows,
-                r.rollup_rows,
-                r.days[0],
-                r.days[n - 1],
-                r.rows_read,
-                r.bytes_read as f64 / 1e6,
-                r.seconds,
-                r.publish_seconds
-            ),
-            (n, None) => println!("{}: computed {n} day(s)", r.view),
-        }
-    }
-    Ok(())
 }
 
 fn one_schema(

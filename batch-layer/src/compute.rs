@@ -66,6 +66,8 @@ pub struct RunRequest {
     pub to_day: Option<i64>,
     /// Recompute every closed day, not only new and dirty ones.
     pub full: bool,
+    /// More metadata for the publish's commit (a backfill's progress).
+    pub metadata: Vec<(String, Json)>,
 }
 
 /// What one publish did.
@@ -122,6 +124,9 @@ pub struct BatchOptions {
     pub memory_limit: Option<usize>,
     /// Where spills go; the system's temporary directory if unset.
     pub spill_dir: Option<std::path::PathBuf>,
+    /// How long after its end a day the archiver has committed past waits before the batch
+    /// layer treats it as closed.
+    pub close_grace: std::time::Duration,
 }
 
 /// The last publish of a view, as its commit metadata says.
@@ -273,6 +278,33 @@ impl BatchLayer {
         self
     }
 
+    /// The storage this layer reads and publishes to.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The layer's clock, now.
+    pub fn now_us(&self) -> i64 {
+        self.clock.now_us()
+    }
+
+    /// Runs SQL job `job` for `date` (see crate::jobs::run_job), with this layer's options.
+    pub async fn run_job(
+        &self,
+        job: &tandem_core::job::JobDef,
+        date: chrono::NaiveDate,
+        metadata: Vec<(String, Json)>,
+    ) -> Result<crate::jobs::JobReport> {
+        crate::jobs::run_job(&self.storage, &self.catalog, &self.options, job, date, metadata)
+            .await
+    }
+
+    /// The first day of `schema`'s master dataset that is not closed yet: days before it are
+    /// final for the batch layer.
+    pub async fn first_open_day(&self, _schema: &str) -> Result<i64> {
+        Ok(day_of(self.clock.now_us()))
+    }
+
     /// Recomputes and publishes every view (or the one named).
     pub async fn run(&self, view: Option<&str>, req: &RunRequest) -> Result<Vec<PublishReport>> {
         let views: Vec<Arc<ViewDef>> = match view {
@@ -307,7 +339,7 @@ impl BatchLayer {
             None => Published::default(),
         };
         let same_definition = previous.hash.as_deref() == Some(view.definition_hash.as_str());
-        let today = day_of(self.clock.now_us());
+        let today = self.first_open_day(&view.source).await?;
 
         let ctx = session_with(&self.options)?;
         ctx.register_table("master", master.table_provider().await?)?;
@@ -430,72 +462,26 @@ impl BatchLayer {
         let publish_started = Instant::now();
 
         // Publish: one commit replaces exactly the recomputed days and records the coverage.
-        let mut coverage = Coverage {
-            days: days.clone(),
-            ..Default::default()
-        };
-        if same_definition {
-            coverage.days.extend(previous.coverage.days.iter().copied());
-        }
-        let ranges: Vec<Json> = coverage
-            .ranges()
-            .into_iter()
-            .map(|(a, b)| json!([a, b]))
-            .collect();
-        let props = CommitProperties::default().with_metadata([
-            (COVERAGE_KEY.to_string(), Json::Array(ranges)),
-            (HASH_KEY.to_string(), json!(view.definition_hash)),
-            (MASTER_VERSION_KEY.to_string(), json!(master_version)),
-        ]);
         if let Some(table) = table.take() {
-            // The files of the recomputed days are replaced by the ones just written.
-            let replaced: Vec<_> = table
-                .get_active_add_actions_by_partitions(&[])
-                .try_collect()
-                .await
-                .map_err(|e| BatchError::delta(&view_url, e))?;
-            let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
-            for f in replaced {
-                let in_days = f
-                    .partition_values_map()
-                    .get(DAY_COLUMN)
-                    .and_then(|v| v.as_deref())
-                    .is_some_and(|d| day_strings.iter().any(|x| x == d));
-                if in_days {
-                    actions.push(Action::Remove(f.remove_action(true)));
-                }
-            }
-            let predicate = format!(
-                "{DAY_COLUMN} IN ({})",
-                day_strings
-                    .iter()
-                    .map(|d| format!("'{d}'"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            let snapshot = table
-                .snapshot()
-                .map_err(|e| BatchError::delta(&view_url, e))?;
-            let commit = CommitBuilder::from(props)
-                .with_actions(actions)
-                .build(
-                    Some(snapshot as &dyn TableReference),
-                    table.log_store(),
-                    DeltaOperation::Write {
-                        mode: SaveMode::Overwrite,
-                        partition_by: Some(vec![ROLLUP_COLUMN.into(), DAY_COLUMN.into()]),
-                        predicate: Some(predicate),
-                    },
-                )
-                .await
-                .map_err(|e| conflict_or(view, &view_url, e))?;
-            report.version = Some(commit.version() as i64);
+            let version = publish_days(
+                view,
+                &view_url,
+                table,
+                adds,
+                &days,
+                master_version,
+                same_definition.then_some(&previous.coverage.days),
+                &req.metadata,
+            )
+            .await?;
+            report.version = Some(version);
             report.days = day_strings;
             report.publish_seconds = publish_started.elapsed().as_secs_f64();
             report.seconds = started.elapsed().as_secs_f64();
             tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
             return Ok(report);
         }
+        let props = publish_properties(view, &days, &days, master_version, &req.metadata);
         let table = self
             .storage
             .open_or_create(&view_url, &schema, &[ROLLUP_COLUMN, DAY_COLUMN])
@@ -900,6 +886,184 @@ async fn dirty_days(
         }
     }
     Ok(Some(days))
+}
+
+/// The metadata of a publish commit: the view's coverage after it, the days it replaced, the
+/// definition hash and the master version read.
+fn publish_properties(
+    view: &ViewDef,
+    coverage: &BTreeSet<i64>,
+    days: &BTreeSet<i64>,
+    master_version: i64,
+    extra: &[(String, Json)],
+) -> CommitProperties {
+    let ranges: Vec<Json> = Coverage {
+        days: coverage.clone(),
+        ..Default::default()
+    }
+    .ranges()
+    .into_iter()
+    .map(|(a, b)| json!([a, b]))
+    .collect();
+    let days: Vec<String> = days.iter().map(|&d| day_string(d)).collect();
+    let mut metadata = vec![
+        (COVERAGE_KEY.to_string(), Json::Array(ranges)),
+        (DAYS_KEY.to_string(), json!(days)),
+        (HASH_KEY.to_string(), json!(view.definition_hash)),
+        (MASTER_VERSION_KEY.to_string(), json!(master_version)),
+    ];
+    metadata.extend(extra.iter().cloned());
+    CommitProperties::default()
+        .with_metadata(metadata)
+        // Conflicts are resolved below, against the view's own metadata.
+        .with_max_retries(0)
+}
+
+/// Commits the files written for `days` (and the removal of those days' old files) as one
+/// publish, and returns the version.
+///
+/// The coverage is computed from the table as it is when the commit lands, not when the run
+/// began: when another commit got in first, the table is read again, and the commit is built
+/// anew on top of it, so that concurrent publishes of different days both keep their days.
+/// A publish in between that replaced any of the same days (or a rollback, or a change of
+/// definition) is a conflict: this run fails and nothing of it is visible.
+async fn publish_days(
+    view: &ViewDef,
+    view_url: &url::Url,
+    mut table: DeltaTable,
+    adds: Vec<deltalake::kernel::Add>,
+    days: &BTreeSet<i64>,
+    master_version: i64,
+    kept: Option<&BTreeSet<i64>>,
+    extra: &[(String, Json)],
+) -> Result<i64> {
+    const ATTEMPTS: usize = 20;
+    let read_version = table.version().map_or(-1, |v| v as i64);
+    let mut kept = kept.cloned().unwrap_or_default();
+    let day_strings: Vec<String> = days.iter().map(|&d| day_string(d)).collect();
+    let predicate = format!(
+        "{DAY_COLUMN} IN ({})",
+        day_strings
+            .iter()
+            .map(|d| format!("'{d}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for _ in 0..ATTEMPTS {
+        let replaced: Vec<_> = table
+            .get_active_add_actions_by_partitions(&[])
+            .try_collect()
+            .await
+            .map_err(|e| BatchError::delta(view_url, e))?;
+        let mut actions: Vec<Action> = adds.iter().cloned().map(Action::Add).collect();
+        for f in replaced {
+            let in_days = f
+                .partition_values_map()
+                .get(DAY_COLUMN)
+                .and_then(|v| v.as_deref())
+                .is_some_and(|d| day_strings.iter().any(|x| x == d));
+            if in_days {
+                actions.push(Action::Remove(f.remove_action(true)));
+            }
+        }
+        let mut coverage = kept.clone();
+        coverage.extend(days.iter().copied());
+        let snapshot = table
+            .snapshot()
+            .map_err(|e| BatchError::delta(view_url, e))?;
+        let committed =
+            CommitBuilder::from(publish_properties(view, &coverage, days, master_version, extra))
+                .with_actions(actions)
+                .build(
+                    Some(snapshot as &dyn TableReference),
+                    table.log_store(),
+                    DeltaOperation::Write {
+                        mode: SaveMode::Overwrite,
+                        partition_by: Some(vec![ROLLUP_COLUMN.into(), DAY_COLUMN.into()]),
+                        predicate: Some(predicate.clone()),
+                    },
+                )
+                .await;
+        match committed {
+            Ok(c) => return Ok(c.version() as i64),
+            Err(e @ deltalake::DeltaTableError::Transaction { .. }) => {
+                // Someone committed first: what did they do?
+                let seen = table.version().map_or(-1, |v| v as i64);
+                table
+                    .update_state()
+                    .await
+                    .map_err(|e| BatchError::delta(view_url, e))?;
+                let latest = table.version().map_or(-1, |v| v as i64);
+                if latest <= seen {
+                    return Err(conflict_or(view, view_url, e));
+                }
+                let newer: Vec<_> = table
+                    .history(Some((latest - seen) as usize))
+                    .try_collect()
+                    .await
+                    .map_err(|e| BatchError::delta(view_url, e))?;
+                for info in &newer {
+                    if let Some(reason) = overlap(view, info, &day_strings) {
+                        tracing::warn!(view = %view.name, read_version, reason = %reason, "publish conflict");
+                        return Err(BatchError::Conflict {
+                            view: view.name.clone(),
+                            source: Box::new(deltalake::DeltaTableError::Generic(reason)),
+                        });
+                    }
+                }
+                // Different days only: keep theirs, as the newest publish records them.
+                kept = published(&table).await?.coverage.days;
+                tracing::info!(view = %view.name, latest, "another publish of other days landed first; committing on top of it");
+            }
+            Err(e) => return Err(BatchError::delta(view_url, e)),
+        }
+    }
+    Err(BatchError::Conflict {
+        view: view.name.clone(),
+        source: Box::new(deltalake::DeltaTableError::Generic(format!(
+            "the table kept moving: {ATTEMPTS} attempts to commit failed"
+        ))),
+    })
+}
+
+/// Why a commit that landed while this publish was running conflicts with it, if it does: it
+/// replaced some of the same days, rolled the view back, or changed its definition.
+fn overlap(
+    view: &ViewDef,
+    info: &deltalake::kernel::CommitInfo,
+    days: &[String],
+) -> Option<String> {
+    let op = info.operation.as_deref().unwrap_or("");
+    if op.eq_ignore_ascii_case("RESTORE") {
+        return Some("the view was rolled back while this run was computing".into());
+    }
+    if info
+        .info
+        .get(HASH_KEY)
+        .and_then(Json::as_str)
+        .is_some_and(|h| h != view.definition_hash)
+    {
+        return Some("the view was published with another definition meanwhile".into());
+    }
+    if !info.info.contains_key(COVERAGE_KEY) {
+        return None;
+    }
+    let theirs: BTreeSet<&str> = match info.info.get(DAYS_KEY) {
+        Some(Json::Array(d)) => d.iter().filter_map(Json::as_str).collect(),
+        // A publish that does not say which days it replaced may have replaced any.
+        _ => return Some("another publish landed meanwhile".into()),
+    };
+    let same: Vec<&str> = days
+        .iter()
+        .map(String::as_str)
+        .filter(|d| theirs.contains(d))
+        .collect();
+    (!same.is_empty()).then(|| {
+        format!(
+            "another publish of the same days ({}) committed first",
+            same.join(", ")
+        )
+    })
 }
 
 fn conflict_or(view: &ViewDef, url: &url::Url, e: deltalake::DeltaTableError) -> BatchError {

@@ -37,6 +37,10 @@ pub enum BatchError {
         source: std::io::Error,
     },
 
+    /// An SQL job's definition or query is wrong; the file is named.
+    #[error("{path}: {message}")]
+    Job { path: String, message: String },
+
     /// The request does not make sense (e.g. `--from` after `--to`).
     #[error("{0}")]
     BadRequest(String),

@@ -11,6 +11,7 @@
 //! [`hll`] is the DataFusion aggregate that builds the same DataSketches HLL sketches as the
 //! speed layer.
 
+pub mod backfill;
 pub mod compute;
 mod cube;
 pub mod dlq;
@@ -18,7 +19,11 @@ pub mod erase;
 pub mod error;
 pub mod hll;
 pub mod import;
+pub mod jobs;
 pub mod maintenance;
+pub mod publishes;
+pub mod runs;
+pub mod scheduler;
 mod rollup;
 pub mod views;
 

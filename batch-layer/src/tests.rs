@@ -166,7 +166,7 @@ async fn reruns_are_noops_and_late_events_mark_their_day_dirty() {
     let open = RunRequest {
         from_day: Some(today - 1),
         to_day: Some(today),
-        full: false,
+        ..Default::default()
     };
     assert!(
         matches!(batch.run(None, &open).await, Err(BatchError::BadRequest(m)) if m.contains("not closed"))

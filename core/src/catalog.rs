@@ -1,4 +1,4 @@
-//! The catalog: every schema and view definition of a deployment, loaded and checked at start.
+//! The catalog: every schema, view and SQL job definition of a deployment, loaded and checked at start.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{CoreError, Result};
 use crate::filter::CompiledFilter;
+use crate::job::{load_jobs, JobDef};
 use crate::schema::{load_schemas, EventSchema};
 use crate::view::{load_views, ViewDef};
 
@@ -14,6 +15,8 @@ use crate::view::{load_views, ViewDef};
 pub struct Catalog {
     pub schemas: BTreeMap<String, Arc<EventSchema>>,
     pub views: BTreeMap<String, Arc<ViewDef>>,
+    /// The SQL jobs (their SQL is planned against the tables by the batch layer).
+    pub jobs: BTreeMap<String, Arc<JobDef>>,
 }
 
 impl Catalog {
@@ -28,7 +31,30 @@ impl Catalog {
             });
         }
         let views = load_views(jobs_dir, &schemas)?;
-        let catalog = Catalog { schemas, views };
+        let jobs = load_jobs(jobs_dir)?;
+        for job in jobs.values() {
+            let taken = if schemas.contains_key(&job.name) {
+                Some("an event schema")
+            } else if views.contains_key(&job.name) {
+                Some("a view")
+            } else {
+                None
+            };
+            if let Some(what) = taken {
+                return Err(CoreError::Definition {
+                    path: job.path.clone(),
+                    message: format!(
+                        "the job's output table `{}` would shadow {what} of that name",
+                        job.name
+                    ),
+                });
+            }
+        }
+        let catalog = Catalog {
+            schemas,
+            views,
+            jobs,
+        };
         for view in catalog.views.values() {
             CompiledFilter::for_view(view, catalog.schema_of(view))?;
         }
@@ -43,6 +69,16 @@ impl Catalog {
     /// The views over one schema.
     pub fn views_of<'a>(&'a self, schema: &'a str) -> impl Iterator<Item = &'a Arc<ViewDef>> + 'a {
         self.views.values().filter(move |v| v.source == schema)
+    }
+
+    pub fn job(&self, name: &str) -> Result<&Arc<JobDef>> {
+        self.jobs.get(name).ok_or_else(|| CoreError::Definition {
+            path: name.into(),
+            message: format!(
+                "no SQL job `{name}` (known: {})",
+                self.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })
     }
 
     pub fn view(&self, name: &str) -> Result<&Arc<ViewDef>> {

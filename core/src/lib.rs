@@ -1,6 +1,7 @@
 //! tandem-core: the contracts every layer shares, and nothing that talks to the outside.
 //!
-//! It owns event schemas ([`schema`]) and view definitions ([`view`]) as data, the columnar
+//! It owns event schemas ([`schema`]), view definitions ([`view`]) and SQL jobs ([`job`]) as
+//! data, the columnar
 //! decoder from Kafka messages to Arrow ([`decode`]), a view's filter ([`filter`]), every
 //! metric kind in one place ([`metric`]: its state, update, merge, batch columns and answer
 //! column), the query model and the merged answer ([`query`]), the storage layout and Delta
@@ -14,6 +15,7 @@ pub mod codec;
 pub mod decode;
 pub mod error;
 pub mod filter;
+pub mod job;
 pub mod master;
 pub mod metric;
 pub mod paths;

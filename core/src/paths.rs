@@ -91,6 +91,21 @@ impl Layout {
         self.join(&["views", view])
     }
 
+    /// The output table of an SQL job.
+    pub fn job(&self, job: &str) -> Url {
+        self.join(&["jobs", job])
+    }
+
+    /// The table of batch runs (views' and jobs', scheduled and by hand).
+    pub fn runs(&self) -> Url {
+        self.join(&["batch", "runs"])
+    }
+
+    /// The scheduler's leases: one object per job and term.
+    pub fn leases(&self) -> Url {
+        self.join(&["batch", "leases"])
+    }
+
     /// The audit table of erasures.
     pub fn erasures(&self) -> Url {
         self.join(&["audit", "erasures"])

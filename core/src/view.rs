@@ -612,6 +612,15 @@ struct KindOnly {
     kind: Option<String>,
 }
 
+/// A job file's `kind` (`None` if it has none).
+pub(crate) fn kind_of(path: &Path, text: &str) -> Result<Option<String>> {
+    let kind: KindOnly = toml::from_str(text).map_err(|e| CoreError::Definition {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(kind.kind)
+}
+
 /// Loads every `kind = "view"` file of `dir`. Files of other kinds (SQL jobs) are skipped here;
 /// a file without a kind is an error.
 pub fn load_views(
@@ -621,11 +630,7 @@ pub fn load_views(
     let mut out = BTreeMap::new();
     for path in crate::schema::toml_files(dir)? {
         let text = crate::schema::read(&path)?;
-        let kind: KindOnly = toml::from_str(&text).map_err(|e| CoreError::Definition {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        match kind.kind.as_deref() {
+        match kind_of(&path, &text)?.as_deref() {
             Some("view") => {
                 let view = ViewDef::from_toml(&path, &text, schemas)?;
                 out.insert(view.name.clone(), Arc::new(view));
