@@ -127,7 +127,6 @@ pub struct SqlArgs {
     pub output: Option<PathBuf>,
 }
 
-
 fn day(flag: &str, v: Option<&str>) -> Result<Option<i64>> {
     v.map(|s| parse_day(s).with_context(|| format!("{flag} `{s}` is not a day (YYYY-MM-DD)")))
         .transpose()
@@ -169,7 +168,9 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
             let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
             catalog.view(&view)?;
             let version = tandem_batch::publishes::rollback(&storage, &view, to_version).await?;
-            println!("{view}: rolled back to the publish of version {to_version}, as version {version}");
+            println!(
+                "{view}: rolled back to the publish of version {to_version}, as version {version}"
+            );
             Ok(())
         }
     }
@@ -210,13 +211,18 @@ async fn run_job(
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
     let def = Arc::clone(catalog.job(job)?);
     tandem_batch::jobs::check(&storage, &catalog).await?;
-    let days: Vec<i64> = match (day("--date", date_flag.as_deref())?, day("--from", from.as_deref())?, day("--to", to.as_deref())?) {
+    let days: Vec<i64> = match (
+        day("--date", date_flag.as_deref())?,
+        day("--from", from.as_deref())?,
+        day("--to", to.as_deref())?,
+    ) {
         (Some(d), _, _) => vec![d],
         (None, Some(a), Some(b)) if a <= b => (a..=b).collect(),
         (None, Some(_), Some(_)) => bail!("--from is after --to"),
         _ => bail!("give the job's --date, or --from and --to"),
     };
-    let layer = BatchLayer::new(storage.clone(), Arc::clone(&catalog), clock()).with_options(options);
+    let layer =
+        BatchLayer::new(storage.clone(), Arc::clone(&catalog), clock()).with_options(options);
     let mut reports = Vec::new();
     for d in days {
         let started_us = layer.now_us();
@@ -376,7 +382,11 @@ async fn schedule(config: &Config, once: bool) -> Result<()> {
 
 fn print_run(r: &RunRecord) {
     let when = tandem_core::time::format_us(r.started_us);
-    let error = r.error.as_deref().map(|e| format!("  {e}")).unwrap_or_default();
+    let error = r
+        .error
+        .as_deref()
+        .map(|e| format!("  {e}"))
+        .unwrap_or_default();
     println!(
         "{when}  {:<24} {:<4} {:<10} {:<9} attempt {}  {:>8.2} s  {:>9} rows  {:<8}{error}",
         r.task,
@@ -421,7 +431,13 @@ async fn history(config: &Config, view: &str, json: bool) -> Result<()> {
         let coverage: Vec<String> = e
             .coverage
             .iter()
-            .map(|(a, b)| if a == b { a.clone() } else { format!("{a}..{b}") })
+            .map(|(a, b)| {
+                if a == b {
+                    a.clone()
+                } else {
+                    format!("{a}..{b}")
+                }
+            })
             .collect();
         let what = match e.restored {
             Some(v) => format!("rollback to version {v}"),
@@ -437,8 +453,14 @@ async fn history(config: &Config, view: &str, json: bool) -> Result<()> {
         println!(
             "version {:>4}  {when}  {what}; covers {}; definition {}",
             e.version,
-            if coverage.is_empty() { "nothing".into() } else { coverage.join(", ") },
-            e.definition_hash.as_deref().map_or("-", |h| &h[..h.len().min(12)]),
+            if coverage.is_empty() {
+                "nothing".into()
+            } else {
+                coverage.join(", ")
+            },
+            e.definition_hash
+                .as_deref()
+                .map_or("-", |h| &h[..h.len().min(12)]),
         );
     }
     Ok(())
@@ -454,8 +476,10 @@ pub async fn backfill(config: &Config, args: BackfillArgs) -> Result<()> {
         }
         _ => bail!("give --view or --job"),
     };
-    let (Some(from), Some(to)) = (day("--from", Some(&args.from))?, day("--to", Some(&args.to))?)
-    else {
+    let (Some(from), Some(to)) = (
+        day("--from", Some(&args.from))?,
+        day("--to", Some(&args.to))?,
+    ) else {
         bail!("--from and --to are required");
     };
     if args.chunk_days == 0 {
@@ -468,7 +492,8 @@ pub async fn backfill(config: &Config, args: BackfillArgs) -> Result<()> {
         chunk_days: args.chunk_days,
         restart: args.restart,
     };
-    let layer = BatchLayer::new(storage, Arc::clone(&catalog), clock()).with_options(config.batch.clone());
+    let layer =
+        BatchLayer::new(storage, Arc::clone(&catalog), clock()).with_options(config.batch.clone());
     let total = (to - from + 1).max(0) as u64;
     let bar = (!args.no_progress_bar && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(total);
@@ -561,14 +586,22 @@ pub async fn sql(config: &Config, args: SqlArgs) -> Result<()> {
     use datafusion::arrow;
     match args.format.as_str() {
         "table" => {
-            writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&batches)?)?;
+            writeln!(
+                out,
+                "{}",
+                arrow::util::pretty::pretty_format_batches(&batches)?
+            )?;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             writeln!(out, "{rows} row(s)")?;
         }
         "csv" => {
-            let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
             if batches.is_empty() {
-                w.write(&arrow::record_batch::RecordBatch::new_empty(Arc::clone(&schema)))?;
+                w.write(&arrow::record_batch::RecordBatch::new_empty(Arc::clone(
+                    &schema,
+                )))?;
             }
             for b in &batches {
                 w.write(b)?;

@@ -447,7 +447,8 @@ impl Config {
             Some(n) => std::time::Duration::from_secs(n),
             None => std::time::Duration::from_secs(30),
         };
-        let close_grace = std::time::Duration::from_secs(file.batch.close_grace_secs.unwrap_or(900));
+        let close_grace =
+            std::time::Duration::from_secs(file.batch.close_grace_secs.unwrap_or(900));
         let defaults = tandem_speed::ArchiverConfig::default();
         let flush_interval = match file.archive.flush_interval_ms {
             Some(0) => bail!("archive.flush_interval_ms must be at least 1"),
@@ -609,10 +610,10 @@ impl Config {
         });
         settings.push(Setting {
             key: "batch.schedule",
-            value: scheduler
-                .views
-                .as_ref()
-                .map_or_else(|| "off".to_string(), |s| format!("{} ({})", s.expr, s.timezone)),
+            value: scheduler.views.as_ref().map_or_else(
+                || "off".to_string(),
+                |s| format!("{} ({})", s.expr, s.timezone),
+            ),
             from: if file.batch.schedule.is_some() {
                 "config file".into()
             } else {

@@ -24,6 +24,10 @@ const JOBS: &[(&str, &str)] = &[
         "active_devices_daily.toml",
         include_str!("../jobs/active_devices_daily.toml"),
     ),
+    (
+        "install_retention.toml",
+        include_str!("../jobs/install_retention.toml"),
+    ),
 ];
 
 /// Loads the configured definitions; when none were named and `./schemas` is absent, writes

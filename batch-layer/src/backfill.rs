@@ -226,6 +226,11 @@ async fn last_chunk(table: &deltalake::DeltaTable, id: &str) -> Result<Option<i6
     Ok(infos
         .iter()
         .filter(|i| i.info.get(BACKFILL_KEY).and_then(Json::as_str) == Some(id))
-        .filter_map(|i| i.info.get(BACKFILL_THROUGH_KEY)?.as_str().and_then(parse_day))
+        .filter_map(|i| {
+            i.info
+                .get(BACKFILL_THROUGH_KEY)?
+                .as_str()
+                .and_then(parse_day)
+        })
         .max())
 }

@@ -295,14 +295,40 @@ impl BatchLayer {
         date: chrono::NaiveDate,
         metadata: Vec<(String, Json)>,
     ) -> Result<crate::jobs::JobReport> {
-        crate::jobs::run_job(&self.storage, &self.catalog, &self.options, job, date, metadata)
-            .await
+        crate::jobs::run_job(
+            &self.storage,
+            &self.catalog,
+            &self.options,
+            job,
+            date,
+            metadata,
+        )
+        .await
     }
 
     /// The first day of `schema`'s master dataset that is not closed yet: days before it are
     /// final for the batch layer.
-    pub async fn first_open_day(&self, _schema: &str) -> Result<i64> {
-        Ok(day_of(self.clock.now_us()))
+    ///
+    /// A day is closed when the archiver has committed past its end (plus the grace of
+    /// [`BatchOptions::close_grace`]) on every partition it has archived, or has caught up with
+    /// a partition that holds nothing newer; never before the wall clock's today. Without an
+    /// archiver (history imported only), every day before today is closed.
+    pub async fn first_open_day(&self, schema: &str) -> Result<i64> {
+        let today = day_of(self.clock.now_us());
+        let store = self.storage.objects()?;
+        let progress =
+            tandem_core::master::PartitionProgress::read_all(store.as_ref(), schema).await?;
+        let through = progress
+            .iter()
+            .map(|p| p.archived_through_us().unwrap_or(i64::MIN))
+            .min();
+        Ok(match through {
+            None => today,
+            Some(t) => {
+                let grace = self.options.close_grace.as_micros() as i64;
+                day_of(t.saturating_sub(grace)).min(today)
+            }
+        })
     }
 
     /// Recomputes and publishes every view (or the one named).
@@ -353,7 +379,8 @@ impl BatchLayer {
                 }
                 if b >= today {
                     return Err(BatchError::BadRequest(format!(
-                        "{} is not closed yet: the batch layer covers days before today ({})",
+                        "{} is not closed yet: the first open day is {} (the archiver has not \
+                         committed past the day's end plus the grace, or it is today)",
                         day_string(b),
                         day_string(today)
                     )));
@@ -927,7 +954,8 @@ fn publish_properties(
 /// anew on top of it, so that concurrent publishes of different days both keep their days.
 /// A publish in between that replaced any of the same days (or a rollback, or a change of
 /// definition) is a conflict: this run fails and nothing of it is visible.
-async fn publish_days(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn publish_days(
     view: &ViewDef,
     view_url: &url::Url,
     mut table: DeltaTable,
@@ -971,19 +999,24 @@ async fn publish_days(
         let snapshot = table
             .snapshot()
             .map_err(|e| BatchError::delta(view_url, e))?;
-        let committed =
-            CommitBuilder::from(publish_properties(view, &coverage, days, master_version, extra))
-                .with_actions(actions)
-                .build(
-                    Some(snapshot as &dyn TableReference),
-                    table.log_store(),
-                    DeltaOperation::Write {
-                        mode: SaveMode::Overwrite,
-                        partition_by: Some(vec![ROLLUP_COLUMN.into(), DAY_COLUMN.into()]),
-                        predicate: Some(predicate.clone()),
-                    },
-                )
-                .await;
+        let committed = CommitBuilder::from(publish_properties(
+            view,
+            &coverage,
+            days,
+            master_version,
+            extra,
+        ))
+        .with_actions(actions)
+        .build(
+            Some(snapshot as &dyn TableReference),
+            table.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Overwrite,
+                partition_by: Some(vec![ROLLUP_COLUMN.into(), DAY_COLUMN.into()]),
+                predicate: Some(predicate.clone()),
+            },
+        )
+        .await;
         match committed {
             Ok(c) => return Ok(c.version() as i64),
             Err(e @ deltalake::DeltaTableError::Transaction { .. }) => {

@@ -113,10 +113,7 @@ pub async fn register_tables(
                 ctx.register_table(name.as_str(), df.into_view())?;
             }
             None if placeholders => {
-                ctx.register_table(
-                    name.as_str(),
-                    empty(analyst_fields(&view.batch_schema()))?,
-                )?;
+                ctx.register_table(name.as_str(), empty(analyst_fields(&view.batch_schema()))?)?;
             }
             None => {}
         }
@@ -193,9 +190,7 @@ async fn plan(ctx: &SessionContext, job: &JobDef, date: NaiveDate) -> Result<Sch
 /// A Delta-friendly type for a query's column (Delta has no unsigned integers or views).
 fn delta_type(t: &DataType) -> DataType {
     match t {
-        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => {
-            DataType::Int64
-        }
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => DataType::Int64,
         DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
         DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
         DataType::Float16 => DataType::Float32,
@@ -273,7 +268,10 @@ pub async fn run_job(
                 _ => cast(c, f.data_type())?,
             });
         }
-        columns.push(Arc::new(StringArray::from(vec![day.as_str(); b.num_rows()])));
+        columns.push(Arc::new(StringArray::from(vec![
+            day.as_str();
+            b.num_rows()
+        ])));
         rows += b.num_rows();
         out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
     }

@@ -22,11 +22,13 @@ pub mod import;
 pub mod jobs;
 pub mod maintenance;
 pub mod publishes;
+mod rollup;
 pub mod runs;
 pub mod scheduler;
-mod rollup;
 pub mod views;
 
+#[cfg(test)]
+mod job_tests;
 #[cfg(test)]
 mod tests;
 

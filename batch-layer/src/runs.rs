@@ -79,7 +79,9 @@ pub async fn record(storage: &Storage, records: &[RunRecord]) -> Result<()> {
         s(|r| &r.kind),
         o(|r| r.date.as_deref()),
         s(|r| &r.trigger),
-        Arc::new(Int64Array::from_iter(records.iter().map(|r| r.scheduled_us))),
+        Arc::new(Int64Array::from_iter(
+            records.iter().map(|r| r.scheduled_us),
+        )),
         Arc::new(Int64Array::from_iter_values(
             records.iter().map(|r| r.started_us),
         )),

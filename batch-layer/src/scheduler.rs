@@ -341,7 +341,8 @@ impl Scheduler {
             };
             // Another scheduler may have finished it between our read and our lease.
             let fresh = runs::list(&self.storage, Some(task.name())).await?;
-            let Some(attempt) = due(&fresh, task.name(), tick, now, backoff).map(|a| a.max(attempt))
+            let Some(attempt) =
+                due(&fresh, task.name(), tick, now, backoff).map(|a| a.max(attempt))
             else {
                 self.leases.release(&lease).await?;
                 continue;
@@ -413,7 +414,11 @@ impl Scheduler {
         })
     }
 
-    async fn run_task(&self, task: &Task, date: Option<NaiveDate>) -> Result<(i64, Option<String>)> {
+    async fn run_task(
+        &self,
+        task: &Task,
+        date: Option<NaiveDate>,
+    ) -> Result<(i64, Option<String>)> {
         match (task, date) {
             (Task::Job(j), Some(date)) => {
                 let r = crate::jobs::run_job(
@@ -455,7 +460,11 @@ impl Scheduler {
         );
         for table in tables_read(job, date)? {
             if let Some(view) = self.catalog.views.get(&table) {
-                let covered = match self.storage.open(&self.storage.layout().view(&table)).await? {
+                let covered = match self
+                    .storage
+                    .open(&self.storage.layout().view(&table))
+                    .await?
+                {
                     Some(t) => crate::compute::published(&t).await?.coverage.days,
                     None => BTreeSet::new(),
                 };

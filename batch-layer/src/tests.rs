@@ -15,17 +15,17 @@ use tandem_workload::{GenConfig, Generator};
 
 use crate::{import_jsonl, BatchError, BatchLayer, DeltaBatchViews, RunRequest};
 
-const NOW: i64 = 1_795_694_400_000_000; // 2026-11-26T12:00:00Z
+pub(crate) const NOW: i64 = 1_795_694_400_000_000; // 2026-11-26T12:00:00Z
 
-struct Setup {
+pub(crate) struct Setup {
     _dir: tempfile::TempDir,
-    dir: PathBuf,
-    storage: Storage,
-    catalog: Arc<Catalog>,
-    clock: MockClock,
+    pub(crate) dir: PathBuf,
+    pub(crate) storage: Storage,
+    pub(crate) catalog: Arc<Catalog>,
+    pub(crate) clock: MockClock,
 }
 
-fn setup() -> Setup {
+pub(crate) fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -40,7 +40,7 @@ fn setup() -> Setup {
     }
 }
 
-fn write_lines(path: &Path, lines: &[String]) {
+pub(crate) fn write_lines(path: &Path, lines: &[String]) {
     let mut f = std::fs::File::create(path).unwrap();
     for l in lines {
         writeln!(f, "{l}").unwrap();
@@ -59,7 +59,7 @@ fn history(seed: u64, n: usize, from: i64, to: i64) -> Vec<String> {
     .collect()
 }
 
-async fn total(s: &Setup, view: &str) -> u64 {
+pub(crate) async fn total(s: &Setup, view: &str) -> u64 {
     let v = &s.catalog.views[view];
     let views = DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::ZERO);
     let cov = views.coverage(v).await.unwrap();
@@ -737,6 +737,7 @@ metrics = [
 
     let spill = tempfile::tempdir().unwrap();
     let small = layer(crate::BatchOptions {
+        close_grace: std::time::Duration::ZERO,
         threads: Some(2),
         memory_limit: Some(2 << 20),
         spill_dir: Some(spill.path().to_path_buf()),

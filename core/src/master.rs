@@ -316,3 +316,64 @@ pub fn dead_letter_batch(topic: &str, rejects: &[Rejected], now_us: i64) -> Resu
     ];
     Ok(RecordBatch::try_new(dead_letter_schema(), columns)?)
 }
+
+/// How far the archiver has archived one partition of a schema's topic: the object
+/// `archive/progress/<schema>/<partition>.json` under the root, rewritten after its commits.
+/// The batch layer reads them to know which days are closed (DESIGN §4: a day is closed once
+/// every partition is archived past its end, or caught up).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionProgress {
+    pub partition: i32,
+    /// The last offset committed to the master dataset.
+    pub offset: i64,
+    /// The newest event time committed from this partition.
+    pub event_time_us: Option<i64>,
+    /// When the archiver last found nothing left to read in the partition (caught up).
+    pub caught_up_us: Option<i64>,
+    /// When this was written.
+    pub updated_us: i64,
+}
+
+impl PartitionProgress {
+    /// The partition's object under the root.
+    pub fn path(schema: &str, partition: i32) -> object_store::path::Path {
+        object_store::path::Path::from(format!("archive/progress/{schema}/{partition}.json"))
+    }
+
+    /// Times up to which the partition holds nothing more to archive: its newest event, or
+    /// the moment it was caught up, whichever is later.
+    pub fn archived_through_us(&self) -> Option<i64> {
+        match (self.event_time_us, self.caught_up_us) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Every partition's progress of `schema` (empty if no archiver ever ran).
+    pub async fn read_all(
+        store: &dyn object_store::ObjectStore,
+        schema: &str,
+    ) -> Result<Vec<PartitionProgress>> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStoreExt;
+        let prefix = object_store::path::Path::from(format!("archive/progress/{schema}"));
+        let err = |e: object_store::Error| CoreError::ObjectStore {
+            url: prefix.to_string(),
+            source: Box::new(e),
+        };
+        let listed: Vec<_> = store.list(Some(&prefix)).try_collect().await.map_err(err)?;
+        let mut out = Vec::new();
+        for meta in listed {
+            let bytes = match store.get(&meta.location).await {
+                Ok(r) => r.bytes().await.map_err(err)?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(err(e)),
+            };
+            // A file that is not progress (a stray upload) is not ours to judge: skip it.
+            if let Ok(p) = serde_json::from_slice::<PartitionProgress>(&bytes) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+}

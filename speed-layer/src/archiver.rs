@@ -15,6 +15,9 @@
 //! version is already there. Replays after a crash, a lost commit response or a rebalance are
 //! dropped on that rule, so every offset lands in exactly one committed file. Each commit also
 //! records the event days it touched (`tandem.days`), so late events mark their day dirty.
+//! After each commit, and when it has found nothing new to read, the archiver writes each
+//! partition's progress (`archive/progress/<schema>/<partition>.json`: the newest event time
+//! committed, when it was last caught up), from which the batch layer tells closed days.
 //! Both commits go through core's `MasterWriter`, the one writer `tandem import` uses too.
 
 use std::collections::BTreeMap;
@@ -22,9 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::TimestampMicrosecondType;
 use datafusion::arrow::record_batch::RecordBatch;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tandem_core::decode::{Decoder, Rejected};
-use tandem_core::master::{archive_batch, MasterCommit, MasterWriter};
+use tandem_core::master::{archive_batch, MasterCommit, MasterWriter, PartitionProgress};
 use tandem_core::schema::EventSchema;
 use tandem_core::storage::Storage;
 use tandem_core::time::Clock;
@@ -79,6 +85,16 @@ pub struct Archiver {
     /// Last offset seen per partition in the pending data.
     pending_last: BTreeMap<i32, i64>,
     last_flush: Instant,
+    /// The newest event time pending per partition, and committed per partition (with when
+    /// the partition was last found caught up), for the progress objects.
+    pending_event_max: BTreeMap<i32, i64>,
+    progress: BTreeMap<i32, PartitionProgress>,
+    progress_store: Arc<dyn ObjectStore>,
+    schema_name: String,
+    /// Messages received as of the previous flush: none since means caught up.
+    received_at_flush: u64,
+    last_idle_write: Option<Instant>,
+    committed_since_idle: bool,
     config: ArchiverConfig,
     clock: Arc<dyn Clock>,
     pub stats: Arc<ArchiverStats>,
@@ -93,6 +109,13 @@ impl Archiver {
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
         Ok(Archiver {
+            progress_store: storage.objects()?,
+            schema_name: schema.name.clone(),
+            pending_event_max: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            received_at_flush: 0,
+            last_idle_write: None,
+            committed_since_idle: false,
             topic: schema.topic.clone(),
             decoder: Decoder::new(Arc::clone(&schema)),
             writer: MasterWriter::open(storage, schema).await?,
@@ -130,9 +153,49 @@ impl Archiver {
         Ok((self.archived[&partition], self.dead_lettered[&partition]))
     }
 
+    /// Writes the progress objects of `partitions` (best effort: a failure only delays the
+    /// batch layer's closing of days).
+    async fn write_progress(&self, partitions: impl IntoIterator<Item = i32>) {
+        for p in partitions {
+            let Some(progress) = self.progress.get(&p) else {
+                continue;
+            };
+            let bytes = serde_json::to_vec(progress).expect("progress serializes");
+            let path = PartitionProgress::path(&self.schema_name, p);
+            if let Err(e) = self
+                .progress_store
+                .put(&path, PutPayload::from(bytes))
+                .await
+            {
+                tracing::warn!(partition = p, error = %e, "writing the archiver's progress failed");
+            }
+        }
+    }
+
     async fn write(&mut self) -> Result<Vec<(i32, i64)>> {
         self.last_flush = Instant::now();
+        let received = self.stats.received.load(Ordering::Relaxed);
+        let idle = received == self.received_at_flush;
+        self.received_at_flush = received;
         if self.pending_last.is_empty() {
+            // Nothing came since the last flush: every partition this archiver reads is caught
+            // up. Said at once after commits, and every 10 s while quiet (so that days close
+            // as the clock passes them).
+            let due = self.committed_since_idle
+                || self
+                    .last_idle_write
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+            if idle && due && !self.progress.is_empty() {
+                let now = self.clock.now_us();
+                for p in self.progress.values_mut() {
+                    p.caught_up_us = Some(now);
+                    p.updated_us = now;
+                }
+                let parts: Vec<i32> = self.progress.keys().copied().collect();
+                self.write_progress(parts).await;
+                self.last_idle_write = Some(Instant::now());
+                self.committed_since_idle = false;
+            }
             return Ok(Vec::new());
         }
         let mut dlq_last: BTreeMap<i32, i64> = BTreeMap::new();
@@ -179,6 +242,24 @@ impl Archiver {
             .archived
             .fetch_add(report.rows as u64, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        let now = self.clock.now_us();
+        let event_max = std::mem::take(&mut self.pending_event_max);
+        for (&p, &offset) in &pending_last {
+            let entry = self.progress.entry(p).or_insert(PartitionProgress {
+                partition: p,
+                offset,
+                event_time_us: None,
+                caught_up_us: None,
+                updated_us: now,
+            });
+            entry.offset = offset;
+            entry.updated_us = now;
+            if let Some(&t) = event_max.get(&p) {
+                entry.event_time_us = Some(entry.event_time_us.map_or(t, |e| e.max(t)));
+            }
+        }
+        self.write_progress(pending_last.keys().copied()).await;
+        self.committed_since_idle = true;
         let done: Vec<(i32, i64)> = pending_last.iter().map(|(&p, &o)| (p, o + 1)).collect();
         self.archived.extend(pending_last);
         tracing::debug!(rows = report.rows, ?done, "archived");
@@ -221,6 +302,14 @@ impl BatchSink for Archiver {
                 .fetch_add(fresh.len() as u64, Ordering::Relaxed);
             let decoded = self.decoder.decode(&fresh, now)?;
             if decoded.batch.num_rows() > 0 {
+                let times = decoded
+                    .batch
+                    .column(self.decoder.schema().event_time)
+                    .as_primitive::<TimestampMicrosecondType>();
+                if let Some(t) = datafusion::arrow::compute::max(times) {
+                    let e = self.pending_event_max.entry(partition).or_insert(t);
+                    *e = (*e).max(t);
+                }
                 let b = archive_batch(self.decoder.schema(), &decoded)?;
                 self.pending_rows += b.num_rows();
                 self.pending.push(b);

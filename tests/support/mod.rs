@@ -250,7 +250,18 @@ impl Harness {
         )
     }
 
+    /// Runs the batch layer over the closed days, once the archiver has said it is caught up
+    /// (a day closes on the archiver's progress, not on the clock alone).
     pub async fn run_batch(&self) {
+        let today = tandem_core::time::day_of(self.clock.now_us());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.batch().first_open_day(TOPIC).await.unwrap() < today {
+            assert!(
+                Instant::now() < deadline,
+                "the archiver never reported being caught up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let reports = self
             .batch()
             .run(None, &RunRequest::default())
