@@ -201,6 +201,14 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     }
     let batch = BatchLayer::new(storage.clone(), Arc::clone(&catalog), Arc::clone(&clock))
         .with_options(config.batch.clone());
+    // Days close on the archiver's progress: wait (a little) for it to say it caught up.
+    let today = tandem_core::time::day_of(clock.now_us());
+    let waited = Instant::now();
+    while batch.first_open_day(&schema.name).await? < today
+        && waited.elapsed() < Duration::from_secs(15)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let t = Instant::now();
     for r in batch.run(None, &RunRequest::default()).await? {
         println!(

@@ -616,3 +616,122 @@ async fn jobs_are_checked_against_the_real_tables_naming_the_file() {
     );
     crate::jobs::check(&s.storage, &catalog).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runs_of_different_days_at_once_both_keep_their_days() {
+    let s = setup();
+    let today = day_of(NOW);
+    import(
+        &s,
+        "h.jsonl",
+        &events(8, 6_000, 500, (today - 6) * DAY_US, NOW),
+    )
+    .await;
+    let layer = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    );
+    let view = "active_devices_daily";
+    layer
+        .run(
+            Some(view),
+            &RunRequest {
+                from_day: Some(today - 6),
+                to_day: Some(today - 6),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let range = |a: i64, b: i64| RunRequest {
+        from_day: Some(a),
+        to_day: Some(b),
+        ..Default::default()
+    };
+    let (x, y) = (range(today - 5, today - 3), range(today - 2, today - 1));
+    let (a, b) = tokio::join!(layer.run(Some(view), &x), layer.run(Some(view), &y));
+    a.unwrap();
+    b.unwrap();
+    let table = s
+        .storage
+        .open(&s.storage.layout().view(view))
+        .await
+        .unwrap()
+        .unwrap();
+    let published = crate::compute::published(&table).await.unwrap();
+    assert_eq!(
+        published.coverage.days,
+        (today - 6..today).collect::<BTreeSet<_>>()
+    );
+    let closed = events(8, 6_000, 500, (today - 6) * DAY_US, NOW)
+        .iter()
+        .filter(|e| e.event_time < today * DAY_US)
+        .count() as u64;
+    assert_eq!(total(&s, view).await, closed, "every day's rows, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_during_a_publish_sees_the_old_total_or_the_new() {
+    let s = setup();
+    let today = day_of(NOW);
+    import(
+        &s,
+        "a.jsonl",
+        &events(9, 6_000, 500, (today - 5) * DAY_US, today * DAY_US),
+    )
+    .await;
+    let layer = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    );
+    let view = "active_devices_daily";
+    layer.run(Some(view), &RunRequest::default()).await.unwrap();
+    let old = total(&s, view).await;
+    import(
+        &s,
+        "b.jsonl",
+        &events(10, 3_000, 500, (today - 5) * DAY_US, today * DAY_US),
+    )
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (storage, catalog, stop) =
+            (s.storage.clone(), Arc::clone(&s.catalog), Arc::clone(&stop));
+        tokio::spawn(async move {
+            use tandem_core::traits::BatchViews;
+            let v = &catalog.views[view];
+            let views = crate::DeltaBatchViews::new(storage).with_refresh(Duration::ZERO);
+            let from = (today - 10) * DAY_US;
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let cov = views.coverage(v).await.unwrap();
+                let q = tandem_core::query::ViewQuery::all(v, from, today * DAY_US);
+                let rows = views.query(v, &q, &cov).await.unwrap();
+                let n: u64 = rows
+                    .iter()
+                    .map(|r| match r.states[0] {
+                        tandem_core::metric::MetricState::Count(c) => c,
+                        _ => unreachable!("the first metric is a count"),
+                    })
+                    .sum();
+                seen.push((n, cov.days.len()));
+                tokio::task::yield_now().await;
+            }
+            seen
+        })
+    };
+    layer.run(Some(view), &RunRequest::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.await.unwrap();
+    let new = total(&s, view).await;
+    assert_eq!(new, old + 3_000);
+    assert!(!seen.is_empty());
+    for (n, days) in &seen {
+        assert!(*n == old || *n == new, "saw {n}: neither {old} nor {new}");
+        assert_eq!(*days, 5);
+    }
+    assert_eq!(seen.last().unwrap().0, new);
+}

@@ -31,7 +31,8 @@ pub struct Table {
     pub by_day: bool,
 }
 
-/// Every table of `catalog`'s schemas and views (whether it exists yet or not).
+/// Every table of `catalog`'s schemas, views and jobs, and the runs table (whether it exists
+/// yet or not).
 pub fn tables(storage: &Storage, catalog: &Catalog) -> Vec<Table> {
     let layout = storage.layout();
     let mut out = Vec::new();
@@ -54,6 +55,19 @@ pub fn tables(storage: &Storage, catalog: &Catalog) -> Vec<Table> {
             by_day: true,
         });
     }
+    for j in catalog.jobs.keys() {
+        out.push(Table {
+            name: format!("jobs/{j}"),
+            url: layout.job(j),
+            by_day: false,
+        });
+    }
+    // One small commit per run: compaction keeps the scheduler's reads of it quick.
+    out.push(Table {
+        name: "batch/runs".into(),
+        url: layout.runs(),
+        by_day: false,
+    });
     out
 }
 

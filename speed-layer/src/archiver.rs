@@ -228,20 +228,14 @@ impl Archiver {
                 // the consumer group resumes from the last reported offset and replays the rest.
                 self.archived.clear();
                 self.dead_lettered.clear();
+                self.pending_event_max.clear();
                 if let Err(reload) = self.writer.reload().await {
                     tracing::warn!(error = %reload, "reopening the master dataset failed");
                 }
                 return Err(e.into());
             }
         };
-        self.stats
-            .dead_lettered
-            .fetch_add(report.rejects as u64, Ordering::Relaxed);
-        self.dead_lettered.extend(dlq_last);
-        self.stats
-            .archived
-            .fetch_add(report.rows as u64, Ordering::Relaxed);
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        // Progress first: whoever sees the counters move sees the progress of this commit.
         let now = self.clock.now_us();
         let event_max = std::mem::take(&mut self.pending_event_max);
         for (&p, &offset) in &pending_last {
@@ -260,6 +254,14 @@ impl Archiver {
         }
         self.write_progress(pending_last.keys().copied()).await;
         self.committed_since_idle = true;
+        self.stats
+            .dead_lettered
+            .fetch_add(report.rejects as u64, Ordering::Relaxed);
+        self.dead_lettered.extend(dlq_last);
+        self.stats
+            .archived
+            .fetch_add(report.rows as u64, Ordering::Relaxed);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let done: Vec<(i32, i64)> = pending_last.iter().map(|(&p, &o)| (p, o + 1)).collect();
         self.archived.extend(pending_last);
         tracing::debug!(rows = report.rows, ?done, "archived");
