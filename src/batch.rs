@@ -545,6 +545,13 @@ pub async fn backfill(config: &Config, args: BackfillArgs) -> Result<()> {
         bar.finish();
     }
     let report = report?;
+    if report.published_days == 0 && report.resumed_days > 0 {
+        println!(
+            "backfill {} {}..{}: already complete (resumed: every day was published by an earlier run of it); --restart runs it again",
+            report.target, report.from, report.to
+        );
+        return Ok(());
+    }
     let resumed = if report.resumed_days > 0 {
         format!(
             " (resumed: {} day(s) were published by an earlier run)",

@@ -158,10 +158,14 @@ impl Backfill {
                     layer.run_view(v, &req).await?.rows
                 }
                 Target::Job(j) => {
+                    // One commit per date: each says itself how far the backfill got.
                     let mut rows = 0;
                     for d in a..=b {
-                        let date = date_of_day(d)?;
-                        let r = layer.run_job(j, date, meta.clone()).await?;
+                        let meta = vec![
+                            (BACKFILL_KEY.to_string(), json!(id)),
+                            (BACKFILL_THROUGH_KEY.to_string(), json!(day_string(d))),
+                        ];
+                        let r = layer.run_job(j, date_of_day(d)?, meta).await?;
                         rows += r.rows;
                     }
                     rows

@@ -735,3 +735,93 @@ async fn a_reader_during_a_publish_sees_the_old_total_or_the_new() {
     }
     assert_eq!(seen.last().unwrap().0, new);
 }
+
+#[tokio::test]
+async fn a_job_backfill_interrupted_mid_chunk_resumes_after_its_last_date() {
+    let s = setup();
+    let today = day_of(NOW);
+    import(
+        &s,
+        "h.jsonl",
+        &events(12, 3_000, 300, (today - 6) * DAY_US, NOW),
+    )
+    .await;
+    let catalog = catalog_with(&s, &[("daily_count.toml", DAILY)]);
+    let layer = BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&catalog),
+        Arc::new(s.clock.clone()),
+    );
+    let backfill = crate::backfill::Backfill {
+        target: crate::backfill::Target::Job(Arc::clone(catalog.job("daily_count").unwrap())),
+        from: today - 6,
+        to: today - 1,
+        chunk_days: 4,
+        restart: false,
+    };
+    // An earlier run got through the first chunk's third date and was killed.
+    let job = catalog.job("daily_count").unwrap();
+    for d in today - 6..=today - 4 {
+        let meta = vec![
+            (
+                crate::backfill::BACKFILL_KEY.to_string(),
+                serde_json::json!(backfill.id()),
+            ),
+            (
+                crate::backfill::BACKFILL_THROUGH_KEY.to_string(),
+                serde_json::json!(day_string(d)),
+            ),
+        ];
+        layer.run_job(job, date(d), meta).await.unwrap();
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let observer: crate::backfill::BackfillObserver = {
+        let seen = Arc::clone(&seen);
+        Arc::new(move |p: &crate::backfill::BackfillProgress| {
+            seen.lock()
+                .unwrap()
+                .push((p.chunk.clone(), p.done_days, p.total_days))
+        })
+    };
+    let report = backfill.run(&layer, Some(observer)).await.unwrap();
+    assert_eq!((report.resumed_days, report.published_days), (3, 3));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [((day_string(today - 3), day_string(today - 1)), 6, 6)]
+    );
+    // Every date once, each equal to its day's events.
+    let all = events(12, 3_000, 300, (today - 6) * DAY_US, NOW);
+    let out = sql_in(
+        &s,
+        &catalog,
+        "SELECT date, n FROM daily_count ORDER BY date",
+    )
+    .await;
+    let got: Vec<(String, i64)> = out
+        .iter()
+        .flat_map(|b| {
+            let d = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+            let n = b.column(1).as_primitive::<Int64Type>().clone();
+            (0..b.num_rows())
+                .map(|i| (d.as_string::<i32>().value(i).to_string(), n.value(i)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let want: Vec<(String, i64)> = (today - 6..today)
+        .map(|d| {
+            (
+                day_string(d),
+                all.iter().filter(|e| day_of(e.event_time) == d).count() as i64,
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    // Run again: nothing left; --restart does it all again.
+    let again = backfill.run(&layer, None).await.unwrap();
+    assert_eq!((again.resumed_days, again.published_days), (6, 0));
+    let restart = crate::backfill::Backfill {
+        restart: true,
+        ..backfill
+    };
+    assert_eq!(restart.run(&layer, None).await.unwrap().published_days, 6);
+}
