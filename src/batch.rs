@@ -46,6 +46,10 @@ pub enum BatchCommand {
         /// `batch.memory_limit`).
         #[arg(long)]
         memory_limit: Option<String>,
+        /// Where recomputes run: `local` (this process) or `ballista://HOST:PORT` (a Ballista
+        /// cluster's scheduler; default: `batch.engine`).
+        #[arg(long)]
+        engine: Option<String>,
     },
     /// Run views and SQL jobs on their schedules until stopped (any number of schedulers may
     /// run: leases keep them from running one task twice).
@@ -148,8 +152,12 @@ pub async fn batch(config: &Config, cmd: BatchCommand) -> Result<()> {
             full,
             json,
             memory_limit,
+            engine,
         } => {
             let mut options = config.batch.clone();
+            if let Some(e) = engine {
+                options.engine = crate::config::parse_engine(&e).context("--engine")?;
+            }
             if let Some(m) = memory_limit {
                 options.memory_limit = Some(
                     crate::config::parse_size(&toml::Value::String(m))

@@ -149,6 +149,8 @@ pub struct BatchFile {
     /// Seconds after a day's end before the batch layer treats it as closed, once the
     /// archiver has committed past it.
     pub close_grace_secs: Option<u64>,
+    /// Where recomputes run: `local` or `ballista://HOST:PORT`.
+    pub engine: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +241,20 @@ pub const DEFAULT_READY_MAX_LAG: i64 = 100_000;
 /// About 2 GB of speed state at 200 bytes a key.
 pub const DEFAULT_MAX_STATE_KEYS: usize = 10_000_000;
 pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 60;
+
+/// A recompute engine: `local` (`None`) or a Ballista scheduler's `ballista://HOST:PORT`.
+pub fn parse_engine(text: &str) -> Result<Option<String>> {
+    if text == "local" {
+        return Ok(None);
+    }
+    let url = url::Url::parse(text)
+        .ok()
+        .filter(|u| u.scheme() == "ballista" && u.host_str().is_some() && u.port().is_some());
+    match url {
+        Some(_) => Ok(Some(text.to_string())),
+        None => bail!("`{text}`: expected `local` or `ballista://HOST:PORT`"),
+    }
+}
 
 /// A value and where it came from.
 struct Given<T> {
@@ -690,6 +706,10 @@ impl Config {
                 memory_limit: Some(memory_limit.value),
                 spill_dir: file.batch.spill_dir.clone(),
                 close_grace,
+                engine: match &file.batch.engine {
+                    Some(e) => parse_engine(e).context("batch.engine")?,
+                    None => None,
+                },
             },
             scheduler,
             scheduler_interval,

@@ -4,6 +4,7 @@
 // A binary exports nothing: `pub` here means "for the other modules of the CLI".
 #![allow(unreachable_pub)]
 
+mod ballista;
 mod batch;
 mod bench;
 mod broker;
@@ -56,6 +57,10 @@ enum Command {
     Backfill(batch::BackfillArgs),
     /// Run a read-only SQL query over the master datasets, the views and the jobs' outputs.
     Sql(batch::SqlArgs),
+    /// An Apache Ballista cluster's scheduler or executor, for `batch run --engine
+    /// ballista://HOST:PORT`.
+    #[command(subcommand)]
+    Ballista(ballista::BallistaCommand),
     /// Rewind a consumer group to a time (every instance of the group stopped): the speed
     /// layer's checkpoints are rewound so that nothing counts twice.
     Replay(replay::ReplayArgs),
@@ -172,6 +177,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Batch(cmd) => batch::batch(&config, cmd).await,
         Command::Backfill(args) => batch::backfill(&config, args).await,
         Command::Sql(args) => batch::sql(&config, args).await,
+        Command::Ballista(cmd) => ballista::run(cmd).await,
         Command::Import { files, schema } => roles::import(&config, files, schema).await,
         Command::Gen(args) => produce::gen(&config, args).await,
         Command::Broker(args) => broker::run(&config, args).await,

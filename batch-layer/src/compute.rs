@@ -127,6 +127,9 @@ pub struct BatchOptions {
     /// How long after its end a day the archiver has committed past waits before the batch
     /// layer treats it as closed.
     pub close_grace: std::time::Duration,
+    /// Where the first phase of a recompute runs: in this process (`None`), or on the Apache
+    /// Ballista cluster whose scheduler is at this URL (`ballista://HOST:PORT`).
+    pub engine: Option<String>,
 }
 
 /// The last publish of a view, as its commit metadata says.
@@ -369,6 +372,37 @@ impl BatchLayer {
 
         let ctx = session_with(&self.options)?;
         ctx.register_table("master", master.table_provider().await?)?;
+        // On a Ballista cluster the scans and the first phase run on its executors, which read
+        // the day's Parquet files (the snapshot's, named one by one) from the same store.
+        let remote = match &self.options.engine {
+            Some(url) => {
+                use ballista::prelude::SessionContextExt as _;
+                let state = session_with(&self.options)?.state();
+                Some(
+                    SessionContext::remote_with_state(url, state)
+                        .await
+                        .map_err(|e| {
+                            BatchError::BadRequest(format!("the Ballista scheduler at {url}: {e}"))
+                        })?,
+                )
+            }
+            None => None,
+        };
+        // Tandem's sketch aggregate is not registered on executors: a view with several
+        // distinct fields (which needs it in DataFusion's plan) is computed here.
+        let distinct_fields: BTreeSet<&str> = view
+            .metrics
+            .iter()
+            .filter(|m| m.kind == MetricKind::Distinct)
+            .filter_map(|m| m.field.as_deref())
+            .collect();
+        let remote = match remote {
+            Some(_) if distinct_fields.len() > 1 => {
+                tracing::warn!(view = %view.name, "several distinct fields: computed in this process, not on the Ballista cluster");
+                None
+            }
+            r => r,
+        };
         // The days the master holds, from its snapshot's file list (no scan).
         let files = master_files(&master, &master_url).await?;
         let available: BTreeSet<i64> = files.keys().filter_map(|d| parse_day(d)).collect();
@@ -450,9 +484,20 @@ impl BatchLayer {
         let mut batches = Vec::new();
         for day in &day_strings {
             let day_started = Instant::now();
-            let (rows, read) = match files.contains_key(day) {
-                true => self.compute(&ctx, view, day).await?,
-                false => Default::default(),
+            let (rows, read) = match (files.get(day), &remote) {
+                (None, _) => Default::default(),
+                (Some(_), None) => self.compute(&ctx, view, day, None).await?,
+                (Some(day_files), Some(remote)) => {
+                    let urls = day_files
+                        .iter()
+                        .map(|f| {
+                            master_url.join(f).map(String::from).map_err(|e| {
+                                BatchError::BadRequest(format!("file {f} of the master: {e}"))
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    self.compute(remote, view, day, Some(&urls)).await?
+                }
             };
             let mut day_report = DayReport {
                 day: day.clone(),
@@ -537,17 +582,47 @@ impl BatchLayer {
 
     /// The exact rows of `view` for `day` and its rollups' rows, in the view's batch schema,
     /// and what was read.
+    ///
+    /// With `files` (URLs of the day's Parquet files), the day is read from those files alone:
+    /// how a Ballista cluster's executors read it.
     pub(crate) async fn compute(
         &self,
         ctx: &SessionContext,
         view: &ViewDef,
         day: &str,
+        files: Option<&[String]>,
     ) -> Result<(Rows, Read)> {
         let schema = self.catalog.schema_of(view);
-        let mut df = ctx
-            .table("master")
-            .await?
-            .filter(ident(DAY_COLUMN).eq(lit(day)))?;
+        let mut df = match files {
+            None => ctx
+                .table("master")
+                .await?
+                .filter(ident(DAY_COLUMN).eq(lit(day)))?,
+            Some(files) => {
+                use datafusion::datasource::file_format::parquet::ParquetFormat;
+                use datafusion::datasource::listing::{
+                    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+                };
+                let urls = files
+                    .iter()
+                    .map(ListingTableUrl::parse)
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                let master = schema.master_schema();
+                let fields: Vec<_> = master
+                    .fields()
+                    .iter()
+                    .filter(|f| f.name() != DAY_COLUMN)
+                    .cloned()
+                    .collect();
+                let config = ListingTableConfig::new_with_multi_paths(urls)
+                    .with_listing_options(
+                        ListingOptions::new(Arc::new(ParquetFormat::default()))
+                            .with_file_extension(".parquet"),
+                    )
+                    .with_schema(Arc::new(datafusion::arrow::datatypes::Schema::new(fields)));
+                ctx.read_table(Arc::new(ListingTable::try_new(config)?))?
+            }
+        };
         if let Some(f) = &view.filter {
             let predicate = df.parse_sql_expr(f)?;
             df = df.filter(predicate)?;

@@ -61,7 +61,13 @@ fn analyst_fields(schema: &Schema) -> Vec<Field> {
     schema
         .fields()
         .iter()
-        .filter(|f| f.name() != ROLLUP_COLUMN && !matches!(f.data_type(), DataType::Binary))
+        .filter(|f| {
+            f.name() != ROLLUP_COLUMN
+                && !matches!(
+                    f.data_type(),
+                    DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+                )
+        })
         .map(|f| f.as_ref().clone())
         .collect()
 }

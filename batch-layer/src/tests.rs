@@ -737,10 +737,10 @@ metrics = [
 
     let spill = tempfile::tempdir().unwrap();
     let small = layer(crate::BatchOptions {
-        close_grace: std::time::Duration::ZERO,
         threads: Some(2),
         memory_limit: Some(2 << 20),
         spill_dir: Some(spill.path().to_path_buf()),
+        ..Default::default()
     })
     .run(Some("cube_hourly"), &full)
     .await
