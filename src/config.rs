@@ -107,6 +107,35 @@ pub struct FileConfig {
     pub archive: ArchiveFile,
     #[serde(default)]
     pub maintenance: MaintenanceFile,
+    #[serde(default)]
+    pub api: ApiFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// The API keys (with none, the API serves anyone, on loopback only unless
+    /// `allow_anonymous_remote`).
+    #[serde(default)]
+    pub keys: Vec<KeyFile>,
+    /// Serve without keys on a non-loopback address (behind a proxy that authenticates).
+    pub allow_anonymous_remote: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    /// Who the key is for.
+    pub name: String,
+    /// Hex SHA-256 of the key (`tandem apikey` makes a key and its hash).
+    pub sha256: String,
+    /// The views it may read (default: every view).
+    pub views: Option<Vec<String>>,
+    /// Dimension values it is limited to, e.g. `{ app_id = ["com.a.app"] }`.
+    #[serde(default)]
+    pub scope: std::collections::BTreeMap<String, Vec<String>>,
+    /// Requests a minute (default: unlimited).
+    pub requests_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +247,9 @@ pub struct Config {
     pub kafka_properties: Vec<(String, String)>,
     /// How recomputes run: threads, memory limit, spill directory.
     pub batch: tandem_batch::BatchOptions,
+    /// The API's keys, and whether it may serve without keys beyond loopback.
+    pub api_keys: Vec<tandem_serving::auth::ApiKey>,
+    pub allow_anonymous_remote: bool,
     /// How the scheduler runs views and jobs, and how often it looks.
     pub scheduler: tandem_batch::scheduler::SchedulerConfig,
     pub scheduler_interval: std::time::Duration,
@@ -465,6 +497,23 @@ impl Config {
         };
         let close_grace =
             std::time::Duration::from_secs(file.batch.close_grace_secs.unwrap_or(900));
+        let mut api_keys = Vec::new();
+        for (i, k) in file.api.keys.iter().enumerate() {
+            let sha256 =
+                tandem_serving::auth::ApiKey::parse_sha256(&k.sha256).with_context(|| {
+                    format!("api.keys[{i}].sha256: expected 64 hex digits (the SHA-256 of the key)")
+                })?;
+            if k.requests_per_minute == Some(0) {
+                bail!("api.keys[{i}].requests_per_minute must be at least 1");
+            }
+            api_keys.push(tandem_serving::auth::ApiKey {
+                name: k.name.clone(),
+                sha256,
+                views: k.views.as_ref().map(|v| v.iter().cloned().collect()),
+                scope: k.scope.clone(),
+                requests_per_minute: k.requests_per_minute,
+            });
+        }
         let defaults = tandem_speed::ArchiverConfig::default();
         let flush_interval = match file.archive.flush_interval_ms {
             Some(0) => bail!("archive.flush_interval_ms must be at least 1"),
@@ -713,6 +762,8 @@ impl Config {
             },
             scheduler,
             scheduler_interval,
+            api_keys,
+            allow_anonymous_remote: file.api.allow_anonymous_remote.unwrap_or(false),
             settings,
         })
     }

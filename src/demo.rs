@@ -101,14 +101,17 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     let brokers = cluster.bootstrap_servers();
     tracing::info!(%brokers, topic = %schema.topic, "mock Kafka cluster up");
 
+    let auth = crate::roles::auth(&config, &catalog)?;
+    let listen = crate::roles::api_listen(&config, &auth, config.listen);
     let running = start_all(
         &catalog,
         &storage,
         &KafkaConfig::new(&brokers),
         Arc::clone(&clock),
-        config.listen,
+        listen,
         crate::roles::admin_listen(&config, args.admin_port),
         &config.consumer_options(true, true),
+        auth,
     )
     .await?;
     let archiver = running

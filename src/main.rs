@@ -61,6 +61,13 @@ enum Command {
     /// ballista://HOST:PORT`.
     #[command(subcommand)]
     Ballista(ballista::BallistaCommand),
+    /// Make a new API key: prints the key (give it to its user) and the `[[api.keys]]` entry
+    /// for tandem.toml, which holds only its SHA-256.
+    Apikey {
+        /// Who the key is for.
+        #[arg(long, default_value = "dashboards")]
+        name: String,
+    },
     /// Rewind a consumer group to a time (every instance of the group stopped): the speed
     /// layer's checkpoints are rewound so that nothing counts twice.
     Replay(replay::ReplayArgs),
@@ -178,6 +185,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backfill(args) => batch::backfill(&config, args).await,
         Command::Sql(args) => batch::sql(&config, args).await,
         Command::Ballista(cmd) => ballista::run(cmd).await,
+        Command::Apikey { name } => {
+            use rand::RngCore as _;
+            let mut bytes = [0u8; 24];
+            rand::rng().fill_bytes(&mut bytes);
+            let key = format!("tk_{}", tandem_core::codec::hex(&bytes));
+            let hash = tandem_core::codec::hex(&tandem_serving::auth::ApiKey::hash(&key));
+            println!("key: {key}\n\n[[api.keys]]\nname = \"{name}\"\nsha256 = \"{hash}\"\n# views = [\"installs_hourly\"]        # default: every view\n# requests_per_minute = 600\n# scope = {{ app_id = [\"com.example.app\"] }}  # a tenant: these values only");
+            Ok(())
+        }
         Command::Import { files, schema } => roles::import(&config, files, schema).await,
         Command::Gen(args) => produce::gen(&config, args).await,
         Command::Broker(args) => broker::run(&config, args).await,

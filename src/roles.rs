@@ -353,11 +353,35 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// The API's keys, checked against the catalog.
+pub fn auth(config: &Config, catalog: &Catalog) -> Result<Arc<tandem_serving::auth::Auth>> {
+    Ok(Arc::new(
+        tandem_serving::auth::Auth::new(config.api_keys.clone(), catalog)
+            .map_err(|e| anyhow::anyhow!("api.keys: {e}"))?,
+    ))
+}
+
+/// Where the API listens: `addr`, or its loopback twin when no API key is configured (and
+/// serving anyone beyond this machine was not allowed), said in the log.
+pub fn api_listen(
+    config: &Config,
+    auth: &tandem_serving::auth::Auth,
+    addr: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    if auth.enabled() || config.allow_anonymous_remote || addr.ip().is_loopback() {
+        return addr;
+    }
+    let local = std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port());
+    tracing::warn!(asked = %addr, listening = %local, "no API keys are configured: the API serves loopback only; add [[api.keys]] (see `tandem apikey`) or set api.allow_anonymous_remote");
+    local
+}
+
 pub fn app_state(
     catalog: Arc<Catalog>,
     storage: &Storage,
     speed: Arc<dyn RealtimeView>,
     clock: Arc<dyn Clock>,
+    auth: Arc<tandem_serving::auth::Auth>,
 ) -> AppState {
     AppState {
         catalog,
@@ -367,6 +391,7 @@ pub fn app_state(
         metrics: Arc::new(ApiMetrics::default()),
         readiness: Default::default(),
         answers: Default::default(),
+        auth,
     }
 }
 
@@ -455,6 +480,7 @@ const SPEED_BROKER_GRACE: Duration = Duration::from_secs(10);
 
 /// Starts the archiver and the speed layer of every schema, the pruning of the speed layer's
 /// covered buckets, and the API on `listen`.
+#[allow(clippy::too_many_arguments)] // the wiring of a process: each argument is one of its parts
 pub async fn start_all(
     catalog: &Arc<Catalog>,
     storage: &Storage,
@@ -463,6 +489,7 @@ pub async fn start_all(
     listen: std::net::SocketAddr,
     admin_listen: Option<std::net::SocketAddr>,
     options: &ConsumerOptions,
+    auth: Arc<tandem_serving::auth::Auth>,
 ) -> Result<Running> {
     let listener = bind(listen).await?;
     let address = listener.local_addr()?;
@@ -481,7 +508,13 @@ pub async fn start_all(
         options,
     )
     .await?;
-    let mut state = app_state(Arc::clone(catalog), storage, consumers.speed.clone(), clock);
+    let mut state = app_state(
+        Arc::clone(catalog),
+        storage,
+        consumers.speed.clone(),
+        clock,
+        auth,
+    );
     let speed = Arc::clone(&consumers.speed);
     state.metrics = Arc::new(ApiMetrics {
         sources: vec![Arc::new(move |out: &mut String| speed.write_metrics(out))],
@@ -598,14 +631,17 @@ pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<
         let every = config.scheduler_interval;
         tokio::spawn(async move { scheduler.run_until(every, std::future::pending()).await });
     }
+    let auth = auth(config, &catalog)?;
+    let listen = api_listen(config, &auth, args.listen(config));
     start_all(
         &catalog,
         &storage,
         &config.kafka()?,
         clock(),
-        args.listen(config),
+        listen,
         args.admin_listen(config),
         &config.consumer_options(archive, true),
+        auth,
     )
     .await?
     .until_stopped()
@@ -686,8 +722,10 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
         Storage::new(config.layout.clone())?,
         clock(),
     );
-    let state = app_state(catalog, &storage, Arc::new(NoRealtime), clock);
-    let listener = bind(args.listen(config)).await?;
+    let auth = auth(config, &catalog)?;
+    let listen = api_listen(config, &auth, args.listen(config));
+    let state = app_state(catalog, &storage, Arc::new(NoRealtime), clock, auth);
+    let listener = bind(listen).await?;
     let admin = match args.admin_listen(config) {
         Some(a) => Some(bind(a).await?),
         None => None,

@@ -79,6 +79,69 @@ fn bad_configuration_fails_at_start_naming_the_key() {
         err.contains("broken.toml") && err.contains("granularity") && err.contains("fortnight"),
         "{err}"
     );
+
+    // An API key's hash that is not one, and a key naming a view that does not exist.
+    std::fs::write(
+        dir.path().join("tandem.toml"),
+        "[[api.keys]]\nname = \"a\"\nsha256 = \"abc\"\n",
+    )
+    .unwrap();
+    let err = run_err(tandem(dir.path()).args(["config"]));
+    assert!(err.contains("api.keys[0].sha256"), "{err}");
+}
+
+#[test]
+fn without_api_keys_the_api_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = ["--schemas", &repo("schemas"), "--jobs", &repo("jobs")];
+    let serve = |dir: &Path| {
+        let mut child = tandem(dir)
+            .args(defs)
+            .args(["--data", "d", "--listen", "0.0.0.0:0", "serve"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        (Killed(child), serving_address(stderr))
+    };
+    let (_server, address) = serve(dir.path());
+    assert!(address.starts_with("127.0.0.1:"), "{address}");
+    // With a key, the API listens where it is told, and asks for the key.
+    let out = run_ok(tandem(dir.path()).args(["apikey", "--name", "grafana"]));
+    let key = out
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("key: ")
+        .unwrap()
+        .to_string();
+    let entry: String = out.lines().skip(1).collect::<Vec<_>>().join("\n");
+    std::fs::write(dir.path().join("tandem.toml"), entry).unwrap();
+    let (_server, address) = serve(dir.path());
+    assert!(address.starts_with("0.0.0.0:"), "{address}");
+    let port = address.rsplit(':').next().unwrap();
+    let status = ureq::get(format!("http://127.0.0.1:{port}/v1/views"))
+        .call()
+        .map(|r| r.status().as_u16())
+        .unwrap_or_else(|e| match e {
+            ureq::Error::StatusCode(s) => s,
+            e => panic!("{e}"),
+        });
+    assert_eq!(status, 401);
+    let (_, views) = get_json_with_key(&format!("http://127.0.0.1:{port}/v1/views"), &key);
+    assert_eq!(views["views"].as_array().unwrap().len(), 3);
+}
+
+fn get_json_with_key(url: &str, key: &str) -> (String, serde_json::Value) {
+    let body = ureq::get(url)
+        .header("Authorization", &format!("Bearer {key}"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let json = serde_json::from_str(&body).unwrap();
+    (body, json)
 }
 
 #[test]

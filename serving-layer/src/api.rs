@@ -43,6 +43,8 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// Answers reused while their inputs are unchanged.
     pub answers: AnswerCache,
+    /// API keys and their scopes (none: every request is served).
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// A readiness check: `Some(reason)` while what it watches is not ready.
@@ -279,10 +281,16 @@ async fn view_json(state: &AppState, name: &str) -> Result<Json_, ApiError> {
     Ok(v)
 }
 
-async fn list_views(State(state): State<AppState>) -> Result<Json<Json_>, ApiError> {
+async fn list_views(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Json_>, ApiError> {
+    let key = state.auth.authenticate(&headers)?;
     let mut views = Vec::new();
-    for name in state.catalog.views.keys() {
-        views.push(view_json(&state, name).await?);
+    for (name, view) in &state.catalog.views {
+        if crate::auth::may_read(key.as_deref(), view) {
+            views.push(view_json(&state, name).await?);
+        }
     }
     Ok(Json(json!({ "views": views })))
 }
@@ -290,7 +298,10 @@ async fn list_views(State(state): State<AppState>) -> Result<Json<Json_>, ApiErr
 async fn get_view(
     State(state): State<AppState>,
     Path(view): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Json_>, ApiError> {
+    let key = state.auth.authenticate(&headers)?;
+    crate::auth::check_view(key.as_deref(), state.catalog.view(&view)?)?;
     Ok(Json(view_json(&state, &view).await?))
 }
 
@@ -329,7 +340,9 @@ async fn run_query(
     state.metrics.queries.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::new(&state.metrics.in_flight);
     let result = async {
+        let key = state.auth.authenticate(headers)?;
         let view = state.catalog.view(view)?;
+        crate::auth::check_view(key.as_deref(), view)?;
         let format = params.format.unwrap_or_else(|| {
             let accept = headers
                 .get(header::ACCEPT)
@@ -343,9 +356,10 @@ async fn run_query(
                 Format::Json
             }
         });
-        let q = params
+        let mut q = params
             .resolve(view, state.clock.now_us())
             .map_err(ApiError::bad_request)?;
+        crate::auth::scope(key.as_deref(), view, &mut q);
         let totals = params.totals().map_err(ApiError::bad_request)?;
         if totals && format != Format::Json {
             return Err(ApiError::bad_request(

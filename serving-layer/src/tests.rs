@@ -108,6 +108,7 @@ fn app() -> axum::Router {
         metrics: Arc::new(ApiMetrics::default()),
         readiness: Default::default(),
         answers: Default::default(),
+        auth: Default::default(),
     })
 }
 
@@ -493,6 +494,7 @@ async fn an_unreachable_store_is_a_503_with_retry_after_and_a_bug_a_500() {
             metrics: Arc::new(ApiMetrics::default()),
             readiness: Default::default(),
             answers: Default::default(),
+            auth: Default::default(),
         });
         let resp = app
             .oneshot(
@@ -552,6 +554,7 @@ async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_ans
                 metrics: Arc::new(ApiMetrics::default()),
                 readiness: Default::default(),
                 answers: Default::default(),
+                auth: Default::default(),
             },
             limits,
         )
@@ -630,6 +633,7 @@ async fn readyz_reports_every_failing_check() {
         clock: Arc::new(MockClock::new(NOW)),
         metrics: Arc::new(ApiMetrics::default()),
         answers: Default::default(),
+        auth: Default::default(),
         readiness: Arc::new(crate::Readiness::default().with(
             "archiver `app_events`",
             Box::new(move || {
@@ -752,6 +756,7 @@ async fn answers_are_reused_only_while_their_batch_version_and_speed_state_stand
         metrics: Arc::new(ApiMetrics::default()),
         readiness: Default::default(),
         answers: Default::default(),
+        auth: Default::default(),
     });
     let ask = |to_minute: i64| {
         let app = app.clone();
@@ -1265,6 +1270,7 @@ async fn totals_come_beside_the_rows_in_json_plain_or_gzipped() {
         metrics: Arc::new(ApiMetrics::default()),
         readiness: Default::default(),
         answers: Default::default(),
+        auth: Default::default(),
     });
     let uri = "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&group_by=country\
                &metrics=installs&order_by=-installs&limit=2&totals=true";

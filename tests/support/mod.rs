@@ -271,6 +271,11 @@ impl Harness {
     }
 
     pub fn router(&self) -> axum::Router {
+        self.router_with_auth(Default::default())
+    }
+
+    /// The API with these keys.
+    pub fn router_with_auth(&self, auth: Arc<tandem_serving::auth::Auth>) -> axum::Router {
         router(AppState {
             catalog: Arc::clone(&self.catalog),
             batch: Arc::new(
@@ -281,6 +286,7 @@ impl Harness {
             metrics: Arc::new(ApiMetrics::default()),
             readiness: Default::default(),
             answers: Default::default(),
+            auth,
         })
     }
 
