@@ -81,8 +81,19 @@ fn views_computed_on_a_ballista_cluster_equal_the_in_process_ones_and_serve_alik
             ])
             .arg(&file),
     );
+    // A producer's retries: some events again, in a second file.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let again = d.join("again.jsonl");
+    std::fs::write(
+        &again,
+        text.lines()
+            .step_by(9)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
     for data in ["local", "cluster"] {
-        run_ok(tandem(d, data).arg("import").arg(&file));
+        run_ok(tandem(d, data).arg("import").arg(&file).arg(&again));
     }
 
     // A scheduler and two executors, each a process of its own.

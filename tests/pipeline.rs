@@ -605,3 +605,32 @@ async fn broker_faults_and_an_outage_change_no_count() {
     assert_eq!(rows.len(), truth[view].len());
     h.stop().await;
 }
+
+/// A producer's retries: 10 % of the events sent twice, the copy right after the original.
+/// Every view counts each event once: the speed layer drops the copy within its window, the
+/// batch recompute keeps one row per event id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_event_ids_count_once_in_every_view() {
+    let mut h = Harness::start(&[], 2).await;
+    let events = events(17, 6_000);
+    let mut sent = Vec::with_capacity(events.len() * 11 / 10);
+    for (i, e) in events.iter().enumerate() {
+        sent.push(e.clone());
+        if i % 10 == 0 {
+            sent.push(e.clone());
+        }
+    }
+    h.produce(&sent);
+    h.settle().await;
+    h.run_batch().await;
+    let truth = oracle(&events);
+    for (view, t) in &truth {
+        let dims = h.catalog.views[*view].dimensions.clone();
+        let rows = h.all_rows(view).await;
+        let sources = check(view, &dims, &rows, t);
+        assert!(
+            sources.get("batch").copied().unwrap_or(0) > 0,
+            "{view}: {sources:?}"
+        );
+    }
+}

@@ -206,6 +206,9 @@ pub struct BatchLayer {
     clock: Arc<dyn Clock>,
     options: BatchOptions,
     progress: Option<Progress>,
+    /// Per (schema, day, master version): the filter that leaves out repeated event ids, found
+    /// once for every view of a run.
+    repeats: Arc<std::sync::Mutex<std::collections::HashMap<(String, String, i64), Repeats>>>,
 }
 
 impl std::fmt::Debug for BatchLayer {
@@ -266,6 +269,7 @@ impl BatchLayer {
             clock,
             options: BatchOptions::default(),
             progress: None,
+            repeats: Default::default(),
         }
     }
 
@@ -279,6 +283,54 @@ impl BatchLayer {
     pub fn with_progress(mut self, progress: Progress) -> Self {
         self.progress = Some(progress);
         self
+    }
+
+    /// The event ids of `day` that more than one row holds (`None` if none does): a
+    /// producer's retry is archived twice, and counted once. Found from the day's ids alone,
+    /// once per day and master version for every view of the run.
+    async fn repeats(
+        &self,
+        ctx: &SessionContext,
+        view: &ViewDef,
+        day: &str,
+        master_version: i64,
+    ) -> Result<Repeats> {
+        let key = (view.source.clone(), day.to_string(), master_version);
+        if let Some(found) = self.repeats.lock().expect("not poisoned").get(&key) {
+            return Ok(found.clone());
+        }
+        let schema = self.catalog.schema_of(view);
+        let id = schema.fields[schema.event_id].name.clone();
+        let batches = ctx
+            .table("master")
+            .await?
+            .filter(ident(DAY_COLUMN).eq(lit(day)))?
+            .select(vec![ident(&id)])?
+            .collect()
+            .await?;
+        let columns = batches
+            .iter()
+            .map(|b| cast(b.column(0), &DataType::Utf8))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let mut seen: hashbrown::HashSet<&str> = hashbrown::HashSet::with_capacity(rows);
+        let mut repeated: BTreeSet<&str> = BTreeSet::new();
+        for ids in &columns {
+            for id in ids.as_string::<i32>().iter().flatten() {
+                if !seen.insert(id) {
+                    repeated.insert(id);
+                }
+            }
+        }
+        let found = (!repeated.is_empty()).then(|| {
+            tracing::info!(schema = %view.source, day, ids = repeated.len(), "rows repeating an event id are counted once");
+            Arc::new(repeated.into_iter().map(str::to_string).collect::<Vec<_>>())
+        });
+        self.repeats
+            .lock()
+            .expect("not poisoned")
+            .insert(key, found.clone());
+        Ok(found)
     }
 
     /// The storage this layer reads and publishes to.
@@ -484,9 +536,14 @@ impl BatchLayer {
         let mut batches = Vec::new();
         for day in &day_strings {
             let day_started = Instant::now();
+            let repeats = match files.contains_key(day) {
+                true => self.repeats(&ctx, view, day, master_version).await?,
+                false => None,
+            };
+            let repeats = repeats.as_ref();
             let (rows, read) = match (files.get(day), &remote) {
                 (None, _) => Default::default(),
-                (Some(_), None) => self.compute(&ctx, view, day, None).await?,
+                (Some(_), None) => self.compute(&ctx, view, day, None, repeats).await?,
                 (Some(day_files), Some(remote)) => {
                     let urls = day_files
                         .iter()
@@ -496,7 +553,8 @@ impl BatchLayer {
                             })
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    self.compute(remote, view, day, Some(&urls)).await?
+                    self.compute(remote, view, day, Some(&urls), repeats)
+                        .await?
                 }
             };
             let mut day_report = DayReport {
@@ -591,6 +649,7 @@ impl BatchLayer {
         view: &ViewDef,
         day: &str,
         files: Option<&[String]>,
+        repeats: Option<&Arc<Vec<String>>>,
     ) -> Result<(Rows, Read)> {
         let schema = self.catalog.schema_of(view);
         let mut df = match files {
@@ -623,6 +682,9 @@ impl BatchLayer {
                 ctx.read_table(Arc::new(ListingTable::try_new(config)?))?
             }
         };
+        if let Some(ids) = repeats {
+            df = once_per_id(df, schema, ids)?;
+        }
         if let Some(f) = &view.filter {
             let predicate = df.parse_sql_expr(f)?;
             df = df.filter(predicate)?;
@@ -988,6 +1050,45 @@ async fn dirty_days(
         }
     }
     Ok(Some(days))
+}
+
+/// Event ids that several rows of a day hold.
+type Repeats = Option<Arc<Vec<String>>>;
+
+/// `df` (a day of the master dataset) with one row per event id of `ids`: the rows of other
+/// ids as they are, and for each repeated id its first arrival (the lowest partition, then
+/// offset), every column taken from that row.
+fn once_per_id(
+    df: datafusion::dataframe::DataFrame,
+    schema: &tandem_core::schema::EventSchema,
+    ids: &[String],
+) -> Result<datafusion::dataframe::DataFrame> {
+    use datafusion::functions_aggregate::expr_fn::first_value;
+    use tandem_core::schema::{OFFSET_COLUMN, PARTITION_COLUMN};
+    let id_name = &schema.fields[schema.event_id].name;
+    let id = ident(id_name);
+    let list: Vec<Expr> = ids.iter().map(|s| lit(s.as_str())).collect();
+    let columns: Vec<String> = df
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let arrival = vec![
+        ident(PARTITION_COLUMN).sort(true, false),
+        ident(OFFSET_COLUMN).sort(true, false),
+    ];
+    let firsts: Vec<Expr> = columns
+        .iter()
+        .filter(|c| *c != id_name)
+        .map(|c| first_value(ident(c), arrival.clone()).alias(c))
+        .collect();
+    let once = df
+        .clone()
+        .filter(id.clone().in_list(list.clone(), false))?
+        .aggregate(vec![id.clone()], firsts)?
+        .select(columns.iter().map(|c| ident(c)).collect::<Vec<_>>())?;
+    Ok(df.filter(id.in_list(list, true))?.union(once)?)
 }
 
 /// The metadata of a publish commit: the view's coverage after it, the days it replaced, the
