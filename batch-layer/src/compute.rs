@@ -208,7 +208,7 @@ pub struct BatchLayer {
     progress: Option<Progress>,
     /// Per (schema, day, master version): the filter that leaves out repeated event ids, found
     /// once for every view of a run.
-    repeats: Arc<std::sync::Mutex<std::collections::HashMap<(String, String, i64), Repeats>>>,
+    repeats: Arc<std::sync::Mutex<RepeatsCache>>,
 }
 
 impl std::fmt::Debug for BatchLayer {
@@ -1055,6 +1055,9 @@ async fn dirty_days(
 /// Event ids that several rows of a day hold.
 type Repeats = Option<Arc<Vec<String>>>;
 
+/// Repeats found, by schema, day and master version.
+type RepeatsCache = std::collections::HashMap<(String, String, i64), Repeats>;
+
 /// `df` (a day of the master dataset) with one row per event id of `ids`: the rows of other
 /// ids as they are, and for each repeated id its first arrival (the lowest partition, then
 /// offset), every column taken from that row.
@@ -1087,7 +1090,7 @@ fn once_per_id(
         .clone()
         .filter(id.clone().in_list(list.clone(), false))?
         .aggregate(vec![id.clone()], firsts)?
-        .select(columns.iter().map(|c| ident(c)).collect::<Vec<_>>())?;
+        .select(columns.iter().map(ident).collect::<Vec<_>>())?;
     Ok(df.filter(id.in_list(list, true))?.union(once)?)
 }
 
