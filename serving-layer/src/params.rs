@@ -73,6 +73,36 @@ pub struct QueryParams {
     pub format: Option<Format>,
 }
 
+/// The granularity of a dashboard's interval (`500ms`, `30s`, `5m`, `1h`, `2d`, `1w`, `1M`,
+/// `1y`): the finest answer bucket at least as wide.
+fn interval_granularity(text: &str) -> Option<Granularity> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: i64 = n.parse().ok().filter(|&n| n > 0)?;
+    let minute = 60_000_000i64;
+    let us = match unit {
+        "ms" => n.checked_mul(1_000)?,
+        "s" => n.checked_mul(1_000_000)?,
+        "m" => n.checked_mul(minute)?,
+        "h" => n.checked_mul(60 * minute)?,
+        "d" => n.checked_mul(DAY_US)?,
+        "w" => n.checked_mul(7 * DAY_US)?,
+        "M" | "y" => return Some(Granularity::Month),
+        _ => return None,
+    };
+    Some(
+        [
+            (minute, Granularity::Minute),
+            (60 * minute, Granularity::Hour),
+            (DAY_US, Granularity::Day),
+            (7 * DAY_US, Granularity::Week),
+        ]
+        .into_iter()
+        .find(|&(width, _)| width >= us)
+        .map_or(Granularity::Month, |(_, g)| g),
+    )
+}
+
 /// A string or a number (JSON bodies may send either for instants and limits).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -344,10 +374,16 @@ impl QueryParams {
         }
         let granularity = match &self.granularity {
             None => view.granularity,
+            // A dashboard's interval (Grafana's `$__interval`: `30s`, `5m`, `1h`, `2d`, `1w`,
+            // `1M`): the finest bucket at least that wide, never finer than the view's.
+            Some(g) if interval_granularity(g).is_some() => interval_granularity(g)
+                .expect("checked")
+                .max(view.granularity),
             Some(g) => {
                 let parsed = Granularity::parse(g).ok_or_else(|| {
                     format!(
-                        "granularity `{}` (expected minute, hour, day, week, month or all)",
+                        "granularity `{}` (expected minute, hour, day, week, month, all or an \
+                         interval such as 5m, 1h, 1d)",
                         clip(g)
                     )
                 })?;
@@ -613,6 +649,29 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
             resolve("filter=app.prefix=com.&filter=country!=US&filter=country.not_in=DE,FR")
                 .unwrap();
         assert_eq!(from_body, from_items);
+    }
+
+    #[test]
+    fn a_dashboards_interval_picks_the_finest_bucket_as_wide() {
+        // The test view is hourly: finer intervals answer by the hour.
+        for (interval, g) in [
+            ("30s", Granularity::Hour),
+            ("15m", Granularity::Hour),
+            ("1h", Granularity::Hour),
+            ("2h", Granularity::Day),
+            ("1d", Granularity::Day),
+            ("3d", Granularity::Week),
+            ("1w", Granularity::Week),
+            ("2w", Granularity::Month),
+            ("1M", Granularity::Month),
+        ] {
+            let q = resolve(&format!("granularity={interval}")).unwrap();
+            assert_eq!(q.granularity, g, "{interval}");
+        }
+        for bad in ["0h", "h", "5x", "1.5h"] {
+            let e = resolve(&format!("granularity={bad}")).unwrap_err();
+            assert!(e.contains("granularity"), "{bad}: {e}");
+        }
     }
 
     #[test]
