@@ -93,6 +93,8 @@ pub struct ApiMetrics {
     pub in_flight: AtomicU64,
     /// The other roles of the process, appended to `/metrics`.
     pub sources: Vec<MetricsSource>,
+    /// Latency histograms, cache outcomes and answer times.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 impl std::fmt::Debug for ApiMetrics {
@@ -164,6 +166,10 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
             "/v1/views/{view}/query",
             get(query_get).post(query_post).layer(limited),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::telemetry::track,
+        ))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /v1/views")
         })
@@ -417,9 +423,12 @@ async fn obtain(
     };
     if let Some(answered) = key.as_ref().and_then(|k| state.answers.get(k)) {
         if ready(&answered) {
+            state.metrics.telemetry.cached(true);
             return Ok(answered);
         }
     }
+    state.metrics.telemetry.cached(false);
+    let started = std::time::Instant::now();
     let (owned, view, q, coverage) = (state.clone(), Arc::clone(view), q.clone(), coverage.clone());
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
@@ -451,6 +460,10 @@ async fn obtain(
                 answered.batch()?;
             }
         }
+        owned
+            .metrics
+            .telemetry
+            .computed(started.elapsed().as_secs_f64());
         Ok(answered)
     })
     .await
@@ -592,6 +605,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "# HELP tandem_speed_stale_partitions Partitions whose speed state is known to be incomplete.\n# TYPE tandem_speed_stale_partitions gauge\ntandem_speed_stale_partitions {}\n",
         status.stale_partitions.len()
     ));
+    m.telemetry.encode(&mut out);
     for source in &m.sources {
         source(&mut out);
     }

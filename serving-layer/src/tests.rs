@@ -1365,3 +1365,54 @@ async fn dashboards_on_another_origin_may_read_the_api() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["access-control-allow-origin"], "*");
 }
+
+#[tokio::test]
+async fn metrics_have_latency_by_route_and_cache_outcomes() {
+    let d = DAY * DAY_US;
+    let speed = Arc::new(CountingSpeed::default());
+    speed.state.lock().unwrap().1 = vec![(d + DAY_US, 5)];
+    let app = router(AppState {
+        catalog: catalog(),
+        batch: Arc::new(FakeBatch(vec![(d, 10)], [DAY].into())),
+        speed,
+        clock: Arc::new(MockClock::new(NOW)),
+        metrics: Arc::new(ApiMetrics::default()),
+        readiness: Default::default(),
+        answers: Default::default(),
+        auth: Default::default(),
+    });
+    let send = |uri: &str| {
+        let app = app.clone();
+        let req = Request::get(uri).body(Body::empty()).unwrap();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    let uri = "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&metrics=installs";
+    for _ in 0..3 {
+        assert_eq!(send(uri).await.0, StatusCode::OK);
+    }
+    assert_eq!(send("/v1/views/nope/query").await.0, StatusCode::NOT_FOUND);
+    let (status, text) = send("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in:\n{text}"))
+            .to_string()
+    };
+    // Labels in the order they are declared: route, method, status.
+    let count = line(
+        "tandem_api_request_seconds_count{route=\"/v1/views/{view}/query\",method=\"GET\",status=\"2xx\"}",
+    );
+    assert!(count.ends_with(" 3"), "{count}");
+    line("tandem_api_request_seconds_count{route=\"/v1/views/{view}/query\",method=\"GET\",status=\"4xx\"}");
+    line("tandem_api_request_seconds_bucket{");
+    assert!(line("tandem_api_answers_total{outcome=\"miss\"}").ends_with(" 1"));
+    assert!(line("tandem_api_answers_total{outcome=\"hit\"}").ends_with(" 2"));
+    line("tandem_api_answer_compute_seconds_count");
+    assert!(!text.contains("# EOF"));
+}
