@@ -206,7 +206,7 @@ async fn a_tenants_key_never_returns_another_tenants_rows() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_limit_views_and_rates() {
     let h = Harness::start(&[], 1).await;
     let keys = vec![key("narrow", &[A_APP], Some(&["purchases_daily"]), Some(2))];

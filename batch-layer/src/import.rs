@@ -319,6 +319,7 @@ pub async fn import_files(
                 master_txns: vec![(app_id, 1)],
                 dead_letter_txns,
                 metadata: vec![("tandem.import".to_string(), json!(name))],
+                ..Default::default()
             },
             now_us,
         )

@@ -31,6 +31,18 @@ pub enum CoreError {
     #[error("schema `{schema}`: {message}")]
     SchemaChange { schema: String, message: String },
 
+    /// Another writer archived a partition's offsets since this one read them: this writer
+    /// lost the partition (a zombie after a rebalance) and must not commit.
+    #[error(
+        "`{app}`: the master dataset holds offset {stored}, not {expected} as this archiver \
+         believed: another archiver owns the partition now; nothing was committed"
+    )]
+    Fenced {
+        app: String,
+        expected: i64,
+        stored: i64,
+    },
+
     /// A query does not fit the view it names (the user's mistake: HTTP 400).
     #[error("{0}")]
     BadQuery(String),

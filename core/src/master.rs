@@ -57,6 +57,10 @@ pub struct MasterCommit {
     pub dead_letter_txns: Vec<(String, i64)>,
     /// More metadata for the master commit.
     pub metadata: Vec<(String, Json)>,
+    /// (app id, version) the writer believes the master holds for each of `master_txns`' apps
+    /// (-1: none): if the table holds another, another writer archived those offsets since
+    /// (this one is a zombie) and the commit is refused ([`CoreError::Fenced`]).
+    pub expected_txns: Vec<(String, i64)>,
 }
 
 /// What one commit did.
@@ -124,6 +128,25 @@ impl MasterWriter {
     /// Nothing is written for an empty part.
     pub async fn commit(&mut self, commit: MasterCommit, now_us: i64) -> Result<CommitReport> {
         let mut report = CommitReport::default();
+        if !commit.expected_txns.is_empty() {
+            // The table as it is now: a writer that took these partitions over since this
+            // one read them has moved their versions on. (One that commits between this look
+            // and the write below is caught by Delta's check of concurrent transaction ids.)
+            self.master
+                .update_state()
+                .await
+                .map_err(|e| table_err(&self.master_url, e))?;
+            for (app, expected) in &commit.expected_txns {
+                let stored = txn_version(&self.master, &self.master_url, app).await?;
+                if stored != *expected {
+                    return Err(CoreError::Fenced {
+                        app: app.clone(),
+                        expected: *expected,
+                        stored,
+                    });
+                }
+            }
+        }
         if !commit.rejects.is_empty() {
             let batch = dead_letter_batch(&commit.source, &commit.rejects, now_us)?;
             let props = with_txns(CommitProperties::default(), &commit.dead_letter_txns);

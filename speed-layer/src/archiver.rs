@@ -36,7 +36,7 @@ use tandem_core::storage::Storage;
 use tandem_core::time::Clock;
 
 use crate::error::Result;
-use crate::kafka::{BatchSink, MessageBatch};
+use crate::kafka::{BatchSink, MessageBatch, Rebalance};
 
 /// When the archiver writes.
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +79,13 @@ pub struct Archiver {
     /// Last archived offset per partition (master txn), and last dead-lettered (dlq txn).
     archived: BTreeMap<i32, i64>,
     dead_lettered: BTreeMap<i32, i64>,
-    pending: Vec<RecordBatch>,
+    /// Rows waiting for the next commit, by partition.
+    pending: Vec<(i32, RecordBatch)>,
+    /// Partitions the group moved, told by the rebalance handler, applied before the next
+    /// batch or commit; and those revoked and not assigned back since.
+    moves: Arc<std::sync::Mutex<Moves>>,
+    revoked: std::collections::BTreeSet<i32>,
+    storage: Storage,
     pending_rows: usize,
     pending_rejects: Vec<Rejected>,
     /// Last offset seen per partition in the pending data.
@@ -118,10 +124,13 @@ impl Archiver {
             committed_since_idle: false,
             topic: schema.topic.clone(),
             decoder: Decoder::new(Arc::clone(&schema)),
-            writer: MasterWriter::open(storage, schema).await?,
+            writer: MasterWriter::open(storage.clone(), schema).await?,
             archived: BTreeMap::new(),
             dead_lettered: BTreeMap::new(),
             pending: Vec::new(),
+            moves: Default::default(),
+            revoked: Default::default(),
+            storage: storage.clone(),
             pending_rows: 0,
             pending_rejects: Vec::new(),
             pending_last: BTreeMap::new(),
@@ -172,7 +181,46 @@ impl Archiver {
         }
     }
 
+    /// Applies the group's moves: a revoked partition's pending rows and rejects are dropped
+    /// (its new owner archives them from the offset the table holds), and what this archiver
+    /// knew of a moved partition's stored offsets is forgotten, to be read again.
+    fn apply_moves(&mut self) {
+        let moves = std::mem::take(&mut *self.moves.lock().expect("moves lock poisoned"));
+        for p in moves.assigned {
+            self.revoked.remove(&p);
+            self.archived.remove(&p);
+            self.dead_lettered.remove(&p);
+        }
+        for p in moves.revoked {
+            self.revoked.insert(p);
+            self.archived.remove(&p);
+            self.dead_lettered.remove(&p);
+            let before = self.pending.len();
+            self.pending.retain(|(q, _)| *q != p);
+            self.pending_rejects.retain(|r| r.partition != p);
+            self.pending_last.remove(&p);
+            self.pending_event_max.remove(&p);
+            self.progress.remove(&p);
+            if before != self.pending.len() {
+                tracing::info!(topic = %self.topic, partition = p, "partition revoked: its pending rows are dropped, for its new owner to archive");
+            }
+        }
+        self.pending_rows = self.pending.iter().map(|(_, b)| b.num_rows()).sum();
+    }
+
+    /// The handler that tells this archiver of the group's moves, and resumes an assigned
+    /// partition at the offset after the one its master table holds.
+    pub fn rebalance_handler(&self) -> Arc<ArchiverRebalance> {
+        Arc::new(ArchiverRebalance {
+            moves: Arc::clone(&self.moves),
+            storage: self.storage.clone(),
+            schema: self.schema_name.clone(),
+            topic: self.topic.clone(),
+        })
+    }
+
     async fn write(&mut self) -> Result<Vec<(i32, i64)>> {
+        self.apply_moves();
         self.last_flush = Instant::now();
         let received = self.stats.received.load(Ordering::Relaxed);
         let idle = received == self.received_at_flush;
@@ -204,7 +252,10 @@ impl Archiver {
             *last = (*last).max(r.offset);
         }
         let commit = MasterCommit {
-            rows: std::mem::take(&mut self.pending),
+            rows: std::mem::take(&mut self.pending)
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect(),
             rejects: std::mem::take(&mut self.pending_rejects),
             source: self.topic.clone(),
             master_txns: self
@@ -217,6 +268,16 @@ impl Archiver {
                 .map(|(&p, &o)| (self.dlq_app_id(p), o))
                 .collect(),
             metadata: Vec::new(),
+            expected_txns: self
+                .pending_last
+                .keys()
+                .map(|&p| {
+                    (
+                        self.master_app_id(p),
+                        self.archived.get(&p).copied().unwrap_or(-1),
+                    )
+                })
+                .collect(),
         };
         let pending_last = std::mem::take(&mut self.pending_last);
         self.pending_rows = 0;
@@ -271,8 +332,13 @@ impl Archiver {
 
 impl BatchSink for Archiver {
     async fn handle(&mut self, batch: &MessageBatch) -> Result<Vec<(i32, i64)>> {
+        self.apply_moves();
         let now = self.clock.now_us();
         for (partition, messages) in batch.by_partition() {
+            // Fetched before the partition was revoked: its new owner archives them.
+            if self.revoked.contains(&partition) {
+                continue;
+            }
             let (archived, dead_lettered) = self.versions(partition).await?;
             // Skip what is committed, and what is pending already (a redelivery before a flush).
             let seen = archived.max(self.pending_last.get(&partition).copied().unwrap_or(-1));
@@ -314,7 +380,7 @@ impl BatchSink for Archiver {
                 }
                 let b = archive_batch(self.decoder.schema(), &decoded)?;
                 self.pending_rows += b.num_rows();
-                self.pending.push(b);
+                self.pending.push((partition, b));
             }
             self.pending_rejects.extend(
                 decoded
@@ -330,10 +396,78 @@ impl BatchSink for Archiver {
         Ok(Vec::new())
     }
 
+    fn rebalance(&self) -> Option<Arc<dyn Rebalance>> {
+        Some(self.rebalance_handler())
+    }
+
     async fn flush(&mut self, final_flush: bool) -> Result<Vec<(i32, i64)>> {
         if final_flush || self.last_flush.elapsed() >= self.config.flush_interval {
             return self.write().await;
         }
         Ok(Vec::new())
+    }
+}
+
+/// The group's moves not yet applied by the archiver.
+#[derive(Debug, Default)]
+struct Moves {
+    assigned: std::collections::BTreeSet<i32>,
+    revoked: std::collections::BTreeSet<i32>,
+}
+
+/// Moves an [`Archiver`]'s partitions with the group's assignments.
+#[derive(Debug)]
+pub struct ArchiverRebalance {
+    moves: Arc<std::sync::Mutex<Moves>>,
+    storage: Storage,
+    schema: String,
+    topic: String,
+}
+
+impl ArchiverRebalance {
+    /// Where consumption of `partition` resumes: after the offset its master table holds,
+    /// whatever the group's committed offset says.
+    pub async fn resume_offset(&self, partition: i32) -> Result<rdkafka::Offset> {
+        let url = self.storage.layout().master(&self.schema);
+        let app = format!("tandem-archive-{}-{partition}", self.topic);
+        let stored = match self.storage.open(&url).await? {
+            Some(table) => {
+                let snapshot = table.snapshot().map_err(tandem_core::storage::delta)?;
+                snapshot
+                    .transaction_version(table.log_store().as_ref(), &app)
+                    .await
+                    .map_err(tandem_core::storage::delta)?
+                    .unwrap_or(-1)
+            }
+            None => -1,
+        };
+        Ok(if stored < 0 {
+            rdkafka::Offset::Beginning
+        } else {
+            rdkafka::Offset::Offset(stored + 1)
+        })
+    }
+}
+
+impl Rebalance for ArchiverRebalance {
+    fn assigned(&self, partition: i32) -> futures::future::BoxFuture<'_, Result<rdkafka::Offset>> {
+        Box::pin(async move {
+            self.moves
+                .lock()
+                .expect("moves lock poisoned")
+                .assigned
+                .insert(partition);
+            let offset = self.resume_offset(partition).await?;
+            tracing::info!(topic = %self.topic, partition, ?offset, "archiving resumes from the master dataset's offset");
+            Ok(offset)
+        })
+    }
+
+    fn revoked(&self, partition: i32, _lost: bool) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut moves = self.moves.lock().expect("moves lock poisoned");
+            moves.assigned.remove(&partition);
+            moves.revoked.insert(partition);
+        })
     }
 }

@@ -19,6 +19,8 @@ pub mod kafka;
 pub mod speed;
 
 #[cfg(test)]
+mod archiver_tests;
+#[cfg(test)]
 mod tests;
 
 pub use archiver::{Archiver, ArchiverConfig, ArchiverStats};

@@ -1,0 +1,153 @@
+//! The archiver without Kafka: a revoked partition's pending rows are not written by its old
+//! owner, a zombie's late commit is refused, and an assigned partition resumes at the offset
+//! the master dataset holds.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::{Int32Type, Int64Type};
+use datafusion::prelude::SessionContext;
+use tandem_core::paths::Layout;
+use tandem_core::storage::Storage;
+use tandem_core::time::MockClock;
+use tandem_core::{Catalog, CoreError};
+use tandem_workload::{GenConfig, Generator};
+
+use crate::archiver::{Archiver, ArchiverConfig};
+use crate::kafka::{BatchSink, MessageBatch, Rebalance};
+use crate::SpeedError;
+
+const NOW: i64 = 1_795_694_400_000_000;
+
+fn setup() -> (tempfile::TempDir, Storage, Arc<Catalog>) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let catalog = Arc::new(Catalog::load(&root.join("schemas"), &root.join("jobs")).unwrap());
+    let storage = Storage::new(Layout::local(dir.path()).unwrap()).unwrap();
+    (dir, storage, catalog)
+}
+
+async fn archiver(storage: &Storage, catalog: &Catalog) -> Archiver {
+    Archiver::open(
+        storage.clone(),
+        Arc::clone(&catalog.schemas["app_events"]),
+        ArchiverConfig {
+            flush_interval: Duration::from_secs(3600),
+            flush_rows: 1_000_000,
+        },
+        Arc::new(MockClock::new(NOW)),
+    )
+    .await
+    .unwrap()
+}
+
+/// Messages of `partition` at `offsets`, each a generated event.
+fn batch(parts: &[(i32, std::ops::Range<i64>)]) -> MessageBatch {
+    let mut events = Generator::new(GenConfig::default()).history(10_000, NOW - 3_600_000_000, NOW);
+    let mut b = MessageBatch::default();
+    for (p, offsets) in parts {
+        for o in offsets.clone() {
+            let e = events.next().unwrap();
+            b.push(*p, o, Some(NOW / 1000), Some(e.to_json().as_bytes()));
+        }
+    }
+    b
+}
+
+/// The (partition, offset) pairs in the master dataset, sorted.
+async fn archived(storage: &Storage) -> Vec<(i32, i64)> {
+    let Some(t) = storage
+        .open(&storage.layout().master("app_events"))
+        .await
+        .unwrap()
+    else {
+        return Vec::new();
+    };
+    let ctx = SessionContext::new();
+    ctx.register_table("m", t.table_provider().await.unwrap())
+        .unwrap();
+    let mut out = Vec::new();
+    for b in ctx
+        .sql("SELECT _partition, _offset FROM m")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap()
+    {
+        let p = b.column(0).as_primitive::<Int32Type>();
+        let o = b.column(1).as_primitive::<Int64Type>();
+        out.extend((0..b.num_rows()).map(|i| (p.value(i), o.value(i))));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_revoked_partitions_pending_rows_are_left_to_its_new_owner() {
+    let (_dir, storage, catalog) = setup();
+    let mut a = archiver(&storage, &catalog).await;
+    let handler = a.rebalance_handler();
+    a.handle(&batch(&[(0, 0..10), (1, 0..10)])).await.unwrap();
+    // The group takes partition 0 away before the flush.
+    handler.revoked(0, false).await;
+    // Messages of partition 0 fetched before the revoke are not taken either.
+    a.handle(&batch(&[(0, 10..15), (1, 10..12)])).await.unwrap();
+    let done = a.flush(true).await.unwrap();
+    assert_eq!(done, [(1, 12)], "only partition 1's offsets are reported");
+    let rows = archived(&storage).await;
+    assert!(rows.iter().all(|&(p, _)| p == 1), "{rows:?}");
+    assert_eq!(rows.len(), 12);
+    // Its new owner resumes it from the master's offsets: from the beginning here, and
+    // after the last archived offset for partition 1.
+    assert_eq!(
+        handler.resume_offset(0).await.unwrap(),
+        rdkafka::Offset::Beginning
+    );
+    assert_eq!(
+        handler.resume_offset(1).await.unwrap(),
+        rdkafka::Offset::Offset(12)
+    );
+    assert_eq!(
+        handler.assigned(1).await.unwrap(),
+        rdkafka::Offset::Offset(12)
+    );
+}
+
+#[tokio::test]
+async fn a_zombies_late_commit_is_refused_and_nothing_counts_twice() {
+    let (_dir, storage, catalog) = setup();
+    let mut zombie = archiver(&storage, &catalog).await;
+    let mut owner = archiver(&storage, &catalog).await;
+    // Both read partition 0 from offset 0: the zombie never heard it lost the partition.
+    zombie.handle(&batch(&[(0, 0..20)])).await.unwrap();
+    owner.handle(&batch(&[(0, 0..20)])).await.unwrap();
+    owner.flush(true).await.unwrap();
+    let e = zombie.flush(true).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SpeedError::Core(CoreError::Fenced {
+                stored: 19,
+                expected: -1,
+                ..
+            })
+        ),
+        "{e}"
+    );
+    let rows = archived(&storage).await;
+    assert_eq!(
+        rows,
+        (0..20).map(|o| (0, o)).collect::<Vec<_>>(),
+        "each offset once"
+    );
+    // The new owner goes on; a replay of what it archived adds nothing.
+    owner.handle(&batch(&[(0, 10..30)])).await.unwrap();
+    owner.flush(true).await.unwrap();
+    assert_eq!(
+        archived(&storage).await,
+        (0..30).map(|o| (0, o)).collect::<Vec<_>>()
+    );
+}
