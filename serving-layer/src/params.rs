@@ -382,8 +382,8 @@ impl QueryParams {
             Some(g) => {
                 let parsed = Granularity::parse(g).ok_or_else(|| {
                     format!(
-                        "granularity `{}` (expected minute, hour, day, week, month, all or an \
-                         interval such as 5m, 1h, 1d)",
+                        "granularity `{}` (expected minute, hour, day, week, month or all, or \
+                         an interval such as 5m, 1h, 1d)",
                         clip(g)
                     )
                 })?;
