@@ -12,32 +12,13 @@ use std::time::{Duration, Instant};
 use support::{day, get_json, serving_address, Killed};
 
 fn tandem(dir: &Path, data: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
-    c.current_dir(dir).env("RUST_LOG", "info");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TANDEM_") {
-            c.env_remove(k);
-        }
-    }
-    let repo = env!("CARGO_MANIFEST_DIR");
-    c.args([
-        "--schemas",
-        &format!("{repo}/schemas"),
-        "--jobs",
-        &format!("{repo}/jobs"),
-    ])
-    .args(["--data", data]);
+    let mut c = support::binary(dir);
+    c.env("RUST_LOG", "info").args(["--data", data]);
     c
 }
 
 fn run_ok(c: &mut Command) -> String {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    support::succeeds(c).0
 }
 
 fn free_port() -> u16 {

@@ -8,38 +8,12 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use support::day;
+use support::{day, fails as run_err, succeeds as run_ok};
 
 fn tandem(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
-    c.current_dir(dir).env("RUST_LOG", "warn");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TANDEM_") {
-            c.env_remove(k);
-        }
-    }
-    let repo = env!("CARGO_MANIFEST_DIR");
-    c.args([
-        "--schemas",
-        &format!("{repo}/schemas"),
-        "--jobs",
-        &format!("{repo}/jobs"),
-    ])
-    .args(["--data", "d"]);
+    let mut c = support::binary(dir);
+    c.args(["--data", "d"]);
     c
-}
-
-fn run_ok(c: &mut Command) -> (String, String) {
-    let out = c.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{c:?} failed:\n{stderr}");
-    (String::from_utf8(out.stdout).unwrap(), stderr)
-}
-
-fn run_err(c: &mut Command) -> String {
-    let out = c.output().unwrap();
-    assert!(!out.status.success(), "{c:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Generates `events` over `days` days up to now and imports them; the events per day.

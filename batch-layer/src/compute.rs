@@ -441,12 +441,7 @@ impl BatchLayer {
         };
         // Tandem's sketch aggregate is not registered on executors: a view with several
         // distinct fields (which needs it in DataFusion's plan) is computed here.
-        let distinct_fields: BTreeSet<&str> = view
-            .metrics
-            .iter()
-            .filter(|m| m.kind == MetricKind::Distinct)
-            .filter_map(|m| m.field.as_deref())
-            .collect();
+        let distinct_fields = distinct_fields(view);
         let remote = match remote {
             Some(_) if distinct_fields.len() > 1 => {
                 tracing::warn!(view = %view.name, "several distinct fields: computed in this process, not on the Ballista cluster");
@@ -708,12 +703,7 @@ impl BatchLayer {
             .iter()
             .map(|d| cast_expr(ident(d), DataType::Utf8).alias(d))
             .collect();
-        let distinct_fields: BTreeSet<&str> = view
-            .metrics
-            .iter()
-            .filter(|m| m.kind == MetricKind::Distinct)
-            .filter_map(|m| m.field.as_deref())
-            .collect();
+        let distinct_fields = distinct_fields(view);
 
         let metrics = || view.metrics.iter().enumerate();
         let threads = ctx.state().config().target_partitions();
@@ -1049,6 +1039,15 @@ async fn dirty_days(
         }
     }
     Ok(Some(days))
+}
+
+/// The fields a view's distinct metrics count.
+fn distinct_fields(view: &ViewDef) -> BTreeSet<&str> {
+    view.metrics
+        .iter()
+        .filter(|m| m.kind == MetricKind::Distinct)
+        .filter_map(|m| m.field.as_deref())
+        .collect()
 }
 
 /// Event ids that several rows of a day hold.

@@ -40,6 +40,15 @@ async fn import(s: &Setup, name: &str, evs: &[Event]) {
         .unwrap();
 }
 
+/// The batch layer of the setup's storage, reference catalog and clock.
+fn layer_of(s: &Setup) -> BatchLayer {
+    BatchLayer::new(
+        s.storage.clone(),
+        Arc::clone(&s.catalog),
+        Arc::new(s.clock.clone()),
+    )
+}
+
 fn date(day: i64) -> chrono::NaiveDate {
     chrono::NaiveDate::parse_from_str(&day_string(day), "%Y-%m-%d").unwrap()
 }
@@ -70,11 +79,7 @@ async fn the_retention_job_equals_retention_computed_from_the_events() {
     import(&s, "history.jsonl", &evs).await;
     let job = Arc::clone(s.catalog.job("install_retention").unwrap());
     crate::jobs::check(&s.storage, &s.catalog).await.unwrap();
-    let layer = BatchLayer::new(
-        s.storage.clone(),
-        Arc::clone(&s.catalog),
-        Arc::new(s.clock.clone()),
-    );
+    let layer = layer_of(&s);
     for d in [today - 10, today - 9] {
         let r = layer.run_job(&job, date(d), Vec::new()).await.unwrap();
         assert!(r.rows > 0);
@@ -452,11 +457,7 @@ async fn rollback_restores_the_old_rows_and_coverage() {
         &events(5, 3_000, 500, (today - 3) * DAY_US, (today - 1) * DAY_US),
     )
     .await;
-    let layer = BatchLayer::new(
-        s.storage.clone(),
-        Arc::clone(&s.catalog),
-        Arc::new(s.clock.clone()),
-    );
+    let layer = layer_of(&s);
     let view = "active_devices_daily";
     let first = layer.run(Some(view), &RunRequest::default()).await.unwrap();
     let v1 = first[0].version.unwrap();
@@ -541,11 +542,7 @@ async fn a_day_closes_when_every_partition_is_archived_past_it() {
         updated_us: NOW,
     })
     .await;
-    let layer = BatchLayer::new(
-        s.storage.clone(),
-        Arc::clone(&s.catalog),
-        Arc::new(s.clock.clone()),
-    );
+    let layer = layer_of(&s);
     assert_eq!(layer.first_open_day("app_events").await.unwrap(), today - 2);
     let r = layer
         .run(Some("active_devices_daily"), &RunRequest::default())
@@ -627,11 +624,7 @@ async fn two_runs_of_different_days_at_once_both_keep_their_days() {
         &events(8, 6_000, 500, (today - 6) * DAY_US, NOW),
     )
     .await;
-    let layer = BatchLayer::new(
-        s.storage.clone(),
-        Arc::clone(&s.catalog),
-        Arc::new(s.clock.clone()),
-    );
+    let layer = layer_of(&s);
     let view = "active_devices_daily";
     layer
         .run(
@@ -681,11 +674,7 @@ async fn a_reader_during_a_publish_sees_the_old_total_or_the_new() {
         &events(9, 6_000, 500, (today - 5) * DAY_US, today * DAY_US),
     )
     .await;
-    let layer = BatchLayer::new(
-        s.storage.clone(),
-        Arc::clone(&s.catalog),
-        Arc::new(s.clock.clone()),
-    );
+    let layer = layer_of(&s);
     let view = "active_devices_daily";
     layer.run(Some(view), &RunRequest::default()).await.unwrap();
     let old = total(&s, view).await;
@@ -838,11 +827,7 @@ async fn repeated_event_ids_are_counted_once_by_the_recompute() {
     import(&s, "a.jsonl", &first).await;
     let again: Vec<Event> = evs.iter().step_by(3).cloned().collect();
     import(&s, "b.jsonl", &again).await;
-    let layer = BatchLayer::new(
-        s.storage.clone(),
-        Arc::clone(&s.catalog),
-        Arc::new(s.clock.clone()),
-    );
+    let layer = layer_of(&s);
     layer.run(None, &RunRequest::default()).await.unwrap();
     assert_eq!(total(&s, "active_devices_daily").await, evs.len() as u64);
     let out = sql(

@@ -35,6 +35,41 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// The `tandem` binary run in `dir`, with no `TANDEM_*` setting of the environment and the
+/// reference definitions of the repository.
+pub fn binary(dir: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
+    c.current_dir(dir).env("RUST_LOG", "warn");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TANDEM_") {
+            c.env_remove(k);
+        }
+    }
+    let repo = env!("CARGO_MANIFEST_DIR");
+    c.args([
+        "--schemas",
+        &format!("{repo}/schemas"),
+        "--jobs",
+        &format!("{repo}/jobs"),
+    ]);
+    c
+}
+
+/// Runs `c`, which must succeed: its stdout and stderr.
+pub fn succeeds(c: &mut std::process::Command) -> (String, String) {
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{c:?} failed:\n{stderr}");
+    (String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
+/// Runs `c`, which must fail: its stderr.
+pub fn fails(c: &mut std::process::Command) -> String {
+    let out = c.output().unwrap();
+    assert!(!out.status.success(), "{c:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A child process killed when the test ends, passing or not.
 pub struct Killed(pub Child);
 
