@@ -60,6 +60,15 @@ impl Storage {
         Ok(Storage { layout, shared })
     }
 
+    /// The layout over a store of the caller's (a wrapped store in tests, an embedder's own):
+    /// every table and object under the layout's root is read and written through `store`.
+    pub fn with_store(layout: Layout, store: Arc<dyn ObjectStore>) -> Self {
+        Storage {
+            layout,
+            shared: Some(store),
+        }
+    }
+
     pub fn layout(&self) -> &Layout {
         &self.layout
     }

@@ -151,3 +151,135 @@ async fn a_zombies_late_commit_is_refused_and_nothing_counts_twice() {
         (0..30).map(|o| (0, o)).collect::<Vec<_>>()
     );
 }
+
+/// A store that fails some puts of Delta log entries: before writing them, or after (the
+/// response lost although the entry landed).
+#[derive(Debug)]
+struct Faulty {
+    inner: Arc<dyn object_store::ObjectStore>,
+    fail_before: std::sync::atomic::AtomicUsize,
+    lose_response: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Display for Faulty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Faulty({})", self.inner)
+    }
+}
+
+fn take(n: &std::sync::atomic::AtomicUsize) -> bool {
+    n.fetch_update(
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+        |v| v.checked_sub(1),
+    )
+    .is_ok()
+}
+
+fn injected(what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faulty",
+        source: what.into(),
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let log = location.as_ref().contains("master/app_events/_delta_log/")
+            && location.as_ref().ends_with(".json");
+        if log && take(&self.fail_before) {
+            return Err(injected("timed out before the write"));
+        }
+        let r = self.inner.put_opts(location, payload, opts).await?;
+        if log && take(&self.lose_response) {
+            return Err(injected("connection reset after the write"));
+        }
+        Ok(r)
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// Storage faults while committing: a commit that failed before it was written, and one
+/// whose response was lost after it landed. Each fails the archiver's flush; its restart
+/// replays the same messages, and every offset is in the master dataset exactly once.
+#[tokio::test]
+async fn storage_faults_at_commit_never_duplicate_or_tear() {
+    let (_dir, _, catalog) = setup();
+    let faulty = Arc::new(Faulty {
+        inner: Arc::new(object_store::memory::InMemory::new()),
+        fail_before: 0.into(),
+        lose_response: 0.into(),
+    });
+    let storage = Storage::with_store(
+        Layout::parse("memory:///").unwrap(),
+        Arc::clone(&faulty) as Arc<dyn object_store::ObjectStore>,
+    );
+    // Created before the faults: the tables exist.
+    let mut a = archiver(&storage, &catalog).await;
+    a.handle(&batch(&[(0, 0..10)])).await.unwrap();
+    a.flush(true).await.unwrap();
+
+    for (fault, from) in [(&faulty.fail_before, 10), (&faulty.lose_response, 20)] {
+        fault.store(1, std::sync::atomic::Ordering::SeqCst);
+        let mut a = archiver(&storage, &catalog).await;
+        a.handle(&batch(&[(0, from..from + 10)])).await.unwrap();
+        assert!(a.flush(true).await.is_err(), "the commit at {from} failed");
+        // The restart: the group replays from its last reported offset.
+        let mut again = archiver(&storage, &catalog).await;
+        again.handle(&batch(&[(0, 0..from + 10)])).await.unwrap();
+        again.flush(true).await.unwrap();
+        assert_eq!(
+            archived(&storage).await,
+            (0..from + 10).map(|o| (0, o)).collect::<Vec<_>>(),
+            "each offset once after the fault at {from}"
+        );
+    }
+}
