@@ -2,6 +2,7 @@
 //! process of its own, restarted each time on the same storage. The speed layer's answers must
 //! end equal to an oracle computed from the produced events, and each restart must resume from
 //! a checkpoint at most one checkpoint interval old.
+//! Archivers killed and rebalanced the same way must archive every produced offset once.
 
 mod support;
 
@@ -441,4 +442,80 @@ fn replaying_the_speed_group_from_a_time_counts_nothing_twice() {
 
     let (_a, a_url) = run(dir.path(), &brokers);
     assert_matches_oracle(&a_url, &events, now);
+}
+
+/// `tandem archive` on the shared storage, its log in `logs/`.
+fn archiver(dir: &Path, brokers: &str) -> Killed {
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let n = std::fs::read_dir(dir.join("logs")).unwrap().count();
+    let log = dir.join("logs").join(format!("{n:02}-archive.log"));
+    Killed(
+        tandem(dir)
+            .args(["--config", "tandem.toml", "archive", "--brokers", brokers])
+            .args(["--data", "data"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The master dataset's rows, and the (partition, offset) pairs held more than once.
+fn archived(dir: &Path) -> (u64, String) {
+    let sql = |q: &str| {
+        let out = tandem(dir)
+            .args([
+                "--config",
+                "tandem.toml",
+                "--data",
+                "data",
+                "sql",
+                q,
+                "--format",
+                "csv",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rows = sql("SELECT count(*) FROM app_events")
+        .lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let twice = sql(
+        "SELECT _partition, _offset FROM app_events GROUP BY 1, 2 HAVING count(*) <> 1 LIMIT 5",
+    );
+    (rows, twice.lines().skip(1).collect::<Vec<_>>().join(" "))
+}
+
+/// Two archivers share the topic; one is killed with SIGKILL mid-stream and its partitions
+/// move to the other, then a third joins and takes some back: every produced offset is in the
+/// master dataset exactly once.
+#[test]
+fn archivers_killed_and_rebalanced_archive_each_offset_once() {
+    let dir = deployment();
+    let (_broker, brokers) = broker(dir.path());
+    let now = SystemClock.now_us();
+    let events = events(now, 11);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let a = archiver(dir.path(), &brokers);
+    let b = archiver(dir.path(), &brokers);
+    let producer = stream(&brokers, events.clone(), RATE, Arc::clone(&sent));
+    wait_for("a third of the stream", Duration::from_secs(120), || {
+        sent.load(Ordering::Relaxed) >= EVENTS / 3
+    });
+    signal(&a, "-KILL");
+    drop(a);
+    wait_for("two thirds of the stream", Duration::from_secs(120), || {
+        sent.load(Ordering::Relaxed) >= 2 * EVENTS / 3
+    });
+    let c = archiver(dir.path(), &brokers);
+    producer.join().unwrap();
+    wait_for("every event archived", Duration::from_secs(120), || {
+        archived(dir.path()).0 >= EVENTS as u64
+    });
+    let (rows, twice) = archived(dir.path());
+    assert_eq!(rows, EVENTS as u64);
+    assert!(twice.is_empty(), "offsets archived twice: {twice}");
+    drop((b, c));
 }
