@@ -202,6 +202,20 @@ fn manual(task: &str, kind: &str, date: Option<String>, started_us: i64) -> RunR
     }
 }
 
+/// Records a run by hand that failed, and gives its error back.
+async fn failed(
+    storage: &Storage,
+    mut record: RunRecord,
+    e: tandem_batch::BatchError,
+) -> anyhow::Error {
+    record.status = FAILED.into();
+    record.error = Some(error_chain(&e));
+    if let Err(not_recorded) = tandem_batch::runs::record(storage, &[record]).await {
+        tracing::warn!(error = %not_recorded, "the failed run could not be recorded");
+    }
+    e.into()
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
     config: &Config,
@@ -250,12 +264,7 @@ async fn run_job(
                 }
                 reports.push(r);
             }
-            Err(e) => {
-                record.status = FAILED.into();
-                record.error = Some(error_chain(&e));
-                tandem_batch::runs::record(&storage, &[record]).await?;
-                return Err(e.into());
-            }
+            Err(e) => return Err(failed(&storage, record, e).await),
         }
     }
     if json {
@@ -321,12 +330,7 @@ async fn run_views(
                 }
                 reports.push(r);
             }
-            Err(e) => {
-                record.status = FAILED.into();
-                record.error = Some(error_chain(&e));
-                tandem_batch::runs::record(&storage, &[record]).await?;
-                return Err(e.into());
-            }
+            Err(e) => return Err(failed(&storage, record, e).await),
         }
     }
     if json {
