@@ -9,7 +9,14 @@
 //! history files into the master dataset; [`maintenance`] compacts and vacuums the tables;
 //! [`erase`] deletes one subject's events; [`dlq`] lists and replays dead letters.
 //! [`hll`] is the DataFusion aggregate that builds the same DataSketches HLL sketches as the
-//! speed layer.
+//! speed layer. A recompute's first phase may run on an Apache Ballista cluster
+//! ([`BatchOptions::engine`]).
+//!
+//! For analysts and engineers: [`jobs`] runs SQL jobs and ad-hoc queries over the master
+//! datasets, the views and the jobs' outputs; [`scheduler`] runs views and jobs on their cron
+//! schedules under leases, recording every run in the [`runs`] table; [`backfill`] recomputes
+//! a range chunk by chunk and resumes; [`publishes`] lists a view's publishes and rolls one
+//! back.
 
 pub mod backfill;
 pub mod compute;
