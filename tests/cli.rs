@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{day, get_json, serving_address, sum_of, Killed};
+use support::{day, get_json, get_json_as, serving_address, sum_of, Killed};
 
 fn tandem(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
@@ -128,20 +128,8 @@ fn without_api_keys_the_api_listens_on_loopback_only() {
             e => panic!("{e}"),
         });
     assert_eq!(status, 401);
-    let (_, views) = get_json_with_key(&format!("http://127.0.0.1:{port}/v1/views"), &key);
+    let (_, views) = get_json_as(&format!("http://127.0.0.1:{port}/v1/views"), Some(&key));
     assert_eq!(views["views"].as_array().unwrap().len(), 3);
-}
-
-fn get_json_with_key(url: &str, key: &str) -> (String, serde_json::Value) {
-    let body = ureq::get(url)
-        .header("Authorization", &format!("Bearer {key}"))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
-    let json = serde_json::from_str(&body).unwrap();
-    (body, json)
 }
 
 #[test]

@@ -140,6 +140,39 @@ pub(crate) struct Published {
     pub master_version: Option<i64>,
 }
 
+/// What a publish commit's metadata says, as written (`None` for a commit that is no publish).
+pub(crate) struct PublishMeta {
+    /// The view's coverage after the commit: inclusive ranges of `YYYY-MM-DD`.
+    pub coverage: Vec<(String, String)>,
+    pub definition_hash: Option<String>,
+    pub master_version: Option<i64>,
+}
+
+impl PublishMeta {
+    pub(crate) fn of(info: &deltalake::kernel::CommitInfo) -> Option<Self> {
+        let Some(Json::Array(ranges)) = info.info.get(COVERAGE_KEY) else {
+            return None;
+        };
+        Some(PublishMeta {
+            coverage: ranges
+                .iter()
+                .filter_map(|r| {
+                    Some((
+                        r.get(0)?.as_str()?.to_string(),
+                        r.get(1)?.as_str()?.to_string(),
+                    ))
+                })
+                .collect(),
+            definition_hash: info
+                .info
+                .get(HASH_KEY)
+                .and_then(Json::as_str)
+                .map(str::to_string),
+            master_version: info.info.get(MASTER_VERSION_KEY).and_then(Json::as_i64),
+        })
+    }
+}
+
 /// Reads the newest publish metadata of a view table.
 ///
 /// Publishes are normally the newest commits, so the newest few are read first; the whole
@@ -160,33 +193,23 @@ pub(crate) async fn published(table: &DeltaTable) -> Result<Published> {
             .map_err(|e| BatchError::Core(tandem_core::storage::delta(e)))?;
     }
     for info in infos {
-        let Some(Json::Array(ranges)) = info.info.get(COVERAGE_KEY) else {
+        let Some(meta) = PublishMeta::of(&info) else {
             continue;
         };
-        let mut days = BTreeSet::new();
-        for r in ranges {
-            let (Some(a), Some(b)) = (
-                r.get(0).and_then(Json::as_str),
-                r.get(1).and_then(Json::as_str),
-            ) else {
-                continue;
-            };
-            if let (Some(a), Some(b)) = (parse_day(a), parse_day(b)) {
-                days.extend(a..=b);
-            }
-        }
+        let days = meta
+            .coverage
+            .iter()
+            .filter_map(|(a, b)| Some(parse_day(a)?..=parse_day(b)?))
+            .flatten()
+            .collect();
         return Ok(Published {
             coverage: Coverage {
                 version,
                 days,
                 published_us: info.timestamp.map(|t| t * 1000),
             },
-            hash: info
-                .info
-                .get(HASH_KEY)
-                .and_then(Json::as_str)
-                .map(str::to_string),
-            master_version: info.info.get(MASTER_VERSION_KEY).and_then(Json::as_i64),
+            hash: meta.definition_hash,
+            master_version: meta.master_version,
         });
     }
     Ok(Published {

@@ -6,15 +6,12 @@
 //! metadata, so that serving (which reads the newest commit's coverage) answers exactly as it
 //! did then: the same rows, the same coverage, the same definition.
 
-use std::collections::BTreeSet;
-
 use deltalake::kernel::transaction::CommitProperties;
 use futures::TryStreamExt;
 use serde_json::{json, Value as Json};
 use tandem_core::storage::Storage;
-use tandem_core::time::parse_day;
 
-use crate::compute::{COVERAGE_KEY, DAYS_KEY, HASH_KEY, MASTER_VERSION_KEY};
+use crate::compute::{PublishMeta, COVERAGE_KEY, DAYS_KEY, HASH_KEY, MASTER_VERSION_KEY};
 use crate::error::{BatchError, Result};
 
 /// Metadata key of a rollback commit: the version it restored.
@@ -53,18 +50,9 @@ pub async fn history(storage: &Storage, view: &str) -> Result<Vec<PublishEntry>>
     // Commit infos come newest first, one per version.
     let mut out = Vec::new();
     for (i, info) in infos.into_iter().enumerate() {
-        let Some(Json::Array(ranges)) = info.info.get(COVERAGE_KEY) else {
+        let Some(meta) = PublishMeta::of(&info) else {
             continue;
         };
-        let coverage = ranges
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    r.get(0)?.as_str()?.to_string(),
-                    r.get(1)?.as_str()?.to_string(),
-                ))
-            })
-            .collect();
         let restored = info.info.get(RESTORED_KEY).and_then(Json::as_i64);
         let days = match (restored, info.info.get(DAYS_KEY)) {
             (None, Some(Json::Array(d))) => d
@@ -84,13 +72,9 @@ pub async fn history(storage: &Storage, view: &str) -> Result<Vec<PublishEntry>>
             }
             .into(),
             days,
-            coverage,
-            definition_hash: info
-                .info
-                .get(HASH_KEY)
-                .and_then(Json::as_str)
-                .map(str::to_string),
-            master_version: info.info.get(MASTER_VERSION_KEY).and_then(Json::as_i64),
+            coverage: meta.coverage,
+            definition_hash: meta.definition_hash,
+            master_version: meta.master_version,
             restored,
         });
     }
@@ -149,13 +133,4 @@ pub async fn rollback(storage: &Storage, view: &str, version: i64) -> Result<i64
         "view rolled back"
     );
     Ok(new_version)
-}
-
-/// The days a coverage list holds.
-pub fn covered_days(coverage: &[(String, String)]) -> BTreeSet<i64> {
-    coverage
-        .iter()
-        .filter_map(|(a, b)| Some(parse_day(a)?..=parse_day(b)?))
-        .flatten()
-        .collect()
 }

@@ -98,12 +98,16 @@ pub fn serving_address(stderr: ChildStderr) -> String {
 
 /// GET `url`; the body and its JSON.
 pub fn get_json(url: &str) -> (String, Value) {
-    let body = ureq::get(url)
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    get_json_as(url, None)
+}
+
+/// GET `url` with an API key (if given); the body and its JSON.
+pub fn get_json_as(url: &str, key: Option<&str>) -> (String, Value) {
+    let mut req = ureq::get(url);
+    if let Some(k) = key {
+        req = req.header("Authorization", &format!("Bearer {k}"));
+    }
+    let body = req.call().unwrap().into_body().read_to_string().unwrap();
     let json = serde_json::from_str(&body).unwrap();
     (body, json)
 }
