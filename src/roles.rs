@@ -172,6 +172,9 @@ pub struct QueryArgs {
     /// The most rows.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Merge the rows the limit cuts into one `other` row per bucket.
+    #[arg(long)]
+    pub other: bool,
     /// json or csv.
     #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
     pub format: String,
@@ -972,6 +975,7 @@ pub fn query(config: &Config, args: QueryArgs) -> Result<()> {
         metrics: args.metrics.map(Names::Comma),
         order_by: args.order_by,
         limit: args.limit.map(|l| Scalar::Number(l.into())),
+        other: args.other.then_some(serde_json::Value::Bool(true)),
         format: Some(if args.format == "csv" {
             Format::Csv
         } else {

@@ -140,6 +140,9 @@ async fn a_tenants_key_never_returns_another_tenants_rows() {
         }
         if rng.random_bool(0.4) {
             params.push(format!("limit={}", rng.random_range(1..4)));
+            if rng.random_bool(0.5) {
+                params.push("other=true".into());
+            }
         }
         let accept = [
             "application/json",
@@ -180,8 +183,9 @@ async fn a_tenants_key_never_returns_another_tenants_rows() {
         "A sees its own rows ({saw_own} answers named its app)"
     );
 
-    // A's rows and totals are A's events, every one: the scope holds for totals too.
-    let uri = format!("/v1/views/active_devices_daily/query?from={from}&to={to}&granularity=all&group_by=app_id&totals=true");
+    // A's rows (the first and the `other` row) and totals are A's events, every one: the
+    // scope holds for `other` rows and totals too.
+    let uri = format!("/v1/views/active_devices_daily/query?from={from}&to={to}&granularity=all&group_by=app_id&limit=1&other=true&totals=true");
     let (status, body) = get(&app, &uri, Some("secret-a"), "application/json").await;
     assert_eq!(status, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -83,6 +83,8 @@ pub struct ViewQuery {
     pub metrics: Vec<usize>,
     pub order_by: OrderBy,
     pub limit: usize,
+    /// Whether the rows the limit cuts are merged into one `other` row per answer bucket.
+    pub other: bool,
 }
 
 impl ViewQuery {
@@ -99,6 +101,7 @@ impl ViewQuery {
             metrics: (0..view.metrics.len()).collect(),
             order_by: OrderBy::Bucket { descending: false },
             limit: DEFAULT_LIMIT,
+            other: false,
         }
     }
 
@@ -268,8 +271,11 @@ pub struct RealtimeStatus {
 pub struct ResultRow {
     pub bucket_us: i64,
     pub source: Source,
+    /// The group-by values; every one `None` in an `other` row.
     pub dims: Vec<Option<String>>,
     pub states: Vec<MetricState>,
+    /// Whether the row is the `other` row of its bucket: the rows the limit cut, merged.
+    pub other: bool,
 }
 
 /// The merged answer.
@@ -288,6 +294,9 @@ pub struct QueryResult {
     pub rows: Vec<ResultRow>,
     /// Whether rows were cut at the limit.
     pub truncated: bool,
+    /// Whether the query asked for `other` rows (the answer then says of each row whether it
+    /// is one).
+    pub other: bool,
 }
 
 #[cfg(test)]

@@ -29,8 +29,10 @@ pub struct Answered {
     batch: OnceLock<RecordBatch>,
     settled: Arc<Settled>,
     fresh: Rendered,
+    /// The `other` rows, if the query asks for them.
+    others: Option<Rendered>,
     /// The rows in the answer's order: runs of consecutive rows of one part (0: settled, 1:
-    /// fresh).
+    /// fresh, 2: others).
     runs: Vec<(usize, Range<usize>)>,
     /// The JSON rows in one buffer, when they are too many runs to send as slices.
     joined: OnceLock<Bytes>,
@@ -47,7 +49,8 @@ impl Answered {
     /// Bytes held, roughly, besides the settled part (the cache of those counts it).
     pub fn weight(&self) -> usize {
         // The Arrow batch, if it is built, holds about the rows' own Arrow size again.
-        self.fresh.bytes() * 2 + self.runs.len() * 32 + 1024
+        let others = self.others.as_ref().map_or(0, Rendered::bytes);
+        (self.fresh.bytes() + others) * 2 + self.runs.len() * 32 + 1024
     }
 
     /// Whether the Arrow batch is built (sending CSV or Arrow costs no interleaving).
@@ -60,7 +63,7 @@ impl Answered {
         if let Some(b) = self.batch.get() {
             return Ok(b.clone());
         }
-        let parts = [&self.settled.rows, &self.fresh];
+        let parts: Vec<&Rendered> = (0..3).map_while(|p| self.part(p)).collect();
         let picks: Vec<(usize, usize)> = self
             .runs
             .iter()
@@ -68,10 +71,8 @@ impl Answered {
             .collect();
         let columns = (0..parts[0].batch.num_columns())
             .map(|c| {
-                let arrays: [&dyn Array; 2] = [
-                    parts[0].batch.column(c).as_ref(),
-                    parts[1].batch.column(c).as_ref(),
-                ];
+                let arrays: Vec<&dyn Array> =
+                    parts.iter().map(|p| p.batch.column(c).as_ref()).collect();
                 interleave(&arrays, &picks)
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -83,11 +84,12 @@ impl Answered {
         Ok(self.batch.get_or_init(|| batch).clone())
     }
 
-    fn part(&self, p: usize) -> &Rendered {
-        if p == 0 {
-            &self.settled.rows
-        } else {
-            &self.fresh
+    /// Part `p` of the rows, if the answer has it.
+    fn part(&self, p: usize) -> Option<&Rendered> {
+        match p {
+            0 => Some(&self.settled.rows),
+            1 => Some(&self.fresh),
+            _ => self.others.as_ref(),
         }
     }
 
@@ -97,7 +99,7 @@ impl Answered {
             let comma = (n > 0).then(|| Bytes::from_static(b","));
             comma
                 .into_iter()
-                .chain([self.part(*p).json.run(rows.clone())])
+                .chain(self.part(*p).map(|part| part.json.run(rows.clone())))
         });
         if self.runs.len() <= MAX_SLICES {
             return slices.collect();
@@ -125,7 +127,7 @@ impl Answered {
                     if n > 0 {
                         out.append(&Deflated::stored(b","));
                     }
-                    out.append(&self.part(*p).deflated_run(rows.clone())?);
+                    out.append(&self.part(*p)?.deflated_run(rows.clone())?);
                 }
                 Some(out)
             })
@@ -145,6 +147,9 @@ struct Rendered {
     batch: RecordBatch,
     json: JsonRows,
     keys: Vec<SortKey>,
+    /// The rows themselves, kept when the query asks for `other` rows (the rows its limit
+    /// cuts are merged into them); else empty.
+    rows: Vec<ResultRow>,
     /// Every JSON row deflated, once a gzip answer needs them.
     deflated: OnceLock<Option<Deflated>>,
     /// The last few runs that were not every row, deflated (an answer cut at its limit sends
@@ -168,6 +173,10 @@ impl Rendered {
         let mut result = shell(view, q, coverage.clone());
         result.rows = rows;
         let batch = to_arrow(&result, view)?;
+        let rows = match q.other {
+            true => result.rows,
+            false => Vec::new(),
+        };
         // The answer's metadata is each request's own.
         let bare = Schema::new(batch.schema().fields().clone());
         let batch = RecordBatch::try_new_with_options(
@@ -175,11 +184,12 @@ impl Rendered {
             batch.columns().to_vec(),
             &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
         )?;
-        let json = JsonRows::print(q.group_by.len(), &batch);
+        let json = JsonRows::print(q.group_by.len(), q.other, &batch);
         Ok(Rendered {
             batch,
             json,
             keys,
+            rows,
             deflated: OnceLock::new(),
             runs: Mutex::new(Vec::new()),
         })
@@ -231,7 +241,8 @@ impl Rendered {
         // Deflated rows are counted at a sixth of the rows (what JSON rows deflate to): every
         // row once, and the kept runs.
         let deflated = self.json.bytes() * (1 + KEPT_RUNS) / 6;
-        self.batch.get_array_memory_size() + self.json.bytes() + deflated + keys
+        let rows: usize = self.rows.iter().map(|r| 64 + r.states.len() * 512).sum();
+        self.batch.get_array_memory_size() + self.json.bytes() + deflated + keys + rows
     }
 }
 
@@ -314,6 +325,31 @@ pub fn answer(
         next[part] += 1;
     }
 
+    let others = match q.other {
+        true => {
+            let cut = parts
+                .iter()
+                .zip(next)
+                .flat_map(|(part, n)| part.rows[n..].iter().cloned());
+            let others = crate::merge::others(q, cut);
+            let buckets: Vec<i64> = picks
+                .iter()
+                .map(|&(p, i)| parts[p].keys[i].bucket_us)
+                .collect();
+            let at = crate::merge::other_positions(q, &buckets, &others);
+            let mut placed = Vec::with_capacity(picks.len() + others.len());
+            let mut taken = 0;
+            for (j, at) in at.into_iter().enumerate() {
+                placed.extend_from_slice(&picks[taken..at]);
+                placed.push((2, j));
+                taken = at;
+            }
+            placed.extend_from_slice(&picks[taken..]);
+            picks = placed;
+            Some(Rendered::new(view, q, &coverage, others)?)
+        }
+        false => None,
+    };
     let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
     for &(p, i) in &picks {
         match runs.last_mut() {
@@ -328,6 +364,7 @@ pub fn answer(
         batch: OnceLock::new(),
         settled: Arc::clone(settled),
         fresh,
+        others,
         runs,
         joined: OnceLock::new(),
         gzip: OnceLock::new(),

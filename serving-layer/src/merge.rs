@@ -34,13 +34,70 @@ pub async fn answer_at(
     let mut rows = part.settled;
     rows.extend(fresh);
     Order::new(view, q).sort(&mut rows);
-    let truncated = rows.len() > q.limit;
-    rows.truncate(q.limit);
+    let cut = rows.split_off(q.limit.min(rows.len()));
+    let truncated = !cut.is_empty();
+    if q.other {
+        let others = others(q, cut);
+        let buckets: Vec<i64> = rows.iter().map(|r| r.bucket_us).collect();
+        let at = other_positions(q, &buckets, &others);
+        // Later rows first, so that the earlier positions hold.
+        for (row, at) in others.into_iter().zip(at).rev() {
+            rows.insert(at, row);
+        }
+    }
     let mut result = shell(view, q, coverage);
     result.realtime = speed.status();
     result.rows = rows;
     result.truncated = truncated;
     Ok(result)
+}
+
+/// The `other` rows of `q`'s answer: the rows its limit `cut`, merged into one row per answer
+/// bucket (no group-by values; distinct counts rolled up by sketch union, as any roll-up), in
+/// the answer's bucket direction.
+pub fn others(q: &ViewQuery, cut: impl IntoIterator<Item = ResultRow>) -> Vec<ResultRow> {
+    let mut by_bucket: std::collections::BTreeMap<i64, ResultRow> = Default::default();
+    for r in cut {
+        match by_bucket.entry(r.bucket_us) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                let o = e.get_mut();
+                if o.source != r.source {
+                    o.source = Source::Mixed;
+                }
+                o.states
+                    .iter_mut()
+                    .zip(&r.states)
+                    .for_each(|(a, b)| a.merge(b));
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(ResultRow {
+                    dims: vec![None; r.dims.len()],
+                    other: true,
+                    ..r
+                });
+            }
+        }
+    }
+    let rows = by_bucket.into_values();
+    match q.order_by {
+        OrderBy::Bucket { descending: true } => rows.rev().collect(),
+        _ => rows.collect(),
+    }
+}
+
+/// Where each of `others` (of [`others`]) goes among an answer's rows, whose buckets are
+/// `buckets` in the answer's order: the number of rows before it. In an answer in bucket
+/// order, a bucket's `other` row follows its bucket's rows; in one ordered by a metric, the
+/// `other` rows follow every row.
+pub fn other_positions(q: &ViewQuery, buckets: &[i64], others: &[ResultRow]) -> Vec<usize> {
+    others
+        .iter()
+        .map(|o| match q.order_by {
+            OrderBy::Bucket { descending: false } => buckets.partition_point(|&b| b <= o.bucket_us),
+            OrderBy::Bucket { descending: true } => buckets.partition_point(|&b| b >= o.bucket_us),
+            OrderBy::Metric { .. } => buckets.len(),
+        })
+        .collect()
 }
 
 /// The answer of `q` at `coverage` without rows: view, granularity, dimensions and metrics.
@@ -59,6 +116,7 @@ pub fn shell(view: &ViewDef, q: &ViewQuery, coverage: Coverage) -> QueryResult {
         metrics: q.metrics.clone(),
         rows: Vec::new(),
         truncated: false,
+        other: q.other,
     }
 }
 
@@ -220,6 +278,7 @@ fn group(q: &ViewQuery, rows: impl Iterator<Item = (Source, AggRow)>) -> Vec<Res
             source,
             dims,
             states,
+            other: false,
         })
         .collect()
 }

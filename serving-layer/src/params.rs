@@ -68,6 +68,10 @@ pub struct QueryParams {
     /// The most rows, 1 to 100,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<Scalar>,
+    /// `true` to merge the rows the limit cuts into one `other` row per answer bucket (each
+    /// row then says whether it is one): a top-N with the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other: Option<Json>,
     /// The answer's format; without it, the `Accept` header decides (JSON by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<Format>,
@@ -288,18 +292,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 impl QueryParams {
     /// Whether the totals are asked: `true`, `false`, `1` or `0` (as text or JSON).
     pub fn totals(&self) -> Result<bool, String> {
-        match &self.totals {
-            None => Ok(false),
-            Some(Json::Bool(b)) => Ok(*b),
-            Some(Json::String(s)) if s == "true" || s == "1" => Ok(true),
-            Some(Json::String(s)) if s == "false" || s == "0" => Ok(false),
-            Some(Json::Number(n)) if n.as_u64() == Some(1) => Ok(true),
-            Some(Json::Number(n)) if n.as_u64() == Some(0) => Ok(false),
-            Some(other) => Err(format!(
-                "totals `{}` must be true or false",
-                clip(&other.to_string())
-            )),
-        }
+        flag("totals", self.totals.as_ref())
     }
 
     /// Reads a query string: `filter` may repeat, any other key is given once.
@@ -500,6 +493,7 @@ impl QueryParams {
             metrics,
             order_by,
             limit,
+            other: flag("other", self.other.as_ref())?,
         };
         // The zone's midnights must fall on the view's bucket boundaries, or its days would
         // cut a stored bucket in two.
@@ -513,6 +507,25 @@ impl QueryParams {
             }
         }
         Ok(q)
+    }
+}
+
+/// A yes-or-no parameter `name`: `true`, `false`, `1` or `0` (as text or JSON); absent is no.
+fn flag(name: &str, value: Option<&Json>) -> Result<bool, String> {
+    match value {
+        None => Ok(false),
+        Some(Json::Bool(b)) => Ok(*b),
+        Some(Json::String(s)) if s == "true" || s == "1" => Ok(true),
+        Some(Json::String(s)) if s == "false" || s == "0" => Ok(false),
+        Some(Json::Number(n)) if n.as_u64() == Some(1) => Ok(true),
+        Some(Json::Number(n)) if n.as_u64() == Some(0) => Ok(false),
+        Some(other) => {
+            let text = match other {
+                Json::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            Err(format!("{name} `{}` must be true or false", clip(&text)))
+        }
     }
 }
 
@@ -706,6 +719,7 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
             ("from=garbage", "RFC 3339"),
             ("limit=-1", "limit"),
             ("limit=100000000", "limit"),
+            ("other=perhaps", "other `perhaps` must be true or false"),
             ("granularity=minute", "finer"),
             ("from=2000-01-01&to=2026-01-01", "range too large"),
             ("filter=country", "DIMENSION=VALUE"),

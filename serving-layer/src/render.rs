@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray,
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, StringArray,
     TimestampMicrosecondArray,
 };
 use datafusion::arrow::datatypes::{
@@ -41,7 +41,8 @@ pub fn meta(result: &QueryResult, realtime: &RealtimeStatus) -> Json {
     })
 }
 
-/// The answer as one Arrow batch: `bucket` (UTC timestamp), `source`, a text column per
+/// The answer as one Arrow batch: `bucket` (UTC timestamp), `source`, `other` (whether the
+/// row is its bucket's `other` row; only when the query asks for them), a text column per
 /// group-by dimension, then a column per metric as its kind answers it. The answer's `meta`
 /// (as in JSON) is in the schema metadata under `tandem.meta`, with `tandem.view` and
 /// `tandem.granularity`.
@@ -59,6 +60,12 @@ pub fn to_arrow(result: &QueryResult, view: &ViewDef) -> Result<RecordBatch, Cor
             result.rows.iter().map(|r| r.source.as_str()),
         )),
     ];
+    if result.other {
+        fields.push(Field::new("other", DataType::Boolean, false));
+        columns.push(Arc::new(BooleanArray::from_iter(
+            result.rows.iter().map(|r| Some(r.other)),
+        )));
+    }
     for (i, d) in result.dims.iter().enumerate() {
         fields.push(Field::new(d, DataType::Utf8, true));
         columns.push(Arc::new(StringArray::from_iter(
@@ -107,7 +114,7 @@ pub fn with_meta(
 
 /// The JSON answer of DESIGN §7, printed from the Arrow batch.
 pub fn to_json(result: &QueryResult, batch: &RecordBatch) -> String {
-    let rows = JsonRows::print(result.dims.len(), batch);
+    let rows = JsonRows::print(result.dims.len(), result.other, batch);
     let mut out = json_head(result, &result.realtime);
     out.push_str(std::str::from_utf8(&rows.joined()).unwrap_or_default());
     out.push_str(JSON_TAIL);
@@ -145,9 +152,11 @@ pub struct JsonRows {
 }
 
 impl JsonRows {
-    /// The rows of an answer batch (of [`to_arrow`]) with `dims` group-by dimensions.
-    pub fn print(dims: usize, batch: &RecordBatch) -> Self {
-        let dims = 2..2 + dims;
+    /// The rows of an answer batch (of [`to_arrow`]) with `dims` group-by dimensions, and
+    /// the `other` column if `other`.
+    pub fn print(dims: usize, other: bool, batch: &RecordBatch) -> Self {
+        let first = 2 + usize::from(other);
+        let dims = first..first + dims;
         let metrics = dims.end..batch.num_columns();
         let schema = batch.schema();
         let mut out = String::with_capacity(batch.num_rows() * 128);
@@ -161,6 +170,10 @@ impl JsonRows {
             push_cell(&mut out, batch.column(0), row);
             out.push_str(",\"source\":");
             push_cell(&mut out, batch.column(1), row);
+            if other {
+                out.push_str(",\"other\":");
+                push_cell(&mut out, batch.column(2), row);
+            }
             for (name, range) in [("dims", dims.clone()), ("metrics", metrics.clone())] {
                 let _ = write!(out, ",\"{name}\":{{");
                 for (n, c) in range.enumerate() {
@@ -385,6 +398,7 @@ mod tests {
                         MetricState::SumInt(12_345_678_901_234_567_891),
                         MetricState::MaxInt(Some(200_000)),
                     ],
+                    other: false,
                 },
                 ResultRow {
                     bucket_us: 20_001 * DAY_US,
@@ -395,9 +409,11 @@ mod tests {
                         MetricState::SumInt(0),
                         MetricState::MaxInt(None),
                     ],
+                    other: false,
                 },
             ],
             truncated: false,
+            other: false,
         };
         (catalog, result)
     }

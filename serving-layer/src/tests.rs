@@ -914,9 +914,13 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
                     descending: false,
                 },
             ] {
-                for limit in [1, 3, 100] {
+                for (limit, other) in [1, 3, 100]
+                    .into_iter()
+                    .flat_map(|l| [(l, false), (l, true)])
+                {
                     for (from, to) in [(d(0, 0), d(4, 0)), (d(0, 3), d(2, 2))] {
                         let mut q = ViewQuery::all(view, from, to);
+                        q.other = other;
                         q.granularity = granularity;
                         q.group_by = group_by.clone();
                         q.order_by = order_by.clone();
@@ -934,7 +938,7 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
                         assert_eq!(got.batch().unwrap().columns(), expected.columns(), "{case}");
                         assert_eq!(
                             got.json_rows().concat(),
-                            JsonRows::print(q.group_by.len(), &expected)
+                            JsonRows::print(q.group_by.len(), q.other, &expected)
                                 .joined()
                                 .to_vec(),
                             "{case}"
@@ -958,7 +962,7 @@ async fn answers_built_from_a_settled_part_equal_answers_merged_whole() {
             }
         }
     }
-    assert_eq!(checked, 5 * 3 * 4 * 3 * 2);
+    assert_eq!(checked, 5 * 3 * 4 * 6 * 2);
 }
 
 #[tokio::test]
