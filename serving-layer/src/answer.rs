@@ -10,7 +10,9 @@ use axum::body::Bytes;
 use datafusion::arrow::array::{Array, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::compute::interleave;
 use datafusion::arrow::datatypes::Schema;
-use tandem_core::query::{Coverage, QueryResult, ResultRow, ViewQuery};
+use tandem_core::query::{
+    too_many_groups, Coverage, QueryResult, ResultRow, ViewQuery, MAX_QUERY_GROUPS,
+};
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::CoreError;
@@ -313,6 +315,10 @@ pub fn answer(
     let parts = [&settled.rows, &fresh];
     let order = Order::new(view, q);
     let total = parts[0].keys.len() + parts[1].keys.len();
+    // The points an answer may hold before its limit, as the batch side bounds its own.
+    if total > MAX_QUERY_GROUPS {
+        return Err(too_many_groups(&view.name, MAX_QUERY_GROUPS));
+    }
     let mut picks: Vec<(usize, usize)> = Vec::with_capacity(total.min(q.limit));
     let mut next = [0usize, 0usize];
     while picks.len() < total.min(q.limit) {

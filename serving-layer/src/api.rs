@@ -160,6 +160,7 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
         .concurrency_limit(limits.max_concurrent.max(1))
         .timeout(limits.timeout);
     let router = probes(limits)
+        .route("/openapi.json", get(openapi_json))
         .route("/v1/views", get(list_views))
         .route("/v1/views/{view}", get(get_view))
         .route(
@@ -217,12 +218,50 @@ pub fn admin_router(state: AppState, limits: QueryLimits) -> Router {
 
 fn probes(limits: QueryLimits) -> Router<AppState> {
     Router::new()
-        .route("/livez", get(|| async { "ok" }))
+        .route("/livez", get(livez))
         .route(
             "/readyz",
             get(move |State(state): State<AppState>| async move { readyz(&state, limits) }),
         )
         .route("/metrics", get(metrics))
+}
+
+/// Liveness: the process runs.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "operations",
+    responses((status = 200, description = "`ok`", body = String, content_type = "text/plain"))
+)]
+pub(crate) async fn livez() -> &'static str {
+    "ok"
+}
+
+/// Readiness: 200 when the process can answer and ingest, 503 with every reason it cannot.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`ok`", body = String, content_type = "text/plain"),
+        (status = 503, description = "Not ready; `detail` gives every reason", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    )
+)]
+#[allow(dead_code)]
+pub(crate) fn readyz_doc() {}
+
+/// This API's OpenAPI description.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 description", body = Object, content_type = "application/json"))
+)]
+pub(crate) async fn openapi_json() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::spec_json(),
+    )
 }
 
 /// 200 when the process can answer and ingest; 503 with every reason it cannot: the query
@@ -287,7 +326,20 @@ async fn view_json(state: &AppState, name: &str) -> Result<Json_, ApiError> {
     Ok(v)
 }
 
-async fn list_views(
+/// Every view the caller may read, with its definition and batch coverage.
+#[utoipa::path(
+    get,
+    path = "/v1/views",
+    tag = "views",
+    responses(
+        (status = 200, description = "The views", body = crate::openapi::ViewList),
+        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub(crate) async fn list_views(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Json_>, ApiError> {
@@ -301,7 +353,23 @@ async fn list_views(
     Ok(Json(json!({ "views": views })))
 }
 
-async fn get_view(
+/// One view's definition and batch coverage.
+#[utoipa::path(
+    get,
+    path = "/v1/views/{view}",
+    tag = "views",
+    params(("view" = String, Path, description = "The view's name")),
+    responses(
+        (status = 200, description = "The view", body = crate::openapi::ViewInfo),
+        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key may not read this view", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such view", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub(crate) async fn get_view(
     State(state): State<AppState>,
     Path(view): Path<String>,
     headers: HeaderMap,
@@ -311,7 +379,31 @@ async fn get_view(
     Ok(Json(view_json(&state, &view).await?))
 }
 
-async fn query_get(
+/// A view's answer: buckets of the range at the granularity asked, grouped, filtered,
+/// ordered and limited; batch rows where the published batch covers a bucket, speed rows for
+/// the rest.
+#[utoipa::path(
+    get,
+    path = "/v1/views/{view}/query",
+    tag = "views",
+    params(("view" = String, Path, description = "The view's name"), QueryParams),
+    responses(
+        (status = 200, description = "The answer, in the format asked (`format`, else `Accept`)", content(
+            (crate::openapi::Answer = "application/json"),
+            (String = "text/csv"),
+            (Vec<u8> = "application/vnd.apache.arrow.stream"),
+        )),
+        (status = 400, description = "A bad parameter, named in `detail`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key may not read this view", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such view", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is larger than 64 KiB", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub(crate) async fn query_get(
     State(state): State<AppState>,
     Path(view): Path<String>,
     headers: HeaderMap,
@@ -320,7 +412,30 @@ async fn query_get(
     run_query(&state, &view, &params, &headers).await
 }
 
-async fn query_post(
+/// The same query as `GET`, its parameters in a JSON body (lists as lists, numbers as numbers).
+#[utoipa::path(
+    post,
+    path = "/v1/views/{view}/query",
+    tag = "views",
+    params(("view" = String, Path, description = "The view's name")),
+    request_body(content = QueryParams, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The answer, in the format asked (`format`, else `Accept`)", content(
+            (crate::openapi::Answer = "application/json"),
+            (String = "text/csv"),
+            (Vec<u8> = "application/vnd.apache.arrow.stream"),
+        )),
+        (status = 400, description = "A bad parameter, named in `detail`", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key may not read this view", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such view", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is larger than 64 KiB", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub(crate) async fn query_post(
     State(state): State<AppState>,
     Path(view): Path<String>,
     headers: HeaderMap,
@@ -563,7 +678,14 @@ fn render_answer(
     })
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics of every role of the process (text format).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "The metrics", body = String, content_type = "text/plain"))
+)]
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let m = &state.metrics;
     let status = state.speed.status();
     let mut out = String::new();

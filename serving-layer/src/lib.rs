@@ -6,10 +6,12 @@
 //! [`merge`] answers it from the batch layer for the buckets its published batch covers and
 //! from the speed layer for the rest, rolls the buckets up and says per row which layer
 //! answered. [`answer`] builds answers from the batch's settled part, printed once per batch
-//! version, and the speed's rows; [`cache`] keeps both while what they came from stands. [`render`] prints the answer as JSON, CSV or Arrow from one Arrow batch. [`api`]
-//! is the axum router around them; [`auth`] checks API keys and scopes tenants; [`telemetry`]
-//! keeps its Prometheus histograms; [`error`] turns every error into a problem body. The layers
-//! are reached only through core's `BatchViews` and `RealtimeView` traits.
+//! version, and the speed's rows; [`cache`] keeps both while what they came from stands.
+//! [`render`] prints the answer as JSON, CSV or Arrow from one Arrow batch. [`api`] is the axum
+//! router around them; [`auth`] checks API keys and scopes tenants; [`telemetry`] keeps its
+//! Prometheus histograms; [`error`] turns every error into a problem body; [`openapi`]
+//! describes it all at `/openapi.json`. The layers are reached only through core's
+//! `BatchViews` and `RealtimeView` traits.
 
 pub mod answer;
 pub mod api;
@@ -19,6 +21,7 @@ pub mod cache;
 pub mod error;
 pub mod gzip;
 pub mod merge;
+pub mod openapi;
 pub mod params;
 pub mod render;
 pub mod telemetry;

@@ -13,7 +13,8 @@ use std::sync::Mutex;
 
 use tandem_core::metric::MetricState;
 use tandem_core::query::{
-    AggRow, Coverage, GroupKey, OrderBy, QueryResult, ResultRow, Source, ViewQuery,
+    too_many_groups, AggRow, Coverage, GroupKey, OrderBy, QueryResult, ResultRow, Source,
+    ViewQuery, MAX_QUERY_GROUPS,
 };
 use tandem_core::time::day_of;
 use tandem_core::traits::{BatchViews, RealtimeView};
@@ -33,6 +34,9 @@ pub async fn answer_at(
     let fresh = speed_part(view, q, &coverage, &part.open, speed, None)?;
     let mut rows = part.settled;
     rows.extend(fresh);
+    if rows.len() > MAX_QUERY_GROUPS {
+        return Err(too_many_groups(&view.name, MAX_QUERY_GROUPS));
+    }
     Order::new(view, q).sort(&mut rows);
     let cut = rows.split_off(q.limit.min(rows.len()));
     let truncated = !cut.is_empty();

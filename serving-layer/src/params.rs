@@ -27,50 +27,78 @@ pub const MAX_BUCKETS: i64 = 88_000;
 /// The longest value a filter may carry.
 pub const MAX_VALUE_LEN: usize = 1_024;
 
-/// The parameters of a query on one view.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The parameters of a query on one view: a query string (GET) or a JSON body (POST), which
+/// also takes lists as lists and numbers as numbers. Its OpenAPI description is derived from
+/// this definition (`/openapi.json`).
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::IntoParams, utoipa::ToSchema,
+)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct QueryParams {
     /// Start of the range: RFC 3339, a date, or epoch milliseconds. Default: a day before `to`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>, example = "2026-11-20T00:00:00Z")]
+    #[schema(value_type = Option<Value>)]
     pub from: Option<Scalar>,
     /// End of the range (exclusive), in the same forms. Default: now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>, example = "2026-11-27T00:00:00Z")]
+    #[schema(value_type = Option<Value>)]
     pub to: Option<Scalar>,
     /// `minute`, `hour`, `day`, `week` (from Monday), `month` or `all` (one bucket for the
     /// whole range); the view's own or coarser.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(example = "day")]
     pub granularity: Option<String>,
     /// `true` for the answer's totals beside its rows: one row per answer bucket over every
     /// group (JSON only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<bool>)]
+    #[schema(value_type = Option<Value>)]
     pub totals: Option<Json>,
     /// The IANA time zone of `day`, `week` and `month` buckets (default UTC), such as
     /// `Europe/Berlin`; finer buckets are UTC's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(example = "Europe/Berlin")]
     pub tz: Option<String>,
     /// Dimensions to group by: a comma list or a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>, example = "media_source,country")]
+    #[schema(value_type = Option<Value>)]
     pub group_by: Option<Names>,
     /// Filter items (a list; repeated in a query string): `DIM=VALUE`, `DIM!=VALUE`,
     /// `DIM.in=V1,V2`, `DIM.not_in=V1,V2`, `DIM.prefix=TEXT`; or an object of `DIM` (or
     /// `DIM.OP`, OP one of `eq`, `ne`, `in`, `not_in`, `prefix`) to a value or a list of
     /// values. `=`/`in` values of one dimension OR, `!=`/`not in` values of one dimension
     /// are all excluded, and every filter must hold. A null value passes no filter.
-    #[serde(default, skip_serializing_if = "Filters::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Filters::is_empty"
+    )]
+    #[param(value_type = Option<Vec<String>>, style = Form, explode, example = json!(["country.in=US,DE"]))]
+    #[schema(value_type = Option<Value>)]
     pub filter: Filters,
     /// Metrics to answer: a comma list or a list. Default: all of the view's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>)]
+    #[schema(value_type = Option<Value>)]
     pub metrics: Option<Names>,
     /// `bucket`, `-bucket`, `METRIC` or `-METRIC`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(example = "-installs")]
     pub order_by: Option<String>,
     /// The most rows, 1 to 100,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100000)]
+    #[schema(value_type = Option<Value>)]
     pub limit: Option<Scalar>,
     /// `true` to merge the rows the limit cuts into one `other` row per answer bucket (each
     /// row then says whether it is one): a top-N with the rest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<bool>)]
+    #[schema(value_type = Option<Value>)]
     pub other: Option<Json>,
     /// The answer's format; without it, the `Accept` header decides (JSON by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,7 +279,7 @@ impl Filters {
 }
 
 /// The formats of an answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Format {
     Json,
@@ -510,6 +538,11 @@ impl QueryParams {
     }
 }
 
+/// Filters, a JSON `null` read as none (as every other parameter's `null` is read as absent).
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Filters, D::Error> {
+    Ok(Option::<Filters>::deserialize(d)?.unwrap_or_default())
+}
+
 /// A yes-or-no parameter `name`: `true`, `false`, `1` or `0` (as text or JSON); absent is no.
 fn flag(name: &str, value: Option<&Json>) -> Result<bool, String> {
     match value {
@@ -624,6 +657,16 @@ metrics = [{ name = "n", kind = "count" }, { name = "users", kind = "distinct", 
         });
         let from_body = QueryParams::from_json(body).unwrap().resolve(&view(), NOW);
         assert_eq!(from_body.unwrap(), q);
+        // `null` is absent, for every parameter.
+        let nulls = serde_json::json!({
+            "from": null, "to": null, "granularity": null, "tz": null, "group_by": null,
+            "filter": null, "metrics": null, "order_by": null, "limit": null, "other": null,
+            "totals": null, "format": null,
+        });
+        assert_eq!(
+            QueryParams::from_json(nulls).unwrap(),
+            QueryParams::default()
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn meta(result: &QueryResult, realtime: &RealtimeStatus) -> Json {
     json!({
         "batch_version": result.coverage.version,
         "covered_until": result.coverage.covered_until_us().map(format_us),
+        "batch_published_at": result.coverage.published_us.map(format_us),
         "speed_available": realtime.available,
         "definition_hash": result.definition_hash,
         "speed_lag_ms": realtime.lag_ms,

@@ -1420,3 +1420,75 @@ async fn metrics_have_latency_by_route_and_cache_outcomes() {
     line("tandem_api_answer_compute_seconds_count");
     assert!(!text.contains("# EOF"));
 }
+
+/// `docs/openapi.json` is the served description (`UPDATE_SNAPSHOTS=1` rewrites it), every
+/// route it describes is served, and `docs/api.md` names every route and query parameter.
+#[tokio::test]
+async fn the_openapi_description_is_served_documented_and_true_to_the_routes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let served = crate::openapi::spec_json();
+    let snapshot = root.join("docs/openapi.json");
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&snapshot, served).unwrap();
+    }
+    assert_eq!(
+        std::fs::read_to_string(&snapshot).unwrap_or_default(),
+        served,
+        "docs/openapi.json differs from the served description; rerun with UPDATE_SNAPSHOTS=1"
+    );
+    let (status, body) = get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let spec: Value = serde_json::from_str(served).unwrap();
+    assert_eq!(body, spec);
+
+    let api_md = std::fs::read_to_string(root.join("docs/api.md")).unwrap();
+    let paths = spec["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let route = format!("`{} {path}`", method.to_uppercase());
+            assert!(api_md.contains(&route), "docs/api.md lacks {route}");
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let name = format!("`{}`", p["name"].as_str().unwrap());
+                assert!(
+                    api_md.contains(&name),
+                    "docs/api.md lacks {name} of {route}"
+                );
+            }
+            // Each described route is served (not the fallback's 404).
+            let uri = path.replace("{view}", "installs_hourly");
+            let req = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(&uri)
+                .header("content-type", "application/json")
+                .body(Body::from(if method == "post" { "{}" } else { "" }))
+                .unwrap();
+            let (status, body) = call(req).await;
+            assert!(
+                status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+                "{route}: {status} {body}"
+            );
+            operations += 1;
+        }
+    }
+    assert_eq!(operations, 8);
+    // Every parameter docs/api.md's table lists is one the description has.
+    let described: BTreeSet<String> = paths
+        .values()
+        .flat_map(|i| i.as_object().unwrap().values())
+        .flat_map(|op| op["parameters"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    let table = api_md
+        .split("## Query parameters")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("docs/api.md has a section of query parameters");
+    for line in table.lines().filter(|l| l.starts_with("| `")) {
+        let name = line[3..].split('`').next().unwrap();
+        assert!(
+            described.contains(name),
+            "docs/api.md lists `{name}`, which the API has not"
+        );
+    }
+}
