@@ -266,11 +266,18 @@ pub const ADMIN_CONNECTIONS: usize = 16;
 /// Serves the API on `listener`, and the admin routes on `admin` if given, until `shutdown`,
 /// within the default connection limits (the admin listener's its own).
 pub async fn serve_api(
-    state: AppState,
+    mut state: AppState,
     listener: tokio::net::TcpListener,
     admin: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // Not ready until every view's published version is loaded (off the request path).
+    let loading = load_batch_views(&state, shutdown.clone());
+    state.readiness = Arc::new(
+        Readiness::default()
+            .with("batch views", loading)
+            .including(Arc::clone(&state.readiness)),
+    );
     if let Some(admin) = admin {
         let app = admin_router(state.clone(), QueryLimits::default());
         let limits = ConnectionLimits {
@@ -291,6 +298,36 @@ pub async fn serve_api(
         shutdown,
     )
     .await
+}
+
+/// Loads the newest published version of every view in the background, each retried until
+/// it loads (or `shutdown`); the check says how many are still to load.
+fn load_batch_views(state: &AppState, shutdown: CancellationToken) -> Check {
+    let views: Vec<_> = state.catalog.views.values().cloned().collect();
+    let total = views.len();
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(total));
+    let (batch, counter) = (Arc::clone(&state.batch), Arc::clone(&left));
+    tokio::spawn(async move {
+        for view in views {
+            loop {
+                match batch.coverage(&view).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(view = %view.name, error = %e, "loading a published view failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        }
+                    }
+                }
+            }
+            counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    Box::new(move || {
+        let n = left.load(std::sync::atomic::Ordering::Relaxed);
+        (n > 0).then(|| format!("loading the published views: {n} of {total} still to load"))
+    })
 }
 
 /// Serves `app` on `listener` until `shutdown`: HTTP/1 and HTTP/2, at most

@@ -132,6 +132,47 @@ fn without_api_keys_the_api_listens_on_loopback_only() {
     assert_eq!(views["views"].as_array().unwrap().len(), 3);
 }
 
+/// `/readyz` is 503 until every view's published version is loaded: a view whose table
+/// cannot be read keeps it so (and says which check), and once the table reads, it is ready.
+#[test]
+fn readyz_waits_until_the_published_views_are_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d/views/installs_hourly/_delta_log");
+    std::fs::create_dir_all(&log).unwrap();
+    std::fs::write(log.join("00000000000000000000.json"), "not a delta log\n").unwrap();
+    let mut child = tandem(dir.path())
+        .args(["--data", "d", "--listen", "127.0.0.1:0", "serve"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _server = Killed(child);
+    let url = format!("http://{}/readyz", serving_address(stderr));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let readyz = || {
+        let mut r = agent.get(&url).call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = readyz();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("batch views: loading the published views"), "{body}");
+    std::fs::remove_dir_all(dir.path().join("d/views/installs_hourly")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = readyz();
+        if status == 200 {
+            assert_eq!(body, "ok");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn gen_import_batch_serve_and_query_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();

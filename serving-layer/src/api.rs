@@ -54,6 +54,8 @@ pub type Check = Box<dyn Fn() -> Option<String> + Send + Sync>;
 #[derive(Default)]
 pub struct Readiness {
     checks: Vec<(String, Check)>,
+    /// Checks kept elsewhere, asked too.
+    nested: Vec<Arc<Readiness>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -70,11 +72,18 @@ impl Readiness {
         self
     }
 
+    /// These checks and `other`'s.
+    pub fn including(mut self, other: Arc<Readiness>) -> Self {
+        self.nested.push(other);
+        self
+    }
+
     /// Why the process is not ready, one reason per failing check.
     pub fn reasons(&self) -> Vec<String> {
         self.checks
             .iter()
             .filter_map(|(name, check)| check().map(|r| format!("{name}: {r}")))
+            .chain(self.nested.iter().flat_map(|n| n.reasons()))
             .collect()
     }
 }
