@@ -159,7 +159,10 @@ fn readyz_waits_until_the_published_views_are_loaded() {
     std::thread::sleep(Duration::from_secs(3));
     let (status, body) = readyz();
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("batch views: loading the published views"), "{body}");
+    assert!(
+        body.contains("batch views: loading the published views"),
+        "{body}"
+    );
     std::fs::remove_dir_all(dir.path().join("d/views/installs_hourly")).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

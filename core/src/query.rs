@@ -297,6 +297,9 @@ pub struct QueryResult {
     /// Whether the query asked for `other` rows (the answer then says of each row whether it
     /// is one).
     pub other: bool,
+    /// Why the answer is partial, if it is: a layer that could not be reached (its rows are
+    /// missing; the other layer's are served).
+    pub degraded: Vec<String>,
 }
 
 #[cfg(test)]

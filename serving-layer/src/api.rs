@@ -16,11 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value as Json_};
-use tandem_core::query::{Coverage, OrderBy, RealtimeStatus, ViewQuery};
+use tandem_core::query::{Coverage, OrderBy, QueryResult, RealtimeStatus, ViewQuery};
 use tandem_core::time::{format_us, Clock};
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
 use tandem_core::Catalog;
+use tandem_core::ErrorClass;
 use tower::{BoxError, ServiceBuilder};
 
 use crate::answer::{self, Answered, Settled};
@@ -499,14 +500,28 @@ async fn run_query(
         }
         let gzip = gzip::accepted(headers) && format == Format::Json;
         let q = normalized(view, q);
-        let coverage = state.batch.coverage(view).await?;
+        // An unreachable store degrades the answer to the speed layer's rows, flagged in
+        // `meta`, while the speed layer answers; with neither, it is a 503.
+        let (coverage, degraded) = match state.batch.coverage(view).await {
+            Ok(c) => (c, None),
+            Err(e) if e.class() == ErrorClass::Unavailable && state.speed.status().available => {
+                tracing::warn!(view = %view.name, error = %crate::error::Chain(&e), "the batch views are unreachable; answering from the speed layer");
+                let reason = "the batch views are unreachable: rows of the days the batch \
+                              covers may be missing or partial";
+                (Coverage::default(), Some(reason))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let answered = obtain(state, view, &q, &coverage, format, gzip).await?;
         let totals = match totals {
             true => Some(obtain(state, view, &totals_query(&q), &coverage, format, gzip).await?),
             false => None,
         };
+        let mut shown = answered.result.clone();
+        shown.degraded.extend(degraded.map(str::to_string));
         render_answer(
             &answered,
+            &shown,
             totals.as_deref(),
             &state.speed.status(),
             format,
@@ -612,17 +627,17 @@ fn shared_error(e: Arc<ApiError>) -> ApiError {
     Arc::try_unwrap(e).unwrap_or_else(|shared| ApiError::new(shared.status, &shared.detail))
 }
 
-/// An answer in the format asked, with `realtime` as the speed layer's freshness; JSON is
-/// gzipped if `gzip` (the client accepts it), and carries `totals` (an answer of
-/// [`totals_query`]) if given.
+/// `answered`'s rows in the format asked, under `result` (its result with this request's own
+/// flags) and with `realtime` as the speed layer's freshness; JSON is gzipped if `gzip` (the
+/// client accepts it), and carries `totals` (an answer of [`totals_query`]) if given.
 fn render_answer(
     answered: &Answered,
+    result: &QueryResult,
     totals: Option<&Answered>,
     realtime: &RealtimeStatus,
     format: Format,
     gzip: bool,
 ) -> Result<Response, ApiError> {
-    let result = &answered.result;
     let batch = || render::with_meta(&answered.batch()?, result, realtime);
     Ok(match format {
         // CSV and Arrow are printed a chunk of rows at a time, as the client takes them.

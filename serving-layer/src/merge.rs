@@ -121,6 +121,7 @@ pub fn shell(view: &ViewDef, q: &ViewQuery, coverage: Coverage) -> QueryResult {
         rows: Vec::new(),
         truncated: false,
         other: q.other,
+        degraded: Vec::new(),
     }
 }
 

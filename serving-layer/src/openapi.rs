@@ -96,6 +96,9 @@ pub struct Meta {
     pub stale_partitions: Vec<i32>,
     /// Whether the limit cut rows.
     pub truncated: bool,
+    /// Why the answer is partial, if it is (empty: it is whole): a layer that could not be
+    /// reached, whose rows are missing.
+    pub degraded: Vec<String>,
 }
 
 /// A query's answer (JSON).

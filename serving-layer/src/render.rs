@@ -39,6 +39,7 @@ pub fn meta(result: &QueryResult, realtime: &RealtimeStatus) -> Json {
         "speed_lag_ms_by_partition": realtime.partition_lag_ms,
         "stale_partitions": realtime.stale_partitions,
         "truncated": result.truncated,
+        "degraded": result.degraded,
     })
 }
 
@@ -415,6 +416,7 @@ mod tests {
             ],
             truncated: false,
             other: false,
+            degraded: Vec::new(),
         };
         (catalog, result)
     }
