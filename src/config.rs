@@ -143,7 +143,9 @@ pub struct KeyFile {
 pub struct ArchiveFile {
     /// The longest a valid event waits in the archiver before it is committed, milliseconds.
     pub flush_interval_ms: Option<u64>,
-    /// Commit as soon as this many rows are pending (sets the size of the files it writes).
+    /// Commit as soon as the pending rows would make a Parquet file of about this many MiB.
+    pub target_file_mb: Option<u64>,
+    /// Commit as soon as this many rows are pending, whatever their size (bounds memory).
     pub flush_rows: Option<usize>,
 }
 
@@ -520,6 +522,12 @@ impl Config {
             Some(ms) => given(ms, file_key("archive.flush_interval_ms")),
             None => given(defaults.flush_interval.as_millis() as u64, default.clone()),
         };
+        let target_file_mb = match file.archive.target_file_mb {
+            Some(0) => bail!("archive.target_file_mb must be at least 1"),
+            Some(n) if n > 4096 => bail!("archive.target_file_mb must be at most 4096"),
+            Some(n) => given(n, file_key("archive.target_file_mb")),
+            None => given(defaults.target_file_bytes >> 20, default.clone()),
+        };
         let flush_rows = match file.archive.flush_rows {
             Some(0) => bail!("archive.flush_rows must be at least 1"),
             Some(n) => given(n, file_key("archive.flush_rows")),
@@ -636,6 +644,7 @@ impl Config {
         });
         for (key, g) in [
             ("archive.flush_interval_ms", &flush_interval),
+            ("archive.target_file_mb", &target_file_mb),
             ("maintenance.compact_interval_secs", &compact_every),
             ("maintenance.vacuum_interval_secs", &vacuum_every),
             ("maintenance.vacuum_retention_hours", &retention),
@@ -744,6 +753,7 @@ impl Config {
             archiver: tandem_speed::ArchiverConfig {
                 flush_interval: std::time::Duration::from_millis(flush_interval.value),
                 flush_rows: flush_rows.value,
+                target_file_bytes: target_file_mb.value << 20,
             },
             compact_interval: (compact_every.value > 0)
                 .then(|| std::time::Duration::from_secs(compact_every.value)),
@@ -1007,7 +1017,7 @@ mod tests {
         assert!(c.to_string().contains("batch.memory_limit"));
         std::fs::write(
             &path,
-            "[archive]\nflush_interval_ms = 500\nflush_rows = 1000\n[maintenance]\ncompact_interval_secs = 3600\n",
+            "[archive]\nflush_interval_ms = 500\nflush_rows = 1000\ntarget_file_mb = 8\n[maintenance]\ncompact_interval_secs = 3600\n",
         )
         .unwrap();
         let c = Config::resolve(&parse(&["--config", path.to_str().unwrap()], &[])).unwrap();
@@ -1016,6 +1026,7 @@ mod tests {
             std::time::Duration::from_millis(500)
         );
         assert_eq!(c.archiver.flush_rows, 1000);
+        assert_eq!(c.archiver.target_file_bytes, 8 << 20);
         assert_eq!(
             c.compact_interval,
             Some(std::time::Duration::from_secs(3600))
@@ -1027,6 +1038,7 @@ mod tests {
             "[batch]\nmemory_limit = \"1KiB\"",
             "[batch]\nthreads = 0",
             "[archive]\nflush_rows = 0",
+            "[archive]\ntarget_file_mb = 0",
             "[archive]\nflush_interval_ms = 0",
         ] {
             std::fs::write(&path, format!("{bad}\n")).unwrap();

@@ -68,6 +68,8 @@ pub struct MasterCommit {
 pub struct CommitReport {
     pub rows: usize,
     pub rejects: usize,
+    /// Bytes of the master files the commit added (0 if its log entry could not be read).
+    pub bytes: u64,
     /// The event days the rows touched.
     pub days: BTreeSet<String>,
 }
@@ -198,7 +200,25 @@ impl MasterWriter {
             .await
             .map_err(|e| table_err(&self.master_url, e))?;
         report.rows = rows;
+        report.bytes = added_bytes(&self.master).await;
         Ok(report)
+    }
+}
+
+/// The bytes of the files `table`'s newest commit added, from its log entry (one small read);
+/// 0 if it cannot be read (the size only guides when the archiver writes next).
+async fn added_bytes(table: &DeltaTable) -> u64 {
+    use deltalake::logstore::LogStore as _;
+    let Some(version) = table.version() else {
+        return 0;
+    };
+    match table.log_store().read_commit_entry(version).await {
+        Ok(Some(entry)) => entry
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .filter_map(|action| action["add"]["size"].as_u64())
+            .sum(),
+        Ok(None) | Err(_) => 0,
     }
 }
 

@@ -41,9 +41,13 @@ use crate::kafka::{BatchSink, MessageBatch, Rebalance};
 /// When the archiver writes.
 #[derive(Debug, Clone, Copy)]
 pub struct ArchiverConfig {
-    /// Write at least this often while rows are pending.
+    /// Write at least this often while rows are pending: an event's longest wait.
     pub flush_interval: Duration,
-    /// Write as soon as this many rows are pending.
+    /// Write as soon as the pending rows would make a Parquet file of about this many bytes
+    /// (estimated from the bytes per row of the files written so far).
+    pub target_file_bytes: u64,
+    /// Write as soon as this many rows are pending, whatever their size: the bound on the
+    /// archiver's memory.
     pub flush_rows: usize,
 }
 
@@ -51,10 +55,15 @@ impl Default for ArchiverConfig {
     fn default() -> Self {
         ArchiverConfig {
             flush_interval: Duration::from_secs(2),
-            flush_rows: 200_000,
+            target_file_bytes: 16 << 20,
+            flush_rows: 500_000,
         }
     }
 }
+
+/// The Parquet bytes per archived row assumed until a file has been written (the reference
+/// events take about 65).
+const INITIAL_BYTES_PER_ROW: f64 = 64.0;
 
 /// Counters of the archiver.
 #[derive(Debug, Default)]
@@ -87,6 +96,9 @@ pub struct Archiver {
     revoked: std::collections::BTreeSet<i32>,
     storage: Storage,
     pending_rows: usize,
+    /// Parquet bytes per row of the files written so far (a moving average), which sizes the
+    /// next file.
+    bytes_per_row: f64,
     pending_rejects: Vec<Rejected>,
     /// Last offset seen per partition in the pending data.
     pending_last: BTreeMap<i32, i64>,
@@ -132,6 +144,7 @@ impl Archiver {
             revoked: Default::default(),
             storage: storage.clone(),
             pending_rows: 0,
+            bytes_per_row: INITIAL_BYTES_PER_ROW,
             pending_rejects: Vec::new(),
             pending_last: BTreeMap::new(),
             last_flush: Instant::now(),
@@ -139,6 +152,11 @@ impl Archiver {
             clock,
             stats: Arc::new(ArchiverStats::default()),
         })
+    }
+
+    /// The Parquet bytes per row the next file is sized by: learnt from the files written.
+    pub fn bytes_per_row(&self) -> f64 {
+        self.bytes_per_row
     }
 
     fn master_app_id(&self, partition: i32) -> String {
@@ -282,7 +300,15 @@ impl Archiver {
         let pending_last = std::mem::take(&mut self.pending_last);
         self.pending_rows = 0;
         let report = match self.writer.commit(commit, self.clock.now_us()).await {
-            Ok(r) => r,
+            Ok(r) => {
+                if r.rows > 0 && r.bytes > 0 {
+                    let observed = r.bytes as f64 / r.rows as f64;
+                    // Small files carry a fixed footer; weigh each by its rows.
+                    let weight = (r.rows as f64 / 100_000.0).min(1.0);
+                    self.bytes_per_row += weight * (observed - self.bytes_per_row);
+                }
+                r
+            }
             Err(e) => {
                 // The batches are gone with the failed write; so is our certainty about what
                 // committed. Read the tables again, so the next poll reads the stored versions;
@@ -390,7 +416,10 @@ impl BatchSink for Archiver {
             );
             self.pending_last.insert(partition, last);
         }
-        if self.pending_rows >= self.config.flush_rows {
+        let estimated = self.pending_rows as f64 * self.bytes_per_row;
+        if self.pending_rows >= self.config.flush_rows
+            || estimated >= self.config.target_file_bytes as f64
+        {
             return self.write().await;
         }
         Ok(Vec::new())

@@ -36,6 +36,7 @@ async fn archiver(storage: &Storage, catalog: &Catalog) -> Archiver {
         ArchiverConfig {
             flush_interval: Duration::from_secs(3600),
             flush_rows: 1_000_000,
+            target_file_bytes: u64::MAX,
         },
         Arc::new(MockClock::new(NOW)),
     )
@@ -282,4 +283,60 @@ async fn storage_faults_at_commit_never_duplicate_or_tear() {
             "each offset once after the fault at {from}"
         );
     }
+}
+
+/// The archiver writes when its pending rows would make a file of the target size (estimated
+/// from the bytes per row of what it wrote), long before its row cap or its interval.
+#[tokio::test]
+async fn the_archiver_writes_files_of_about_the_target_size() {
+    let (_dir, storage, catalog) = setup();
+    let mut a = Archiver::open(
+        storage.clone(),
+        Arc::clone(&catalog.schemas["app_events"]),
+        ArchiverConfig {
+            flush_interval: Duration::from_secs(3600),
+            flush_rows: 1_000_000,
+            target_file_bytes: 100_000,
+        },
+        Arc::new(MockClock::new(NOW)),
+    )
+    .await
+    .unwrap();
+    let stats = Arc::clone(&a.stats);
+    let commits = || stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+    // 1,000 rows at the assumed 64 bytes a row: under the target, nothing written.
+    assert!(a.handle(&batch(&[(0, 0..1_000)])).await.unwrap().is_empty());
+    assert_eq!(commits(), 0);
+    assert!(archived(&storage).await.is_empty());
+    // 2,000: over it, written at once.
+    let done = a.handle(&batch(&[(0, 1_000..2_000)])).await.unwrap();
+    assert_eq!(
+        done,
+        [(0, 2_000)],
+        "the offsets to commit: the next to read"
+    );
+    assert_eq!(commits(), 1);
+    assert_eq!(archived(&storage).await.len(), 2_000);
+    // The bytes per row it sizes files by moved towards what it wrote (the reference events
+    // take fewer than the 64 it assumed).
+    assert!(a.bytes_per_row() < 64.0, "{}", a.bytes_per_row());
+    // What it wrote is near the target.
+    let table = storage
+        .open(&storage.layout().master("app_events"))
+        .await
+        .unwrap()
+        .unwrap();
+    let sizes: Vec<u64> = table
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .into_iter()
+        .map(|f| f.size() as u64)
+        .collect();
+    // One file per event day (a few events are late, of other days).
+    let total: u64 = sizes.iter().sum();
+    assert!(
+        (40_000..400_000).contains(&total),
+        "{sizes:?}: {total} bytes for a 100,000-byte target"
+    );
 }

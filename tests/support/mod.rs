@@ -196,6 +196,7 @@ impl Harness {
             archiver: ArchiverConfig {
                 flush_interval: Duration::from_millis(300),
                 flush_rows: 5_000,
+                ..Default::default()
             },
             archive_tick: Duration::from_millis(100),
             speed_tick: Duration::from_millis(100),
