@@ -35,11 +35,52 @@ pub struct BenchArgs {
     /// Print the figures as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Time the archiver instead: events produced to a new topic of the broker (`--brokers`)
+    /// archived into a master dataset on one runtime thread, next to a consumer that only
+    /// counts them.
+    #[arg(long)]
+    pub archive: bool,
+    /// Partitions of the archive benchmark's topic.
+    #[arg(long, default_value_t = 1)]
+    pub partitions: i32,
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     if args.events == 0 {
         bail!("--events must be at least 1");
+    }
+    if args.archive {
+        let r = crate::bench_archive::run(config, args.events, args.partitions, args.seed).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "reference events:   {:>10} ({:.0} MB of JSON) on {} partition(s)",
+                r.events,
+                r.json_bytes as f64 / 1e6,
+                r.partitions
+            );
+            println!(
+                "produce:            {:>10.0} events/s",
+                r.produce_events_per_s
+            );
+            println!(
+                "raw consume:        {:>10.0} events/s  (the same client, counting only)",
+                r.raw_consume_events_per_s
+            );
+            println!(
+                "archive:            {:>10.0} events/s  ({} commits, {} files, {:.0} MB of Parquet)",
+                r.archive_events_per_s,
+                r.commits,
+                r.master_files,
+                r.master_bytes as f64 / 1e6
+            );
+            println!(
+                "ratio:              {:>10.2}x  (archive / raw consume)",
+                r.ratio
+            );
+        }
+        return Ok(());
     }
     let catalog = catalog(config)?;
     let schema = catalog

@@ -7,6 +7,7 @@
 mod ballista;
 mod batch;
 mod bench;
+mod bench_archive;
 mod broker;
 mod config;
 mod defs;
