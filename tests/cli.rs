@@ -26,6 +26,14 @@ fn repo(p: &str) -> String {
     format!("{}/{p}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Starts `c`, a command that serves, and waits for the address it serves on; the server is
+/// killed when the first value is dropped.
+fn served(c: &mut Command) -> (Killed, String) {
+    let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    (Killed(child), serving_address(stderr))
+}
+
 fn run_ok(c: &mut Command) -> String {
     let out = c.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -95,14 +103,11 @@ fn without_api_keys_the_api_listens_on_loopback_only() {
     let dir = tempfile::tempdir().unwrap();
     let defs = ["--schemas", &repo("schemas"), "--jobs", &repo("jobs")];
     let serve = |dir: &Path| {
-        let mut child = tandem(dir)
-            .args(defs)
-            .args(["--data", "d", "--listen", "0.0.0.0:0", "serve"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        (Killed(child), serving_address(stderr))
+        served(
+            tandem(dir)
+                .args(defs)
+                .args(["--data", "d", "--listen", "0.0.0.0:0", "serve"]),
+        )
     };
     let (_server, address) = serve(dir.path());
     assert!(address.starts_with("127.0.0.1:"), "{address}");
@@ -140,14 +145,9 @@ fn readyz_waits_until_the_published_views_are_loaded() {
     let log = dir.path().join("d/views/installs_hourly/_delta_log");
     std::fs::create_dir_all(&log).unwrap();
     std::fs::write(log.join("00000000000000000000.json"), "not a delta log\n").unwrap();
-    let mut child = tandem(dir.path())
-        .args(["--data", "d", "--listen", "127.0.0.1:0", "serve"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _server = Killed(child);
-    let url = format!("http://{}/readyz", serving_address(stderr));
+    let (_server, address) =
+        served(tandem(dir.path()).args(["--data", "d", "--listen", "127.0.0.1:0", "serve"]));
+    let url = format!("http://{address}/readyz");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -295,15 +295,14 @@ fn gen_import_batch_serve_and_query_from_the_command_line() {
     );
     assert!(err.contains("--reason"), "{err}");
 
-    let mut child = tandem(dir.path())
-        .args(defs)
-        .args(["--data", "d", "--listen", "127.0.0.1:0", "serve"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _server = Killed(child);
-    let url = format!("http://{}", serving_address(stderr));
+    let (_server, address) = served(tandem(dir.path()).args(defs).args([
+        "--data",
+        "d",
+        "--listen",
+        "127.0.0.1:0",
+        "serve",
+    ]));
+    let url = format!("http://{address}");
     let (from, to) = (day(-10), day(1));
     let out = run_ok(tandem(dir.path()).args([
         "query",

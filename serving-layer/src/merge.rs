@@ -60,33 +60,23 @@ pub async fn answer_at(
 /// bucket (no group-by values; distinct counts rolled up by sketch union, as any roll-up), in
 /// the answer's bucket direction.
 pub fn others(q: &ViewQuery, cut: impl IntoIterator<Item = ResultRow>) -> Vec<ResultRow> {
-    let mut by_bucket: std::collections::BTreeMap<i64, ResultRow> = Default::default();
-    for r in cut {
-        match by_bucket.entry(r.bucket_us) {
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                let o = e.get_mut();
-                if o.source != r.source {
-                    o.source = Source::Mixed;
-                }
-                o.states
-                    .iter_mut()
-                    .zip(&r.states)
-                    .for_each(|(a, b)| a.merge(b));
-            }
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(ResultRow {
-                    dims: vec![None; r.dims.len()],
-                    other: true,
-                    ..r
-                });
-            }
-        }
-    }
-    let rows = by_bucket.into_values();
+    let cut = cut.into_iter().map(|r| {
+        let row = AggRow {
+            bucket_us: r.bucket_us,
+            dims: vec![None; r.dims.len()],
+            states: r.states,
+        };
+        (r.source, row)
+    });
+    let mut rows = group(q, cut);
+    rows.iter_mut().for_each(|r| r.other = true);
     match q.order_by {
-        OrderBy::Bucket { descending: true } => rows.rev().collect(),
-        _ => rows.collect(),
+        OrderBy::Bucket { descending: true } => {
+            rows.sort_by_key(|r| std::cmp::Reverse(r.bucket_us))
+        }
+        _ => rows.sort_by_key(|r| r.bucket_us),
     }
+    rows
 }
 
 /// Where each of `others` (of [`others`]) goes among an answer's rows, whose buckets are

@@ -91,6 +91,20 @@ impl RealtimeView for FakeSpeed {
     }
 }
 
+/// The API's state over `batch` and `speed`, at `NOW`, without keys.
+fn state(batch: Arc<dyn BatchViews>, speed: Arc<dyn RealtimeView>) -> AppState {
+    AppState {
+        catalog: catalog(),
+        batch,
+        speed,
+        clock: Arc::new(MockClock::new(NOW)),
+        metrics: Arc::new(ApiMetrics::default()),
+        readiness: Default::default(),
+        answers: Default::default(),
+        auth: Default::default(),
+    }
+}
+
 fn app() -> axum::Router {
     let d = DAY * DAY_US;
     // Batch covers DAY; it also (wrongly) holds a row of DAY+1, which must not be served.
@@ -100,16 +114,7 @@ fn app() -> axum::Router {
     );
     // Speed holds DAY too (not yet pruned): covered, so not served; and DAY+1.
     let speed = FakeSpeed(vec![(d, 7), (d + DAY_US, 5), (d + DAY_US + HOUR_US, 6)]);
-    router(AppState {
-        catalog: catalog(),
-        batch: Arc::new(batch),
-        speed: Arc::new(speed),
-        clock: Arc::new(MockClock::new(NOW)),
-        metrics: Arc::new(ApiMetrics::default()),
-        readiness: Default::default(),
-        answers: Default::default(),
-        auth: Default::default(),
-    })
+    router(state(Arc::new(batch), Arc::new(speed)))
 }
 
 async fn call(req: Request<Body>) -> (StatusCode, Value) {
@@ -496,16 +501,10 @@ impl RealtimeView for NoSpeed {
 #[tokio::test]
 async fn an_unreachable_store_degrades_the_answer_to_the_speed_layer() {
     let d = DAY * DAY_US;
-    let app = router(AppState {
-        catalog: catalog(),
-        batch: Arc::new(FailingBatch { unreachable: true }),
-        speed: Arc::new(FakeSpeed(vec![(d, 7), (d + DAY_US, 5)])),
-        clock: Arc::new(MockClock::new(NOW)),
-        metrics: Arc::new(ApiMetrics::default()),
-        readiness: Default::default(),
-        answers: Default::default(),
-        auth: Default::default(),
-    });
+    let app = router(state(
+        Arc::new(FailingBatch { unreachable: true }),
+        Arc::new(FakeSpeed(vec![(d, 7), (d + DAY_US, 5)])),
+    ));
     let resp = app
         .oneshot(
             Request::get(
@@ -544,16 +543,10 @@ async fn an_unreachable_store_without_a_speed_layer_is_a_503_with_retry_after_an
         (true, StatusCode::SERVICE_UNAVAILABLE),
         (false, StatusCode::INTERNAL_SERVER_ERROR),
     ] {
-        let app = router(AppState {
-            catalog: catalog(),
-            batch: Arc::new(FailingBatch { unreachable }),
-            speed: Arc::new(NoSpeed),
-            clock: Arc::new(MockClock::new(NOW)),
-            metrics: Arc::new(ApiMetrics::default()),
-            readiness: Default::default(),
-            answers: Default::default(),
-            auth: Default::default(),
-        });
+        let app = router(state(
+            Arc::new(FailingBatch { unreachable }),
+            Arc::new(NoSpeed),
+        ));
         let resp = app
             .oneshot(
                 Request::get("/v1/views/installs_hourly/query?from=2024-10-04")
@@ -604,16 +597,10 @@ async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_ans
     use std::time::Duration;
     let app = |delay_ms: u64, limits: crate::QueryLimits| {
         crate::router_with(
-            AppState {
-                catalog: catalog(),
-                batch: Arc::new(SlowBatch(Duration::from_millis(delay_ms))),
-                speed: Arc::new(FakeSpeed(Vec::new())),
-                clock: Arc::new(MockClock::new(NOW)),
-                metrics: Arc::new(ApiMetrics::default()),
-                readiness: Default::default(),
-                answers: Default::default(),
-                auth: Default::default(),
-            },
+            state(
+                Arc::new(SlowBatch(Duration::from_millis(delay_ms))),
+                Arc::new(FakeSpeed(Vec::new())),
+            ),
             limits,
         )
     };
