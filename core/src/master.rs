@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{
     ArrayRef, AsArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, Int64Builder,
-    StringArray, StringBuilder, TimestampMicrosecondBuilder,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -301,10 +301,22 @@ pub fn archive_batch(schema: &EventSchema, decoded: &Decoded) -> Result<RecordBa
     let times = batch
         .column(schema.event_time)
         .as_primitive::<TimestampMicrosecondType>();
-    let days: StringArray = times
-        .iter()
-        .map(|t| t.map(|t| day_string(day_of(t))))
-        .collect();
+    // Rows come mostly in runs of one day: each day is formatted once per run, not per row.
+    let mut days = StringBuilder::with_capacity(times.len(), times.len() * 10);
+    let mut last: Option<(i64, String)> = None;
+    for t in times.iter() {
+        let Some(t) = t else {
+            days.append_null();
+            continue;
+        };
+        let day = day_of(t);
+        let text = match &mut last {
+            Some((d, text)) if *d == day => text,
+            slot => &mut slot.insert((day, day_string(day))).1,
+        };
+        days.append_value(text);
+    }
+    let days = days.finish();
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     columns.push(Arc::new(Int32Array::from(decoded.partitions.clone())));
     columns.push(Arc::new(Int64Array::from(decoded.offsets.clone())));
