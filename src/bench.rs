@@ -35,50 +35,79 @@ pub struct BenchArgs {
     /// Print the figures as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Time the archiver instead: events produced to a new topic of the broker (`--brokers`)
-    /// archived into a master dataset on one runtime thread, next to a consumer that only
-    /// counts them.
-    #[arg(long)]
-    pub archive: bool,
-    /// Partitions of the archive benchmark's topic.
+    /// Time a consumer end to end from a real broker (`--brokers`) instead: `archive` (into a
+    /// fresh master dataset) or `speed` (aggregating every view, checkpointing), on one runtime
+    /// thread, next to a consumer that only counts the same messages.
+    #[arg(long, value_enum)]
+    pub consume: Option<crate::bench_broker::Consumed>,
+    /// With --consume: partitions of the benchmark's topic.
     #[arg(long, default_value_t = 1)]
     pub partitions: i32,
+    /// With --consume: the shared benchmarks' Python consumer (`speed_consumer_ck.py`), run on
+    /// the same topic with --python.
+    #[arg(long)]
+    pub python_consumer: Option<std::path::PathBuf>,
+    /// With --consume: produce the first --events lines of this JSON-lines file (such as
+    /// `gen_events.py --jsonl`'s, which the Python consumer expects) instead of generated events.
+    #[arg(long)]
+    pub jsonl: Option<std::path::PathBuf>,
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     if args.events == 0 {
         bail!("--events must be at least 1");
     }
-    if args.archive {
-        let r = crate::bench_archive::run(config, args.events, args.partitions, args.seed).await?;
+    if let Some(consumer) = args.consume {
+        let settings = crate::bench_broker::Settings {
+            consumer,
+            events: args.events,
+            partitions: args.partitions,
+            seed: args.seed,
+            python_peer: args.python_consumer.map(|p| (args.python.clone(), p)),
+            jsonl: args.jsonl,
+        };
+        let r = crate::bench_broker::run(config, settings).await?;
         if args.json {
             println!("{}", serde_json::to_string(&r)?);
-        } else {
-            println!(
-                "reference events:   {:>10} ({:.0} MB of JSON) on {} partition(s)",
-                r.events,
-                r.json_bytes as f64 / 1e6,
-                r.partitions
-            );
-            println!(
-                "produce:            {:>10.0} events/s",
-                r.produce_events_per_s
-            );
-            println!(
-                "raw consume:        {:>10.0} events/s  (the same client, counting only)",
-                r.raw_consume_events_per_s
-            );
-            println!(
-                "archive:            {:>10.0} events/s  ({} commits, {} files, {:.0} MB of Parquet)",
-                r.archive_events_per_s,
-                r.commits,
-                r.master_files,
-                r.master_bytes as f64 / 1e6
-            );
-            println!(
-                "ratio:              {:>10.2}x  (archive / raw consume)",
-                r.ratio
-            );
+            return Ok(());
+        }
+        println!(
+            "reference events:   {:>10} ({:.0} MB of JSON) on {} partition(s)",
+            r.events,
+            r.json_bytes as f64 / 1e6,
+            r.partitions
+        );
+        println!(
+            "produce:            {:>10.0} events/s",
+            r.produce_events_per_s
+        );
+        println!(
+            "raw consume:        {:>10.0} events/s  (the same client, counting only)",
+            r.raw_consume_events_per_s
+        );
+        if let Some(p) = r.python_peer_events_per_s {
+            println!("python consumer:    {p:>10.0} events/s  (speed_consumer_ck.py --mode agg)");
+        }
+        let what = match (r.commits, r.state_keys) {
+            (Some(c), _) => format!(
+                "{c} commits, {} files, {:.0} MB of Parquet",
+                r.master_files.unwrap_or_default(),
+                r.master_bytes.unwrap_or_default() as f64 / 1e6
+            ),
+            (_, Some(k)) => format!(
+                "{k} state keys, {:.0} MB",
+                r.state_bytes.unwrap_or_default() as f64 / 1e6
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "{:<20}{:>10.0} events/s  ({what})",
+            format!("{:?}:", r.consumer).to_lowercase(),
+            r.events_per_s
+        );
+        println!("ratio to raw:       {:>10.2}x", r.ratio_to_raw);
+        if let Some(x) = r.ratio_to_python_peer {
+            println!("ratio to python:    {x:>10.1}x");
         }
         return Ok(());
     }

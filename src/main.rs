@@ -7,7 +7,7 @@
 mod ballista;
 mod batch;
 mod bench;
-mod bench_archive;
+mod bench_broker;
 mod broker;
 mod config;
 mod defs;
