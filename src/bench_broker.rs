@@ -149,13 +149,7 @@ pub async fn run(config: &Config, settings: Settings) -> Result<BrokerBench> {
         "--consume needs a broker (--brokers): librdkafka's mock keeps only 5 MB a partition",
     )?;
     let catalog = crate::roles::catalog(config)?;
-    let schema = Arc::clone(
-        catalog
-            .schemas
-            .values()
-            .next()
-            .context("no schema defined")?,
-    );
+    let schema = crate::roles::one_schema(&catalog, None)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis();

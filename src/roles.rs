@@ -780,7 +780,7 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<()> {
     server.await?
 }
 
-fn one_schema(
+pub(crate) fn one_schema(
     catalog: &Catalog,
     name: Option<&str>,
 ) -> Result<Arc<tandem_core::schema::EventSchema>> {

@@ -672,13 +672,6 @@ async fn readyz_reports_every_failing_check() {
     let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flag = Arc::clone(&failing);
     let state = AppState {
-        catalog: catalog(),
-        batch: Arc::new(FakeBatch(Vec::new(), BTreeSet::new())),
-        speed: Arc::new(FakeSpeed(Vec::new())),
-        clock: Arc::new(MockClock::new(NOW)),
-        metrics: Arc::new(ApiMetrics::default()),
-        answers: Default::default(),
-        auth: Default::default(),
         readiness: Arc::new(crate::Readiness::default().with(
             "archiver `app_events`",
             Box::new(move || {
@@ -686,6 +679,10 @@ async fn readyz_reports_every_failing_check() {
                     .then(|| "no commit for 31 s with 5 messages pending".to_string())
             }),
         )),
+        ..state(
+            Arc::new(FakeBatch(Vec::new(), BTreeSet::new())),
+            Arc::new(FakeSpeed(Vec::new())),
+        )
     };
     // The admin listener's routes tell the same.
     let admin = crate::admin_router(state.clone(), Default::default());
@@ -793,16 +790,10 @@ async fn answers_are_reused_only_while_their_batch_version_and_speed_state_stand
     ))));
     let speed = Arc::new(CountingSpeed::default());
     speed.state.lock().unwrap().1 = vec![(d + DAY_US, 5)];
-    let app = router(AppState {
-        catalog: catalog(),
-        batch: Arc::clone(&batch) as Arc<dyn BatchViews>,
-        speed: Arc::clone(&speed) as Arc<dyn RealtimeView>,
-        clock: Arc::new(MockClock::new(NOW)),
-        metrics: Arc::new(ApiMetrics::default()),
-        readiness: Default::default(),
-        answers: Default::default(),
-        auth: Default::default(),
-    });
+    let app = router(state(
+        Arc::clone(&batch) as Arc<dyn BatchViews>,
+        Arc::clone(&speed) as Arc<dyn RealtimeView>,
+    ));
     let ask = |to_minute: i64| {
         let app = app.clone();
         async move {
@@ -1311,16 +1302,7 @@ async fn totals_come_beside_the_rows_in_json_plain_or_gzipped() {
         [DAY].into(),
     );
     let speed = Keyed(vec![(d(1, 0), "b", 8), (d(1, 0), "c", 16)], BTreeSet::new());
-    let app = router(AppState {
-        catalog: Arc::clone(&catalog),
-        batch: Arc::new(batch),
-        speed: Arc::new(speed),
-        clock: Arc::new(MockClock::new(NOW)),
-        metrics: Arc::new(ApiMetrics::default()),
-        readiness: Default::default(),
-        answers: Default::default(),
-        auth: Default::default(),
-    });
+    let app = router(state(Arc::new(batch), Arc::new(speed)));
     let uri = "/v1/views/installs_hourly/query?from=2024-10-04&to=2024-10-06&group_by=country\
                &metrics=installs&order_by=-installs&limit=2&totals=true";
     let fetch = |uri: &'static str, encoding: &'static str| {
@@ -1420,16 +1402,10 @@ async fn metrics_have_latency_by_route_and_cache_outcomes() {
     let d = DAY * DAY_US;
     let speed = Arc::new(CountingSpeed::default());
     speed.state.lock().unwrap().1 = vec![(d + DAY_US, 5)];
-    let app = router(AppState {
-        catalog: catalog(),
-        batch: Arc::new(FakeBatch(vec![(d, 10)], [DAY].into())),
+    let app = router(state(
+        Arc::new(FakeBatch(vec![(d, 10)], [DAY].into())),
         speed,
-        clock: Arc::new(MockClock::new(NOW)),
-        metrics: Arc::new(ApiMetrics::default()),
-        readiness: Default::default(),
-        answers: Default::default(),
-        auth: Default::default(),
-    });
+    ));
     let send = |uri: &str| {
         let app = app.clone();
         let req = Request::get(uri).body(Body::empty()).unwrap();
