@@ -1295,7 +1295,6 @@ async fn totals_come_beside_the_rows_in_json_plain_or_gzipped() {
     use std::io::Read;
 
     // Two groups a bucket; the totals hold every group, also those cut by the limit.
-    let catalog = catalog();
     let d = |day: i64, hour: i64| (DAY + day) * DAY_US + hour * HOUR_US;
     let batch = Keyed(
         vec![(d(0, 1), "a", 1), (d(0, 1), "b", 2), (d(0, 2), "a", 4)],
