@@ -343,9 +343,7 @@ async fn view_json(state: &AppState, name: &str) -> Result<Json_, ApiError> {
     tag = "views",
     responses(
         (status = 200, description = "The views", body = crate::openapi::ViewList),
-        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        crate::openapi::ListRefusals,
     ),
     security((), ("bearer" = []), ("api_key" = []))
 )]
@@ -371,11 +369,7 @@ pub(crate) async fn list_views(
     params(("view" = String, Path, description = "The view's name")),
     responses(
         (status = 200, description = "The view", body = crate::openapi::ViewInfo),
-        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key may not read this view", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such view", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        crate::openapi::ViewRefusals,
     ),
     security((), ("bearer" = []), ("api_key" = []))
 )]
@@ -397,20 +391,7 @@ pub(crate) async fn get_view(
     path = "/v1/views/{view}/query",
     tag = "views",
     params(("view" = String, Path, description = "The view's name"), QueryParams),
-    responses(
-        (status = 200, description = "The answer, in the format asked (`format`, else `Accept`)", content(
-            (crate::openapi::Answer = "application/json"),
-            (String = "text/csv"),
-            (Vec<u8> = "application/vnd.apache.arrow.stream"),
-        )),
-        (status = 400, description = "A bad parameter, named in `detail`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key may not read this view", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such view", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is larger than 64 KiB", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
-    ),
+    responses(crate::openapi::QueryAnswers),
     security((), ("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn query_get(
@@ -429,20 +410,7 @@ pub(crate) async fn query_get(
     tag = "views",
     params(("view" = String, Path, description = "The view's name")),
     request_body(content = QueryParams, content_type = "application/json"),
-    responses(
-        (status = 200, description = "The answer, in the format asked (`format`, else `Accept`)", content(
-            (crate::openapi::Answer = "application/json"),
-            (String = "text/csv"),
-            (Vec<u8> = "application/vnd.apache.arrow.stream"),
-        )),
-        (status = 400, description = "A bad parameter, named in `detail`", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No API key, or an unknown one (when keys are configured)", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key may not read this view", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such view", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is larger than 64 KiB", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The key is over its rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "Storage is unavailable, or the query routes are saturated or timed out", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "Seconds to wait"))),
-    ),
+    responses(crate::openapi::QueryAnswers),
     security((), ("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn query_post(

@@ -1,15 +1,21 @@
 //! The API's OpenAPI description, derived from the code: the query parameters from
 //! [`QueryParams`] itself, the routes from their handlers' `#[utoipa::path]` attributes, and the
 //! answers from the types below, which describe what [`crate::render`] prints and what
-//! [`crate::api`] lists. Served at `/openapi.json`; `docs/openapi.json` is its snapshot (a test
+//! [`crate::api`] lists; the refusals the routes share are listed once, in `IntoResponses`
+//! types. Served at `/openapi.json`; `docs/openapi.json` is its snapshot (a test
 //! keeps them equal, and `docs/api.md` naming every route and parameter).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use serde::Serialize;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::{IntoResponses, Modify, OpenApi, PartialSchema, ToSchema};
+
+use crate::error::PROBLEM_JSON;
+use crate::render::ARROW_STREAM;
 
 use crate::params::{Format, QueryParams};
 
@@ -167,6 +173,89 @@ pub struct ViewInfo {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ViewList {
     pub views: Vec<ViewInfo>,
+}
+
+/// A refusal's response: a problem body, with `Retry-After` on the statuses a client waits
+/// out (429, 503).
+fn refusal(status: u16, description: &str) -> (String, RefOr<Response>) {
+    let mut response = ResponseBuilder::new().description(description).content(
+        PROBLEM_JSON,
+        Content::new(Some(Ref::from_schema_name("Problem"))),
+    );
+    if matches!(status, 429 | 503) {
+        let seconds = HeaderBuilder::new()
+            .schema(<u32 as PartialSchema>::schema())
+            .description(Some("Seconds to wait"))
+            .build();
+        response = response.header("Retry-After", seconds);
+    }
+    (status.to_string(), response.build().into())
+}
+
+/// The refusals of every route that reads views.
+fn read_refusals() -> BTreeMap<String, RefOr<Response>> {
+    [
+        (
+            401,
+            "No API key, or an unknown one (when keys are configured)",
+        ),
+        (429, "The key is over its rate"),
+        (
+            503,
+            "Storage is unavailable, or the query routes are saturated or timed out",
+        ),
+    ]
+    .into_iter()
+    .map(|(status, description)| refusal(status, description))
+    .collect()
+}
+
+/// The refusals of a route that reads one view (`/v1/views/{view}...`).
+pub struct ViewRefusals;
+
+impl IntoResponses for ViewRefusals {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut out = read_refusals();
+        out.extend([
+            refusal(403, "The key may not read this view"),
+            refusal(404, "No such view"),
+        ]);
+        out
+    }
+}
+
+/// The refusals of `GET /v1/views`.
+pub struct ListRefusals;
+
+impl IntoResponses for ListRefusals {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        read_refusals()
+    }
+}
+
+/// The answers of the query routes (`GET` and `POST`): the answer in the format asked, or a
+/// refusal.
+pub struct QueryAnswers;
+
+impl IntoResponses for QueryAnswers {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let answer = ResponseBuilder::new()
+            .description("The answer, in the format asked (`format`, else `Accept`)")
+            .content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name("Answer"))),
+            )
+            .content("text/csv", Content::new(Some(String::schema())))
+            .content(ARROW_STREAM, Content::new(Some(<Vec<u8>>::schema())))
+            .build();
+        let mut out = ViewRefusals::responses();
+        out.extend([
+            ("200".to_string(), answer.into()),
+            refusal(400, "A bad parameter, named in `detail`"),
+            refusal(413, "The body is larger than 64 KiB"),
+        ]);
+        out
+    }
 }
 
 /// API keys: `Authorization: Bearer KEY` or `X-Api-Key: KEY`, when keys are configured.
