@@ -120,6 +120,9 @@ pub struct ApiFile {
     pub keys: Vec<KeyFile>,
     /// Serve without keys on a non-loopback address (behind a proxy that authenticates).
     pub allow_anonymous_remote: Option<bool>,
+    /// How many nice steps below the serving threads' CPU priority ingestion's threads run
+    /// (0-19; 0: the same priority, on the same runtime).
+    pub ingest_nice: Option<i32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +255,8 @@ pub struct Config {
     /// The API's keys, and whether it may serve without keys beyond loopback.
     pub api_keys: Vec<tandem_serving::auth::ApiKey>,
     pub allow_anonymous_remote: bool,
+    /// Nice steps between serving's threads and ingestion's (see `crate::ingest`).
+    pub ingest_nice: i32,
     /// How the scheduler runs views and jobs, and how often it looks.
     pub scheduler: tandem_batch::scheduler::SchedulerConfig,
     pub scheduler_interval: std::time::Duration,
@@ -446,6 +451,13 @@ impl Config {
             Some(0) => bail!("speed.max_state_keys must be at least 1"),
             Some(n) => given(n, file_key("speed.max_state_keys")),
             None => given(DEFAULT_MAX_STATE_KEYS, default.clone()),
+        };
+        let ingest_nice = match file.api.ingest_nice {
+            Some(n) if !(0..=19).contains(&n) => {
+                bail!("api.ingest_nice must be between 0 and 19 (Linux nice steps), not {n}")
+            }
+            Some(n) => given(n, file_key("api.ingest_nice")),
+            None => given(crate::ingest::DEFAULT_NICE, default.clone()),
         };
         let dedup_window = match file.speed.dedup_window_secs {
             Some(n) => given(n, file_key("speed.dedup_window_secs")),
@@ -642,6 +654,11 @@ impl Config {
             value: dedup_window.value.to_string(),
             from: dedup_window.describe(),
         });
+        settings.push(Setting {
+            key: "api.ingest_nice",
+            value: ingest_nice.value.to_string(),
+            from: ingest_nice.describe(),
+        });
         for (key, g) in [
             ("archive.flush_interval_ms", &flush_interval),
             ("archive.target_file_mb", &target_file_mb),
@@ -774,6 +791,7 @@ impl Config {
             scheduler_interval,
             api_keys,
             allow_anonymous_remote: file.api.allow_anonymous_remote.unwrap_or(false),
+            ingest_nice: ingest_nice.value,
             settings,
         })
     }
@@ -794,7 +812,15 @@ impl Config {
         })
     }
 
+    /// The runtime ingestion runs on in a process that also serves queries (`None`: the
+    /// caller's), see `crate::ingest`.
+    pub fn ingest_runtime(&self) -> Result<Option<tokio::runtime::Handle>> {
+        crate::ingest::runtime(self.ingest_nice)
+    }
+
     /// The consumers' settings: which to start is the role's choice.
+    /// (They run on the caller's runtime: a process that serves too sets `runtime` to
+    /// [`Self::ingest_runtime`].)
     pub fn consumer_options(&self, archive: bool, speed: bool) -> tandem_speed::ConsumerOptions {
         tandem_speed::ConsumerOptions {
             archive,

@@ -94,11 +94,12 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
             .context("no schema defined")?,
     );
 
-    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
-    cluster
-        .create_topic(&schema.topic, args.partitions, 1)
-        .context("creating the demo topic")?;
-    let brokers = cluster.bootstrap_servers();
+    // Ingestion (the consumers, the demo's broker and producer) runs below serving's CPU
+    // priority, as in `tandem run`; the broker's and the producer's threads inherit it from
+    // the thread that starts them.
+    let ingest = config.ingest_runtime()?;
+    let cluster = DemoBroker::start(config.ingest_nice, &schema.topic, args.partitions)?;
+    let brokers = cluster.brokers.clone();
     tracing::info!(%brokers, topic = %schema.topic, "mock Kafka cluster up");
 
     let auth = crate::roles::auth(&config, &catalog)?;
@@ -110,7 +111,10 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         Arc::clone(&clock),
         listen,
         crate::roles::admin_listen(&config, args.admin_port),
-        &config.consumer_options(true, true),
+        &tandem_speed::ConsumerOptions {
+            runtime: ingest.clone(),
+            ..config.consumer_options(true, true)
+        },
         auth,
     )
     .await?;
@@ -122,7 +126,12 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
         .context("archiver")?;
 
     // History: a file, or synthetic days before now, paced to what the mock broker keeps.
-    let producer = Arc::new(EventProducer::new(&brokers)?);
+    let producer = {
+        let brokers = brokers.clone();
+        Arc::new(crate::ingest::on_thread(config.ingest_nice, move || {
+            EventProducer::new(&brokers)
+        })??)
+    };
     let pace = Pace {
         archiver: Arc::clone(&archiver),
         speed: Arc::clone(
@@ -248,7 +257,7 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
             Arc::clone(&clock),
         );
         let rate = args.rate;
-        Some(tokio::spawn(async move {
+        let task = async move {
             let mut gen = Generator::new(GenConfig {
                 seed: args.seed.wrapping_add(1),
                 ..Default::default()
@@ -269,7 +278,11 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
                     }
                 }
             }
-        }))
+        };
+        Some(match &ingest {
+            Some(runtime) => runtime.spawn(task),
+            None => tokio::spawn(task),
+        })
     } else {
         None
     };
@@ -283,6 +296,59 @@ pub async fn run(global: &GlobalOpts, args: DemoArgs) -> Result<()> {
     drop(producer);
     drop(cluster);
     result
+}
+
+/// The demo's broker (librdkafka's mock cluster) with its topic, held by a thread of its own
+/// at ingestion's priority, which the cluster's threads inherit; it stops when this is dropped.
+struct DemoBroker {
+    brokers: String,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DemoBroker {
+    fn start(nice: i32, topic: &str, partitions: i32) -> Result<Self> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (up_tx, up) = std::sync::mpsc::channel::<Result<String>>();
+        let topic = topic.to_string();
+        let thread = crate::ingest::thread(nice, move || {
+            let cluster = MockCluster::new(1)
+                .context("starting the mock Kafka cluster")
+                .and_then(|c| {
+                    c.create_topic(&topic, partitions, 1)
+                        .context("creating the demo topic")?;
+                    Ok(c)
+                });
+            match cluster {
+                Ok(cluster) => {
+                    let _ = up_tx.send(Ok(cluster.bootstrap_servers()));
+                    // Until the demo drops its end.
+                    let _ = stopped.recv();
+                    drop(cluster);
+                }
+                Err(e) => {
+                    let _ = up_tx.send(Err(e));
+                }
+            }
+        })?;
+        let brokers = up
+            .recv()
+            .context("the mock Kafka cluster's thread ended before it started")??;
+        Ok(DemoBroker {
+            brokers,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for DemoBroker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Events produced between two looks at the consumers.

@@ -12,6 +12,7 @@ mod broker;
 mod config;
 mod defs;
 mod demo;
+mod ingest;
 mod produce;
 mod replay;
 mod roles;

@@ -518,8 +518,21 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long no Kafka broker may be reachable before the speed layer says it is not ready.
 const SPEED_BROKER_GRACE: Duration = Duration::from_secs(10);
 
+/// Spawns an ingestion task on ingestion's runtime (`None`: the caller's).
+pub fn spawn_ingest<F>(runtime: Option<&tokio::runtime::Handle>, task: F)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match runtime {
+        Some(runtime) => drop(runtime.spawn(task)),
+        None => drop(tokio::spawn(task)),
+    }
+}
+
 /// Starts the archiver and the speed layer of every schema, the pruning of the speed layer's
-/// covered buckets, and the API on `listen`.
+/// covered buckets, and the API on `listen`. Ingestion runs on `options.runtime` (see
+/// `crate::ingest`), the API on the caller's runtime.
 #[allow(clippy::too_many_arguments)] // the wiring of a process: each argument is one of its parts
 pub async fn start_all(
     catalog: &Arc<Catalog>,
@@ -577,14 +590,17 @@ pub async fn start_all(
     state.readiness = Arc::new(readiness);
     let state_batch = Arc::clone(&state.batch);
     // The speed layer drops what published batches cover, as serving sees the publishes.
-    tokio::spawn(tandem_speed::speed::prune_covered(
-        Arc::clone(&consumers.speed),
-        Arc::clone(&state.batch),
-        Arc::clone(catalog),
-        PRUNE_EVERY,
-        options.prune_grace,
-        backend.clone(),
-    ));
+    spawn_ingest(
+        options.runtime.as_ref(),
+        tandem_speed::speed::prune_covered(
+            Arc::clone(&consumers.speed),
+            Arc::clone(&state.batch),
+            Arc::clone(catalog),
+            PRUNE_EVERY,
+            options.prune_grace,
+            backend.clone(),
+        ),
+    );
     let server = tokio::spawn(serve_api(state, listener, admin, frontend.clone()));
     Ok(Running {
         address,
@@ -643,6 +659,7 @@ impl Running {
 /// `/metrics` and probes; no archiver).
 pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<()> {
     let (catalog, storage) = (catalog(config)?, Storage::new(config.layout.clone())?);
+    let ingest = config.ingest_runtime()?;
     if archive {
         // Upkeep on a schedule, beside the roles; a failed round is logged and tried again at
         // the next one (a collision with the archiver's commit is normal).
@@ -656,7 +673,7 @@ pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<
         for (every, job) in schedule {
             if let Some(every) = every {
                 let (catalog, storage) = (Arc::clone(&catalog), storage.clone());
-                tokio::spawn(async move {
+                spawn_ingest(ingest.as_ref(), async move {
                     let mut tick = tokio::time::interval(every);
                     tick.tick().await;
                     loop {
@@ -669,7 +686,9 @@ pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<
         // The scheduler of views and SQL jobs; their SQL is checked before anything starts.
         let scheduler = crate::batch::scheduler(config).await?;
         let every = config.scheduler_interval;
-        tokio::spawn(async move { scheduler.run_until(every, std::future::pending()).await });
+        spawn_ingest(ingest.as_ref(), async move {
+            scheduler.run_until(every, std::future::pending()).await
+        });
     }
     let auth = auth(config, &catalog)?;
     let listen = api_listen(config, &auth, args.listen(config));
@@ -680,7 +699,10 @@ pub async fn run_all(config: &Config, args: ServeArgs, archive: bool) -> Result<
         clock(),
         listen,
         args.admin_listen(config),
-        &config.consumer_options(archive, true),
+        &tandem_speed::ConsumerOptions {
+            runtime: ingest,
+            ..config.consumer_options(archive, true)
+        },
         auth,
     )
     .await?

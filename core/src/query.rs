@@ -266,6 +266,28 @@ pub struct RealtimeStatus {
     pub available: bool,
 }
 
+impl RealtimeStatus {
+    /// The worse of two statuses: each lag the larger, the stale partitions of both.
+    pub fn worst(mut self, other: RealtimeStatus) -> RealtimeStatus {
+        self.lag_ms = match (self.lag_ms, other.lag_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        for (p, lag) in other.partition_lag_ms {
+            let mine = self.partition_lag_ms.entry(p).or_insert(lag);
+            *mine = (*mine).max(lag);
+        }
+        for p in other.stale_partitions {
+            if !self.stale_partitions.contains(&p) {
+                self.stale_partitions.push(p);
+            }
+        }
+        self.stale_partitions.sort_unstable();
+        self.available &= other.available;
+        self
+    }
+}
+
 /// One served row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultRow {

@@ -5,13 +5,14 @@
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use datafusion::arrow::array::{Array, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::compute::interleave;
 use datafusion::arrow::datatypes::Schema;
 use tandem_core::query::{
-    too_many_groups, Coverage, QueryResult, ResultRow, ViewQuery, MAX_QUERY_GROUPS,
+    too_many_groups, Coverage, QueryResult, RealtimeStatus, ResultRow, ViewQuery, MAX_QUERY_GROUPS,
 };
 use tandem_core::traits::{BatchViews, RealtimeView};
 use tandem_core::view::ViewDef;
@@ -27,6 +28,11 @@ use crate::render::{to_arrow, JsonRows};
 #[derive(Debug)]
 pub struct Answered {
     pub result: QueryResult,
+    /// The speed layer's freshness read before its rows were: the rows hold at least what it
+    /// describes (what an answer served after newer events states, see [`Self::aged_status`]).
+    status: RealtimeStatus,
+    /// When the answer was computed.
+    pub computed_at: Instant,
     /// The Arrow batch (without the answer's metadata), once asked for.
     batch: OnceLock<RecordBatch>,
     settled: Arc<Settled>,
@@ -48,6 +54,18 @@ pub struct Answered {
 const MAX_SLICES: usize = 64;
 
 impl Answered {
+    /// The speed layer's freshness of this answer's rows, as of now: the status read before
+    /// they were, with each lag grown by the time since.
+    pub fn aged_status(&self) -> RealtimeStatus {
+        let age = i64::try_from(self.computed_at.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let mut status = self.status.clone();
+        status.lag_ms = status.lag_ms.map(|l| l.saturating_add(age));
+        for lag in status.partition_lag_ms.values_mut() {
+            *lag = lag.saturating_add(age);
+        }
+        status
+    }
+
     /// Bytes held, roughly, besides the settled part (the cache of those counts it).
     pub fn weight(&self) -> usize {
         // The Arrow batch, if it is built, holds about the rows' own Arrow size again.
@@ -303,6 +321,7 @@ pub fn answer(
     settled: &Arc<Settled>,
     speed: &dyn RealtimeView,
 ) -> Result<Answered, CoreError> {
+    let (status, computed_at) = (speed.status(), Instant::now());
     let fresh = speed_part(
         view,
         q,
@@ -367,6 +386,8 @@ pub fn answer(
     result.truncated = total > q.limit;
     Ok(Answered {
         result,
+        status,
+        computed_at,
         batch: OnceLock::new(),
         settled: Arc::clone(settled),
         fresh,

@@ -31,6 +31,7 @@ use crate::error::{problem, problem_bodies, ApiError};
 use crate::gzip::{self, Deflated};
 use crate::params::{Format, Params, QueryParams, MAX_LIMIT};
 use crate::render::{self, ARROW_STREAM};
+use crate::telemetry::Reuse;
 
 /// What the API serves from.
 #[derive(Debug, Clone)]
@@ -485,13 +486,22 @@ async fn run_query(
             true => Some(obtain(state, view, &totals_query(&q), &coverage, format, gzip).await?),
             false => None,
         };
-        let mut shown = answered.result.clone();
+        // The freshness of the rows sent: the speed layer's now, or an answer's own if it is
+        // behind it (both parts' worst, if both are).
+        let behind = [Some(&answered), totals.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|o| o.behind)
+            .map(|o| o.answered.aged_status())
+            .reduce(RealtimeStatus::worst);
+        let realtime = behind.unwrap_or_else(|| state.speed.status());
+        let mut shown = answered.answered.result.clone();
         shown.degraded.extend(degraded.map(str::to_string));
         render_answer(
-            &answered,
+            &answered.answered,
             &shown,
-            totals.as_deref(),
-            &state.speed.status(),
+            totals.as_ref().map(|t| t.answered.as_ref()),
+            &realtime,
             format,
             gzip,
         )
@@ -508,10 +518,20 @@ async fn run_query(
     result
 }
 
+/// An answer to send, and whether it was computed from older speed state than the newest
+/// (see `crate::cache`): its freshness is then its own, not the speed layer's of now.
+struct Obtained {
+    answered: Arc<Answered>,
+    behind: bool,
+}
+
 /// The answer of `q` (normalized) on `view` at `coverage`, ready to send in `format` (deflated
-/// too if `gzip`): a standing answer from the cache if it is ready, else one computed, or made
-/// ready, on a blocking thread. Answering is CPU work: it never holds the runtime's threads
-/// that ingestion's tasks run on (the concurrency limit bounds how many run at once).
+/// too if `gzip`): a standing answer from the cache if it is ready; else, while another
+/// request computes the answer of newer speed state, the newest one of the query (at most
+/// [`crate::cache::MAX_BEHIND`] old); else one computed, or made ready, on a blocking thread.
+/// So a client asking one query after another always gets the current state's answer, and
+/// requests that arrive during a computation never wait for it. Answering is CPU work: it
+/// never holds the runtime's threads (the concurrency limit bounds how many run at once).
 async fn obtain(
     state: &AppState,
     view: &Arc<ViewDef>,
@@ -519,54 +539,84 @@ async fn obtain(
     coverage: &Coverage,
     format: Format,
     gzip: bool,
-) -> Result<Arc<Answered>, ApiError> {
-    let key = state
-        .speed
-        .generation(view)
-        .map(|g| AnswerCache::key(view, q, coverage, g));
+) -> Result<Obtained, ApiError> {
+    let settled_key = AnswerCache::settled_key(view, q, coverage);
+    let generation = state.speed.generation(view);
+    let key = generation.map(|g| AnswerCache::at_generation(&settled_key, g));
     let ready = |a: &Answered| match format {
         Format::Json => !gzip || a.gzip_ready(),
         Format::Csv | Format::Arrow => a.batch_ready(),
     };
     if let Some(answered) = key.as_ref().and_then(|k| state.answers.get(k)) {
         if ready(&answered) {
-            state.metrics.telemetry.cached(true);
-            return Ok(answered);
+            state.metrics.telemetry.cached(Reuse::Hit);
+            return Ok(Obtained {
+                answered,
+                behind: false,
+            });
         }
     }
-    state.metrics.telemetry.cached(false);
+    if let (Some(g), Some(newest)) = (generation, state.answers.newest(&settled_key)) {
+        if ready(&newest.answered) && newest.generation >= g {
+            // Computed at this generation or a newer one (read after ours).
+            state.metrics.telemetry.cached(Reuse::Hit);
+            return Ok(Obtained {
+                answered: Arc::clone(&newest.answered),
+                behind: false,
+            });
+        }
+        // The first request to see newer speed state computes its answer; the others meanwhile
+        // take the newest one rather than wait.
+        if ready(&newest.answered) && newest.servable() && !newest.claim_refresh() {
+            state.metrics.telemetry.cached(Reuse::Behind);
+            return Ok(Obtained {
+                answered: Arc::clone(&newest.answered),
+                behind: true,
+            });
+        }
+    }
+    state.metrics.telemetry.cached(Reuse::Miss);
+    let answered = match generation {
+        Some(g) => compute(state, view, q, coverage, format, gzip, settled_key, g).await?,
+        None => compute_uncached(state, view, q, coverage, format, gzip).await?,
+    };
+    Ok(Obtained {
+        answered,
+        behind: false,
+    })
+}
+
+/// Computes the answer of `q` at speed `generation` (once however many ask at once), makes it
+/// ready for `format`, and records it as its query's newest.
+#[allow(clippy::too_many_arguments)] // the query and its keys, as `obtain` has them
+async fn compute(
+    state: &AppState,
+    view: &Arc<ViewDef>,
+    q: &ViewQuery,
+    coverage: &Coverage,
+    format: Format,
+    gzip: bool,
+    settled_key: String,
+    generation: u64,
+) -> Result<Arc<Answered>, ApiError> {
     let started = std::time::Instant::now();
     let (owned, view, q, coverage) = (state.clone(), Arc::clone(view), q.clone(), coverage.clone());
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let (batch, speed) = (owned.batch.as_ref(), owned.speed.as_ref());
-        let settled = owned
-            .answers
-            .settled(AnswerCache::settled_key(&view, &q, &coverage), || {
-                handle
-                    .block_on(Settled::compute(&view, &q, &coverage, batch))
-                    .map_err(ApiError::from)
-            })
-            .map_err(shared_error)?;
-        let compute =
-            || answer::answer(&view, &q, coverage.clone(), &settled, speed).map_err(ApiError::from);
-        let answered = match key {
-            Some(key) => owned
-                .answers
-                .get_or_compute(key, compute)
-                .map_err(shared_error)?,
-            None => Arc::new(compute()?),
+        let key = AnswerCache::at_generation(&settled_key, generation);
+        let settled = settled_part(&owned, &view, &q, &coverage, settled_key.clone(), &handle)?;
+        let compute = || {
+            answer::answer(&view, &q, coverage.clone(), &settled, owned.speed.as_ref())
+                .map_err(ApiError::from)
         };
-        // What sending needs is made here, not on the runtime's threads.
-        match format {
-            Format::Json if gzip => {
-                answered.gzip();
-            }
-            Format::Json => {}
-            Format::Csv | Format::Arrow => {
-                answered.batch()?;
-            }
-        }
+        let answered = owned
+            .answers
+            .get_or_compute(key, compute)
+            .map_err(shared_error)?;
+        make_ready(&answered, format, gzip)?;
+        owned
+            .answers
+            .set_newest(settled_key, generation, Arc::clone(&answered));
         owned
             .metrics
             .telemetry
@@ -575,6 +625,73 @@ async fn obtain(
     })
     .await
     .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
+}
+
+/// Computes the answer of `q` from a speed layer without generations (never reused).
+async fn compute_uncached(
+    state: &AppState,
+    view: &Arc<ViewDef>,
+    q: &ViewQuery,
+    coverage: &Coverage,
+    format: Format,
+    gzip: bool,
+) -> Result<Arc<Answered>, ApiError> {
+    let started = std::time::Instant::now();
+    let (owned, view, q, coverage) = (state.clone(), Arc::clone(view), q.clone(), coverage.clone());
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let settled_key = AnswerCache::settled_key(&view, &q, &coverage);
+        let settled = settled_part(&owned, &view, &q, &coverage, settled_key, &handle)?;
+        let answered = Arc::new(answer::answer(
+            &view,
+            &q,
+            coverage.clone(),
+            &settled,
+            owned.speed.as_ref(),
+        )?);
+        make_ready(&answered, format, gzip)?;
+        owned
+            .metrics
+            .telemetry
+            .computed(started.elapsed().as_secs_f64());
+        Ok(answered)
+    })
+    .await
+    .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
+}
+
+/// The batch's settled part of `q`, from the cache or computed (once however many ask). On a
+/// blocking thread: `handle` runs the batch side's reads.
+fn settled_part(
+    state: &AppState,
+    view: &ViewDef,
+    q: &ViewQuery,
+    coverage: &Coverage,
+    settled_key: String,
+    handle: &tokio::runtime::Handle,
+) -> Result<Arc<Settled>, ApiError> {
+    state
+        .answers
+        .settled(settled_key, || {
+            handle
+                .block_on(Settled::compute(view, q, coverage, state.batch.as_ref()))
+                .map_err(ApiError::from)
+        })
+        .map_err(shared_error)
+}
+
+/// Makes what sending `answered` in `format` needs, here rather than on the runtime's threads.
+fn make_ready(answered: &Answered, format: Format, gzip: bool) -> Result<(), ApiError> {
+    match format {
+        Format::Json if gzip => {
+            answered.gzip();
+        }
+        Format::Json => {}
+        Format::Csv | Format::Arrow => {
+            answered.batch()?;
+        }
+    }
+    Ok(())
 }
 
 /// The query of `q`'s totals: the same range, granularity and filters, no grouping, one row

@@ -17,7 +17,16 @@
 //! without generations whole answers are never cached. The cache is bounded by the
 //! bytes it holds ([`AnswerCache::new`]); an answer lives at most 10 s unused, a settled part
 //! two minutes.
+//!
+//! The first request that sees a new speed generation computes its answer; requests that
+//! arrive while it does are answered with the newest answer of the same query, batch version
+//! and definition ([`AnswerCache::newest`]) if it was computed at most [`MAX_BEHIND`] ago, with
+//! the freshness it was computed at (`meta.speed_lag_ms` grown by its age), and never wait.
+//! So new events never stall dashboards (each event otherwise made every request in flight
+//! wait for one recomputation); an answer is at most one recomputation behind the speed layer
+//! and never behind a publish; and one client asking again sees what it saw before, or newer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,20 +36,54 @@ use tandem_core::view::ViewDef;
 use crate::answer::{Answered, Settled};
 
 /// Answers, and the batch's settled parts of answers, by what they were computed from.
+/// Cloned with every request's state: one reference count.
 #[derive(Clone)]
-pub struct AnswerCache {
+pub struct AnswerCache(Arc<Caches>);
+
+struct Caches {
     answers: moka::sync::Cache<String, Arc<Answered>>,
     settled: moka::sync::Cache<String, Arc<Settled>>,
+    /// By settled key: the newest answer computed, at any speed generation.
+    newest: moka::sync::Cache<String, Arc<Newest>>,
 }
+
+/// The newest answer of a query at one batch version, and the speed generation it was
+/// computed at.
+#[derive(Debug)]
+pub struct Newest {
+    pub generation: u64,
+    pub answered: Arc<Answered>,
+    /// Whether the answer of a newer generation is being computed.
+    refreshing: AtomicBool,
+}
+
+impl Newest {
+    /// Whether the caller is the first to ask for the newer answer (and so computes it).
+    pub fn claim_refresh(&self) -> bool {
+        !self.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether it may still be served while a newer one is computed.
+    pub fn servable(&self) -> bool {
+        self.answered.computed_at.elapsed() <= MAX_BEHIND
+    }
+}
+
+/// How long after it was computed an answer may still be served while the answer of newer
+/// speed state is computed; past it, queries wait for the new one.
+pub const MAX_BEHIND: Duration = Duration::from_millis(500);
 
 impl std::fmt::Debug for AnswerCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AnswerCache")
-            .field("answers", &self.answers.entry_count())
-            .field("settled", &self.settled.entry_count())
+            .field("answers", &self.0.answers.entry_count())
+            .field("settled", &self.0.settled.entry_count())
+            .field("newest", &self.0.newest.entry_count())
             .field(
                 "bytes",
-                &(self.answers.weighted_size() + self.settled.weighted_size()),
+                &(self.0.answers.weighted_size()
+                    + self.0.settled.weighted_size()
+                    + self.0.newest.weighted_size()),
             )
             .finish()
     }
@@ -67,12 +110,18 @@ fn weight(bytes: usize) -> u32 {
 }
 
 impl AnswerCache {
-    /// A cache of at most `max_bytes` (0: nothing is cached), half for answers, half for
-    /// settled parts.
+    /// A cache of at most `max_bytes` (0: nothing is cached), half for settled parts, a
+    /// quarter for answers by generation and a quarter for the newest answers (which share
+    /// most of their rows with the former).
     pub fn new(max_bytes: u64) -> Self {
-        AnswerCache {
+        AnswerCache(Arc::new(Caches {
+            newest: moka::sync::Cache::builder()
+                .max_capacity(max_bytes / 4)
+                .weigher(|_, n: &Arc<Newest>| weight(n.answered.weight()))
+                .time_to_idle(IDLE)
+                .build(),
             answers: moka::sync::Cache::builder()
-                .max_capacity(max_bytes / 2)
+                .max_capacity(max_bytes / 4)
                 .weigher(|_, a: &Arc<Answered>| weight(a.weight()))
                 .time_to_idle(IDLE)
                 .build(),
@@ -81,7 +130,7 @@ impl AnswerCache {
                 .weigher(|_, s: &Arc<Settled>| weight(s.weight()))
                 .time_to_idle(SETTLED_IDLE)
                 .build(),
-        }
+        }))
     }
 
     /// The key of the batch's part of `q` on `view` at `coverage`. `q`'s range must be
@@ -96,12 +145,40 @@ impl AnswerCache {
     /// The key of `q` on `view` answered at `coverage` and speed `generation`. `q`'s range must
     /// be [`normalized`].
     pub fn key(view: &ViewDef, q: &ViewQuery, coverage: &Coverage, generation: u64) -> String {
-        format!("{}\u{1}{generation}", Self::settled_key(view, q, coverage))
+        Self::at_generation(&Self::settled_key(view, q, coverage), generation)
+    }
+
+    /// The key of the answer of `settled_key`'s query at speed `generation`.
+    pub fn at_generation(settled_key: &str, generation: u64) -> String {
+        format!("{settled_key}\u{1}{generation}")
     }
 
     /// The cached answer of `key`, if there is one.
     pub fn get(&self, key: &str) -> Option<Arc<Answered>> {
-        self.answers.get(key)
+        self.0.answers.get(key)
+    }
+
+    /// The newest answer of the query of `settled_key`, at any generation.
+    pub fn newest(&self, settled_key: &str) -> Option<Arc<Newest>> {
+        self.0.newest.get(settled_key)
+    }
+
+    /// Records `answered`, computed at `generation`, as the newest of its query unless a
+    /// newer one is recorded.
+    pub fn set_newest(&self, settled_key: String, generation: u64, answered: Arc<Answered>) {
+        let newer = self
+            .0
+            .newest
+            .get(&settled_key)
+            .is_some_and(|n| n.generation > generation);
+        if !newer {
+            let newest = Newest {
+                generation,
+                answered,
+                refreshing: AtomicBool::new(false),
+            };
+            self.0.newest.insert(settled_key, Arc::new(newest));
+        }
     }
 
     /// The cached answer of `key`, or the one `compute` makes (computed once however many
@@ -114,7 +191,7 @@ impl AnswerCache {
     where
         E: Send + Sync + 'static,
     {
-        self.answers.try_get_with(key, || compute().map(Arc::new))
+        self.0.answers.try_get_with(key, || compute().map(Arc::new))
     }
 
     /// The cached settled part of `key`, or the one `compute` makes (once, as
@@ -127,7 +204,7 @@ impl AnswerCache {
     where
         E: Send + Sync + 'static,
     {
-        self.settled.try_get_with(key, || compute().map(Arc::new))
+        self.0.settled.try_get_with(key, || compute().map(Arc::new))
     }
 }
 

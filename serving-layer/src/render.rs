@@ -133,8 +133,57 @@ pub fn json_head(result: &QueryResult, realtime: &RealtimeStatus) -> String {
     push_str(&mut out, &result.view);
     out.push_str(",\"granularity\":");
     push_str(&mut out, result.granularity.as_str());
-    let _ = write!(out, ",\"meta\":{},\"rows\":[", meta(result, realtime));
+    out.push_str(",\"meta\":");
+    write_meta(&mut out, result, realtime);
+    out.push_str(",\"rows\":[");
     out
+}
+
+/// [`meta`] printed into `out`: the same object with its keys in the same (sorted) order,
+/// without building a JSON value, as every request prints it.
+fn write_meta(out: &mut String, result: &QueryResult, realtime: &RealtimeStatus) {
+    fn number(out: &mut String, n: Option<impl std::fmt::Display>) {
+        match n {
+            Some(n) => {
+                let _ = write!(out, "{n}");
+            }
+            None => out.push_str("null"),
+        }
+    }
+    fn text(out: &mut String, t: Option<String>) {
+        match t {
+            Some(t) => push_str(out, &t),
+            None => out.push_str("null"),
+        }
+    }
+    let coverage = &result.coverage;
+    out.push_str("{\"batch_published_at\":");
+    text(out, coverage.published_us.map(format_us));
+    out.push_str(",\"batch_version\":");
+    number(out, coverage.version);
+    out.push_str(",\"covered_until\":");
+    text(out, coverage.covered_until_us().map(format_us));
+    out.push_str(",\"definition_hash\":");
+    push_str(out, &result.definition_hash);
+    out.push_str(",\"degraded\":[");
+    for (i, d) in result.degraded.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_str(out, d);
+    }
+    let _ = write!(out, "],\"speed_available\":{}", realtime.available);
+    out.push_str(",\"speed_lag_ms\":");
+    number(out, realtime.lag_ms);
+    out.push_str(",\"speed_lag_ms_by_partition\":{");
+    for (i, (p, lag)) in realtime.partition_lag_ms.iter().enumerate() {
+        let _ = write!(out, "{}\"{p}\":{lag}", if i > 0 { "," } else { "" });
+    }
+    out.push_str("},\"stale_partitions\":[");
+    for (i, p) in realtime.stale_partitions.iter().enumerate() {
+        let _ = write!(out, "{}{p}", if i > 0 { "," } else { "" });
+    }
+    let _ = write!(out, "],\"truncated\":{}}}", result.truncated);
 }
 
 /// What follows the rows in the JSON answer.
@@ -309,7 +358,7 @@ fn csv(batch: &RecordBatch, header: bool) -> Result<Vec<u8>, CoreError> {
     Ok(out)
 }
 
-fn push_str(out: &mut String, s: &str) {
+pub(crate) fn push_str(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "null".into()));
 }
 
@@ -376,6 +425,40 @@ mod tests {
     use tandem_core::query::{Coverage, RealtimeStatus, ResultRow, Source};
     use tandem_core::time::DAY_US;
     use tandem_core::view::Granularity;
+
+    /// The JSON head prints the same `meta` object as the Arrow metadata's, key for key
+    /// and in the same order, with and without each optional part.
+    #[test]
+    fn the_printed_meta_is_the_meta_value() {
+        let (_, mut result) = purchases();
+        let mut realtime = RealtimeStatus::default();
+        for step in 0..3 {
+            let head = json_head(&result, &realtime);
+            let printed = format!("{head}{JSON_TAIL}");
+            let expected = format!(
+                "{{\"view\":{},\"granularity\":{},\"meta\":{},\"rows\":[]}}",
+                json!(result.view),
+                json!(result.granularity.as_str()),
+                meta(&result, &realtime),
+            );
+            assert_eq!(printed, expected, "step {step}");
+            let _: Json = serde_json::from_str(&printed).unwrap();
+            // Then with every optional part, strings that need escaping among them.
+            result.coverage = Coverage {
+                version: Some(7),
+                days: [20_000, 20_001].into(),
+                published_us: Some(20_002 * DAY_US + 1_500),
+            };
+            result.degraded = vec!["the \"batch\" views\nare unreachable".into(), "x".into()];
+            result.truncated = step == 1;
+            realtime = RealtimeStatus {
+                lag_ms: Some(120),
+                partition_lag_ms: [(0, 120), (3, 7)].into(),
+                stale_partitions: vec![1, 2],
+                available: true,
+            };
+        }
+    }
 
     fn purchases() -> (tandem_core::Catalog, QueryResult) {
         let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -34,6 +34,17 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// The cache, computed from the current state.
+    Hit,
+    /// The cache, computed from older speed state while the current one's is computed.
+    Behind,
+    /// Computed for the request.
+    Miss,
+}
+
 /// The registry and the metrics in it.
 pub struct Telemetry {
     registry: Registry,
@@ -60,7 +71,7 @@ impl Default for Telemetry {
         let cache = Family::<CacheLabels, Counter>::default();
         registry.register(
             "answers",
-            "Query answers served from the answer cache (hit) or computed (miss)",
+            "Query answers served from the answer cache (hit), from it while the answer of newer speed state is computed (behind), or computed (miss)",
             cache.clone(),
         );
         let answer_seconds = latency_histogram();
@@ -79,11 +90,16 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
-    /// An answer came from the cache (`true`) or was computed.
-    pub fn cached(&self, hit: bool) {
+    /// Where an answer came from.
+    pub fn cached(&self, reuse: Reuse) {
+        let outcome = match reuse {
+            Reuse::Hit => "hit",
+            Reuse::Behind => "behind",
+            Reuse::Miss => "miss",
+        };
         self.cache
             .get_or_create(&CacheLabels {
-                outcome: if hit { "hit" } else { "miss" }.into(),
+                outcome: outcome.into(),
             })
             .inc();
     }

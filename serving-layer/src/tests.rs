@@ -753,13 +753,20 @@ struct CountingSpeed {
     state: std::sync::Mutex<(u64, Vec<(i64, u64)>)>,
     queries: std::sync::atomic::AtomicUsize,
     lag_ms: std::sync::atomic::AtomicI64,
+    /// While true, queries wait (a slow computation).
+    held: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
 }
 
 impl RealtimeView for CountingSpeed {
     fn query(&self, _: &ViewDef, q: &ViewQuery, _: &Coverage) -> tandem_core::Result<Vec<AggRow>> {
+        let hours = self.state.lock().unwrap().1.clone();
         self.queries
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let hours = self.state.lock().unwrap().1.clone();
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.released.wait(held).unwrap();
+        }
         Ok(rows(&hours, q)
             .into_iter()
             .filter(|r| q.in_range(r.bucket_us))
@@ -834,6 +841,76 @@ async fn answers_are_reused_only_while_their_batch_version_and_speed_state_stand
     // One more hour in range: other buckets, another answer.
     assert_eq!(ask(61).await.0, 106);
     assert_eq!(speed.queries.load(SeqCst), 4);
+}
+
+/// While one request computes the answer of newer speed state, the others get the newest
+/// answer at once, with the freshness it was computed at; the one that computes gets the new
+/// answer, and so does everyone after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_during_a_computation_get_the_newest_answer_with_its_own_freshness() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let d = DAY * DAY_US;
+    let batch = Arc::new(VersionedBatch(std::sync::Mutex::new((3, vec![(d, 10)]))));
+    let speed = Arc::new(CountingSpeed::default());
+    speed.state.lock().unwrap().1 = vec![(d + DAY_US, 5)];
+    let app = router(state(
+        Arc::clone(&batch) as Arc<dyn BatchViews>,
+        Arc::clone(&speed) as Arc<dyn RealtimeView>,
+    ));
+    let ask = |app: axum::Router| async move {
+        let to = (d + 2 * DAY_US) / 1000;
+        let uri =
+            format!("/v1/views/installs_hourly/query?from=2024-10-04&to={to}&metrics=installs");
+        let resp = app
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let total: u64 = v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["metrics"]["installs"].as_u64().unwrap())
+            .sum();
+        (total, v["meta"]["speed_lag_ms"].as_i64().unwrap())
+    };
+    speed.lag_ms.store(100, SeqCst);
+    assert_eq!(ask(app.clone()).await, (15, 100));
+
+    // An event applied (fresher now), and its answer slow to compute.
+    *speed.state.lock().unwrap() = (1, vec![(d + DAY_US, 5), (d + DAY_US + HOUR_US, 1)]);
+    speed.lag_ms.store(40, SeqCst);
+    *speed.held.lock().unwrap() = true;
+    let first = tokio::spawn(ask(app.clone()));
+    let started = std::time::Instant::now();
+    while speed.queries.load(SeqCst) < 2 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Meanwhile: the answer before the event, as fresh as it was (older now), not the speed
+    // layer's freshness of now.
+    let (total, lag) = ask(app.clone()).await;
+    assert_eq!(total, 15);
+    assert!(lag >= 100, "the older answer's own lag, aged: {lag}");
+    assert!(!first.is_finished());
+    *speed.held.lock().unwrap() = false;
+    speed.released.notify_all();
+    assert_eq!(first.await.unwrap(), (16, 40));
+    // From then on, the new answer, reused.
+    assert_eq!(ask(app.clone()).await, (16, 40));
+    assert_eq!(speed.queries.load(SeqCst), 2);
+    let metrics = app
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = metrics.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("tandem_api_answers_total{outcome=\"behind\"} 1"),
+        "{text}"
+    );
 }
 
 /// Rows of installs_hourly by (bucket, value, n): every group-by dimension takes `value`;

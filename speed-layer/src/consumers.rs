@@ -44,6 +44,10 @@ pub struct ConsumerOptions {
     pub max_state_keys: usize,
     /// Event time within which a repeated event id is dropped as a duplicate (zero: never).
     pub dedup_window: Duration,
+    /// The runtime the consumers run on (`None`: the caller's). A process that serves queries
+    /// gives ingestion a runtime of its own whose threads run at a lower CPU priority, so
+    /// that a commit or a checkpoint never holds up an answer.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for ConsumerOptions {
@@ -60,6 +64,7 @@ impl Default for ConsumerOptions {
             ready_max_lag: 100_000,
             max_state_keys: 10_000_000,
             dedup_window: Duration::from_secs(60),
+            runtime: None,
         }
     }
 }
@@ -87,6 +92,18 @@ pub struct Consumers {
     pub speed: Arc<SpeedLayers>,
     /// Each archiver's counters, by schema.
     pub archiver_stats: BTreeMap<String, Arc<ArchiverStats>>,
+}
+
+/// Spawns a consumer's task on the runtime `options` names, or the caller's.
+fn spawn<F>(tasks: &mut JoinSet<F::Output>, options: &ConsumerOptions, task: F)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match &options.runtime {
+        Some(runtime) => tasks.spawn_on(task, runtime),
+        None => tasks.spawn(task),
+    };
 }
 
 /// Starts the consumers `options` asks for, for every schema of `catalog`, until `shutdown`.
@@ -123,10 +140,11 @@ pub async fn start(
                 role: "archiver",
                 schema: name.clone(),
             };
-            tasks.spawn(async move {
+            let task = async move {
                 let r = kafka::run(&cfg, "archive", &topic, &mut archiver, tick, token).await;
                 (id, r)
-            });
+            };
+            spawn(&mut tasks, options, task);
         }
         if options.speed {
             let mut layer = SpeedLayer::new(catalog, name, Arc::clone(&clock))?
@@ -151,10 +169,11 @@ pub async fn start(
                 role: "speed layer",
                 schema: name.clone(),
             };
-            tasks.spawn(async move {
+            let task = async move {
                 let r = kafka::run(&cfg, "speed", &topic, &mut SpeedSink(layer), tick, token).await;
                 (id, r)
-            });
+            };
+            spawn(&mut tasks, options, task);
         }
     }
     Ok(Consumers {
