@@ -1066,6 +1066,8 @@ mod tests {
             "[archive]\nflush_rows = 0",
             "[archive]\ntarget_file_mb = 0",
             "[archive]\nflush_interval_ms = 0",
+            "[api]\ningest_nice = 20",
+            "[api]\ningest_nice = -1",
         ] {
             std::fs::write(&path, format!("{bad}\n")).unwrap();
             let err = Config::resolve(&parse(&["--config", path.to_str().unwrap()], &[]))

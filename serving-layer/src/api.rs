@@ -576,18 +576,26 @@ async fn obtain(
         }
     }
     state.metrics.telemetry.cached(Reuse::Miss);
-    let answered = match generation {
-        Some(g) => compute(state, view, q, coverage, format, gzip, settled_key, g).await?,
-        None => compute_uncached(state, view, q, coverage, format, gzip).await?,
-    };
+    let answered = compute(
+        state,
+        view,
+        q,
+        coverage,
+        format,
+        gzip,
+        settled_key,
+        generation,
+    )
+    .await?;
     Ok(Obtained {
         answered,
         behind: false,
     })
 }
 
-/// Computes the answer of `q` at speed `generation` (once however many ask at once), makes it
-/// ready for `format`, and records it as its query's newest.
+/// Computes the answer of `q` (its settled part's key `settled_key`), makes it ready for
+/// `format`, and, at a speed `generation`, computes it once however many ask at once and
+/// records it as its query's newest (without one, it is never reused).
 #[allow(clippy::too_many_arguments)] // the query and its keys, as `obtain` has them
 async fn compute(
     state: &AppState,
@@ -597,59 +605,30 @@ async fn compute(
     format: Format,
     gzip: bool,
     settled_key: String,
-    generation: u64,
+    generation: Option<u64>,
 ) -> Result<Arc<Answered>, ApiError> {
     let started = std::time::Instant::now();
     let (owned, view, q, coverage) = (state.clone(), Arc::clone(view), q.clone(), coverage.clone());
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let key = AnswerCache::at_generation(&settled_key, generation);
         let settled = settled_part(&owned, &view, &q, &coverage, settled_key.clone(), &handle)?;
         let compute = || {
             answer::answer(&view, &q, coverage.clone(), &settled, owned.speed.as_ref())
                 .map_err(ApiError::from)
         };
-        let answered = owned
-            .answers
-            .get_or_compute(key, compute)
-            .map_err(shared_error)?;
+        let answered = match generation {
+            Some(g) => owned
+                .answers
+                .get_or_compute(AnswerCache::at_generation(&settled_key, g), compute)
+                .map_err(shared_error)?,
+            None => Arc::new(compute()?),
+        };
         make_ready(&answered, format, gzip)?;
-        owned
-            .answers
-            .set_newest(settled_key, generation, Arc::clone(&answered));
-        owned
-            .metrics
-            .telemetry
-            .computed(started.elapsed().as_secs_f64());
-        Ok(answered)
-    })
-    .await
-    .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
-}
-
-/// Computes the answer of `q` from a speed layer without generations (never reused).
-async fn compute_uncached(
-    state: &AppState,
-    view: &Arc<ViewDef>,
-    q: &ViewQuery,
-    coverage: &Coverage,
-    format: Format,
-    gzip: bool,
-) -> Result<Arc<Answered>, ApiError> {
-    let started = std::time::Instant::now();
-    let (owned, view, q, coverage) = (state.clone(), Arc::clone(view), q.clone(), coverage.clone());
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        let settled_key = AnswerCache::settled_key(&view, &q, &coverage);
-        let settled = settled_part(&owned, &view, &q, &coverage, settled_key, &handle)?;
-        let answered = Arc::new(answer::answer(
-            &view,
-            &q,
-            coverage.clone(),
-            &settled,
-            owned.speed.as_ref(),
-        )?);
-        make_ready(&answered, format, gzip)?;
+        if let Some(g) = generation {
+            owned
+                .answers
+                .set_newest(settled_key, g, Arc::clone(&answered));
+        }
         owned
             .metrics
             .telemetry

@@ -785,6 +785,27 @@ impl RealtimeView for CountingSpeed {
     }
 }
 
+/// The installs of `installs_hourly` from 2024-10-04 to `to_ms`, summed over the answer's
+/// rows, and the answer's `speed_lag_ms`.
+async fn installs_and_lag(app: axum::Router, to_ms: i64) -> (u64, i64) {
+    let uri =
+        format!("/v1/views/installs_hourly/query?from=2024-10-04&to={to_ms}&metrics=installs");
+    let resp = app
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let total: u64 = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metrics"]["installs"].as_u64().unwrap())
+        .sum();
+    (total, v["meta"]["speed_lag_ms"].as_i64().unwrap())
+}
+
 /// An answer is reused while the batch version and the speed state it came from stand, and
 /// never after either changes; its freshness (`speed_lag_ms`) is always the request's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -802,26 +823,8 @@ async fn answers_are_reused_only_while_their_batch_version_and_speed_state_stand
         Arc::clone(&speed) as Arc<dyn RealtimeView>,
     ));
     let ask = |to_minute: i64| {
-        let app = app.clone();
-        async move {
-            let to = (d + DAY_US + 11 * HOUR_US) / 1000 + to_minute * 60_000;
-            let uri =
-                format!("/v1/views/installs_hourly/query?from=2024-10-04&to={to}&metrics=installs");
-            let resp = app
-                .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            let v: Value = serde_json::from_slice(&body).unwrap();
-            let total: u64 = v["rows"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["metrics"]["installs"].as_u64().unwrap())
-                .sum();
-            (total, v["meta"]["speed_lag_ms"].as_i64().unwrap())
-        }
+        let to = (d + DAY_US + 11 * HOUR_US) / 1000 + to_minute * 60_000;
+        installs_and_lag(app.clone(), to)
     };
     speed.lag_ms.store(100, SeqCst);
     assert_eq!(ask(1).await, (35, 100));
@@ -857,25 +860,7 @@ async fn requests_during_a_computation_get_the_newest_answer_with_its_own_freshn
         Arc::clone(&batch) as Arc<dyn BatchViews>,
         Arc::clone(&speed) as Arc<dyn RealtimeView>,
     ));
-    let ask = |app: axum::Router| async move {
-        let to = (d + 2 * DAY_US) / 1000;
-        let uri =
-            format!("/v1/views/installs_hourly/query?from=2024-10-04&to={to}&metrics=installs");
-        let resp = app
-            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        let total: u64 = v["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["metrics"]["installs"].as_u64().unwrap())
-            .sum();
-        (total, v["meta"]["speed_lag_ms"].as_i64().unwrap())
-    };
+    let ask = |app: axum::Router| installs_and_lag(app, (d + 2 * DAY_US) / 1000);
     speed.lag_ms.store(100, SeqCst);
     assert_eq!(ask(app.clone()).await, (15, 100));
 
