@@ -14,6 +14,7 @@ use tandem_core::Catalog;
 use tandem_serving::params::{Filters, Names, Scalar};
 use tandem_serving::{
     admin_router, router, ApiMetrics, AppState, Check, Format, QueryLimits, QueryParams, Readiness,
+    Shared,
 };
 use tandem_speed::{ConsumerName, ConsumerOptions, Consumers, KafkaConfig};
 use tokio::task::JoinSet;
@@ -423,7 +424,7 @@ pub fn app_state(
     clock: Arc<dyn Clock>,
     auth: Arc<tandem_serving::auth::Auth>,
 ) -> AppState {
-    AppState {
+    AppState::from(Shared {
         catalog,
         batch: Arc::new(DeltaBatchViews::new(storage.clone())),
         speed,
@@ -432,7 +433,7 @@ pub fn app_state(
         readiness: Default::default(),
         answers: Default::default(),
         auth,
-    }
+    })
 }
 
 /// A consumer's end as an error: every consumer runs until it is told to stop, so one that

@@ -33,9 +33,34 @@ use crate::params::{Format, Params, QueryParams, MAX_LIMIT};
 use crate::render::{self, ARROW_STREAM};
 use crate::telemetry::Reuse;
 
-/// What the API serves from.
+/// What the API serves from: [`Shared`], cloned with every request as one reference count.
+/// Its fields read through it; setting one before serving copies the references if the
+/// state is already shared.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl From<Shared> for AppState {
+    fn from(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AppState {
+    fn deref_mut(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Debug, Clone)]
+pub struct Shared {
     pub catalog: Arc<Catalog>,
     pub batch: Arc<dyn BatchViews>,
     pub speed: Arc<dyn RealtimeView>,
@@ -201,7 +226,9 @@ pub fn router_with(state: AppState, limits: QueryLimits) -> Router {
 
 /// Dashboards served from another origin (Grafana, Superset, a page of one's own) may read
 /// the API from the browser: any origin, `GET` and `POST`, any request header, no cookies (the
-/// API has none), preflights cached for an hour.
+/// API has none), preflights cached for an hour. Every CORS header is the same whatever the
+/// request's `Origin` and preflight headers (wildcards and a fixed list), so no response
+/// varies with them: no `Vary` for them (which would also cost each response a header).
 fn cors() -> tower_http::cors::CorsLayer {
     use tower_http::cors::{Any, CorsLayer};
     CorsLayer::new()
@@ -210,6 +237,7 @@ fn cors() -> tower_http::cors::CorsLayer {
         .allow_headers(Any)
         .expose_headers(Any)
         .max_age(Duration::from_secs(3600))
+        .vary([])
 }
 
 /// The admin routes alone: `/livez`, `/readyz` and `/metrics`, for a listener of their own,

@@ -31,7 +31,7 @@ mod tests;
 
 pub use api::{
     admin_router, router, router_with, ApiMetrics, AppState, Check, MetricsSource, QueryLimits,
-    Readiness,
+    Readiness, Shared,
 };
 pub use error::ApiError;
 pub use params::{Format, QueryParams};

@@ -158,12 +158,13 @@ impl From<&str> for Scalar {
     }
 }
 
-/// Names as a comma list or a list.
+/// Names as a comma list or a list. (The comma list is tried first: a query string's every
+/// value is text, and an untagged variant that does not match costs an error's message.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Names {
-    List(Vec<String>),
     Comma(String),
+    List(Vec<String>),
 }
 
 impl Names {

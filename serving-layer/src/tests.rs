@@ -93,7 +93,7 @@ impl RealtimeView for FakeSpeed {
 
 /// The API's state over `batch` and `speed`, at `NOW`, without keys.
 fn state(batch: Arc<dyn BatchViews>, speed: Arc<dyn RealtimeView>) -> AppState {
-    AppState {
+    AppState::from(crate::Shared {
         catalog: catalog(),
         batch,
         speed,
@@ -102,7 +102,7 @@ fn state(batch: Arc<dyn BatchViews>, speed: Arc<dyn RealtimeView>) -> AppState {
         readiness: Default::default(),
         answers: Default::default(),
         auth: Default::default(),
-    }
+    })
 }
 
 fn app() -> axum::Router {
@@ -671,19 +671,17 @@ async fn queries_beyond_the_limits_are_refused_with_503_and_the_probes_still_ans
 async fn readyz_reports_every_failing_check() {
     let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flag = Arc::clone(&failing);
-    let state = AppState {
-        readiness: Arc::new(crate::Readiness::default().with(
-            "archiver `app_events`",
-            Box::new(move || {
-                flag.load(std::sync::atomic::Ordering::Relaxed)
-                    .then(|| "no commit for 31 s with 5 messages pending".to_string())
-            }),
-        )),
-        ..state(
-            Arc::new(FakeBatch(Vec::new(), BTreeSet::new())),
-            Arc::new(FakeSpeed(Vec::new())),
-        )
-    };
+    let mut state = state(
+        Arc::new(FakeBatch(Vec::new(), BTreeSet::new())),
+        Arc::new(FakeSpeed(Vec::new())),
+    );
+    state.readiness = Arc::new(crate::Readiness::default().with(
+        "archiver `app_events`",
+        Box::new(move || {
+            flag.load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| "no commit for 31 s with 5 messages pending".to_string())
+        }),
+    ));
     // The admin listener's routes tell the same.
     let admin = crate::admin_router(state.clone(), Default::default());
     let app = router(state);
@@ -1456,6 +1454,11 @@ async fn dashboards_on_another_origin_may_read_the_api() {
     let resp = app().oneshot(get).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    // The same whatever the origin: nothing varies with it.
+    assert!(resp
+        .headers()
+        .get("vary")
+        .is_none_or(|v| !v.to_str().unwrap().contains("origin")));
 }
 
 #[tokio::test]

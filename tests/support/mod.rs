@@ -26,7 +26,7 @@ use tandem_core::storage::Storage;
 use tandem_core::time::{format_us, Clock, MockClock};
 use tandem_core::view::{Granularity, DAY_US};
 use tandem_core::Catalog;
-use tandem_serving::{router, ApiMetrics, AppState};
+use tandem_serving::{router, ApiMetrics, AppState, Shared};
 use tandem_speed::{
     ArchiverConfig, ArchiverStats, ConsumerName, ConsumerOptions, KafkaConfig, SpeedLayer,
 };
@@ -316,7 +316,7 @@ impl Harness {
 
     /// The API with these keys.
     pub fn router_with_auth(&self, auth: Arc<tandem_serving::auth::Auth>) -> axum::Router {
-        router(AppState {
+        router(AppState::from(Shared {
             catalog: Arc::clone(&self.catalog),
             batch: Arc::new(
                 DeltaBatchViews::new(self.storage.clone()).with_refresh(Duration::ZERO),
@@ -327,7 +327,7 @@ impl Harness {
             readiness: Default::default(),
             answers: Default::default(),
             auth,
-        })
+        }))
     }
 
     pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
