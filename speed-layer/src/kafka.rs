@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::FutureExt as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
@@ -391,7 +392,13 @@ pub async fn run<S: BatchSink>(
                 }
                 let deadline = tokio::time::Instant::now() + config.batch_wait;
                 while batch.len() < config.max_batch {
-                    match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    // A message already fetched is taken without arming a timer (one per
+                    // message otherwise); the wait for the next one is bounded by the deadline.
+                    let next = match consumer.recv().now_or_never() {
+                        Some(r) => Ok(r),
+                        None => tokio::time::timeout_at(deadline, consumer.recv()).await,
+                    };
+                    match next {
                         Ok(Ok(m)) => batch.push(m.partition(), m.offset(), m.timestamp().to_millis(), m.payload()),
                         Ok(Err(e)) => {
                             tracing::warn!(group, topic, error = %e, "kafka receive failed");
