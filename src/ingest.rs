@@ -18,15 +18,15 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use tokio::runtime::Handle;
 
-/// The default nice value of ingestion's threads.
+/// How many nice steps below serving's threads ingestion's run by default.
 pub const DEFAULT_NICE: i32 = 10;
 
 /// The ingestion runtime, once started (it lives as long as the process).
 static RUNTIME: Mutex<Option<Handle>> = Mutex::new(None);
 
-/// The runtime ingestion runs on, `nice` (0-19) steps below the caller's priority: `None` for 0, which means the caller's own
-/// runtime; else a multi-threaded runtime with as many workers as cores, started on the first
-/// call (later calls get the same one, whatever their `nice`).
+/// The runtime ingestion runs on, `nice` (0-19) steps below the caller's priority: `None` for
+/// 0, which means the caller's own runtime; else a multi-threaded runtime with as many workers
+/// as cores, started on the first call (later calls get the same one, whatever their `nice`).
 pub fn runtime(nice: i32) -> Result<Option<Handle>> {
     if nice == 0 {
         return Ok(None);
