@@ -24,6 +24,24 @@ pub const DEFAULT_NICE: i32 = 10;
 /// The ingestion runtime, once started (it lives as long as the process).
 static RUNTIME: Mutex<Option<Handle>> = Mutex::new(None);
 
+/// The runtime of answer computations, once started.
+static COMPUTE: Mutex<Option<Handle>> = Mutex::new(None);
+
+/// Nice steps between the threads that send answers and the ones that compute them.
+pub const COMPUTE_NICE: i32 = 5;
+
+/// The runtime on whose blocking threads a server computes answers, [`COMPUTE_NICE`] steps
+/// below the caller (`None` if it cannot start: the serving runtime's own then).
+pub fn compute_runtime() -> Option<Handle> {
+    match lowered(&COMPUTE, "tandem-compute", COMPUTE_NICE) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "answers are computed at serving's priority");
+            None
+        }
+    }
+}
+
 /// The runtime ingestion runs on, `nice` (0-19) steps below the caller's priority: `None` for
 /// 0, which means the caller's own runtime; else a multi-threaded runtime with as many workers
 /// as cores, started on the first call (later calls get the same one, whatever their `nice`).
@@ -31,22 +49,28 @@ pub fn runtime(nice: i32) -> Result<Option<Handle>> {
     if nice == 0 {
         return Ok(None);
     }
-    let mut started = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+    lowered(&RUNTIME, "tandem-ingest", nice).map(Some)
+}
+
+/// The runtime of `slot`, started on the first call with threads named `name`, `nice` steps
+/// below the caller.
+fn lowered(slot: &Mutex<Option<Handle>>, name: &str, nice: i32) -> Result<Handle> {
+    let mut started = slot.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = started.as_ref() {
-        return Ok(Some(handle.clone()));
+        return Ok(handle.clone());
     }
     let target = below_caller(nice);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("tandem-ingest")
+        .thread_name(name)
         .on_thread_start(move || lower_priority(target))
         .build()
-        .context("starting ingestion's runtime")?;
+        .with_context(|| format!("starting the runtime {name}"))?;
     // Never dropped: its tasks run until the process ends, and a runtime cannot be dropped
     // from within another one's task.
     let handle = Box::leak(Box::new(runtime)).handle().clone();
     *started = Some(handle.clone());
-    Ok(Some(handle))
+    Ok(handle)
 }
 
 /// Starts `f` on a new thread at ingestion's priority, `nice` steps below the caller's: for

@@ -433,6 +433,7 @@ pub fn app_state(
         readiness: Default::default(),
         answers: Default::default(),
         auth,
+        compute: crate::ingest::compute_runtime(),
     })
 }
 

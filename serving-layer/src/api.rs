@@ -72,6 +72,11 @@ pub struct Shared {
     pub answers: AnswerCache,
     /// API keys and their scopes (none: every request is served).
     pub auth: Arc<crate::auth::Auth>,
+    /// The runtime on whose blocking threads answers are computed (`None`: the serving
+    /// runtime's own). A server gives them threads of a lower CPU priority than the ones
+    /// that send answers, so that a computation (a heavy query, or the answer of new events)
+    /// never slows the requests answered from the cache.
+    pub compute: Option<tokio::runtime::Handle>,
 }
 
 /// A readiness check: `Some(reason)` while what it watches is not ready.
@@ -637,8 +642,8 @@ async fn compute(
 ) -> Result<Arc<Answered>, ApiError> {
     let started = std::time::Instant::now();
     let (owned, view, q, coverage) = (state.clone(), Arc::clone(view), q.clone(), coverage.clone());
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
+    let work = move || {
+        let handle = tokio::runtime::Handle::current();
         let settled = settled_part(&owned, &view, &q, &coverage, settled_key.clone(), &handle)?;
         let compute = || {
             answer::answer(&view, &q, coverage.clone(), &settled, owned.speed.as_ref())
@@ -662,7 +667,11 @@ async fn compute(
             .telemetry
             .computed(started.elapsed().as_secs_f64());
         Ok(answered)
-    })
+    };
+    match &state.compute {
+        Some(runtime) => runtime.spawn_blocking(work),
+        None => tokio::task::spawn_blocking(work),
+    }
     .await
     .map_err(|e| tandem_core::CoreError::Internal(format!("a query task failed: {e}")))?
 }

@@ -102,6 +102,7 @@ fn state(batch: Arc<dyn BatchViews>, speed: Arc<dyn RealtimeView>) -> AppState {
         readiness: Default::default(),
         answers: Default::default(),
         auth: Default::default(),
+        compute: None,
     })
 }
 

@@ -327,6 +327,7 @@ impl Harness {
             readiness: Default::default(),
             answers: Default::default(),
             auth,
+            compute: None,
         }))
     }
 
