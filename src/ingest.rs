@@ -146,7 +146,7 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn ingestion_runs_below_serving_and_serving_keeps_its_priority() {
+    async fn ingestion_and_computations_run_below_serving_and_serving_keeps_its_priority() {
         let before = own_nice();
         let ingest = runtime(DEFAULT_NICE)
             .unwrap()
@@ -172,5 +172,10 @@ mod tests {
         assert_eq!(tokio::task::spawn_blocking(own_nice).await.unwrap(), before);
         // Nice 0 means the caller's runtime.
         assert!(runtime(0).unwrap().is_none());
+        // Answers are computed between the two.
+        let compute = compute_runtime().expect("a runtime for computations");
+        let computing = compute.spawn_blocking(own_nice).await.unwrap();
+        assert_eq!(computing, (before + COMPUTE_NICE).min(19));
+        assert!(computing < on_worker || on_worker == 19);
     }
 }
