@@ -33,7 +33,8 @@ pub const COMPUTE_NICE: i32 = 5;
 /// The runtime on whose blocking threads a server computes answers, [`COMPUTE_NICE`] steps
 /// below the caller (`None` if it cannot start: the serving runtime's own then).
 pub fn compute_runtime() -> Option<Handle> {
-    match lowered(&COMPUTE, "tandem-compute", COMPUTE_NICE) {
+    // Only its blocking threads work: one worker is enough.
+    match lowered(&COMPUTE, "tandem-compute", COMPUTE_NICE, Some(1)) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "answers are computed at serving's priority");
@@ -49,18 +50,27 @@ pub fn runtime(nice: i32) -> Result<Option<Handle>> {
     if nice == 0 {
         return Ok(None);
     }
-    lowered(&RUNTIME, "tandem-ingest", nice).map(Some)
+    lowered(&RUNTIME, "tandem-ingest", nice, None).map(Some)
 }
 
 /// The runtime of `slot`, started on the first call with threads named `name`, `nice` steps
-/// below the caller.
-fn lowered(slot: &Mutex<Option<Handle>>, name: &str, nice: i32) -> Result<Handle> {
+/// below the caller, and `workers` worker threads (`None`: one a core).
+fn lowered(
+    slot: &Mutex<Option<Handle>>,
+    name: &str,
+    nice: i32,
+    workers: Option<usize>,
+) -> Result<Handle> {
     let mut started = slot.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = started.as_ref() {
         return Ok(handle.clone());
     }
     let target = below_caller(nice);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    let runtime = builder
         .enable_all()
         .thread_name(name)
         .on_thread_start(move || lower_priority(target))

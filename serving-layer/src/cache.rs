@@ -142,12 +142,6 @@ impl AnswerCache {
         )
     }
 
-    /// The key of `q` on `view` answered at `coverage` and speed `generation`. `q`'s range must
-    /// be [`normalized`].
-    pub fn key(view: &ViewDef, q: &ViewQuery, coverage: &Coverage, generation: u64) -> String {
-        Self::at_generation(&Self::settled_key(view, q, coverage), generation)
-    }
-
     /// The key of the answer of `settled_key`'s query at speed `generation`.
     pub fn at_generation(settled_key: &str, generation: u64) -> String {
         format!("{settled_key}\u{1}{generation}")
