@@ -32,14 +32,15 @@ from=$(( ($(date +%s) - 7 * 86400) * 1000 ))
 bench_url="$base/v1/views/installs_hourly/query?from=$from&group_by=media_source"
 heavy_url="$base/v1/views/installs_hourly/query?from=$from&group_by=app_id,media_source,campaign,country"
 commits() { ls "$work/data/master/app_events/_delta_log" | grep -c '\.json$'; }
+# The benchmark query's p99, as is and gzipped (as dashboards ask).
 p99() {
-  taskset -c 1 wrk -t1 -c50 -d"$1s" --latency "$bench_url" |
+  taskset -c 1 wrk -t1 -c50 -d"$1s" -H "Accept-Encoding: ${2:-identity}" --latency "$bench_url" |
     awk '$1 == "99%" {p = $2} /Requests\/sec/ {r = $2} /Non-2xx|Socket errors/ {e = e $0 "; "}
          END {printf "p99 %s, %s req/s %s\n", p, r, e}'
 }
 rss() { echo "$(( $(awk '/VmRSS/ {print $2}' "/proc/$server/status") / 1024 )) MiB"; }
 
-echo "before: $(p99 10); resident $(rss); master commits $(commits)"
+echo "before: gzip $(p99 10 gzip); as is $(p99 10); resident $(rss); master commits $(commits)"
 
 # 1,100 idle connections and 500 slow clients (a header line every 5 s; a chunked body that
 # never ends), each reconnecting when the server closes it.
@@ -100,4 +101,4 @@ echo "heavy queries: $(awk '/requests in/ {print $1 " answered"} /Non-2xx/ {prin
 cat "$work/clients.out"
 echo "master commits during the abuse: $(( $(commits) - start_commits ))"
 sleep 5
-echo "after: $(p99 10); resident $(rss); readyz $(curl -s -m 3 "$admin/readyz")"
+echo "after: gzip $(p99 10 gzip); as is $(p99 10); resident $(rss); readyz $(curl -s -m 3 "$admin/readyz")"

@@ -7,7 +7,11 @@
 # rows, `rollup=base`: sums of the stored per-row counts; it cannot merge the DataSketches),
 # one client, for the ratio.
 #
-#   [RATE=live events/s, default 200] bench/serving_load.sh [DAYS] [SECONDS] [CONNECTIONS]
+#   [RATE=live events/s, default 200] [WINDOW=days asked, default 7] \
+#     bench/serving_load.sh [DAYS of history] [SECONDS] [CONNECTIONS]
+#
+# The queries ask the last WINDOW days (a week, as the dashboards' panel does) whatever the
+# history; with more history than that, the whole history is asked once more at the end.
 #
 # Needs: a release build (cargo build --release), wrk (Debian: wrk), python3 with duckdb
 # (pip install duckdb).
@@ -25,10 +29,12 @@ command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; 
 work="$(mktemp -d)"
 trap 'kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 start_demo "$work" --history-days "$days" --rate "${RATE:-200}"
-from=$(( ($(date +%s) - days * 86400) * 1000 ))
+window="${WINDOW:-7}"
+[ "$window" -le "$days" ] || window="$days"
+from=$(( ($(date +%s) - window * 86400) * 1000 ))
 url="$base/v1/views/installs_hourly/query?from=$from&group_by=media_source"
 rows=$(curl -s "$url" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rows"]))')
-echo "demo: $days days of history; the query answers $rows rows"
+echo "demo: $days days of history; the $window-day query answers $rows rows"
 rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
 echo "tandem resident memory before the load: $((rss_kb / 1024)) MiB"
 
@@ -57,6 +63,12 @@ for dim in app_id campaign country; do
   load "by $dim, hourly, all metrics" "$q&group_by=$dim" 10
 done
 load "totals, hourly" "$q" 10
+if [ "$days" -gt "$window" ]; then
+  all="$base/v1/views/installs_hourly/query?from=$(( ($(date +%s) - days * 86400) * 1000 ))"
+  load "all $days days by media_source, hourly" "$all&group_by=media_source" 10
+  ENCODING=gzip load "all $days days by media_source, hourly, gzip" "$all&group_by=media_source" 10
+  ENCODING=gzip load "all $days days by media_source, daily, gzip" "$all&group_by=media_source&granularity=day" 10
+fi
 rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$server/status")
 echo "tandem resident memory after the load: $((rss_kb / 1024)) MiB"
 echo "the master dataset's commits so far: $(ls "$work/data/master/app_events/_delta_log" | grep -c json)"

@@ -8,9 +8,9 @@
 //! answered. [`answer`] builds answers from the batch's settled part, printed once per batch
 //! version, and the speed's rows; [`cache`] keeps both while what they came from stands.
 //! [`render`] prints the answer as JSON, CSV or Arrow from one Arrow batch. [`api`] is the axum
-//! router around them; [`auth`] checks API keys and scopes tenants; [`telemetry`] keeps its
-//! Prometheus histograms; [`error`] turns every error into a problem body; [`openapi`]
-//! describes it all at `/openapi.json`. The layers are reached only through core's
+//! router around them and [`server`] the connections' loop that serves it; [`auth`] checks
+//! API keys and scopes tenants; [`telemetry`] keeps its Prometheus histograms; [`error`] turns
+//! every error into a problem body; [`openapi`] describes it all at `/openapi.json`. The layers are reached only through core's
 //! `BatchViews` and `RealtimeView` traits.
 
 pub mod answer;
@@ -24,6 +24,7 @@ pub mod merge;
 pub mod openapi;
 pub mod params;
 pub mod render;
+pub mod server;
 pub mod telemetry;
 
 #[cfg(test)]
