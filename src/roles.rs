@@ -338,16 +338,18 @@ pub fn app_state(
     clock: Arc<dyn Clock>,
     auth: Arc<tandem_serving::auth::Auth>,
 ) -> AppState {
+    // Loading a publish is a computation too: on the computations' runtime, below serving.
+    let compute = crate::ingest::compute_runtime();
     AppState::from(Shared {
         catalog,
-        batch: Arc::new(DeltaBatchViews::new(storage.clone())),
+        batch: Arc::new(DeltaBatchViews::new(storage.clone()).with_runtime(compute.clone())),
         speed,
         clock,
         metrics: Arc::new(ApiMetrics::default()),
         readiness: Default::default(),
         answers: Default::default(),
         auth,
-        compute: crate::ingest::compute_runtime(),
+        compute,
     })
 }
 

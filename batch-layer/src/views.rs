@@ -4,11 +4,17 @@
 //! rows sorted by bucket, dimension values dictionary-encoded, metric states (sketches
 //! included) deserialised once; the view's rollups (published in the same commit) likewise.
 //! A query is answered from the smallest of the view's rows and the rollups that answer it
-//! exactly; it filters and groups those rows, and never reads Parquet or parses a sketch. Whether a newer version was published is checked at most once per
-//! `refresh` interval per view, by one task at a time, off the request path: requests answer
-//! from the loaded version meanwhile, so a slow store or a burst of queries never piles up on
-//! the Delta log. (With a zero interval the check is made on every request, before answering:
-//! for tests that publish and query in one breath.)
+//! exactly; it filters and groups those rows, and never reads Parquet or parses a sketch.
+//!
+//! Whether a newer version was published is checked at most once per `refresh` interval per
+//! view, by one task at a time, off the request path: requests answer from the loaded version
+//! meanwhile, so a slow store or a burst of queries never piles up on the Delta log. The check
+//! looks for the commit after the loaded one (one object), and loads the table's log whole
+//! only when that commit exists or at least every [`WHOLE_LOOK`]. The checks and the loads run
+//! on the runtime given with [`DeltaBatchViews::with_runtime`] (a server's lower-priority one,
+//! so that loading a publish does not take the core from the requests). (With a zero interval
+//! the check is made on every request, before answering: for tests that publish and query in
+//! one breath.)
 //!
 //! Coverage and rows come from one loaded version, so a query never mixes two publishes: the
 //! coverage a query was given names its version, and the rows are read from that version (the
@@ -38,6 +44,10 @@ use crate::rollup::Dictionary;
 /// it.
 const KEPT_VERSIONS: usize = 2;
 
+/// The longest a view goes without its log loaded whole: a table replaced under the same
+/// name (its versions started over) is noticed within it.
+const WHOLE_LOOK: Duration = Duration::from_secs(60);
+
 /// Published batch views in Delta tables, loaded into memory per version.
 #[derive(Debug)]
 pub struct DeltaBatchViews {
@@ -46,6 +56,8 @@ pub struct DeltaBatchViews {
     refresh: Duration,
     /// The most grouped rows one query may hold.
     max_groups: usize,
+    /// Where the background checks and loads run (`None`: the caller's runtime).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// One view's loaded versions and the single flight that refreshes them.
@@ -55,8 +67,9 @@ struct Slot {
     storage: Storage,
     /// Newest first.
     versions: Mutex<VecDeque<Arc<Loaded>>>,
-    /// When the log was last looked at.
+    /// When the log was last looked at, and last loaded whole.
     checked: Mutex<Option<Instant>>,
+    whole: Mutex<Option<Instant>>,
     /// Held by the one task that reads the log and loads a version.
     loading: Arc<tokio::sync::Mutex<()>>,
     /// Why the last look at the log failed, if it did.
@@ -95,7 +108,14 @@ impl DeltaBatchViews {
             slots: Mutex::new(HashMap::new()),
             refresh: Duration::from_secs(1),
             max_groups: MAX_QUERY_GROUPS,
+            runtime: None,
         }
+    }
+
+    /// Runs the background checks and loads on `runtime` instead of the caller's.
+    pub fn with_runtime(mut self, runtime: Option<tokio::runtime::Handle>) -> Self {
+        self.runtime = runtime;
+        self
     }
 
     /// The most grouped rows one query may hold before its limit applies (default
@@ -130,7 +150,7 @@ impl DeltaBatchViews {
         match slot.newest() {
             Some(loaded) if !slot.due(self.refresh) => Ok(loaded),
             Some(loaded) if !self.refresh.is_zero() => {
-                Slot::refresh_in_background(Arc::clone(&slot));
+                Slot::refresh_in_background(Arc::clone(&slot), self.runtime.as_ref());
                 Ok(loaded)
             }
             _ => slot.refresh().await,
@@ -164,6 +184,7 @@ impl Slot {
             storage,
             versions: Mutex::new(VecDeque::new()),
             checked: Mutex::new(None),
+            whole: Mutex::new(None),
             loading: Arc::new(tokio::sync::Mutex::new(())),
             failure: Mutex::new(None),
         }
@@ -184,16 +205,20 @@ impl Slot {
             .is_none_or(|t| t.elapsed() >= refresh)
     }
 
-    fn refresh_in_background(slot: Arc<Slot>) {
+    fn refresh_in_background(slot: Arc<Slot>, runtime: Option<&tokio::runtime::Handle>) {
         let Ok(guard) = Arc::clone(&slot.loading).try_lock_owned() else {
             return; // A refresh is under way.
         };
-        tokio::spawn(async move {
+        let refresh = async move {
             if let Err(e) = slot.refresh_locked().await {
                 tracing::warn!(view = %slot.view.name, error = %e, "refreshing a batch view failed; serving the loaded version");
             }
             drop(guard);
-        });
+        };
+        match runtime {
+            Some(runtime) => drop(runtime.spawn(refresh)),
+            None => drop(tokio::spawn(refresh)),
+        }
     }
 
     /// Looks at the log and loads a newer version, if any; one caller at a time.
@@ -210,9 +235,24 @@ impl Slot {
 
     async fn look(&self) -> Result<Arc<Loaded>, BatchError> {
         let url = self.storage.layout().view(&self.view.name);
+        // The loaded version stands while its next commit does not exist.
+        let newest = self.newest();
+        if let Some(version) = newest.as_ref().and_then(|n| n.published.coverage.version) {
+            let recent = self
+                .whole
+                .lock()
+                .expect("whole lock")
+                .is_some_and(|t| t.elapsed() < WHOLE_LOOK);
+            if recent && !self.storage.has_commit(&url, version + 1).await? {
+                *self.checked.lock().expect("checked lock") = Some(Instant::now());
+                return Ok(newest.expect("a loaded version"));
+            }
+        }
         let table = self.storage.open(&url).await?;
         let version = table.as_ref().and_then(|t| t.version()).map(|v| v as i64);
-        *self.checked.lock().expect("checked lock") = Some(Instant::now());
+        let now = Instant::now();
+        *self.checked.lock().expect("checked lock") = Some(now);
+        *self.whole.lock().expect("whole lock") = Some(now);
         if let Some(newest) = self.newest() {
             if newest.published.coverage.version == version {
                 return Ok(newest);

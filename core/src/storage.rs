@@ -20,7 +20,7 @@ use deltalake::logstore::{
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use object_store::aws::AmazonS3Builder;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use url::Url;
 
 use crate::error::{CoreError, Result};
@@ -110,6 +110,40 @@ impl Storage {
             Some(store) => b.with_storage_backend(Arc::clone(store), url.clone()),
             None => b,
         })
+    }
+
+    /// Whether the table at `url` has a commit of `version` (its log's `{version:020}.json`):
+    /// one look at one object, far cheaper than loading the table to learn its newest version.
+    pub async fn has_commit(&self, url: &Url, version: i64) -> Result<bool> {
+        let name = format!("{version:020}.json");
+        match &self.shared {
+            None => {
+                let dir = url.to_file_path().map_err(|()| CoreError::Storage {
+                    url: url.to_string(),
+                    message: "not a local path".into(),
+                })?;
+                let path = dir.join("_delta_log").join(name);
+                match std::fs::metadata(&path) {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(source) => Err(CoreError::Io { path, source }),
+                }
+            }
+            Some(store) => {
+                let path = object_store::path::Path::from(format!(
+                    "{}/_delta_log/{name}",
+                    url.path().trim_matches('/')
+                ));
+                match store.head(&path).await {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(CoreError::ObjectStore {
+                        url: url.to_string(),
+                        source: Box::new(e),
+                    }),
+                }
+            }
+        }
     }
 
     /// The table at `url`, or `None` if there is none yet.
@@ -242,5 +276,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("gs://"));
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_found_by_its_version_on_every_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Layout::parse(&format!("file://{}", dir.path().display())).unwrap();
+        for storage in [
+            Storage::new(Layout::parse("memory:///").unwrap()).unwrap(),
+            Storage::new(file).unwrap(),
+        ] {
+            let url = storage.layout().view("v");
+            let schema = ArrowSchema::new(vec![
+                Field::new("a", DataType::Int64, true),
+                Field::new("dt", DataType::Utf8, false),
+            ]);
+            storage
+                .open_or_create(&url, &schema, &["dt"])
+                .await
+                .unwrap();
+            assert!(storage.has_commit(&url, 0).await.unwrap());
+            assert!(!storage.has_commit(&url, 1).await.unwrap());
+            assert!(!storage
+                .has_commit(&storage.layout().view("absent"), 0)
+                .await
+                .unwrap());
+        }
     }
 }
