@@ -124,20 +124,11 @@ fn init_tracing() {
         .init();
 }
 
-/// Every Rust allocation goes through mimalloc: per-thread free lists without locks, and no
-/// consolidation passes over the heap. glibc's allocator cost the serving path about an eighth
-/// of its CPU and its tail (`malloc_consolidate` and bin searches in a grown heap), and the
-/// batch layer's per-group states and the decoders' rows are allocation-heavy too
-/// (`docs/performance.md`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// What still allocates through glibc is C code (librdkafka). glibc gives each thread that
-/// allocates under contention an arena of its own (up to eight per core), and memory freed in
-/// one arena is not reused by another: under a burst of queries on blocking threads, resident
-/// memory doubled (1.27 GiB against 0.61 GiB with two arenas, in `bench/serving_abuse.sh`, when
-/// glibc was the process's only allocator) for no gain in speed. Two arenas, unless
-/// `MALLOC_ARENA_MAX` says otherwise. Called before any thread starts.
+/// glibc gives each thread that allocates under contention an arena of its own (up to eight per
+/// core), and memory freed in one arena is not reused by another: under a burst of queries
+/// on blocking threads, resident memory doubled (1.27 GiB against 0.61 GiB with two arenas, in
+/// `bench/serving_abuse.sh`) for no gain in speed. Two arenas, unless `MALLOC_ARENA_MAX` says
+/// otherwise. Called before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn bound_malloc_arenas() {
