@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving abuse benchmark: the demo (a week of history, ingesting its live stream) under
 # 1,000 concurrent heavy queries, 1,100 idle connections and 500 slow clients at once, for
-# ABUSE_SECONDS. Before, during and after, it reports the benchmark query's p99 (the 7-day
+# ABUSE_SECONDS. Before, during and for a minute after, it reports the benchmark query's p99 (the 7-day
 # hourly breakdown of `installs_hourly` by `media_source`, 50 connections), what /livez and
 # /readyz said on the admin listener (and whether the API's port could answer /readyz at all),
 # and how many commits the archiver made to the master dataset, so that one can
@@ -100,5 +100,11 @@ wait "$clients" || true
 echo "heavy queries: $(awk '/requests in/ {print $1 " answered"} /Non-2xx/ {print $0} /Socket errors/ {print $0}' "$work/heavy.out" | paste -sd ';')"
 cat "$work/clients.out"
 echo "master commits during the abuse: $(( $(commits) - start_commits ))"
+# How the benchmark query comes back: 5-s runs of each encoding, one after the other, for a
+# minute from 5 s after the end (with the sockets the abuse left in TIME_WAIT, which the
+# kernel keeps for 60 s and must look through for every packet).
 sleep 5
-echo "after: gzip $(p99 10 gzip); as is $(p99 10); resident $(rss); readyz $(curl -s -m 3 "$admin/readyz")"
+for i in 1 2 3 4 5 6; do
+  echo "after, ${i}: gzip $(p99 5 gzip); as is $(p99 5); $(ss -Htan state time-wait | wc -l) sockets in TIME_WAIT; resident $(rss)"
+done
+echo "readyz after: $(curl -s -m 3 "$admin/readyz")"

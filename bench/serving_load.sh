@@ -61,6 +61,7 @@ load "by media_source, daily" "$q&group_by=media_source&granularity=day" 10
 ENCODING=gzip load "by media_source, daily, gzip" "$q&group_by=media_source&granularity=day" 10
 for dim in app_id campaign country; do
   load "by $dim, hourly, all metrics" "$q&group_by=$dim" 10
+  ENCODING=gzip load "by $dim, hourly, all metrics, gzip" "$q&group_by=$dim" 10
 done
 load "totals, hourly" "$q" 10
 if [ "$days" -gt "$window" ]; then
