@@ -67,8 +67,9 @@ struct Slot {
     storage: Storage,
     /// Newest first.
     versions: Mutex<VecDeque<Arc<Loaded>>>,
-    /// When the log was last looked at, and last loaded whole.
+    /// When the log was last looked at (its next commit, or whole).
     checked: Mutex<Option<Instant>>,
+    /// When the log was last loaded whole.
     whole: Mutex<Option<Instant>>,
     /// Held by the one task that reads the log and loads a version.
     loading: Arc<tokio::sync::Mutex<()>>,

@@ -130,10 +130,7 @@ impl Storage {
                 }
             }
             Some(store) => {
-                let path = object_store::path::Path::from(format!(
-                    "{}/_delta_log/{name}",
-                    url.path().trim_matches('/')
-                ));
+                let path = log_dir(url).join(name.as_str());
                 match store.head(&path).await {
                     Ok(_) => Ok(true),
                     Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -156,16 +153,13 @@ impl Storage {
                 return Ok(None);
             }
         } else if let Some(store) = &self.shared {
-            let log = object_store::path::Path::from(format!(
-                "{}/_delta_log",
-                url.path().trim_matches('/')
-            ));
-            let listed = store.list_with_delimiter(Some(&log)).await.map_err(|e| {
-                CoreError::ObjectStore {
+            let listed = store
+                .list_with_delimiter(Some(&log_dir(url)))
+                .await
+                .map_err(|e| CoreError::ObjectStore {
                     url: url.to_string(),
                     source: Box::new(e),
-                }
-            })?;
+                })?;
             if listed.objects.is_empty() && listed.common_prefixes.is_empty() {
                 return Ok(None);
             }
@@ -242,6 +236,11 @@ impl LogStoreFactory for ConditionalPutLogStores {
 }
 
 /// A Delta error as a core error.
+/// The Delta log of the table at `url`, as a path in the shared store.
+fn log_dir(url: &Url) -> object_store::path::Path {
+    object_store::path::Path::from(format!("{}/_delta_log", url.path().trim_matches('/')))
+}
+
 pub fn delta(e: DeltaTableError) -> CoreError {
     CoreError::Delta(Box::new(e))
 }
