@@ -1,5 +1,5 @@
 # Shared by the serving benchmarks (sourced): starts the release demo on core 0 and waits until
-# it serves.
+# it serves and is ready (`/readyz`).
 #
 #   start_demo WORK_DIR [DEMO ARGS...]   sets $server (its pid) and $base (the API's URL)
 #
@@ -16,4 +16,9 @@ start_demo() {
     sleep 0.5
   done
   base="$(grep -o 'http://127.0.0.1:[0-9]*' "$work/demo.out" | head -n 1)"
+  # Measured once ready, as a load balancer would send it traffic: the published views loaded.
+  for _ in $(seq 1 240); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/readyz")" = 200 ] && break
+    sleep 0.5
+  done
 }
