@@ -257,8 +257,9 @@ async fn import_rejects_go_to_the_dead_letter_table() {
 }
 
 /// A published version is loaded once: queries answer from memory (here, after the view's
-/// Parquet files are gone), the log is looked at once per refresh interval, and a query answers
-/// from the version its coverage names even when a newer one was loaded meanwhile.
+/// Parquet files are gone), the log is looked at once per refresh interval (in the background,
+/// on the runtime given, by the commit after the loaded one), and a query answers from the
+/// version its coverage names even when a newer one was loaded meanwhile.
 #[tokio::test]
 async fn published_versions_are_answered_from_memory_one_version_per_query() {
     let s = setup();
@@ -298,7 +299,16 @@ async fn published_versions_are_answered_from_memory_one_version_per_query() {
     let slow =
         DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::from_secs(3600));
     let eager = DeltaBatchViews::new(s.storage.clone()).with_refresh(std::time::Duration::ZERO);
+    let elsewhere = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let background = DeltaBatchViews::new(s.storage.clone())
+        .with_refresh(std::time::Duration::from_millis(50))
+        .with_runtime(Some(elsewhere.handle().clone()));
     let v1 = slow.coverage(view).await.unwrap();
+    assert_eq!(background.coverage(view).await.unwrap(), v1);
     let first = count_of(&slow.query(view, &q, &v1).await.unwrap());
     assert_eq!(first, 2_000);
     let old = eager.coverage(view).await.unwrap();
@@ -324,6 +334,24 @@ async fn published_versions_are_answered_from_memory_one_version_per_query() {
     assert!(v2.version > v1.version, "{v2:?}");
     assert_eq!(count_of(&eager.query(view, &q, &v2).await.unwrap()), 2_500);
     assert_eq!(count_of(&eager.query(view, &q, &old).await.unwrap()), 2_000);
+
+    // The background reader answers from the loaded version until its look in the background
+    // finds the next commit and loads it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let found = loop {
+        let c = background.coverage(view).await.unwrap();
+        if c.version == v2.version || std::time::Instant::now() > deadline {
+            break c;
+        }
+        assert_eq!(c, v1, "only the loaded version or the new one");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(found, v2);
+    assert_eq!(
+        count_of(&background.query(view, &q, &v2).await.unwrap()),
+        2_500
+    );
+    elsewhere.shutdown_background();
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
