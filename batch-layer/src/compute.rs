@@ -24,7 +24,6 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
 use datafusion::parquet::basic::Compression;
@@ -249,7 +248,7 @@ pub(crate) fn session() -> SessionContext {
 }
 
 /// A session for batch work with `options`: its threads, and a memory pool that spills
-/// (shared fairly among a query's operators) when a limit is set. Parquet strings are read as
+/// (shared fairly among a query's spilling operators; crate::pool) when a limit is set. Parquet strings are read as
 /// plain `Utf8`: `Utf8View` grouping was no faster here, and reserves memory in blocks of
 /// megabytes, which a small memory limit cannot spare.
 pub(crate) fn session_with(options: &BatchOptions) -> Result<SessionContext> {
@@ -264,7 +263,7 @@ pub(crate) fn session_with(options: &BatchOptions) -> Result<SessionContext> {
         .schema_force_view_types = false;
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = options.memory_limit {
-        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit)));
+        runtime = runtime.with_memory_pool(Arc::new(crate::pool::BatchPool::new(limit)));
         // An operator reserves memory a batch at a time; under a small limit, batches are made
         // small enough that one batch's reservation leaves room to spill (4 KiB of pool per
         // row of a batch; the default 8,192 rows from 32 MiB up).

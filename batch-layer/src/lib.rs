@@ -28,6 +28,7 @@ pub mod hll;
 pub mod import;
 pub mod jobs;
 pub mod maintenance;
+mod pool;
 pub mod publishes;
 mod rollup;
 pub mod runs;

@@ -1186,3 +1186,44 @@ async fn a_field_added_to_a_schema_joins_the_master_and_removals_are_refused() {
         assert!(err.contains(&format!("`{field}`")), "{err}");
     }
 }
+
+/// Under a memory limit, queries whose repartitioning runs short of memory finish: a grouped
+/// distinct count on two partitions with small batches, repeated, each within a time bound
+/// (DataFusion's repartition spill could park every worker: apache/datafusion#24883).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_under_a_memory_limit_never_wait_forever() {
+    let spill = tempfile::tempdir().unwrap();
+    let ctx = crate::compute::session_with(&crate::BatchOptions {
+        threads: Some(2),
+        memory_limit: Some(2 << 20),
+        spill_dir: Some(spill.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+    ctx.sql("set datafusion.execution.batch_size = 64")
+        .await
+        .unwrap();
+    ctx.sql(
+        "create table t as select v % 13 as g, md5(cast(v % 337 as varchar)) as id \
+         from generate_series(1, 40000) as s(v)",
+    )
+    .await
+    .unwrap()
+    .collect()
+    .await
+    .unwrap();
+    for attempt in 0..12 {
+        let run = async {
+            ctx.sql("select g, count(distinct id) as n from t group by g")
+                .await?
+                .collect()
+                .await
+        };
+        let batches = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+            .await
+            .unwrap_or_else(|_| panic!("attempt {attempt} did not finish in 30 s"))
+            .unwrap();
+        let groups: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(groups, 13, "attempt {attempt}");
+    }
+}
