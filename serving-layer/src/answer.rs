@@ -127,7 +127,7 @@ impl Answered {
         let joined = self.joined.get_or_init(|| {
             let mut joined = Vec::new();
             slices.for_each(|b| joined.extend_from_slice(&b));
-            joined.into()
+            crate::sendfile::shared(joined)
         });
         vec![joined.clone()]
     }

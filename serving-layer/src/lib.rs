@@ -24,6 +24,7 @@ pub mod merge;
 pub mod openapi;
 pub mod params;
 pub mod render;
+pub mod sendfile;
 pub mod server;
 pub mod telemetry;
 

@@ -241,7 +241,7 @@ impl JsonRows {
             spans.push((start, out.len()));
         }
         JsonRows {
-            text: out.into(),
+            text: crate::sendfile::shared(out.into_bytes()),
             spans,
         }
     }

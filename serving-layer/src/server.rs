@@ -73,7 +73,10 @@ pub async fn serve(
         }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(crate::sendfile::SendfileIo::new(stream)),
+                service,
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
