@@ -1,8 +1,8 @@
 //! Large answer buffers that the kernel sends without copying them (Linux).
 //!
 //! A week's breakdown sent as is is about half a megabyte of JSON, and copying it from the
-//! process into the socket was most of what a served request cost (the cached answer itself
-//! costs a lookup). [`shared`] puts such a buffer in a sealed memory file (`memfd`) mapped
+//! process into the socket was the largest single cost of a served request (the cached
+//! answer itself costs a lookup). [`shared`] puts such a buffer in a sealed memory file (`memfd`) mapped
 //! read-only: the [`Bytes`] that the answer holds are that mapping, and [`SendfileIo`], the
 //! connection's stream, sends any slice of a mapping with `sendfile(2)` from the file instead
 //! of `write(2)` from memory. The socket then refers to the file's pages: the bytes are copied
@@ -30,7 +30,7 @@ pub const MIN_SHARED: usize = 64 << 10;
 
 /// Buffers past this size stay in memory. Over loopback, answers of 945 KB and 1.6 MB were
 /// sent at half the rate with `sendfile` as with `writev` (1,000 against 2,200 a second for
-/// the 1.6 MB ones), where those of 410–550 KB went 1.2–1.5× faster (`docs/performance.md`).
+/// the 1.6 MB ones), where the 447 KB ones went 1.2× faster (`docs/performance.md`).
 /// Sending a large answer in pieces did not change it; why is not established.
 pub const MAX_SHARED: usize = 512 << 10;
 
@@ -50,7 +50,8 @@ pub fn shared(text: Vec<u8>) -> Bytes {
 }
 
 /// Whether `bytes` is (a slice of) a shared buffer.
-pub fn is_shared(bytes: &[u8]) -> bool {
+#[cfg(test)]
+fn is_shared(bytes: &[u8]) -> bool {
     #[cfg(target_os = "linux")]
     return linux::find(bytes).is_some();
     #[cfg(not(target_os = "linux"))]
