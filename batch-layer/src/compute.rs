@@ -248,9 +248,9 @@ pub(crate) fn session() -> SessionContext {
 }
 
 /// A session for batch work with `options`: its threads, and a memory pool that spills
-/// (shared fairly among a query's spilling operators; crate::pool) when a limit is set. Parquet strings are read as
-/// plain `Utf8`: `Utf8View` grouping was no faster here, and reserves memory in blocks of
-/// megabytes, which a small memory limit cannot spare.
+/// (shared fairly among a query's spilling operators; crate::pool) when a limit is set.
+/// Parquet strings are read as plain `Utf8`: `Utf8View` grouping was no faster here, and
+/// reserves memory in blocks of megabytes, which a small memory limit cannot spare.
 pub(crate) fn session_with(options: &BatchOptions) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
     if let Some(n) = options.threads {

@@ -78,7 +78,7 @@ impl MemoryPool for BatchPool {
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
         match exchanges(reservation.consumer()) {
             true => {
-                self.exchanged.fetch_add(additional, Ordering::Relaxed);
+                self.grow(reservation, additional);
                 Ok(())
             }
             false => self.fair.try_grow(reservation, additional),

@@ -2,20 +2,21 @@
 //!
 //! A week's breakdown sent as is is about half a megabyte of JSON, and copying it from the
 //! process into the socket was the largest single cost of a served request (the cached
-//! answer itself costs a lookup). [`shared`] puts such a buffer in a sealed memory file (`memfd`) mapped
-//! read-only: the [`Bytes`] that the answer holds are that mapping, and [`SendfileIo`], the
-//! connection's stream, sends any slice of a mapping with `sendfile(2)` from the file instead
-//! of `write(2)` from memory. The socket then refers to the file's pages: the bytes are copied
-//! once, by the receiver (or by the network card), as Kafka and nginx send files.
+//! answer itself costs a lookup). [`shared`] puts such a buffer in a sealed memory file
+//! (`memfd`) mapped read-only: the [`Bytes`] that the answer holds are that mapping, and
+//! [`SendfileIo`], the connection's stream, sends any slice of a mapping with `sendfile(2)`
+//! from the file instead of `write(2)` from memory. The socket then refers to the file's
+//! pages: the bytes are copied once, by the receiver (or by the network card), as Kafka and
+//! nginx send files.
 //!
 //! A mapping is registered by its address range while it lives, so a slice handed to the
 //! stream (hyper writes the body's buffers as they are) is recognised by its pointer. The
 //! file is sealed against writes and resizing before it is mapped: its contents never change,
 //! so a page the kernel is still sending is the page that was answered. Elsewhere than on
 //! Linux, and for buffers under [`MIN_SHARED`] or past [`MAX_SHARED`], buffers are plain
-//! memory and the stream writes them. So it does with slices of a shared buffer under [`MIN_SHARED`] (an answer's
-//! rows can be many short runs of a part, with commas between): one `writev` of them all
-//! costs less than a system call for each.
+//! memory and the stream writes them. So it does with slices of a shared buffer under
+//! [`MIN_SHARED`] (an answer's rows can be many short runs of a part, with commas between):
+//! one `writev` of them all costs less than a system call for each.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -25,7 +26,8 @@ use axum::body::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Buffers from this size up are shared; smaller ones cost less to copy than to map.
+/// Buffers from this size up are shared (each costs a file and a mapping); smaller ones are
+/// written.
 pub const MIN_SHARED: usize = 64 << 10;
 
 /// Buffers past this size stay in memory. Over loopback, answers of 945 KB and 1.6 MB were
