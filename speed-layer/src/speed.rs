@@ -17,9 +17,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock};
 
-use tandem_core::decode::{Decoder, Message};
+use parking_lot::{RwLockReadGuard, RwLockWriteGuard};
+
+use tandem_core::decode::{Decoded, Decoder, Message};
 use tandem_core::metric::MetricState;
 use tandem_core::query::{AggRow, Coverage, RealtimeStatus, RowSet, ViewQuery};
 use tandem_core::time::Clock;
@@ -41,7 +43,7 @@ use crate::kafka::{BatchSink, MessageBatch, Rebalance};
 
 /// One partition's state: every view's groups and the next offset to apply.
 #[derive(Debug, Default)]
-struct PartitionState {
+pub(crate) struct PartitionState {
     next_offset: i64,
     groups: Vec<Groups>,
     interner: Interner,
@@ -111,7 +113,7 @@ pub struct SpeedLayer {
     decoder: Decoder,
     aggregators: Vec<ViewAggregator>,
     /// The partitions' states; the map's own lock is taken for writing only to add one.
-    partitions: RwLock<BTreeMap<i32, Arc<RwLock<PartitionState>>>>,
+    partitions: RwLock<BTreeMap<i32, Arc<StateLock>>>,
     clock: Arc<dyn Clock>,
     pub stats: SpeedStats,
     /// Per view (in the order of `aggregators`): bumped by every change of its state (see
@@ -242,7 +244,7 @@ impl SpeedLayer {
             return;
         }
         self.keys.fetch_add(added, Ordering::Relaxed);
-        if let Some(old) = map.insert(partition, Arc::new(RwLock::new(state))) {
+        if let Some(old) = map.insert(partition, Arc::new(StateLock::new(state))) {
             let removed = Self::keys_of(&read(&old));
             self.keys.fetch_sub(removed, Ordering::Relaxed);
         }
@@ -386,7 +388,7 @@ impl SpeedLayer {
         self.partition_states()
             .iter()
             .filter_map(|(p, s)| {
-                let s = read(s);
+                let s = look(s);
                 let h = *high.get(p)?;
                 (!s.provisional).then(|| (*p, (h - s.next_offset).max(0)))
             })
@@ -414,7 +416,7 @@ impl SpeedLayer {
         let provisional: Vec<i32> = self
             .partition_states()
             .iter()
-            .filter(|(_, s)| read(s).provisional)
+            .filter(|(_, s)| look(s).provisional)
             .map(|(p, _)| *p)
             .collect();
         if !provisional.is_empty() {
@@ -664,13 +666,13 @@ impl SpeedLayer {
     }
 
     /// The partitions' states, each still to be locked.
-    fn partition_states(&self) -> Vec<(i32, Arc<RwLock<PartitionState>>)> {
+    fn partition_states(&self) -> Vec<(i32, Arc<StateLock>)> {
         let parts = self.partitions.read().expect("speed state lock poisoned");
         parts.iter().map(|(p, s)| (*p, Arc::clone(s))).collect()
     }
 
     /// `partition`'s state, created empty if new.
-    fn partition_state(&self, partition: i32) -> Arc<RwLock<PartitionState>> {
+    pub(crate) fn partition_state(&self, partition: i32) -> Arc<StateLock> {
         if let Some(s) = self
             .partitions
             .read()
@@ -681,7 +683,9 @@ impl SpeedLayer {
         }
         let mut parts = self.partitions.write().expect("speed state lock poisoned");
         Arc::clone(parts.entry(partition).or_insert_with(|| {
-            Arc::new(RwLock::new(PartitionState::empty(self.aggregators.len())))
+            Arc::new(StateLock::new(PartitionState::empty(
+                self.aggregators.len(),
+            )))
         }))
     }
 
@@ -706,12 +710,18 @@ impl SpeedLayer {
         } else {
             self.partition_state(partition)
         };
+        // Decoded before the write lock is taken: decoding is most of a batch's cost, and
+        // answers wait for the write lock. Only this partition's consumer applies to it, so the
+        // state read here is almost always the one written below; if a restore or a replay
+        // changed it in between, the batch is decoded again under the lock.
+        let seen = {
+            let s = read(&state);
+            (s.next_offset, s.replay.as_ref().map(|r| r.until))
+        };
+        let early = self.decode_parts(&messages[first_fresh(messages, seen.0)..], seen.1)?;
         let mut state = write(&state);
         let state = &mut *state;
-        let fresh = messages
-            .iter()
-            .position(|m| m.offset >= state.next_offset)
-            .unwrap_or(messages.len());
+        let fresh = first_fresh(messages, state.next_offset);
         self.stats
             .skipped_redelivered
             .fetch_add(fresh as u64, Ordering::Relaxed);
@@ -735,8 +745,13 @@ impl SpeedLayer {
                 "offsets were never delivered to the speed layer (removed by retention, or an aborted transaction)"
             );
         }
-        let decoded_rows = self.apply_to(state, messages)?;
-        let decoded = decoded_rows;
+        let until = state.replay.as_ref().map(|r| r.until);
+        let parts = if (state.next_offset, until) == seen {
+            early
+        } else {
+            self.decode_parts(messages, until)?
+        };
+        let decoded = self.apply_to(state, messages, parts)?;
         state.next_offset = last.offset + 1;
         state.changes += 1;
         state.last_broker_ms = last.timestamp_ms.or(state.last_broker_ms);
@@ -745,22 +760,36 @@ impl SpeedLayer {
         Ok(())
     }
 
-    /// Decodes `messages` and folds them into `state`'s views. In a replay window, only the
-    /// events of the discarded buckets count. Returns (events, rejected).
-    fn apply_to(&self, state: &mut PartitionState, messages: &[Message<'_>]) -> Result<(u64, u64)> {
-        let (replayed, rest) = match &state.replay {
-            Some(r) => {
-                let split = messages.partition_point(|m| m.offset < r.until);
-                messages.split_at(split)
-            }
-            None => (&messages[..0], messages),
-        };
-        let (mut events, mut rejected) = (0, 0);
+    /// `messages` decoded in up to two parts: those before a replay window's end `until` (the
+    /// `true` part) and the rest.
+    fn decode_parts(
+        &self,
+        messages: &[Message<'_>],
+        until: Option<i64>,
+    ) -> Result<Vec<(Decoded, bool)>> {
+        let split = until.map_or(0, |u| messages.partition_point(|m| m.offset < u));
+        let (replayed, rest) = messages.split_at(split);
+        let now_us = self.clock.now_us();
+        let mut parts = Vec::with_capacity(2);
         for (part, window) in [(replayed, true), (rest, false)] {
-            if part.is_empty() {
-                continue;
+            if !part.is_empty() {
+                parts.push((self.decoder.decode(part, now_us)?, window));
             }
-            let decoded = self.decoder.decode(part, self.clock.now_us())?;
+        }
+        Ok(parts)
+    }
+
+    /// Folds `messages`, decoded as `parts` (see `decode_parts`), into `state`'s views. In a
+    /// replay window, only the events of the discarded buckets count. Returns (events,
+    /// rejected).
+    fn apply_to(
+        &self,
+        state: &mut PartitionState,
+        messages: &[Message<'_>],
+        parts: Vec<(Decoded, bool)>,
+    ) -> Result<(u64, u64)> {
+        let (mut events, mut rejected) = (0, 0);
+        for (decoded, window) in parts {
             // Duplicates by event id, outside a replay window (whose events were applied
             // before, and are read again on purpose).
             if self.dedup_window_us > 0 && state.dedup.is_none() {
@@ -889,13 +918,13 @@ impl SpeedLayer {
     fn query_partition(
         &self,
         i: usize,
-        state: &RwLock<PartitionState>,
+        state: &StateLock,
         q: &ViewQuery,
         buckets: &[i64],
         out: &mut RowSet,
     ) {
         for &bucket in buckets {
-            let s = read(state);
+            let s = look(state);
             self.aggregators[i].query_bucket(&s.groups[i], &s.interner, bucket, q, out);
         }
     }
@@ -909,7 +938,7 @@ impl SpeedLayer {
     pub fn offsets(&self) -> BTreeMap<i32, i64> {
         self.partition_states()
             .iter()
-            .map(|(p, s)| (*p, read(s).next_offset))
+            .map(|(p, s)| (*p, look(s).next_offset))
             .collect()
     }
 
@@ -918,7 +947,7 @@ impl SpeedLayer {
     pub fn state_size(&self) -> (usize, usize) {
         let (mut keys, mut bytes) = (0, 0);
         for (_, state) in self.partition_states() {
-            let s = read(&state);
+            let s = look(&state);
             for (key, states) in s
                 .groups
                 .iter()
@@ -951,12 +980,36 @@ fn mix(h: u64, x: u64) -> u64 {
     (h.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95)
 }
 
-fn read(state: &RwLock<PartitionState>) -> RwLockReadGuard<'_, PartitionState> {
-    state.read().expect("speed state lock poisoned")
+/// The index of the first of `messages` at or after `next_offset`.
+fn first_fresh(messages: &[Message<'_>], next_offset: i64) -> usize {
+    messages
+        .iter()
+        .position(|m| m.offset >= next_offset)
+        .unwrap_or(messages.len())
 }
 
-fn write(state: &RwLock<PartitionState>) -> RwLockWriteGuard<'_, PartitionState> {
-    state.write().expect("speed state lock poisoned")
+/// A partition's state behind its lock: `parking_lot`'s, whose readers can pass a waiting
+/// writer (see [`look`]).
+pub(crate) type StateLock = parking_lot::RwLock<PartitionState>;
+
+/// `state` read by ingestion and checkpoints: a fair read, which waits behind a writer that is
+/// waiting for the lock.
+fn read(state: &StateLock) -> RwLockReadGuard<'_, PartitionState> {
+    state.read()
+}
+
+/// `state` read for an answer, a probe or a metric: never queued behind a waiting writer.
+/// A checkpoint reads the whole state under one read lock (milliseconds of work, and many
+/// times that when ingestion's lower priority loses the core to serving); ingestion's next
+/// apply waits for it, and a fair read would wait behind that apply, holding an answer for
+/// the checkpoint's whole encoding. Reads of answers are per bucket and short, so they leave
+/// the writer gaps to take the lock in.
+fn look(state: &StateLock) -> RwLockReadGuard<'_, PartitionState> {
+    state.read_recursive()
+}
+
+fn write(state: &StateLock) -> RwLockWriteGuard<'_, PartitionState> {
+    state.write()
 }
 
 impl RealtimeView for SpeedLayer {
@@ -972,7 +1025,7 @@ impl RealtimeView for SpeedLayer {
         let agg = &self.aggregators[i];
         let mut out = RowSet::default();
         for (_, state) in self.partition_states() {
-            let buckets = agg.buckets(&read(&state).groups[i], q, covered);
+            let buckets = agg.buckets(&look(&state).groups[i], q, covered);
             self.query_partition(i, &state, q, &buckets, &mut out);
         }
         Ok(out.into_rows())
@@ -1004,7 +1057,7 @@ impl RealtimeView for SpeedLayer {
         let i = self.aggregator(&view.name)?;
         let mut stamps: BTreeMap<i64, u64> = BTreeMap::new();
         for (p, state) in self.partition_states() {
-            let s = read(&state);
+            let s = look(&state);
             for bucket in self.aggregators[i].buckets(&s.groups[i], q, covered) {
                 // Every partition's stamp enters the bucket's, so that a change in any of them
                 // (or a partition's state appearing) changes it.
@@ -1020,7 +1073,7 @@ impl RealtimeView for SpeedLayer {
         let now_ms = self.clock.now_us() / 1000;
         let (mut partition_lag_ms, mut stale_partitions) = (BTreeMap::new(), Vec::new());
         for (p, state) in self.partition_states() {
-            let s = read(&state);
+            let s = look(&state);
             if let Some(t) = s.last_broker_ms {
                 partition_lag_ms.insert(p, (now_ms - t).max(0));
             }

@@ -57,6 +57,46 @@ fn messages(payloads: &[String], partition: i32, timestamp_ms: Option<i64>) -> V
         .collect()
 }
 
+/// A checkpoint reads a partition's whole state under one read lock, and ingestion's next
+/// apply waits for it: answers, probes and metrics go on meanwhile instead of queuing behind
+/// the waiting writer for the checkpoint's whole encoding.
+#[test]
+fn answers_pass_an_apply_waiting_for_a_checkpoint() {
+    let (catalog, layer) = layer();
+    let layer = Arc::new(layer);
+    let payloads = payloads(1_000);
+    layer.apply(0, &messages(&payloads, 0, None)).unwrap();
+    let state = layer.partition_state(0);
+    let checkpoint = state.read();
+    let writer = {
+        let state = Arc::clone(&state);
+        std::thread::spawn(move || drop(state.write()))
+    };
+    // A writer takes the lock's writer bit first, then waits for the readers to leave.
+    let waited = std::time::Instant::now();
+    while !state.is_locked_exclusive() {
+        assert!(waited.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::yield_now();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asking = {
+        let layer = Arc::clone(&layer);
+        std::thread::spawn(move || {
+            let events = total_events(&catalog, &layer);
+            let status = layer.status();
+            let keys = layer.state_size().0;
+            let _ = tx.send((events, status.lag_ms.is_some(), keys));
+        })
+    };
+    let answered = rx.recv_timeout(std::time::Duration::from_secs(30));
+    drop(checkpoint);
+    writer.join().unwrap();
+    asking.join().unwrap();
+    let (events, _, keys) = answered.expect("the answer waited behind the apply");
+    assert_eq!(events, 1_000);
+    assert!(keys > 0);
+}
+
 #[test]
 fn redelivered_offsets_are_not_counted_twice() {
     let (catalog, layer) = layer();
