@@ -162,6 +162,43 @@ enum Value<'a> {
     Bool(bool),
 }
 
+/// A checked value kept from the row's check to its append, so that nothing (a time, a
+/// decimal) is parsed twice; a string stays in its slot.
+#[derive(Debug, Clone, Copy)]
+enum Checked {
+    Null,
+    Str,
+    I64(i64),
+    F64(f64),
+    I128(i128),
+    Bool(bool),
+}
+
+impl Checked {
+    fn of(v: &Value<'_>) -> Self {
+        match *v {
+            Value::Null => Checked::Null,
+            Value::Str(_) => Checked::Str,
+            Value::I64(x) => Checked::I64(x),
+            Value::F64(x) => Checked::F64(x),
+            Value::I128(x) => Checked::I128(x),
+            Value::Bool(x) => Checked::Bool(x),
+        }
+    }
+
+    /// The value again, its string taken from `slot`, the slot it was checked from.
+    fn value<'a>(self, slot: &'a Slot<'_>) -> Value<'a> {
+        match (self, slot) {
+            (Checked::Str, Slot::Str(s)) => Value::Str(s),
+            (Checked::Str | Checked::Null, _) => Value::Null,
+            (Checked::I64(x), _) => Value::I64(x),
+            (Checked::F64(x), _) => Value::F64(x),
+            (Checked::I128(x), _) => Value::I128(x),
+            (Checked::Bool(x), _) => Value::Bool(x),
+        }
+    }
+}
+
 enum Builder {
     Str(StringBuilder),
     I64(Int64Builder),
@@ -250,6 +287,13 @@ impl Decoder {
         &self.schema
     }
 
+    fn keys(&self) -> Keys<'_> {
+        Keys {
+            names: &self.schema.fields,
+            index: &self.index,
+        }
+    }
+
     /// Decodes `messages`; `now_us` is the wall clock used by the event-time policy.
     pub fn decode(&self, messages: &[Message<'_>], now_us: i64) -> Result<Decoded> {
         let fields = &self.schema.fields;
@@ -261,6 +305,7 @@ impl Decoder {
         let mut offsets = Vec::with_capacity(messages.len());
         let mut rejected = Vec::new();
         let mut slots: Vec<Slot<'_>> = Vec::with_capacity(fields.len());
+        let mut checked: Vec<Checked> = Vec::with_capacity(fields.len());
         let max_time = now_us.saturating_add(self.policy.max_future_us);
 
         for msg in messages {
@@ -288,14 +333,19 @@ impl Decoder {
             };
             slots.clear();
             slots.resize(fields.len(), Slot::Missing);
-            if let Err(e) = parse_row(payload, &self.index, &self.decimal, &mut slots) {
+            if let Err(e) = parse_row(payload, &self.keys(), &self.decimal, &mut slots) {
                 rejected.push(reject(RejectReason::Decode, e));
                 continue;
             }
             // Check the whole row before appending anything.
             let mut failure = None;
+            checked.clear();
             for (i, (slot, field)) in slots.iter().zip(fields).enumerate() {
-                match check(slot, field.ty) {
+                let value = check(slot, field.ty);
+                if let Ok(v) = &value {
+                    checked.push(Checked::of(v));
+                }
+                match value {
                     Ok(Value::Null) if field.required => {
                         failure = Some((
                             RejectReason::Schema,
@@ -325,8 +375,8 @@ impl Decoder {
                 rejected.push(reject(reason, error));
                 continue;
             }
-            for ((slot, field), b) in slots.iter().zip(fields).zip(builders.iter_mut()) {
-                b.append(&check(slot, field.ty).expect("checked above"));
+            for ((slot, c), b) in slots.iter().zip(&checked).zip(builders.iter_mut()) {
+                b.append(&c.value(slot));
             }
             partitions.push(msg.partition);
             offsets.push(msg.offset);
@@ -367,14 +417,17 @@ fn check<'a>(slot: &'a Slot<'_>, ty: FieldType) -> std::result::Result<Value<'a>
             Value::I128(parse_decimal(number, scale)?)
         }
         (FieldType::Bool, Slot::Bool(b)) => Value::Bool(*b),
-        (FieldType::Timestamp, Slot::Str(s)) => match DateTime::parse_from_rfc3339(s) {
-            Ok(t) => Value::I64(t.timestamp_micros()),
-            Err(e) => {
-                return Err(format!(
-                    "`{}` is not an RFC 3339 time ({e})",
-                    truncate(s, 64)
-                ))
-            }
+        (FieldType::Timestamp, Slot::Str(s)) => match utc_micros(s) {
+            Some(us) => Value::I64(us),
+            None => match DateTime::parse_from_rfc3339(s) {
+                Ok(t) => Value::I64(t.timestamp_micros()),
+                Err(e) => {
+                    return Err(format!(
+                        "`{}` is not an RFC 3339 time ({e})",
+                        truncate(s, 64)
+                    ))
+                }
+            },
         },
         (FieldType::Timestamp, Slot::I64(ms)) => match ms.checked_mul(1000) {
             Some(us) => Value::I64(us),
@@ -388,6 +441,59 @@ fn check<'a>(slot: &'a Slot<'_>, ty: FieldType) -> std::result::Result<Value<'a>
         }
         _ => return wrong(),
     })
+}
+
+/// Microseconds since the epoch of an RFC 3339 time in UTC's most common form,
+/// `YYYY-MM-DDTHH:MM:SS[.f]Z` with up to nine digits of fraction (truncated to microseconds, as
+/// chrono's `timestamp_micros` does), without chrono's general parser; `None` for anything
+/// else (another offset, a leap second, a lower-case separator, an impossible date), which is
+/// left to chrono.
+fn utc_micros(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || *b.last()? != b'Z' {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        b[from..to].iter().try_fold(0i64, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if day < 1 || day > days_in_month || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let fraction = &b[19..b.len() - 1];
+    let micros = match fraction {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+            let n = num(20, 20 + digits.len())?;
+            // To nanoseconds, then truncated to microseconds.
+            n * 10i64.pow(9 - digits.len() as u32) / 1000
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 of the proleptic Gregorian date (Howard Hinnant's
+    // `days_from_civil`).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + hour) * 60 + minute) * 60_000_000 + second * 1_000_000 + micros)
 }
 
 /// A decimal with `scale` digits after the point, in units of its scale, from its text (a JSON
@@ -417,13 +523,13 @@ fn truncate(s: &str, max: usize) -> &str {
 
 fn parse_row<'de>(
     payload: &'de [u8],
-    index: &HashMap<String, usize>,
+    keys: &Keys<'_>,
     decimal: &[bool],
     slots: &mut [Slot<'de>],
 ) -> std::result::Result<(), String> {
     let mut de = serde_json::Deserializer::from_slice(payload);
     RowSeed {
-        index,
+        keys,
         decimal,
         slots,
     }
@@ -432,8 +538,27 @@ fn parse_row<'de>(
     de.end().map_err(|e| e.to_string())
 }
 
-struct RowSeed<'s, 'de> {
+/// The schema's field names, to find a key's field by.
+#[derive(Clone, Copy)]
+struct Keys<'s> {
+    /// In the schema's order, which is the order producers write them in, as a rule.
+    names: &'s [crate::schema::FieldDef],
     index: &'s HashMap<String, usize>,
+}
+
+impl Keys<'_> {
+    /// The field named `key`, looked for first at `hint` (the field after the previous key):
+    /// one comparison for a row written in the schema's order, a hash lookup otherwise.
+    fn find(&self, key: &str, hint: usize) -> Option<usize> {
+        match self.names.get(hint) {
+            Some(f) if f.name == key => Some(hint),
+            _ => self.index.get(key).copied(),
+        }
+    }
+}
+
+struct RowSeed<'s, 'de> {
+    keys: &'s Keys<'s>,
     decimal: &'s [bool],
     slots: &'s mut [Slot<'de>],
 }
@@ -451,7 +576,11 @@ impl<'de> Visitor<'de> for RowSeed<'_, 'de> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
-        while let Some(key) = map.next_key_seed(KeySeed(self.index))? {
+        let mut hint = 0;
+        while let Some(key) = map.next_key_seed(KeySeed(self.keys, hint))? {
+            if let Some(i) = key {
+                hint = i + 1;
+            }
             match key {
                 Some(i) if self.decimal[i] => self.slots[i] = map.next_value_seed(RawSeed)?,
                 Some(i) => self.slots[i] = map.next_value_seed(SlotSeed)?,
@@ -465,7 +594,7 @@ impl<'de> Visitor<'de> for RowSeed<'_, 'de> {
 }
 
 /// Looks a key up without allocating; `None` for keys the schema does not know.
-struct KeySeed<'s>(&'s HashMap<String, usize>);
+struct KeySeed<'s>(&'s Keys<'s>, usize);
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     type Value = Option<usize>;
@@ -483,7 +612,7 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
         f.write_str("a key")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Option<usize>, E> {
-        Ok(self.0.get(v).copied())
+        Ok(self.0.find(v, self.1))
     }
 }
 
@@ -590,6 +719,120 @@ fields = [
     }
 
     const NOW: i64 = 1_800_000_000_000_000;
+
+    /// A row's keys in any order, repeated, or among unknown ones decode alike: the lookup
+    /// that expects the schema's order only speeds that order up.
+    #[test]
+    fn keys_decode_alike_in_any_order() {
+        let d = decoder();
+        let rows: [&[u8]; 5] = [
+            br#"{"id":"a","ts":"2026-11-25T10:00:00.25Z","n":3,"price":"1.50","ok":true,"name":"x"}"#,
+            br#"{"name":"x","ok":true,"price":"1.50","n":3,"ts":"2026-11-25T10:00:00.25Z","id":"a"}"#,
+            br#"{"zz":1,"id":"a","q":{"n":9},"ts":"2026-11-25T10:00:00.25Z","n":3,"id2":"b","price":"1.50","ok":true,"name":"x","ts2":0}"#,
+            br#"{"ts":"2026-11-25T10:00:00.25Z","id":"a","n":3,"name":"x","price":"1.50","ok":true}"#,
+            br#"{"id":"z","ts":"2026-11-25T10:00:00.25Z","n":3,"price":"1.50","ok":true,"name":"x","id":"a"}"#,
+        ];
+        let out = d.decode(&msgs(&rows), NOW).unwrap();
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        let b = &out.batch;
+        for r in 1..rows.len() {
+            for c in 0..b.num_columns() {
+                assert_eq!(
+                    b.column(c).slice(r, 1).to_data(),
+                    b.column(c).slice(0, 1).to_data(),
+                    "row {r}, column {c}"
+                );
+            }
+        }
+        assert_eq!(
+            b.column(1)
+                .as_primitive::<TimestampMicrosecondType>()
+                .value(0),
+            parse_instant_us("2026-11-25T10:00:00.25Z")
+        );
+    }
+
+    fn parse_instant_us(s: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_micros()
+    }
+
+    /// The fast path for UTC times agrees with chrono on every time it accepts, and leaves to
+    /// chrono every text it does not (which chrono then accepts or refuses itself).
+    #[test]
+    fn utc_times_parse_as_chrono_parses_them() {
+        use chrono::{DateTime, Utc};
+        let chrono_us = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| t.timestamp_micros())
+        };
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (lo, hi) = (-62_135_596_800_000_000i64, 253_402_300_799_000_000i64);
+        let mut fast = 0;
+        for _ in 0..20_000 {
+            let us = lo + (next() % (hi - lo) as u64) as i64;
+            let nanos = next() % 1_000_000_000;
+            let t = DateTime::<Utc>::from_timestamp_micros(us).unwrap();
+            let base = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+            let digits = (next() % 11) as usize;
+            let text = match digits {
+                0 => format!("{base}Z"),
+                10 => format!("{base}+00:00"),
+                d => format!("{base}.{}Z", &format!("{nanos:09}")[..d]),
+            };
+            let got = utc_micros(&text);
+            if got.is_some() {
+                fast += 1;
+            }
+            assert!(got.is_none() || got == chrono_us(&text), "{text}: {got:?}");
+            assert!(chrono_us(&text).is_some(), "{text}");
+        }
+        assert!(fast > 15_000, "the fast path took only {fast} of 20,000");
+        for text in [
+            "2024-02-29T00:00:00Z",
+            "1969-12-31T23:59:59.999999Z",
+            "1969-12-31T23:59:59.9999999Z",
+            "2000-02-29T12:00:00.5Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.123456789Z",
+        ] {
+            assert_eq!(utc_micros(text), chrono_us(text), "{text}");
+            assert!(utc_micros(text).is_some(), "{text}");
+        }
+        for text in [
+            "2023-02-29T00:00:00Z",
+            "1900-02-29T00:00:00Z",
+            "2024-04-31T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-00-01T00:00:00Z",
+            "2024-01-00T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T23:60:00Z",
+            "2016-12-31T23:59:60Z",
+            "2024-01-01t00:00:00Z",
+            "2024-01-01T00:00:00z",
+            "2024-01-01 00:00:00Z",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00.1234567890Z",
+            "2024-01-01T00:00:00+01:00",
+            "2024-01-01T00:00:00",
+            "+2024-01-01T00:00:00Z",
+            "2024-1-01T00:00:00Z",
+            "2024-01-01T00:00:0xZ",
+            "2024-01-01T00:00:00.12a4Z",
+            "",
+        ] {
+            assert_eq!(utc_micros(text), None, "{text}");
+        }
+    }
 
     #[test]
     fn decodes_valid_rows_columnar() {
