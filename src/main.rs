@@ -144,6 +144,64 @@ fn bound_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn bound_malloc_arenas() {}
 
+/// How often the heap trimmer looks, and how far the arenas' free bytes must have grown past
+/// their lowest since its last trim for it to trim.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const TRIM_GROWTH: usize = 64 << 20;
+
+/// When to trim the heap: the bytes free in glibc's arenas have grown [`TRIM_GROWTH`] past
+/// their lowest since the last trim (a burst came and went). Trimming leaves those bytes free
+/// in the allocator's accounts (only their pages go back), so they are the next trim's base.
+#[derive(Debug, Default)]
+struct TrimPolicy {
+    lowest: Option<usize>,
+}
+
+impl TrimPolicy {
+    fn due(&mut self, free: usize) -> bool {
+        let lowest = self.lowest.map_or(free, |l| l.min(free));
+        let due = free >= lowest.saturating_add(TRIM_GROWTH);
+        self.lowest = Some(if due { free } else { lowest });
+        due
+    }
+}
+
+/// Hands the memory a burst freed back to the system, from a thread of its own, once per
+/// process (the serving roles start it). glibc keeps what a burst (the abuse benchmark's 1,000
+/// heavy answers) freed in its arenas, in fragments: resident memory stays at the burst's peak
+/// and the serving threads' allocations work through the fragments (`malloc_consolidate` among
+/// the hottest functions in the 10 s after `bench/serving_abuse.sh`, where the benchmark
+/// query's p99 was 11–16 ms against 7–9 ms with the heap trimmed; `docs/architecture.md` 70).
+/// Every [`TRIM_EVERY`] the thread reads the arenas' free bytes (`mallinfo2`) and, when
+/// [`TrimPolicy`] says so, trims them (`malloc_trim`: chunks consolidated, free pages
+/// returned).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub(crate) fn trim_heap_after_bursts() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let mut policy = TrimPolicy::default();
+        let spawned = std::thread::Builder::new()
+            .name("tandem-heap-trim".into())
+            .spawn(move || loop {
+                std::thread::sleep(TRIM_EVERY);
+                // SAFETY: mallinfo2 only reads the allocator's statistics.
+                let free = unsafe { libc::mallinfo2() }.fordblks;
+                if policy.due(free) {
+                    // SAFETY: malloc_trim only returns the arenas' free pages to the system.
+                    unsafe { libc::malloc_trim(0) };
+                    tracing::debug!(free, "heap trimmed after a burst");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "the heap trimmer did not start; memory freed after bursts stays with the process");
+        }
+    });
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn trim_heap_after_bursts() {}
+
 fn main() -> std::process::ExitCode {
     bound_malloc_arenas();
     match tokio::runtime::Builder::new_multi_thread()
@@ -216,6 +274,22 @@ async fn run(cli: Cli) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A burst freed (free bytes up by the growth) is trimmed once; the allocator's free bytes
+    /// then stay where they are, and are not trimmed again until another burst.
+    #[test]
+    fn the_heap_is_trimmed_once_after_each_burst() {
+        let mut p = TrimPolicy::default();
+        let mib = 1 << 20;
+        assert!(!p.due(10 * mib), "the first look is the base");
+        assert!(!p.due(60 * mib));
+        assert!(p.due(80 * mib), "grown 70 MiB past the lowest");
+        assert!(!p.due(80 * mib), "trimming leaves the bytes counted free");
+        assert!(!p.due(90 * mib));
+        assert!(!p.due(20 * mib), "reused: a new lowest");
+        assert!(!p.due(83 * mib));
+        assert!(p.due(84 * mib), "another burst");
+    }
 
     /// Every subcommand's every flag and argument says what it is for.
     #[test]

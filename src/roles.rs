@@ -250,6 +250,7 @@ pub async fn serve_api(
     admin: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    crate::trim_heap_after_bursts();
     // Not ready until every view's published version is loaded (off the request path).
     let loading = load_batch_views(&state, shutdown.clone());
     state.readiness = Arc::new(
