@@ -527,7 +527,9 @@ fn parse_row<'de>(
     decimal: &[bool],
     slots: &mut [Slot<'de>],
 ) -> std::result::Result<(), String> {
-    let mut de = serde_json::Deserializer::from_slice(payload);
+    // Checked as UTF-8 once, whole, so that the parser need not check each string again.
+    let text = std::str::from_utf8(payload).map_err(|e| format!("not UTF-8: {e}"))?;
+    let mut de = serde_json::Deserializer::from_str(text);
     RowSeed {
         keys,
         decimal,
