@@ -18,10 +18,14 @@ use tandem_core::view::ViewDef;
 
 use crate::error::Result;
 
+/// The hasher of the speed state's maps: foldhash, seeded per map (a few times SipHash's
+/// speed on these short keys; the seed keeps keys an attacker picks from colliding at will).
+type Fast = foldhash::fast::RandomState;
+
 /// Interned dimension values of one partition; id 0 is null.
 #[derive(Debug, Default)]
 pub struct Interner {
-    ids: HashMap<Box<str>, u32>,
+    ids: HashMap<Box<str>, u32, Fast>,
     values: Vec<Box<str>>,
 }
 
@@ -56,8 +60,54 @@ impl Interner {
     }
 }
 
+/// The dimension columns of one batch, each interned once (a row's id, 0 for null) for every
+/// view that groups by it: the reference views share most of their dimensions.
+#[derive(Debug, Default)]
+pub struct BatchIds {
+    columns: Vec<Option<Vec<u32>>>,
+}
+
+impl BatchIds {
+    /// Interns column `i` of `batch` (of type `ty`) unless done already.
+    fn intern(&mut self, batch: &RecordBatch, i: usize, ty: FieldType, interner: &mut Interner) {
+        if self.columns.len() <= i {
+            self.columns.resize(i + 1, None);
+        }
+        if self.columns[i].is_some() {
+            return;
+        }
+        let col = batch.column(i);
+        let mut text = String::new();
+        let ids = (0..batch.num_rows())
+            .map(|row| {
+                if col.is_null(row) {
+                    return 0;
+                }
+                match ty {
+                    FieldType::String => interner.id(col.as_string::<i32>().value(row)),
+                    FieldType::Int => {
+                        text.clear();
+                        text.push_str(&col.as_primitive::<Int64Type>().value(row).to_string());
+                        interner.id(&text)
+                    }
+                    _ => interner.id(if col.as_boolean().value(row) {
+                        "true"
+                    } else {
+                        "false"
+                    }),
+                }
+            })
+            .collect();
+        self.columns[i] = Some(ids);
+    }
+
+    fn ids(&self, i: usize) -> &[u32] {
+        self.columns[i].as_deref().unwrap_or_default()
+    }
+}
+
 /// One bucket's groups of one view in one partition, by interned dimension ids.
-pub type BucketGroups = HashMap<Box<[u32]>, Vec<MetricState>>;
+pub type BucketGroups = HashMap<Box<[u32]>, Vec<MetricState>, Fast>;
 
 /// One bucket's groups, with the stamp of the last apply that changed them.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +185,7 @@ impl ViewAggregator {
         batch: &RecordBatch,
         groups: &mut Groups,
         interner: &mut Interner,
+        ids: &mut BatchIds,
         stamp: u64,
         admit: &Admit<'_>,
     ) -> Result<Applied> {
@@ -151,14 +202,16 @@ impl ViewAggregator {
         let times = batch
             .column(self.event_time)
             .as_primitive::<TimestampMicrosecondType>();
-        let dim_cols: Vec<&ArrayRef> = self.dims.iter().map(|(i, _)| batch.column(*i)).collect();
+        for &(i, ty) in &self.dims {
+            ids.intern(batch, i, ty, interner);
+        }
+        let dim_ids: Vec<&[u32]> = self.dims.iter().map(|&(i, _)| ids.ids(i)).collect();
         let metric_cols: Vec<Option<&ArrayRef>> = self
             .inputs
             .iter()
             .map(|i| i.map(|c| batch.column(c)))
             .collect();
         let mut key: Vec<u32> = Vec::with_capacity(self.dims.len());
-        let mut text = String::new();
         // Events arrive mostly in the current bucket: its groups are looked up once per run.
         let mut current: Option<(i64, &mut BucketGroups)> = None;
         let (mut last_bucket, mut last_covered) = (None, false);
@@ -184,26 +237,7 @@ impl ViewAggregator {
                 continue;
             }
             key.clear();
-            for (col, (_, ty)) in dim_cols.iter().zip(&self.dims) {
-                let id = if col.is_null(row) {
-                    0
-                } else {
-                    match ty {
-                        FieldType::String => interner.id(col.as_string::<i32>().value(row)),
-                        FieldType::Int => {
-                            text.clear();
-                            text.push_str(&col.as_primitive::<Int64Type>().value(row).to_string());
-                            interner.id(&text)
-                        }
-                        _ => interner.id(if col.as_boolean().value(row) {
-                            "true"
-                        } else {
-                            "false"
-                        }),
-                    }
-                };
-                key.push(id);
-            }
+            key.extend(dim_ids.iter().map(|ids| ids[row]));
             if current.as_ref().is_none_or(|(b, _)| *b != bucket) {
                 let b = groups.entry(bucket).or_default();
                 b.stamp = stamp;

@@ -35,7 +35,7 @@ use datafusion::arrow::array::AsArray;
 use futures::future::BoxFuture;
 use rdkafka::Offset;
 
-use crate::aggregate::{Admit, Groups, Interner, ViewAggregator};
+use crate::aggregate::{Admit, BatchIds, Groups, Interner, ViewAggregator};
 use crate::checkpoint::{encode_state, CheckpointStore, Lease, Replay, StateRef, ViewKey};
 use crate::dedup::Dedup;
 use crate::error::{Result, SpeedError};
@@ -814,6 +814,7 @@ impl SpeedLayer {
                 .duplicates
                 .fetch_add(duplicates, Ordering::Relaxed);
             let stamp = self.stamps.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut ids = BatchIds::default();
             for (i, (agg, groups)) in self
                 .aggregators
                 .iter()
@@ -836,8 +837,14 @@ impl SpeedLayer {
                         .saturating_sub(self.keys.load(Ordering::Relaxed)),
                     skip: skip.as_ref(),
                 };
-                let applied =
-                    agg.apply(&decoded.batch, groups, &mut state.interner, stamp, &admit)?;
+                let applied = agg.apply(
+                    &decoded.batch,
+                    groups,
+                    &mut state.interner,
+                    &mut ids,
+                    stamp,
+                    &admit,
+                )?;
                 if applied.changed {
                     // After the change, before the partition's lock is released.
                     self.generations[i].fetch_add(1, Ordering::Release);
