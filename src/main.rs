@@ -171,7 +171,8 @@ impl TrimPolicy {
 /// heavy answers) freed in its arenas, in fragments: resident memory stays at the burst's peak
 /// and the serving threads' allocations work through the fragments (`malloc_consolidate` among
 /// the hottest functions in the 10 s after `bench/serving_abuse.sh`, where the benchmark
-/// query's p99 was 11–16 ms against 7–9 ms with the heap trimmed; `docs/architecture.md` 70).
+/// query's p99 was 11–16 ms in its first run against 7–10 ms with the heap trimmed;
+/// `docs/architecture.md` 70).
 /// Every [`TRIM_EVERY`] the thread reads the arenas' free bytes (`mallinfo2`) and, when
 /// [`TrimPolicy`] says so, trims them (`malloc_trim`: chunks consolidated, free pages
 /// returned).
