@@ -2,10 +2,14 @@
 //! messages and the same writer (core's `MasterWriter`) as the archiver.
 //!
 //! Files are JSON lines or Parquet (by extension, `.parquet`); a directory stands for every such
-//! file under it. A Parquet file's rows are re-encoded as JSON objects and decoded like lines, so
-//! both formats are held to one set of rules (types, required fields, the event-time policy) and
-//! a rejected Parquet row reaches the dead-letter table as the JSON of its row. Rejected rows go
-//! there with the file's name as their topic and the row's number (from 1) as their offset.
+//! file under it. Both formats are held to one set of rules (types, required fields, the
+//! event-time policy). A Parquet batch whose columns carry over exactly (strings, integers,
+//! floats, booleans, zoned timestamps, decimals, and doubles for decimal fields) and whose every
+//! row is an event is taken as it is, cast to the schema's types, without passing through
+//! JSON; any other batch is re-encoded as JSON objects and decoded like lines, which judges
+//! each row, so a rejected Parquet row reaches the dead-letter table as the JSON of its row.
+//! Rejected rows go there with the file's name as their topic and the row's number (from 1) as
+//! their offset.
 //!
 //! Each file is one commit, and an import is idempotent: the commit carries a Delta `txn` action
 //! whose app id is the BLAKE3 hash of the file's content, so a file already imported (under any
@@ -16,10 +20,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::json::LineDelimitedWriter;
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::json;
-use tandem_core::decode::{Decoder, Message, Rejected};
+use tandem_core::decode::{Decoded, Decoder, Message, Rejected};
 use tandem_core::master::{archive_batch, MasterCommit, MasterWriter};
 use tandem_core::schema::EventSchema;
 use tandem_core::storage::Storage;
@@ -166,13 +172,18 @@ impl FileDecoder<'_> {
             })
             .collect();
         let decoded = self.decoder.decode(&messages, self.now_us)?;
+        self.take(decoded, lines.len())
+    }
+
+    /// Keeps `decoded`, the file's next `rows` rows.
+    fn take(&mut self, decoded: Decoded, rows: usize) -> Result<()> {
         if decoded.batch.num_rows() > 0 {
             let b = archive_batch(self.schema, &decoded)?;
             self.events += b.num_rows();
             self.batches.push(b);
         }
         self.rejects.extend(decoded.rejected);
-        self.rows += lines.len() as i64;
+        self.rows += rows as i64;
         Ok(())
     }
 
@@ -220,6 +231,11 @@ impl FileDecoder<'_> {
         let mut json = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| bad(&e))?;
+            let latest = self.decoder.latest_event_time(self.now_us);
+            if let Some(decoded) = direct(self.schema, &batch, self.rows, latest)? {
+                self.take(decoded, batch.num_rows())?;
+                continue;
+            }
             json.clear();
             let mut w = LineDelimitedWriter::new(&mut json);
             w.write(&batch)?;
@@ -234,6 +250,100 @@ impl FileDecoder<'_> {
         }
         Ok(())
     }
+}
+
+/// `batch`, the Parquet rows after the file's first `before`, decoded as the decoder decodes
+/// the JSON of its rows, without the JSON: when every schema field's column has a type whose
+/// values carry over exactly, and every row is an event (required fields present, event time
+/// within 1970 and `latest`). `None` otherwise: the caller decodes the batch's JSON, which
+/// judges every row as a message is judged.
+pub(crate) fn direct(
+    schema: &EventSchema,
+    batch: &RecordBatch,
+    before: i64,
+    latest: i64,
+) -> Result<Option<Decoded>> {
+    use datafusion::arrow::array::{new_null_array, Array, AsArray, Decimal128Array};
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{
+        DataType as T, Float64Type, Int64Type, TimeUnit, TimestampMicrosecondType,
+    };
+    use tandem_core::schema::FieldType as F;
+
+    let rows = batch.num_rows();
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields.len());
+    for f in &schema.fields {
+        let Some(col) = batch.column_by_name(&f.name) else {
+            if f.required {
+                return Ok(None);
+            }
+            columns.push(new_null_array(&f.ty.arrow_type(), rows));
+            continue;
+        };
+        let integer = matches!(
+            col.data_type(),
+            T::Int8 | T::Int16 | T::Int32 | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32
+        );
+        let out: ArrayRef = match (f.ty, col.data_type()) {
+            (F::String, T::Utf8 | T::LargeUtf8 | T::Utf8View) => cast(col, &f.ty.arrow_type())?,
+            (F::Int, _) if integer => cast(col, &f.ty.arrow_type())?,
+            (F::Float, T::Float64) => Arc::clone(col),
+            (F::Float, _) if integer => cast(col, &f.ty.arrow_type())?,
+            (F::Bool, T::Boolean) => Arc::clone(col),
+            (F::Timestamp, T::Timestamp(unit, Some(_))) => {
+                // Nanoseconds before 1970 round toward zero in the cast, where the JSON path
+                // floors them: those are left to it.
+                if *unit == TimeUnit::Nanosecond
+                    && cast(col, &T::Int64)?
+                        .as_primitive::<Int64Type>()
+                        .iter()
+                        .flatten()
+                        .any(|t| t < 0)
+                {
+                    return Ok(None);
+                }
+                cast(col, &f.ty.arrow_type())?
+            }
+            (F::Decimal { scale }, T::Decimal128(_, s)) if *s >= 0 && *s as u8 <= scale => {
+                cast(col, &f.ty.arrow_type())?
+            }
+            (F::Decimal { scale }, T::Float64) => {
+                // As the JSON path reads a double: its shortest text, parsed exactly. Only
+                // plain notation (no exponent) is taken here, where both texts are the same.
+                let mut values = Vec::with_capacity(rows);
+                for v in col.as_primitive::<Float64Type>().iter() {
+                    values.push(match v {
+                        None => None,
+                        Some(0.0) => Some(0),
+                        Some(v) if v.is_finite() && (1e-4..1e15).contains(&v.abs()) => {
+                            match tandem_core::decode::parse_decimal(&v.to_string(), scale) {
+                                Ok(units) => Some(units),
+                                Err(_) => return Ok(None),
+                            }
+                        }
+                        Some(_) => return Ok(None),
+                    });
+                }
+                Arc::new(Decimal128Array::from(values).with_precision_and_scale(38, scale as i8)?)
+            }
+            _ => return Ok(None),
+        };
+        // A cast that lost a value (out of range) makes it null: not this path's to judge.
+        if out.null_count() != col.null_count() || (f.required && out.null_count() > 0) {
+            return Ok(None);
+        }
+        columns.push(out);
+    }
+    let times = columns[schema.event_time].as_primitive::<TimestampMicrosecondType>();
+    if times.iter().flatten().any(|t| t < 0 || t > latest) {
+        return Ok(None);
+    }
+    Ok(Some(Decoded {
+        batch: RecordBatch::try_new(schema.arrow_schema(), columns)?,
+        partitions: vec![-1; rows],
+        offsets: (before + 1..=before + rows as i64).collect(),
+        rejected: Vec::new(),
+    }))
 }
 
 /// Imports history `files` (JSON lines or Parquet; directories stand for the files under them)

@@ -692,6 +692,71 @@ async fn parquet_imports_are_checked_like_json_and_never_imported_twice() {
     assert_eq!(total(&s, "active_devices_daily").await, 2_999);
 }
 
+/// A Parquet file whose columns carry over (the reference types: strings, millisecond UTC
+/// times, revenue as a double) is taken as columns, without passing through JSON, and lands in
+/// the master dataset row for row as the same events imported as JSON lines do.
+#[tokio::test]
+async fn parquet_taken_as_columns_lands_as_its_json_lines_do() {
+    let (a, b) = (setup(), setup());
+    let schema = Arc::clone(&a.catalog.schemas["app_events"]);
+    let lines: Vec<String> = Generator::new(GenConfig {
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(2_000, NOW - 3 * DAY_US, NOW - DAY_US)
+    .map(|e| {
+        let mut v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        let t = tandem_core::time::parse_instant(v["event_time"].as_str().unwrap()).unwrap();
+        v["event_time"] = serde_json::json!(t / 1000);
+        v.to_string()
+    })
+    .collect();
+    assert!(lines.iter().any(|l| l.contains("revenue_usd")));
+    let jsonl = a.dir.join("events.jsonl");
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let parquet = b.dir.join("events.parquet");
+    write_parquet(&parquet, &lines);
+
+    // Every batch of the file is taken as columns.
+    let file = std::fs::File::open(&parquet).unwrap();
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+    let mut before = 0;
+    for batch in reader {
+        let batch = batch.unwrap();
+        let d = crate::import::direct(&schema, &batch, before, NOW + DAY_US)
+            .unwrap()
+            .expect("the reference columns are taken as they are");
+        assert_eq!(d.offsets[0], before + 1);
+        before += batch.num_rows() as i64;
+    }
+
+    let ra = crate::import_files(&a.storage, &schema, &[&jsonl], NOW, |_| {})
+        .await
+        .unwrap();
+    let rb = crate::import_files(&b.storage, &schema, &[&parquet], NOW, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((ra.events, ra.rejected), (2_000, 0));
+    assert_eq!((rb.events, rb.rejected), (2_000, 0));
+    let mut all = Vec::new();
+    for s in [&a, &b] {
+        let url = s.storage.layout().master("app_events");
+        let rows = sql_on(s, &url, "SELECT * FROM t ORDER BY _offset").await;
+        all.push(
+            datafusion::arrow::util::pretty::pretty_format_batches(&rows)
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let (from_json, from_parquet) = (&all[0], &all[1]);
+    assert_eq!(from_json.lines().count(), 2_000 + 4);
+    assert_eq!(from_json, from_parquet);
+}
+
 /// Every row of `view` as the serving layer reads it, sorted, with metric states shown (exact
 /// counts and sums, sketch estimates).
 async fn rows_of(storage: &Storage, view: &tandem_core::view::ViewDef) -> Vec<String> {

@@ -283,6 +283,11 @@ impl Decoder {
         self
     }
 
+    /// The latest event time accepted when the wall clock reads `now_us`.
+    pub fn latest_event_time(&self, now_us: i64) -> i64 {
+        now_us.saturating_add(self.policy.max_future_us)
+    }
+
     pub fn schema(&self) -> &Arc<EventSchema> {
         &self.schema
     }
@@ -306,7 +311,7 @@ impl Decoder {
         let mut rejected = Vec::new();
         let mut slots: Vec<Slot<'_>> = Vec::with_capacity(fields.len());
         let mut checked: Vec<Checked> = Vec::with_capacity(fields.len());
-        let max_time = now_us.saturating_add(self.policy.max_future_us);
+        let max_time = self.latest_event_time(now_us);
 
         for msg in messages {
             let reject = |reason: RejectReason, error: String| Rejected {
