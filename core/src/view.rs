@@ -792,7 +792,10 @@ metrics = [
         let wide: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
         let names_wide = names(&default_rollups(&wide, Granularity::Hour));
         assert_eq!(names_wide.len(), 10, "{names_wide:?}");
-        assert!(names_wide.iter().all(|n| n.split('.').count() <= 2), "{names_wide:?}");
+        assert!(
+            names_wide.iter().all(|n| n.split('.').count() <= 2),
+            "{names_wide:?}"
+        );
         assert_eq!(
             names(&default_rollups(&wide[..3], Granularity::Hour))[0],
             "day.a.b.c"
