@@ -287,7 +287,16 @@ pub(crate) fn direct(
         let out: ArrayRef = match (f.ty, col.data_type()) {
             (F::String, T::Utf8 | T::LargeUtf8 | T::Utf8View) => cast(col, &f.ty.arrow_type())?,
             (F::Int, _) if integer => cast(col, &f.ty.arrow_type())?,
-            (F::Float, T::Float64) => Arc::clone(col),
+            // JSON has no NaN or infinity (its writer makes them null): those go to it.
+            (F::Float, T::Float64)
+                if col
+                    .as_primitive::<Float64Type>()
+                    .iter()
+                    .flatten()
+                    .all(f64::is_finite) =>
+            {
+                Arc::clone(col)
+            }
             (F::Float, _) if integer => cast(col, &f.ty.arrow_type())?,
             (F::Bool, T::Boolean) => Arc::clone(col),
             (F::Timestamp, T::Timestamp(unit, Some(_))) => {
