@@ -229,9 +229,9 @@ impl FileDecoder<'_> {
             .build()
             .map_err(|e| bad(&e))?;
         let mut json = Vec::new();
+        let latest = self.decoder.latest_event_time(self.now_us);
         for batch in reader {
             let batch = batch.map_err(|e| bad(&e))?;
-            let latest = self.decoder.latest_event_time(self.now_us);
             if let Some(decoded) = direct(self.schema, &batch, self.rows, latest)? {
                 self.take(decoded, batch.num_rows())?;
                 continue;

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
+use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
 use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::filter::CompiledFilter;
@@ -77,27 +77,24 @@ impl BatchIds {
             return;
         }
         let col = batch.column(i);
-        let mut text = String::new();
-        let ids = (0..batch.num_rows())
-            .map(|row| {
-                if col.is_null(row) {
-                    return 0;
-                }
-                match ty {
-                    FieldType::String => interner.id(col.as_string::<i32>().value(row)),
-                    FieldType::Int => {
-                        text.clear();
-                        text.push_str(&col.as_primitive::<Int64Type>().value(row).to_string());
-                        interner.id(&text)
-                    }
-                    _ => interner.id(if col.as_boolean().value(row) {
-                        "true"
-                    } else {
-                        "false"
-                    }),
-                }
-            })
-            .collect();
+        // The column's array is looked up once, not once a row.
+        let ids = match ty {
+            FieldType::String => col
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map_or(0, |v| interner.id(v)))
+                .collect(),
+            FieldType::Int => col
+                .as_primitive::<Int64Type>()
+                .iter()
+                .map(|v| v.map_or(0, |v| interner.id(&v.to_string())))
+                .collect(),
+            _ => col
+                .as_boolean()
+                .iter()
+                .map(|v| v.map_or(0, |v| interner.id(if v { "true" } else { "false" })))
+                .collect(),
+        };
         self.columns[i] = Some(ids);
     }
 
