@@ -10,7 +10,9 @@
 //! exact: the first phase's rows of one group hold distinct values. A rollup's are not (its
 //! groups span the view's), and are published as sketches only, as before.
 //!
-//! The tables are split among threads; each thread reads every row and owns its tables.
+//! The tables are split among threads; each thread reads every row and owns its tables. The
+//! view's own table, which holds most of the groups, is built in one part per thread, each
+//! holding the groups of its share of key hashes, and comes out as one batch per part.
 //! A view without a distinct metric comes here with its final rows, one per group, and the
 //! same pass computes the rollups from them.
 
@@ -49,6 +51,10 @@ struct Table {
     granularity: Granularity,
     /// Distinct counts are exact (the view's own rows from distinct-level input).
     exact: bool,
+    /// The share of the groups it holds: those whose key hash [`Share::holds`] (the view's
+    /// own table is split among the threads, so that its groups, by far the most, are not
+    /// all one thread's work).
+    share: Share,
     /// Per group: its key (bucket as two words, then the dimension ids), `width` words each.
     keys: Vec<u32>,
     width: usize,
@@ -65,6 +71,7 @@ impl Table {
             dims,
             granularity: g,
             exact,
+            share: Share::ALL,
             keys: Vec::new(),
             width,
             index: HashTable::new(),
@@ -88,6 +95,9 @@ impl Table {
                 key[2 + k] = p.ids[d][row];
             }
             let hash = hash_key(&key);
+            if !self.share.holds(hash) {
+                continue;
+            }
             let (keys, width) = (&self.keys, self.width);
             let group = match self.index.find(hash, |&g| {
                 let at = g as usize * width;
@@ -184,6 +194,24 @@ impl Table {
     }
 }
 
+/// Which groups of a table one part of it holds: those whose key hash, in bits that neither
+/// the hash table's bucket index (low bits) nor its tag (the top seven) use, is `index`
+/// modulo `parts`.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    index: u64,
+    parts: u64,
+}
+
+impl Share {
+    const ALL: Share = Share { index: 0, parts: 1 };
+
+    #[inline]
+    fn holds(self, hash: u64) -> bool {
+        self.parts == 1 || (hash >> 40) % self.parts == self.index
+    }
+}
+
 /// A key's hash: its words folded by multiply-rotate (keys are a few words; a general
 /// byte hasher costs more than the lookup).
 #[inline]
@@ -214,21 +242,30 @@ pub(crate) fn build(
 ) -> Result<Vec<RecordBatch>> {
     let dims = view.dimensions.len();
     let mut dictionary = Dictionary::new(dims);
-    let mut tables = vec![Table::new(
-        view,
-        BASE_ROLLUP.to_string(),
-        (0..dims).collect(),
-        view.granularity,
-        true,
-    )];
+    // The view's own table in one part per thread, each part holding a share of its groups.
+    let parts = threads.max(1) as u64;
+    let mut tables: Vec<Table> = (0..parts)
+        .map(|index| {
+            let mut t = Table::new(
+                view,
+                BASE_ROLLUP.to_string(),
+                (0..dims).collect(),
+                view.granularity,
+                true,
+            );
+            t.share = Share { index, parts };
+            t
+        })
+        .collect();
     tables.extend(
         view.rollups
             .iter()
             .map(|r: &Rollup| Table::new(view, r.name(), r.dims.clone(), r.granularity, false)),
     );
     let threads = threads.clamp(1, tables.len());
-    // Tables go to threads as threads come free, the largest first (the view's own, then the
-    // rollups with the most dimensions at the finest grain): the longest jobs start first.
+    // Tables go to threads as threads come free, the largest first (the view's own parts,
+    // then the rollups with the most dimensions at the finest grain): the longest jobs start
+    // first.
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by_key(|&i| {
         let t = &tables[i];
