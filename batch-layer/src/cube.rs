@@ -288,6 +288,10 @@ pub(crate) fn build(
         });
     };
     let (mut preparing, mut adding) = (0.0, 0.0);
+    // Per table, the nanoseconds its thread spent folding rows into it.
+    let folding: Vec<std::sync::atomic::AtomicU64> = (0..tables.len())
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
     // Input rows are taken in chunks, so threads meet once per chunk, not once per batch.
     const CHUNK_ROWS: usize = 1 << 18;
     let mut start = 0;
@@ -312,8 +316,25 @@ pub(crate) fn build(
         let p = prepare(view, &batch, distinct, &mut dictionary)?;
         preparing += t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
-        each_table(&|_, table: &mut Table| table.add(view, &p));
+        each_table(&|i, table: &mut Table| {
+            let t = std::time::Instant::now();
+            table.add(view, &p);
+            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+        });
         adding += t.elapsed().as_secs_f64();
+    }
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let per_table: Vec<String> = tables
+            .iter()
+            .zip(&folding)
+            .map(|(t, ns)| {
+                let t = t.lock().unwrap_or_else(|e| e.into_inner());
+                let ns = ns.load(std::sync::atomic::Ordering::Relaxed);
+                format!("{} {} groups {:.3} s", t.name, t.groups(), ns as f64 / 1e9)
+            })
+            .collect();
+        tracing::debug!(tables = %per_table.join(", "), "rows folded into each table");
     }
     let t = std::time::Instant::now();
     let schema = view.batch_schema();
