@@ -851,6 +851,64 @@ metrics = [
     assert_eq!(rows_of(&s.storage, view).await, unlimited);
 }
 
+/// The view's own table is built in one part per thread: however many parts, the published
+/// rows are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_views_rows_are_the_same_however_many_threads_build_them() {
+    let s = setup();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let jobs = s.dir.join("jobs");
+    std::fs::create_dir(&jobs).unwrap();
+    std::fs::write(
+        jobs.join("cube.toml"),
+        r#"kind = "view"
+source = "app_events"
+granularity = "hour"
+dimensions = ["app_id", "media_source", "country"]
+metrics = [
+  { name = "events", kind = "count" },
+  { name = "devices", kind = "distinct", field = "device_id" },
+  { name = "revenue_usd", kind = "sum", field = "revenue_usd" },
+]"#,
+    )
+    .unwrap();
+    let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
+    let schema = Arc::clone(&catalog.schemas["app_events"]);
+    let file = s.dir.join("h.jsonl");
+    write_lines(&file, &history(5, 20_000, NOW - 3 * DAY_US, NOW - DAY_US));
+    import_jsonl(&s.storage, &schema, &[&file], NOW)
+        .await
+        .unwrap();
+    let view = &catalog.views["cube"];
+    let full = RunRequest {
+        full: true,
+        ..Default::default()
+    };
+    let mut published = Vec::new();
+    for threads in [1, 3] {
+        let report = BatchLayer::new(
+            s.storage.clone(),
+            Arc::clone(&catalog),
+            Arc::new(s.clock.clone()),
+        )
+        .with_options(crate::BatchOptions {
+            threads: Some(threads),
+            ..Default::default()
+        })
+        .run(Some("cube"), &full)
+        .await
+        .unwrap()
+        .remove(0);
+        published.push((
+            report.rows,
+            report.rollup_rows,
+            rows_of(&s.storage, view).await,
+        ));
+    }
+    assert!(published[0].2.len() > 1_000, "{}", published[0].2.len());
+    assert_eq!(published[0], published[1]);
+}
+
 /// The answer of `sql` over the Delta table at `url`, registered as `t`.
 async fn sql_on(
     s: &Setup,
