@@ -411,11 +411,7 @@ fn prepare(
             .iter()
             .map(|f| column(f.name()).cloned())
             .collect::<Result<Vec<ArrayRef>>>()?;
-        states.push(
-            (0..n)
-                .map(|row| m.state_from_batch(&columns, row))
-                .collect::<tandem_core::Result<Vec<_>>>()?,
-        );
+        states.push(m.states_from_batch(&columns)?);
     }
     Ok(Prepared {
         buckets,

@@ -200,6 +200,41 @@ impl MetricDef {
     /// lists them).
     ///
     /// [`batch_fields`]: MetricDef::batch_fields
+    /// Every row's state of `columns` (the metric's batch columns), as
+    /// [`Self::state_from_batch`] gives it row by row: counts and sums of 64-bit columns are
+    /// read a column at a time.
+    pub fn states_from_batch(&self, columns: &[ArrayRef]) -> Result<Vec<MetricState>> {
+        let value = &columns[0];
+        let nulls = value.logical_nulls();
+        let valid = |row: usize| nulls.as_ref().is_none_or(|n| n.is_valid(row));
+        match (self.empty_state(), value.data_type()) {
+            (MetricState::Count(_), DataType::Int64) => Ok(value
+                .as_primitive::<Int64Type>()
+                .values()
+                .iter()
+                .enumerate()
+                .map(|(row, &v)| MetricState::Count(if valid(row) { v as u64 } else { 0 }))
+                .collect()),
+            (MetricState::SumInt(_), DataType::Int64) => Ok(value
+                .as_primitive::<Int64Type>()
+                .values()
+                .iter()
+                .enumerate()
+                .map(|(row, &v)| MetricState::SumInt(if valid(row) { v as i128 } else { 0 }))
+                .collect()),
+            (MetricState::SumFloat(_), DataType::Float64) => Ok(value
+                .as_primitive::<Float64Type>()
+                .values()
+                .iter()
+                .enumerate()
+                .map(|(row, &v)| MetricState::SumFloat(if valid(row) { v } else { 0.0 }))
+                .collect()),
+            _ => (0..value.len())
+                .map(|row| self.state_from_batch(columns, row))
+                .collect(),
+        }
+    }
+
     pub fn state_from_batch(&self, columns: &[ArrayRef], row: usize) -> Result<MetricState> {
         let value = &columns[0];
         let null = value.is_null(row);
@@ -994,7 +1029,63 @@ mod tests {
                     (read, state) => assert_eq!(&read, state),
                 }
             }
+            // Read a column at a time, the same states.
+            let all = m.states_from_batch(&columns).unwrap();
+            assert_eq!(all.len(), states.len());
+            for (row, read) in all.iter().enumerate() {
+                if !matches!(read, MetricState::Distinct(_)) {
+                    assert_eq!(read, &m.state_from_batch(&columns, row).unwrap());
+                }
+            }
         }
+    }
+
+    /// Counts and sums read a column at a time are the states read row by row, nulls
+    /// included (a null count or sum is nothing counted or added).
+    #[test]
+    fn a_columns_states_are_its_rows_states_nulls_included() {
+        use datafusion::arrow::array::{Float64Array, Int64Array};
+        use datafusion::arrow::buffer::NullBuffer;
+        let def = |kind, field_type: Option<FieldType>| MetricDef {
+            name: "m".into(),
+            kind,
+            field: field_type.map(|_| "f".into()),
+            field_type,
+            lg_k: None,
+        };
+        // The null slots hold values (9, 7.0) that must not be read.
+        let ints: ArrayRef = Arc::new(Int64Array::new(
+            vec![3, 9, 4, 0].into(),
+            Some(NullBuffer::from(vec![true, false, true, true])),
+        ));
+        let floats: ArrayRef = Arc::new(Float64Array::new(
+            vec![7.0, 1.5, -2.0].into(),
+            Some(NullBuffer::from(vec![false, true, true])),
+        ));
+        let cases = [
+            (def(MetricKind::Count, None), &ints),
+            (def(MetricKind::Sum, Some(FieldType::Int)), &ints),
+            (def(MetricKind::Sum, Some(FieldType::Float)), &floats),
+            // Not a fast path: read row by row.
+            (def(MetricKind::Max, Some(FieldType::Int)), &ints),
+        ];
+        for (m, column) in cases {
+            let columns = vec![Arc::clone(column)];
+            let rows: Vec<MetricState> = (0..column.len())
+                .map(|row| m.state_from_batch(&columns, row).unwrap())
+                .collect();
+            assert_eq!(m.states_from_batch(&columns).unwrap(), rows, "{:?}", m.kind);
+        }
+        assert_eq!(
+            def(MetricKind::Sum, Some(FieldType::Float))
+                .states_from_batch(&[Arc::clone(&floats)])
+                .unwrap(),
+            vec![
+                MetricState::SumFloat(0.0),
+                MetricState::SumFloat(1.5),
+                MetricState::SumFloat(-2.0)
+            ]
+        );
     }
 
     #[test]
