@@ -776,15 +776,12 @@ async fn rows_of(storage: &Storage, view: &tandem_core::view::ViewDef) -> Vec<St
     rows
 }
 
-/// Under a memory limit far below what the first phase holds, the recompute spills to disk
-/// and publishes the same rows as without one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recompute_under_a_small_memory_limit_spills_and_publishes_the_same_rows() {
-    let s = setup();
+/// The batch benchmark's hourly cube (five dimensions, a count, a distinct and a sum) as the
+/// one view of a catalog, over `events` events of `seed` imported into `s`'s store.
+async fn cube_store(s: &Setup, seed: u64, events: usize) -> Arc<Catalog> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let jobs = s.dir.join("jobs");
     std::fs::create_dir(&jobs).unwrap();
-    // The batch benchmark's hourly cube: five dimensions, a count, a distinct and a sum.
     std::fs::write(
         jobs.join("cube_hourly.toml"),
         r#"kind = "view"
@@ -800,12 +797,23 @@ metrics = [
     .unwrap();
     let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
     let schema = Arc::clone(&catalog.schemas["app_events"]);
-    let lines: Vec<String> = history(11, 60_000, NOW - 3 * DAY_US, NOW - DAY_US);
     let file = s.dir.join("h.jsonl");
-    write_lines(&file, &lines);
+    write_lines(
+        &file,
+        &history(seed, events, NOW - 3 * DAY_US, NOW - DAY_US),
+    );
     import_jsonl(&s.storage, &schema, &[&file], NOW)
         .await
         .unwrap();
+    catalog
+}
+
+/// Under a memory limit far below what the first phase holds, the recompute spills to disk
+/// and publishes the same rows as without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recompute_under_a_small_memory_limit_spills_and_publishes_the_same_rows() {
+    let s = setup();
+    let catalog = cube_store(&s, 11, 60_000).await;
     let view = &catalog.views["cube_hourly"];
     let full = RunRequest {
         full: true,
@@ -856,30 +864,8 @@ metrics = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_views_rows_are_the_same_however_many_threads_build_them() {
     let s = setup();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let jobs = s.dir.join("jobs");
-    std::fs::create_dir(&jobs).unwrap();
-    std::fs::write(
-        jobs.join("cube.toml"),
-        r#"kind = "view"
-source = "app_events"
-granularity = "hour"
-dimensions = ["app_id", "media_source", "country"]
-metrics = [
-  { name = "events", kind = "count" },
-  { name = "devices", kind = "distinct", field = "device_id" },
-  { name = "revenue_usd", kind = "sum", field = "revenue_usd" },
-]"#,
-    )
-    .unwrap();
-    let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
-    let schema = Arc::clone(&catalog.schemas["app_events"]);
-    let file = s.dir.join("h.jsonl");
-    write_lines(&file, &history(5, 20_000, NOW - 3 * DAY_US, NOW - DAY_US));
-    import_jsonl(&s.storage, &schema, &[&file], NOW)
-        .await
-        .unwrap();
-    let view = &catalog.views["cube"];
+    let catalog = cube_store(&s, 5, 20_000).await;
+    let view = &catalog.views["cube_hourly"];
     let full = RunRequest {
         full: true,
         ..Default::default()
@@ -895,7 +881,7 @@ metrics = [
             threads: Some(threads),
             ..Default::default()
         })
-        .run(Some("cube"), &full)
+        .run(Some("cube_hourly"), &full)
         .await
         .unwrap()
         .remove(0);

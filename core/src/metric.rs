@@ -16,8 +16,10 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Decimal128Array, Float64Array, Int64Array,
     StructArray, TimestampMicrosecondArray, UInt64Array,
 };
+use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::{
-    DataType, Decimal128Type, Field, Float64Type, Int64Type, TimestampMicrosecondType,
+    ArrowPrimitiveType, DataType, Decimal128Type, Field, Float64Type, Int64Type,
+    TimestampMicrosecondType,
 };
 use datasketches::hash::value::raw_bytes;
 pub use datasketches::hll::Coupon;
@@ -206,33 +208,37 @@ impl MetricDef {
     pub fn states_from_batch(&self, columns: &[ArrayRef]) -> Result<Vec<MetricState>> {
         let value = &columns[0];
         let nulls = value.logical_nulls();
-        let valid = |row: usize| nulls.as_ref().is_none_or(|n| n.is_valid(row));
-        match (self.empty_state(), value.data_type()) {
-            (MetricState::Count(_), DataType::Int64) => Ok(value
-                .as_primitive::<Int64Type>()
-                .values()
+        // Each row's state from its value, a null row's from the type's zero.
+        fn each<T: ArrowPrimitiveType>(
+            value: &ArrayRef,
+            nulls: Option<&NullBuffer>,
+            state: impl Fn(T::Native) -> MetricState,
+        ) -> Vec<MetricState> {
+            let values = value.as_primitive::<T>().values();
+            values
                 .iter()
                 .enumerate()
-                .map(|(row, &v)| MetricState::Count(if valid(row) { v as u64 } else { 0 }))
-                .collect()),
-            (MetricState::SumInt(_), DataType::Int64) => Ok(value
-                .as_primitive::<Int64Type>()
-                .values()
-                .iter()
-                .enumerate()
-                .map(|(row, &v)| MetricState::SumInt(if valid(row) { v as i128 } else { 0 }))
-                .collect()),
-            (MetricState::SumFloat(_), DataType::Float64) => Ok(value
-                .as_primitive::<Float64Type>()
-                .values()
-                .iter()
-                .enumerate()
-                .map(|(row, &v)| MetricState::SumFloat(if valid(row) { v } else { 0.0 }))
-                .collect()),
+                .map(|(row, &v)| match nulls {
+                    Some(n) if n.is_null(row) => state(T::Native::default()),
+                    _ => state(v),
+                })
+                .collect()
+        }
+        let nulls = nulls.as_ref();
+        Ok(match (self.empty_state(), value.data_type()) {
+            (MetricState::Count(_), DataType::Int64) => {
+                each::<Int64Type>(value, nulls, |v| MetricState::Count(v as u64))
+            }
+            (MetricState::SumInt(_), DataType::Int64) => {
+                each::<Int64Type>(value, nulls, |v| MetricState::SumInt(v as i128))
+            }
+            (MetricState::SumFloat(_), DataType::Float64) => {
+                each::<Float64Type>(value, nulls, MetricState::SumFloat)
+            }
             _ => (0..value.len())
                 .map(|row| self.state_from_batch(columns, row))
-                .collect(),
-        }
+                .collect::<Result<_>>()?,
+        })
     }
 
     pub fn state_from_batch(&self, columns: &[ArrayRef], row: usize) -> Result<MetricState> {
@@ -1044,8 +1050,6 @@ mod tests {
     /// included (a null count or sum is nothing counted or added).
     #[test]
     fn a_columns_states_are_its_rows_states_nulls_included() {
-        use datafusion::arrow::array::{Float64Array, Int64Array};
-        use datafusion::arrow::buffer::NullBuffer;
         let def = |kind, field_type: Option<FieldType>| MetricDef {
             name: "m".into(),
             kind,
