@@ -890,6 +890,17 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    /// A metric `m` of `kind` over a field `f` of `field_type` (none for a count).
+    fn def(kind: MetricKind, field_type: Option<FieldType>) -> MetricDef {
+        MetricDef {
+            name: "m".into(),
+            kind,
+            field: field_type.map(|_| "f".into()),
+            field_type,
+            lg_k: None,
+        }
+    }
+
     fn sketch_of(range: std::ops::Range<u32>) -> DistinctState {
         let mut d = DistinctState::new(12);
         for i in range {
@@ -966,13 +977,6 @@ mod tests {
 
     #[test]
     fn states_round_trip_through_batch_columns() {
-        let def = |kind, field_type: Option<FieldType>| MetricDef {
-            name: "m".into(),
-            kind,
-            field: field_type.map(|_| "f".into()),
-            field_type,
-            lg_k: None,
-        };
         let mut merged = MetricState::Distinct(Box::new(sketch_of(0..100)));
         merged.merge(&MetricState::Distinct(Box::new(sketch_of(50..200))));
         let mut exact = sketch_of(0..10);
@@ -1050,13 +1054,6 @@ mod tests {
     /// included (a null count or sum is nothing counted or added).
     #[test]
     fn a_columns_states_are_its_rows_states_nulls_included() {
-        let def = |kind, field_type: Option<FieldType>| MetricDef {
-            name: "m".into(),
-            kind,
-            field: field_type.map(|_| "f".into()),
-            field_type,
-            lg_k: None,
-        };
         // The null slots hold values (9, 7.0) that must not be read.
         let ints: ArrayRef = Arc::new(Int64Array::new(
             vec![3, 9, 4, 0].into(),
