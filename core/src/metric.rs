@@ -198,10 +198,6 @@ impl MetricDef {
         }
     }
 
-    /// The state stored in row `row` of this metric's batch view columns (as [`batch_fields`]
-    /// lists them).
-    ///
-    /// [`batch_fields`]: MetricDef::batch_fields
     /// Every row's state of `columns` (the metric's batch columns), as
     /// [`Self::state_from_batch`] gives it row by row: counts and sums of 64-bit columns are
     /// read a column at a time.
@@ -241,6 +237,10 @@ impl MetricDef {
         })
     }
 
+    /// The state stored in row `row` of this metric's batch view columns (as [`batch_fields`]
+    /// lists them).
+    ///
+    /// [`batch_fields`]: MetricDef::batch_fields
     pub fn state_from_batch(&self, columns: &[ArrayRef], row: usize) -> Result<MetricState> {
         let value = &columns[0];
         let null = value.is_null(row);
