@@ -18,11 +18,13 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryBuilder, Int64Array, StringArray, TimestampMicrosecondArray,
+};
 use datafusion::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use hashbrown::HashTable;
-use tandem_core::metric::{Coupon, DistinctState, MetricKind, MetricState};
+use tandem_core::metric::{Coupon, DistinctState, MetricKind, MetricState, LIST_COUPONS};
 use tandem_core::time::{day_of, day_string};
 use tandem_core::view::{Granularity, Rollup, ViewDef, BASE_ROLLUP, BUCKET_COLUMN};
 
@@ -39,6 +41,8 @@ struct Prepared {
     /// null or a value sketches skip).
     present: Vec<bool>,
     coupons: Vec<Option<Coupon>>,
+    /// Per row: the bits of its coupon (0 for none), which a sketch's list image holds.
+    bits: Vec<u32>,
     /// Per metric (none for the distinct metrics), each row's state.
     states: Vec<Vec<MetricState>>,
 }
@@ -59,13 +63,122 @@ struct Table {
     keys: Vec<u32>,
     width: usize,
     index: HashTable<u32>,
-    /// Per group, every metric's state.
+    /// Per group, every metric's state (for the distinct metric of a table with
+    /// [`Self::distinct`], a placeholder).
     states: Vec<MetricState>,
+    /// The distinct metric's states, kept apart in an exact table.
+    distinct: Option<ExactDistinct>,
+    /// What went wrong folding rows in, if anything did.
+    error: Option<BatchError>,
+}
+
+/// The distinct metric of an exact table (the view's own rows, from the first phase's rows,
+/// whose distinct values are distinct within a group), per group: its exact count, and its
+/// first coupons, which are written out as a sketch's list image. Most groups hold a value or
+/// two: they cost no sketch (an allocation or two each, and a serialization). A group given
+/// more coupons than a list holds gets a sketch.
+struct ExactDistinct {
+    /// The metric's index in the view.
+    metric: usize,
+    lg_k: u8,
+    exact: Vec<u64>,
+    /// Per group: the coupons it holds, or [`SKETCHED`].
+    held: Vec<u8>,
+    coupons: Vec<[u32; LIST_COUPONS]>,
+    sketches: hashbrown::HashMap<u32, DistinctState>,
+}
+
+/// [`ExactDistinct::held`] of a group whose coupons are in a sketch.
+const SKETCHED: u8 = u8::MAX;
+
+impl ExactDistinct {
+    fn push_group(&mut self) {
+        self.exact.push(0);
+        self.held.push(0);
+        self.coupons.push([0; LIST_COUPONS]);
+    }
+
+    /// Adds a row of group `g`: whether its value is there, and its coupon (bits and
+    /// coupon; none for a value sketches skip).
+    fn add(&mut self, g: usize, present: bool, bits: u32, coupon: Option<Coupon>) -> Result<()> {
+        if present {
+            self.exact[g] += 1;
+        }
+        let Some(coupon) = coupon.filter(|_| bits != 0) else {
+            return Ok(());
+        };
+        let held = self.held[g] as usize;
+        if held == SKETCHED as usize {
+            if let Some(d) = self.sketches.get_mut(&(g as u32)) {
+                d.update_coupon(coupon);
+            }
+            return Ok(());
+        }
+        let coupons = &mut self.coupons[g];
+        if coupons[..held].contains(&bits) {
+            return Ok(());
+        }
+        if held < LIST_COUPONS {
+            coupons[held] = bits;
+            self.held[g] += 1;
+            return Ok(());
+        }
+        let mut d = DistinctState::from_list(self.lg_k, coupons, None)?;
+        d.update_coupon(coupon);
+        self.sketches.insert(g as u32, d);
+        self.held[g] = SKETCHED;
+        Ok(())
+    }
+
+    /// The metric's batch columns (its exact counts, its sketches) for the first `n` groups.
+    fn columns(&self, n: usize) -> Vec<ArrayRef> {
+        let exact = Int64Array::from_iter_values(
+            self.exact[..n]
+                .iter()
+                .map(|&e| i64::try_from(e).unwrap_or(i64::MAX)),
+        );
+        let mut sketches = BinaryBuilder::with_capacity(n, n * 16);
+        let mut image = Vec::with_capacity(8 + 4 * LIST_COUPONS);
+        for g in 0..n {
+            match self.held[g] {
+                SKETCHED => match self.sketches.get(&(g as u32)) {
+                    Some(d) => sketches.append_value(d.serialize()),
+                    None => sketches.append_null(),
+                },
+                held => {
+                    image.clear();
+                    DistinctState::write_list(
+                        self.lg_k,
+                        &self.coupons[g][..held as usize],
+                        &mut image,
+                    );
+                    sketches.append_value(&image);
+                }
+            }
+        }
+        vec![Arc::new(exact), Arc::new(sketches.finish())]
+    }
 }
 
 impl Table {
     fn new(view: &ViewDef, name: String, dims: Vec<usize>, g: Granularity, exact: bool) -> Self {
         let width = 2 + dims.len();
+        let mut distincts = view
+            .metrics
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.kind == MetricKind::Distinct);
+        let distinct = match (distincts.next(), distincts.next()) {
+            (Some((metric, m)), None) if exact => Some(ExactDistinct {
+                metric,
+                lg_k: m.lg_k(),
+                exact: Vec::new(),
+                held: Vec::new(),
+                coupons: Vec::new(),
+                sketches: hashbrown::HashMap::new(),
+            }),
+            _ => None,
+        };
         Table {
             name,
             dims,
@@ -76,6 +189,8 @@ impl Table {
             width,
             index: HashTable::new(),
             states: Vec::with_capacity(view.metrics.len()),
+            distinct,
+            error: None,
         }
     }
 
@@ -107,12 +222,20 @@ impl Table {
                 None => {
                     let g = self.groups();
                     self.keys.extend_from_slice(&key);
-                    for m in &view.metrics {
+                    let apart = self.distinct.as_ref().map(|d| d.metric);
+                    for (i, m) in view.metrics.iter().enumerate() {
+                        if apart == Some(i) {
+                            self.states.push(MetricState::Count(0));
+                            continue;
+                        }
                         let mut s = m.empty_state();
                         if let MetricState::Distinct(d) = &mut s {
                             d.exact = self.exact.then_some(0);
                         }
                         self.states.push(s);
+                    }
+                    if let Some(d) = &mut self.distinct {
+                        d.push_group();
                     }
                     let (keys, width) = (&self.keys, self.width);
                     self.index.insert_unique(hash, g as u32, |&g| {
@@ -126,7 +249,12 @@ impl Table {
             let mut partial = p.states.iter();
             for (m, state) in view.metrics.iter().zip(states) {
                 if m.kind == MetricKind::Distinct {
-                    if let MetricState::Distinct(d) = state {
+                    if let Some(d) = &mut self.distinct {
+                        let added = d.add(group, p.present[row], p.bits[row], p.coupons[row]);
+                        if let Err(e) = added {
+                            self.error.get_or_insert(e);
+                        }
+                    } else if let MetricState::Distinct(d) = state {
                         if p.present[row] {
                             d.exact = d.exact.map(|n| n + 1);
                         }
@@ -173,6 +301,10 @@ impl Table {
             columns.push(Arc::new(column));
         }
         for (i, m) in view.metrics.iter().enumerate() {
+            if let Some(d) = self.distinct.as_ref().filter(|d| d.metric == i) {
+                columns.extend(d.columns(n));
+                continue;
+            }
             let states: Vec<&MetricState> = (0..n).map(|g| &self.states[g * metrics + i]).collect();
             columns.extend(m.batch_columns(&states)?);
         }
@@ -240,6 +372,18 @@ pub(crate) fn build(
     distinct: Option<&str>,
     threads: usize,
 ) -> Result<Vec<RecordBatch>> {
+    build_with(view, input, distinct, threads, true)
+}
+
+/// [`build`], with the exact table's distinct metric kept apart ([`ExactDistinct`]) or, for
+/// comparison, as a sketch per group.
+fn build_with(
+    view: &ViewDef,
+    input: &[RecordBatch],
+    distinct: Option<&str>,
+    threads: usize,
+    apart: bool,
+) -> Result<Vec<RecordBatch>> {
     let dims = view.dimensions.len();
     let mut dictionary = Dictionary::new(dims);
     // The view's own table in one part per thread, each part holding a share of its groups.
@@ -254,6 +398,9 @@ pub(crate) fn build(
                 true,
             );
             t.share = Share { index, parts };
+            if !apart {
+                t.distinct = None;
+            }
             t
         })
         .collect();
@@ -344,7 +491,9 @@ pub(crate) fn build(
         .collect();
     // Each table is written, then emptied, by the thread that takes it.
     each_table(&|i, t: &mut Table| {
-        if t.groups() > 0 {
+        if let Some(e) = t.error.take() {
+            *finished[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(e));
+        } else if t.groups() > 0 {
             let b = t.finish(view, &schema, dictionary);
             *finished[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
         }
@@ -388,15 +537,22 @@ fn prepare(
         .collect::<Result<Vec<_>>>()?;
     let mut present = vec![false; n];
     let mut coupons = vec![None; n];
+    let mut bits = vec![0; n];
     if let Some(name) = distinct {
         let values = column(name)?;
         for (row, p) in present.iter_mut().enumerate() {
             *p = values.is_valid(row);
         }
         for_each_value(values, None, |row, v| {
-            coupons[row] = match v {
-                Value::I64(x) => Some(DistinctState::coupon_of_i64(x)),
-                Value::Str(x) => DistinctState::coupon_of_str(x),
+            (coupons[row], bits[row]) = match v {
+                Value::I64(x) => (
+                    Some(DistinctState::coupon_of_i64(x)),
+                    DistinctState::coupon_bits_of_i64(x),
+                ),
+                Value::Str(x) => (
+                    DistinctState::coupon_of_str(x),
+                    DistinctState::coupon_bits_of_str(x).unwrap_or(0),
+                ),
             }
         })?;
     }
@@ -418,6 +574,144 @@ fn prepare(
         ids,
         present,
         coupons,
+        bits,
         states,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use datafusion::arrow::array::{Decimal128Array, Float64Array, Int64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    /// The first phase's rows of a cube view: groups holding 0 to 20 distinct device ids
+    /// (past a list's 7, into a hash set and past it), with null and empty ids and a repeated
+    /// one, in rows spread over the groups.
+    fn first_phase(view: &ViewDef) -> RecordBatch {
+        let mut rows: Vec<(i64, String, Option<String>)> = Vec::new();
+        for group in 0..60usize {
+            let devices = group % 21;
+            for d in 0..devices {
+                rows.push((
+                    group as i64,
+                    format!("app-{group}"),
+                    Some(format!("dev-{d}")),
+                ));
+            }
+            match group % 4 {
+                0 => rows.push((group as i64, format!("app-{group}"), None)),
+                1 => rows.push((group as i64, format!("app-{group}"), Some(String::new()))),
+                2 => rows.push((group as i64, format!("app-{group}"), Some("dev-0".into()))),
+                _ => {}
+            }
+        }
+        // Rows of a group are not consecutive.
+        rows.sort_by_key(|(g, _, d)| (d.clone(), *g));
+        let n = rows.len();
+        let buckets = TimestampMicrosecondArray::from_iter_values(
+            rows.iter()
+                .map(|(g, _, _)| 1_700_000_000_000_000 + g * 3_600_000_000),
+        )
+        .with_timezone("UTC");
+        let mut fields = vec![Field::new(
+            BUCKET_COLUMN,
+            buckets.data_type().clone(),
+            false,
+        )];
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(buckets)];
+        for (i, d) in view.dimensions.iter().enumerate() {
+            let column: StringArray = match i {
+                0 => rows.iter().map(|(_, a, _)| Some(a.as_str())).collect(),
+                _ => rows.iter().map(|_| Some("x")).collect(),
+            };
+            fields.push(Field::new(d, DataType::Utf8, true));
+            columns.push(Arc::new(column));
+        }
+        fields.push(Field::new("device_id", DataType::Utf8, true));
+        columns.push(Arc::new(
+            rows.iter()
+                .map(|(_, _, d)| d.as_deref())
+                .collect::<StringArray>(),
+        ));
+        for m in view
+            .metrics
+            .iter()
+            .filter(|m| m.kind != MetricKind::Distinct)
+        {
+            for f in m.batch_fields() {
+                let column: ArrayRef = match f.data_type() {
+                    DataType::Int64 => Arc::new(Int64Array::from_iter_values((0..n).map(|_| 1))),
+                    DataType::Float64 => {
+                        Arc::new(Float64Array::from_iter_values((0..n).map(|_| 1.5)))
+                    }
+                    DataType::Decimal128(p, s) => Arc::new(
+                        Decimal128Array::from_iter_values((0..n).map(|r| r as i128))
+                            .with_precision_and_scale(*p, *s)
+                            .unwrap(),
+                    ),
+                    other => panic!("no test column of type {other}"),
+                };
+                fields.push(Field::new(f.name(), f.data_type().clone(), true));
+                columns.push(column);
+            }
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+    }
+
+    #[test]
+    fn the_views_distinct_kept_apart_is_what_a_sketch_a_group_gives() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let schemas = tandem_core::schema::load_schemas(&root.join("schemas")).unwrap();
+        let view = ViewDef::from_toml(
+            Path::new("cube.toml"),
+            r#"kind = "view"
+source = "app_events"
+granularity = "hour"
+dimensions = ["app_id", "media_source"]
+metrics = [
+  { name = "events", kind = "count" },
+  { name = "devices", kind = "distinct", field = "device_id" },
+  { name = "revenue_usd", kind = "sum", field = "revenue_usd" },
+]"#,
+            &schemas,
+        )
+        .unwrap();
+        let input = first_phase(&view);
+        for threads in [1, 2] {
+            let apart = build_with(
+                &view,
+                std::slice::from_ref(&input),
+                Some("device_id"),
+                threads,
+                true,
+            );
+            let sketched = build_with(
+                &view,
+                std::slice::from_ref(&input),
+                Some("device_id"),
+                threads,
+                false,
+            );
+            let (apart, sketched) = (apart.unwrap(), sketched.unwrap());
+            assert_eq!(apart.len(), sketched.len());
+            for (a, s) in apart.iter().zip(&sketched) {
+                assert_eq!(a, s, "{threads} threads");
+            }
+            let own: usize = apart
+                .iter()
+                .filter(|b| {
+                    b.column_by_name(ROLLUP)
+                        .is_some_and(|r| r.as_string::<i32>().value(0) == BASE_ROLLUP)
+                })
+                .map(RecordBatch::num_rows)
+                .sum();
+            assert_eq!(own, 60);
+        }
+    }
+
+    const ROLLUP: &str = tandem_core::view::ROLLUP_COLUMN;
 }

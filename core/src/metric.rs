@@ -566,6 +566,47 @@ impl DistinctState {
         }
     }
 
+    /// The bits of [`Self::coupon_of_str`]'s coupon (`None` for the empty string), for
+    /// [`Self::write_list`]: never 0.
+    pub fn coupon_bits_of_str(v: &str) -> Option<u32> {
+        (!v.is_empty()).then(|| coupon_bits(v.as_bytes()))
+    }
+
+    /// The bits of [`Self::coupon_of_i64`]'s coupon.
+    pub fn coupon_bits_of_i64(v: i64) -> u32 {
+        coupon_bits(&v.to_le_bytes())
+    }
+
+    /// Appends to `out` the serialized sketch (as [`Self::serialize`] gives it) of `lg_k`
+    /// holding the coupons `bits` (distinct, in the order they were added, at most
+    /// [`LIST_COUPONS`]): the compact list image of the DataSketches format, written without
+    /// building a sketch.
+    pub fn write_list(lg_k: u8, bits: &[u32], out: &mut Vec<u8>) {
+        debug_assert!(bits.len() <= LIST_COUPONS);
+        let flags = LIST_COMPACT | if bits.is_empty() { LIST_EMPTY } else { 0 };
+        out.extend_from_slice(&[
+            LIST_PREINTS,
+            SERIAL_VERSION,
+            HLL_FAMILY,
+            lg_k,
+            LIST_LG_ARR,
+            flags,
+            bits.len() as u8,
+            LIST_MODE_HLL8,
+        ]);
+        for b in bits {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+    }
+
+    /// The state of `lg_k` holding the coupons `bits` (as [`Self::write_list`] takes them),
+    /// ready for more ([`Self::update_coupon`]).
+    pub fn from_list(lg_k: u8, bits: &[u32], exact: Option<u64>) -> Result<Self> {
+        let mut image = Vec::with_capacity(8 + 4 * bits.len());
+        Self::write_list(lg_k, bits, &mut image);
+        Self::from_parts(&image, exact)
+    }
+
     pub fn from_parts(bytes: &[u8], exact: Option<u64>) -> Result<Self> {
         let sketch = HllSketch::deserialize(bytes).map_err(|e| CoreError::Sketch(e.to_string()))?;
         Ok(DistinctState {
@@ -636,6 +677,86 @@ impl DistinctState {
             None => union.update(&other.sketch),
         }
     }
+}
+
+/// The most coupons an HLL sketch keeps as a list: the next one makes it a hash set (or, with
+/// fewer than 256 registers, an array).
+pub const LIST_COUPONS: usize = 7;
+
+// The compact list image of the DataSketches HLL format (`hll/serialization.rs` of the
+// `datasketches` crate, and the Java and C++ libraries): preamble ints, serial version,
+// family, lg_k, lg of the list's array (8 slots), flags, coupon count, mode (list, HLL_8).
+const LIST_PREINTS: u8 = 2;
+const SERIAL_VERSION: u8 = 1;
+const HLL_FAMILY: u8 = 7;
+const LIST_LG_ARR: u8 = 3;
+const LIST_EMPTY: u8 = 4;
+const LIST_COMPACT: u8 = 8;
+const LIST_MODE_HLL8: u8 = 2 << 2;
+
+/// The coupon of a value's bytes, as `datasketches::hll::Coupon::from_value` computes it
+/// (whose bits the crate keeps private): MurmurHash3 x64 128 with the DataSketches seed, the
+/// low 26 bits of the first word as the slot, and one more than the second word's leading
+/// zeros (at most 63) as the value above them.
+fn coupon_bits(bytes: &[u8]) -> u32 {
+    let (lo, hi) = murmur3_x64_128(bytes, 9001);
+    let slot = lo as u32 & ((1 << 26) - 1);
+    let value = hi.leading_zeros().min(62) + 1;
+    (value << 26) | slot
+}
+
+/// MurmurHash3's x64 128-bit variant (Austin Appleby's reference, public domain).
+fn murmur3_x64_128(bytes: &[u8], seed: u64) -> (u64, u64) {
+    const C1: u64 = 0x87c3_7b91_1142_53d5;
+    const C2: u64 = 0x4cf5_ad43_2745_937f;
+    fn fmix64(mut k: u64) -> u64 {
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        k ^ (k >> 33)
+    }
+    fn word(b: &[u8]) -> u64 {
+        b.iter()
+            .enumerate()
+            .fold(0, |w, (i, &x)| w | (u64::from(x) << (8 * i)))
+    }
+    let mix1 = |k: u64| k.wrapping_mul(C1).rotate_left(31).wrapping_mul(C2);
+    let mix2 = |k: u64| k.wrapping_mul(C2).rotate_left(33).wrapping_mul(C1);
+    let (mut h1, mut h2) = (seed, seed);
+    let mut blocks = bytes.chunks_exact(16);
+    for b in &mut blocks {
+        let k1 = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+        let k2 = u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
+        h1 ^= mix1(k1);
+        h1 = h1
+            .rotate_left(27)
+            .wrapping_add(h2)
+            .wrapping_mul(5)
+            .wrapping_add(0x52dc_e729);
+        h2 ^= mix2(k2);
+        h2 = h2
+            .rotate_left(31)
+            .wrapping_add(h1)
+            .wrapping_mul(5)
+            .wrapping_add(0x3849_5ab5);
+    }
+    let tail = blocks.remainder();
+    if tail.len() > 8 {
+        h2 ^= mix2(word(&tail[8..]));
+    }
+    if !tail.is_empty() {
+        h1 ^= mix1(word(&tail[..tail.len().min(8)]));
+    }
+    h1 ^= bytes.len() as u64;
+    h2 ^= bytes.len() as u64;
+    h1 = h1.wrapping_add(h2);
+    h2 = h2.wrapping_add(h1);
+    h1 = fmix64(h1);
+    h2 = fmix64(h2);
+    h1 = h1.wrapping_add(h2);
+    h2 = h2.wrapping_add(h1);
+    (h1, h2)
 }
 
 /// A new empty HLL sketch with `lg_k` registers.
@@ -907,6 +1028,55 @@ mod tests {
             d.update_str(&format!("device-{i}"));
         }
         d
+    }
+
+    #[test]
+    fn a_list_written_from_coupon_bits_is_the_sketch_the_library_serializes() {
+        // Strings of every length around MurmurHash3's 16-byte blocks, integers, and up to a
+        // full list, so the hash's tail and the image's count are both covered.
+        let strings: Vec<String> = (0..40).map(|n| "d".repeat(n + 1)).collect();
+        for lg_k in [4, 11, 12, 21] {
+            for n in 0..=LIST_COUPONS {
+                let mut by_library = DistinctState::new(lg_k);
+                let mut bits = Vec::new();
+                for s in strings.iter().skip(n * 3).take(n) {
+                    by_library.update_str(s);
+                    bits.push(DistinctState::coupon_bits_of_str(s).expect("not empty"));
+                }
+                let mut written = Vec::new();
+                DistinctState::write_list(lg_k, &bits, &mut written);
+                assert_eq!(written, by_library.serialize(), "lg_k {lg_k}, {n} strings");
+                let read = DistinctState::from_list(lg_k, &bits, None).expect("a valid image");
+                assert_eq!(read.serialize(), by_library.serialize());
+            }
+            let mut by_library = DistinctState::new(lg_k);
+            let values = [0i64, -1, 7, i64::MAX, i64::MIN, 1 << 40];
+            let bits: Vec<u32> = values
+                .iter()
+                .map(|&v| {
+                    by_library.update_i64(v);
+                    DistinctState::coupon_bits_of_i64(v)
+                })
+                .collect();
+            let mut written = Vec::new();
+            DistinctState::write_list(lg_k, &bits, &mut written);
+            assert_eq!(written, by_library.serialize(), "lg_k {lg_k}, integers");
+        }
+        assert_eq!(DistinctState::coupon_bits_of_str(""), None);
+        // A full list given more coupons becomes what the library makes of them all.
+        let mut by_library = DistinctState::new(12);
+        let full: Vec<u32> = strings[..LIST_COUPONS]
+            .iter()
+            .map(|s| DistinctState::coupon_bits_of_str(s).expect("not empty"))
+            .collect();
+        let mut listed = DistinctState::from_list(12, &full, None).expect("a valid image");
+        for (i, s) in strings.iter().take(LIST_COUPONS + 30).enumerate() {
+            by_library.update_str(s);
+            if i >= LIST_COUPONS {
+                listed.update_coupon(DistinctState::coupon_of_str(s).expect("not empty"));
+            }
+        }
+        assert_eq!(listed.serialize(), by_library.serialize());
     }
 
     #[test]
