@@ -249,6 +249,11 @@ impl Table {
             .iter()
             .filter_map(|d| source.dims.iter().position(|s| s == d))
             .collect();
+        debug_assert_eq!(
+            positions.len(),
+            self.dims.len(),
+            "a source holds every dimension"
+        );
         let mut key = vec![0u32; self.width];
         for g in 0..source.groups() {
             let bucket = self.granularity.floor(source.bucket(g));
@@ -551,15 +556,15 @@ fn build_with(
             .iter()
             .copied()
             .filter(|&j| j != i)
-            .map(|j| (j, lock(j)))
-            .filter(|(_, s)| table.derives_from(s))
-            .min_by_key(|(_, s)| s.groups());
-        if let Some((j, source)) = source {
+            .map(lock)
+            .filter(|s| table.derives_from(s))
+            .min_by_key(|s| s.groups());
+        if let Some(source) = source {
             let started = std::time::Instant::now();
             table.derive(view, &source);
             let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
-            tracing::trace!(table = %table.name, from = j, "merged from a finer table");
+            tracing::trace!(table = %table.name, from = %source.name, "merged from a finer table");
         }
     }
     adding += t.elapsed().as_secs_f64();
@@ -774,21 +779,17 @@ metrics = [
         .unwrap();
         let input = first_phase(&view);
         for threads in [1, 2] {
-            let apart = build_with(
-                &view,
-                std::slice::from_ref(&input),
-                Some("device_id"),
-                threads,
-                true,
-            );
-            let sketched = build_with(
-                &view,
-                std::slice::from_ref(&input),
-                Some("device_id"),
-                threads,
-                false,
-            );
-            let (apart, sketched) = (apart.unwrap(), sketched.unwrap());
+            let built = |apart| {
+                build_with(
+                    &view,
+                    std::slice::from_ref(&input),
+                    Some("device_id"),
+                    threads,
+                    apart,
+                )
+                .unwrap()
+            };
+            let (apart, sketched) = (built(true), built(false));
             assert_eq!(apart.len(), sketched.len());
             for (a, s) in apart.iter().zip(&sketched) {
                 assert_eq!(a, s, "{threads} threads");
