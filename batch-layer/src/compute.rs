@@ -324,28 +324,40 @@ impl BatchLayer {
         let schema = self.catalog.schema_of(view);
         let id = schema.fields[schema.event_id].name.clone();
         let started = Instant::now();
-        // DataFusion's grouping (on every thread) finds them; only repeated ids come back.
-        let batches = ctx
+        // Each id hashed to 64 bits as the day is read, on every thread; hashes that repeat are
+        // found by sorting them. Only if any does is the day read again, to find the ids behind
+        // those hashes exactly (a repeated hash may be two ids).
+        let ids = ctx
             .table("master")
             .await?
             .filter(ident(DAY_COLUMN).eq(lit(day)))?
-            .aggregate(vec![ident(&id)], vec![count(lit(1)).alias("n")])?
-            .filter(ident("n").gt(lit(1i64)))?
-            .select(vec![ident(&id)])?
-            .collect()
-            .await?;
-        let columns = batches
-            .iter()
-            .map(|b| cast(b.column(0), &DataType::Utf8))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let repeated: BTreeSet<&str> = columns
-            .iter()
-            .flat_map(|ids| ids.as_string::<i32>().iter().flatten())
-            .collect();
+            .select(vec![ident(&id)])?;
+        let hashes = for_each_partition(&ids, |batch, out: &mut Vec<u64>| {
+            hash_ids(batch.column(0), out)
+        })
+        .await?;
+        let threads = ctx.state().config().target_partitions();
+        let candidates = tokio::task::spawn_blocking(move || repeated_hashes(hashes, threads))
+            .await
+            .map_err(|e| BatchError::BadRequest(format!("looking for repeated ids failed: {e}")))?;
+        let repeated = match candidates.is_empty() {
+            true => BTreeSet::new(),
+            false => {
+                let candidates = Arc::new(candidates);
+                let found = for_each_partition(&ids, {
+                    let candidates = Arc::clone(&candidates);
+                    move |batch, out: &mut Vec<String>| {
+                        ids_with_hashes(batch.column(0), &candidates, out)
+                    }
+                })
+                .await?;
+                repeated_ids(found.into_iter().flatten())
+            }
+        };
         tracing::debug!(schema = %view.source, day, seconds = started.elapsed().as_secs_f64(), repeated = repeated.len(), "repeated event ids looked for");
         let found = (!repeated.is_empty()).then(|| {
             tracing::info!(schema = %view.source, day, ids = repeated.len(), "rows repeating an event id are counted once");
-            Arc::new(repeated.into_iter().map(str::to_string).collect::<Vec<_>>())
+            Arc::new(repeated.into_iter().collect::<Vec<_>>())
         });
         self.repeats
             .lock()
@@ -1078,6 +1090,129 @@ type Repeats = Option<Arc<Vec<String>>>;
 /// Repeats found, by schema, day and master version.
 type RepeatsCache = std::collections::HashMap<(String, String, i64), Repeats>;
 
+/// Runs `f` on every batch of `df`, each of its plan's output partitions on a task of its own
+/// (so on every thread), and gives what each partition's calls put in their vector.
+async fn for_each_partition<T, F>(
+    df: &datafusion::dataframe::DataFrame,
+    f: F,
+) -> Result<Vec<Vec<T>>>
+where
+    T: Send + 'static,
+    F: Fn(&RecordBatch, &mut Vec<T>) -> Result<()> + Clone + Send + 'static,
+{
+    let task_ctx = Arc::new(df.task_ctx());
+    let plan = df.clone().create_physical_plan().await?;
+    let streams = datafusion::physical_plan::execute_stream_partitioned(plan, task_ctx)?;
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while let Some(batch) = stream.try_next().await? {
+                    f(&batch, &mut out)?;
+                }
+                Ok::<_, BatchError>(out)
+            })
+        })
+        .collect();
+    let mut parts = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        parts.push(
+            task.await.map_err(|e| {
+                BatchError::BadRequest(format!("reading a partition failed: {e}"))
+            })??,
+        );
+    }
+    Ok(parts)
+}
+
+/// How event ids are hashed to find repeats: fixed, so both reads of a day agree.
+fn id_hasher() -> datafusion::common::hash_utils::RandomState {
+    datafusion::common::hash_utils::RandomState::with_seed(0x7461_6e64_656d)
+}
+
+/// Appends the 64-bit hash of every id of `ids` that is not null.
+fn hash_ids(ids: &ArrayRef, out: &mut Vec<u64>) -> Result<()> {
+    let mut hashes = vec![0u64; ids.len()];
+    datafusion::common::hash_utils::create_hashes([ids], &id_hasher(), &mut hashes)?;
+    match ids.logical_nulls() {
+        None => out.extend_from_slice(&hashes),
+        Some(nulls) => out.extend(
+            hashes
+                .iter()
+                .zip(nulls.iter())
+                .filter_map(|(&h, valid)| valid.then_some(h)),
+        ),
+    }
+    Ok(())
+}
+
+/// Appends, as text, every id of `ids` (not null) whose hash is one of `wanted`.
+fn ids_with_hashes(
+    ids: &ArrayRef,
+    wanted: &std::collections::HashSet<u64>,
+    out: &mut Vec<String>,
+) -> Result<()> {
+    let mut hashes = vec![0u64; ids.len()];
+    datafusion::common::hash_utils::create_hashes([ids], &id_hasher(), &mut hashes)?;
+    let text = cast(ids, &DataType::Utf8)?;
+    let text = text.as_string::<i32>();
+    for (row, h) in hashes.iter().enumerate() {
+        if wanted.contains(h) && text.is_valid(row) {
+            out.push(text.value(row).to_string());
+        }
+    }
+    Ok(())
+}
+
+/// The hashes that occur more than once in `parts`. They are spread by their top byte into
+/// 256 runs (each small enough to sort in cache), which `threads` threads sort and scan.
+fn repeated_hashes(parts: Vec<Vec<u64>>, threads: usize) -> std::collections::HashSet<u64> {
+    const RUNS: usize = 256;
+    let run_of = |h: u64| (h >> 56) as usize;
+    let mut counts = [0usize; RUNS];
+    for &h in parts.iter().flatten() {
+        counts[run_of(h)] += 1;
+    }
+    let mut runs: Vec<Vec<u64>> = counts.iter().map(|&n| Vec::with_capacity(n)).collect();
+    for h in parts.into_iter().flatten() {
+        runs[run_of(h)].push(h);
+    }
+    let per_thread = RUNS.div_ceil(threads.clamp(1, RUNS));
+    std::thread::scope(|scope| {
+        let found: Vec<_> = runs
+            .chunks_mut(per_thread)
+            .map(|runs| {
+                scope.spawn(move || {
+                    let mut found = Vec::new();
+                    for run in runs {
+                        run.sort_unstable();
+                        found.extend(run.windows(2).filter(|w| w[0] == w[1]).map(|w| w[0]));
+                    }
+                    found
+                })
+            })
+            .collect();
+        found
+            .into_iter()
+            .flat_map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
+/// The ids that occur more than once in `ids`.
+fn repeated_ids(ids: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut repeated = BTreeSet::new();
+    for id in ids {
+        if let Some(id) = seen.replace(id) {
+            repeated.insert(id);
+        }
+    }
+    repeated
+}
+
 /// `df` (a day of the master dataset) with one row per event id of `ids`: the rows of other
 /// ids as they are, and for each repeated id its first arrival (the lowest partition, then
 /// offset), every column taken from that row.
@@ -1305,5 +1440,71 @@ fn conflict_or(view: &ViewDef, url: &url::Url, e: deltalake::DeltaTableError) ->
             source: Box::new(e),
         },
         e => BatchError::delta(url, e),
+    }
+}
+
+#[cfg(test)]
+mod repeat_tests {
+    use std::collections::HashSet;
+
+    use datafusion::arrow::array::{Int64Array, StringViewArray};
+
+    use super::*;
+
+    #[test]
+    fn hashes_held_more_than_once_are_found_across_parts_whatever_the_threads() {
+        let a = vec![1 << 56 | 5, 7, 9 << 56, 1 << 56 | 5, u64::MAX, 3 << 56];
+        let b = vec![7, 3, u64::MAX, 42, 7];
+        let want = HashSet::from([1 << 56 | 5, 7, u64::MAX]);
+        for threads in [0, 1, 2, 3, 300] {
+            let found = repeated_hashes(vec![a.clone(), b.clone(), Vec::new()], threads);
+            assert_eq!(found, want, "{threads} threads");
+        }
+        assert!(repeated_hashes(vec![vec![1, 2, 3], vec![4 << 56]], 2).is_empty());
+    }
+
+    #[test]
+    fn ids_behind_a_repeated_hash_are_told_apart_exactly() {
+        let ids: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("a"),
+            Some("b"),
+            None,
+            Some("a"),
+            Some("c"),
+            None,
+        ]));
+        let mut hashes = Vec::new();
+        hash_ids(&ids, &mut hashes).unwrap();
+        assert_eq!(hashes.len(), 4, "nulls are no ids");
+        assert_eq!(hashes[0], hashes[2], "one id, one hash");
+        assert_eq!(
+            repeated_hashes(vec![hashes.clone()], 2),
+            HashSet::from([hashes[0]])
+        );
+        // "b" as if its hash had been another id's repeated one: read again, it is not repeated.
+        let wanted = HashSet::from([hashes[0], hashes[1]]);
+        let mut found = Vec::new();
+        ids_with_hashes(&ids, &wanted, &mut found).unwrap();
+        assert_eq!(found, ["a", "b", "a"]);
+        assert_eq!(repeated_ids(found), BTreeSet::from(["a".to_string()]));
+    }
+
+    #[test]
+    fn ids_of_other_types_hash_alike_in_both_reads() {
+        let views: ArrayRef = Arc::new(StringViewArray::from(vec![
+            "a long id past twelve bytes",
+            "x",
+            "a long id past twelve bytes",
+        ]));
+        let numbers: ArrayRef = Arc::new(Int64Array::from(vec![Some(7), None, Some(8), Some(7)]));
+        for (ids, repeated) in [(views, "a long id past twelve bytes"), (numbers, "7")] {
+            let mut hashes = Vec::new();
+            hash_ids(&ids, &mut hashes).unwrap();
+            let wanted = repeated_hashes(vec![hashes], 1);
+            assert_eq!(wanted.len(), 1);
+            let mut found = Vec::new();
+            ids_with_hashes(&ids, &wanted, &mut found).unwrap();
+            assert_eq!(repeated_ids(found), BTreeSet::from([repeated.to_string()]));
+        }
     }
 }
