@@ -24,6 +24,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
 use datafusion::parquet::basic::Compression;
@@ -231,6 +232,9 @@ pub struct BatchLayer {
     /// Per (schema, day, master version): the filter that leaves out repeated event ids, found
     /// once for every view of a run.
     repeats: Arc<std::sync::Mutex<RepeatsCache>>,
+    /// Views whose events were found to repeat values within groups (see
+    /// [`FOLD_EVENTS_FROM`]): their next days' first phase is computed from the files.
+    grouped_first: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for BatchLayer {
@@ -292,6 +296,7 @@ impl BatchLayer {
             options: BatchOptions::default(),
             progress: None,
             repeats: Default::default(),
+            grouped_first: Default::default(),
         }
     }
 
@@ -741,35 +746,96 @@ impl BatchLayer {
 
         let metrics = || view.metrics.iter().enumerate();
         let threads = ctx.state().config().target_partitions();
-        // One distinct field: DataFusion computes the first phase (grouped by the keys and the
-        // distinct field), and one pass over its rows builds the view's rows and the rollups'
-        // (crate::cube). No distinct metric: DataFusion computes the view's rows, the same
-        // pass the rollups. Several distinct fields: DataFusion computes the view's rows in one
-        // phase and the rollups are merged from them (crate::rollup).
+        // One distinct field: DataFusion reads the day's events as the view sees them (bucket,
+        // dimensions, the distinct field, each metric's partial of one event), and one pass
+        // over them builds the view's rows, each distinct value counted once a group, and the
+        // rollups' (crate::cube). A first phase grouped by the keys and the distinct field
+        // would cost more than it saves: a day's events are nearly as many as its groups. Only
+        // when the memory pool cannot hold the day's events is that first phase computed, by
+        // DataFusion, spilling as it must, and the same pass takes its rows. No distinct
+        // metric: DataFusion computes the view's rows, the same pass the rollups. Several
+        // distinct fields: DataFusion computes the view's rows in one phase and the rollups are
+        // merged from them (crate::rollup).
         const F: &str = "__distinct";
+        let mut grouped = None;
         let (df, cube_input) = match distinct_fields.len() {
             1 => {
                 let f = *distinct_fields.iter().next().expect("one");
-                let mut group = vec![bucket];
-                group.extend(dims);
-                group.push(ident(f).alias(F));
-                let partial = metrics()
-                    .flat_map(|(i, m)| metric_exprs(i, m, Phase::Partial))
+                let mut keys = vec![bucket];
+                keys.extend(dims);
+                keys.push(ident(f).alias(F));
+                let mut columns = keys.clone();
+                for (_, m) in metrics() {
+                    columns.extend(event_exprs(m)?);
+                }
+                let partials = metrics()
+                    .filter(|(_, m)| m.kind != MetricKind::Distinct)
+                    .flat_map(|(_, m)| metric_exprs(m))
                     .collect();
-                (df.aggregate(group, partial)?, Some(Some(F)))
+                grouped = Some(df.clone().aggregate(keys, partials)?);
+                (df.select(columns)?, Some(Some(F)))
             }
             n => {
                 let mut group = vec![bucket];
                 group.extend(dims);
-                let aggs = metrics()
-                    .flat_map(|(i, m)| metric_exprs(i, m, Phase::Direct))
-                    .collect();
+                let aggs = metrics().flat_map(|(_, m)| metric_exprs(m)).collect();
                 (df.aggregate(group, aggs)?, (n == 0).then_some(None))
             }
         };
         let started = Instant::now();
-        let plan = df.create_physical_plan().await?;
-        let collected = collect(Arc::clone(&plan), ctx.task_ctx()).await?;
+        let mut plan = df.create_physical_plan().await?;
+        // The day's events, held in the memory pool until the view's rows are built.
+        let mut held = None;
+        let known_grouped = self
+            .grouped_first
+            .lock()
+            .expect("not poisoned")
+            .contains(&view.name);
+        let collected = match grouped {
+            None => collect(Arc::clone(&plan), ctx.task_ctx()).await?,
+            Some(grouped) if known_grouped => {
+                plan = grouped.create_physical_plan().await?;
+                collect(Arc::clone(&plan), ctx.task_ctx()).await?
+            }
+            Some(grouped) => match collect_within_pool(Arc::clone(&plan), ctx).await? {
+                Some((events, reservation)) => {
+                    held = Some(reservation);
+                    let mut keys: Vec<&str> = vec![BUCKET_COLUMN];
+                    keys.extend(view.dimensions.iter().map(String::as_str));
+                    let ratio = groups_per_event(&events, &keys, F)?;
+                    tracing::debug!(view = %view.name, day, ratio, "first-phase groups per event, estimated");
+                    if ratio >= FOLD_EVENTS_FROM {
+                        events
+                    } else {
+                        // Values repeat within groups: DataFusion groups the events in
+                        // memory first, where a hash table of its own compares them faster
+                        // than the fold's exact check would. The run's next days of the view
+                        // are grouped as they are read.
+                        self.grouped_first
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(view.name.clone());
+                        keys.push(F);
+                        // A cluster's session reads files, not memory: the events are grouped
+                        // here.
+                        let local;
+                        let here = match files {
+                            Some(_) => {
+                                local = session_with(&self.options)?;
+                                &local
+                            }
+                            None => ctx,
+                        };
+                        regroup(here, view, &keys, events).await?
+                    }
+                }
+                None => {
+                    tracing::info!(view = %view.name, day, "the day's events exceed the memory limit: grouped by the keys and the distinct value first, spilling as needed");
+                    plan = grouped.create_physical_plan().await?;
+                    collect(Arc::clone(&plan), ctx.task_ctx()).await?
+                }
+            },
+        };
         let read = Read::of(plan.as_ref());
         tracing::trace!(plan = %datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true), "first phase");
         tracing::debug!(view = %view.name, seconds = started.elapsed().as_secs_f64(), rows = collected.iter().map(RecordBatch::num_rows).sum::<usize>(), "first phase computed");
@@ -798,6 +864,7 @@ impl BatchLayer {
             }
         };
         tracing::debug!(view = %view.name, seconds = started.elapsed().as_secs_f64(), "view and rollup rows built");
+        drop(held);
         let mut out = Rows::default();
         for b in tables {
             let base = b
@@ -1013,35 +1080,44 @@ impl Read {
     }
 }
 
-/// Where a metric's aggregates sit in the plan.
-#[derive(Debug, Clone, Copy)]
-enum Phase {
-    /// One aggregation over the events: the view's rows.
-    Direct,
-    /// The first of two, grouped by the keys and the distinct field: partials, named as the
-    /// metric's batch columns, that crate::cube folds into the view's rows and the rollups'.
-    Partial,
-}
-
-/// The batch expressions of every metric kind: the aggregates that compute metric `i`'s batch
-/// view columns ([`MetricDef::batch_fields`], named as they are) in a one-phase plan, or their
-/// partials in the first phase of two (none for a distinct metric: its field is grouped by).
-fn metric_exprs(_i: usize, m: &MetricDef, phase: Phase) -> Vec<Expr> {
+/// The aggregates that compute a metric's batch view columns ([`MetricDef::batch_fields`],
+/// named as they are) in a one-phase plan.
+fn metric_exprs(m: &MetricDef) -> Vec<Expr> {
     let columns: Vec<String> = m.batch_fields().iter().map(|f| f.name().clone()).collect();
     let field = || ident(m.field.as_deref().unwrap_or_default());
     let named = |j: usize, e: Expr| e.alias(&columns[j]);
     let hll = |x: Expr| HllSketchUdaf::udaf(m.lg_k()).call(vec![x]);
-    match (m.kind, phase) {
-        (MetricKind::Count, _) => vec![named(0, count(lit(1)))],
-        (MetricKind::Sum, _) => vec![named(0, sum(field()))],
-        (MetricKind::Min, _) => vec![named(0, min(field()))],
-        (MetricKind::Max, _) => vec![named(0, max(field()))],
-        (MetricKind::Distinct, Phase::Direct) => {
+    match m.kind {
+        MetricKind::Count => vec![named(0, count(lit(1)))],
+        MetricKind::Sum => vec![named(0, sum(field()))],
+        MetricKind::Min => vec![named(0, min(field()))],
+        MetricKind::Max => vec![named(0, max(field()))],
+        MetricKind::Distinct => {
             vec![named(0, count_distinct(field())), named(1, hll(field()))]
         }
-        (MetricKind::Distinct, Phase::Partial) => Vec::new(),
-        (MetricKind::Avg, _) => vec![named(0, sum(field())), named(1, count(field()))],
+        MetricKind::Avg => vec![named(0, sum(field())), named(1, count(field()))],
     }
+}
+
+/// A metric's partials for one event, named and typed as its batch columns (what
+/// [`metric_exprs`] gives for a group of one event; none for a distinct metric: the events'
+/// values are read as they are).
+fn event_exprs(m: &MetricDef) -> Result<Vec<Expr>> {
+    let fields = m.batch_fields();
+    let field = || ident(m.field.as_deref().unwrap_or_default());
+    let typed =
+        |j: usize| cast_expr(field(), fields[j].data_type().clone()).alias(fields[j].name());
+    Ok(match m.kind {
+        MetricKind::Count => vec![lit(1i64).alias(fields[0].name())],
+        MetricKind::Sum | MetricKind::Min | MetricKind::Max => vec![typed(0)],
+        MetricKind::Avg => vec![
+            typed(0),
+            when(field().is_null(), lit(0i64))
+                .otherwise(lit(1i64))?
+                .alias(fields[1].name()),
+        ],
+        MetricKind::Distinct => Vec::new(),
+    })
 }
 
 /// Event days that master commits after `since` touched (late events mark their day dirty);
@@ -1125,6 +1201,121 @@ where
         );
     }
     Ok(parts)
+}
+
+/// The view's rows are folded from a day's events as they are when their first phase (grouped
+/// by the keys and the distinct value) would hold at least this many groups per event; below
+/// it, the first phase is computed first. The fold's check that a value is new to its group
+/// costs about as much per repeated value as the first phase costs per event.
+const FOLD_EVENTS_FROM: f64 = 0.7;
+
+/// An estimate of the first phase's groups (distinct keys and value) per event among
+/// `events`, from the events of about one value in 64 (sampled by the value's hash, each with
+/// all its events): 1 when no value repeats within a group.
+fn groups_per_event(events: &[RecordBatch], keys: &[&str], value: &str) -> Result<f64> {
+    use datafusion::common::hash_utils::{create_hashes, RandomState};
+    let state = RandomState::with_seed(0x6772_6f75_7073);
+    let mut groups = std::collections::HashSet::new();
+    let (mut sampled, mut hashes) = (0usize, Vec::new());
+    for batch in events {
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
+        };
+        let values = column(value)?;
+        hashes.clear();
+        hashes.resize(batch.num_rows(), 0);
+        create_hashes([&values], &state, &mut hashes)?;
+        let rows: Vec<u32> = (0..batch.num_rows() as u32)
+            .filter(|&r| hashes[r as usize] >> 58 == 0)
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        sampled += rows.len();
+        let rows = datafusion::arrow::array::UInt32Array::from(rows);
+        let mut columns = Vec::with_capacity(keys.len() + 1);
+        for name in keys.iter().chain([&value]) {
+            columns.push(datafusion::arrow::compute::take(
+                column(name)?.as_ref(),
+                &rows,
+                None,
+            )?);
+        }
+        let mut combined = vec![0; rows.len()];
+        create_hashes(&columns, &state, &mut combined)?;
+        groups.extend(combined);
+    }
+    Ok(match sampled {
+        0 => 1.0,
+        n => groups.len() as f64 / n as f64,
+    })
+}
+
+/// `events` (a day's, as the one-distinct plan reads them) grouped by `keys` in DataFusion,
+/// each metric's partials merged: the first phase's rows.
+async fn regroup(
+    ctx: &SessionContext,
+    view: &ViewDef,
+    keys: &[&str],
+    events: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>> {
+    use datafusion::datasource::MemTable;
+    let Some(schema) = events.first().map(RecordBatch::schema) else {
+        return Ok(events);
+    };
+    let threads = ctx.state().config().target_partitions().max(1);
+    let mut partitions = vec![Vec::new(); threads];
+    for (i, b) in events.into_iter().enumerate() {
+        partitions[i % threads].push(b);
+    }
+    let merged = view
+        .metrics
+        .iter()
+        .filter(|m| m.kind != MetricKind::Distinct)
+        .flat_map(|m| {
+            let fields = m.batch_fields();
+            fields
+                .iter()
+                .map(|f| {
+                    let c = ident(f.name());
+                    match m.kind {
+                        MetricKind::Min => min(c),
+                        MetricKind::Max => max(c),
+                        _ => sum(c),
+                    }
+                    .alias(f.name())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let table = MemTable::try_new(schema, partitions)?;
+    Ok(ctx
+        .read_table(Arc::new(table))?
+        .aggregate(keys.iter().map(|k| ident(*k)).collect(), merged)?
+        .collect()
+        .await?)
+}
+
+/// Runs `plan` and collects its batches, holding their memory in `ctx`'s memory pool: `None`
+/// (the batches dropped, the plan stopped) once the pool refuses more.
+async fn collect_within_pool(
+    plan: Arc<dyn ExecutionPlan>,
+    ctx: &SessionContext,
+) -> Result<Option<(Vec<RecordBatch>, MemoryReservation)>> {
+    let reservation =
+        MemoryConsumer::new("tandem view events").register(&ctx.runtime_env().memory_pool);
+    let mut stream = datafusion::physical_plan::execute_stream(plan, ctx.task_ctx())?;
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.try_next().await? {
+        if reservation.try_grow(batch.get_array_memory_size()).is_err() {
+            return Ok(None);
+        }
+        batches.push(batch);
+    }
+    Ok(Some((batches, reservation)))
 }
 
 /// How event ids are hashed to find repeats: fixed, so both reads of a day agree.
@@ -1450,6 +1641,41 @@ mod repeat_tests {
     use datafusion::arrow::array::{Int64Array, StringViewArray};
 
     use super::*;
+
+    /// Events each of whose values repeats three times in its group make a third of a group
+    /// an event; events of distinct values, one.
+    #[test]
+    fn groups_per_event_are_estimated_from_the_values_sampled() {
+        use datafusion::arrow::datatypes::{Field, Schema};
+        let batch = |values: Vec<String>, keys: Vec<String>| {
+            let schema = Schema::new(vec![
+                Field::new("k", DataType::Utf8, false),
+                Field::new("v", DataType::Utf8, true),
+            ]);
+            RecordBatch::try_new(
+                Arc::new(schema),
+                vec![
+                    Arc::new(StringArray::from(keys)),
+                    Arc::new(StringArray::from(values)),
+                ],
+            )
+            .unwrap()
+        };
+        let n = 30_000;
+        let thrice: Vec<String> = (0..n).map(|i| format!("device-{}", i / 3)).collect();
+        let keys: Vec<String> = (0..n).map(|i| format!("app-{}", i / 300)).collect();
+        let repeated = [
+            batch(thrice[..n / 2].to_vec(), keys[..n / 2].to_vec()),
+            batch(thrice[n / 2..].to_vec(), keys[n / 2..].to_vec()),
+        ];
+        let ratio = groups_per_event(&repeated, &["k"], "v").unwrap();
+        assert!((ratio - 1.0 / 3.0).abs() < 1e-9, "{ratio}");
+        // The same values, each in three groups: every event a group of its own.
+        let spread: Vec<String> = (0..n).map(|i| format!("app-{}", i % 3)).collect();
+        let ratio = groups_per_event(&[batch(thrice, spread)], &["k"], "v").unwrap();
+        assert_eq!(ratio, 1.0);
+        assert_eq!(groups_per_event(&[], &["k"], "v").unwrap(), 1.0);
+    }
 
     #[test]
     fn hashes_held_more_than_once_are_found_across_parts_whatever_the_threads() {

@@ -1,17 +1,19 @@
-//! A view's rows and every rollup's, built in one pass over the first phase's rows.
+//! A view's rows and every rollup's, built in one pass over a day's events.
 //!
-//! DataFusion's first phase groups a day's events by the view's keys and its distinct field
-//! (`GROUP BY bucket, dims, device_id`), reducing every other metric to partials on the way.
-//! Each of those rows is then folded into the view's own table and into each rollup's at once:
-//! its dimension values are interned once, its distinct value hashed once into a sketch
-//! coupon, and every table adds the coupon to its group's sketch. A rollup's sketch is thus
-//! built from the distinct values themselves, never as a union of the view's sketches (a union
-//! per group costs a 4 KiB gadget and a merge per input sketch). The view's distinct counts are
-//! exact: the first phase's rows of one group hold distinct values. A rollup's are not (its
-//! groups span the view's), and are published as sketches only, as before. A rollup that a
-//! finer rollup holds (`day.app_id` and `hour.app_id`, `day` and `hour`) is merged from that
-//! one's groups once they are folded: a union per group over thousands of groups costs less
-//! than reading millions of rows again.
+//! For a view with one distinct metric, DataFusion reads the day's events as the view sees them
+//! (bucket, dimensions, the distinct value, every other metric's partial of one event); when
+//! values repeat within groups it groups them by the keys and the distinct value first
+//! (`GROUP BY bucket, dims, device_id`), and its rows come here instead, in the same columns.
+//! Each row is folded into the view's own table and into each rollup's at once: its dimension
+//! values are interned once, its distinct value hashed once into a sketch coupon, and every
+//! table adds the coupon to its group's sketch. A rollup's sketch is thus built from the
+//! distinct values themselves, never as a union of the view's sketches (a union per group
+//! costs a 4 KiB gadget and a merge per input sketch). The view's distinct counts are exact:
+//! its table remembers which values each group holds ([`Dedup`]), so a value that comes again
+//! in a group adds nothing. A rollup's are not (its groups span the view's), and are published
+//! as sketches only. A rollup that a finer rollup holds (`day.app_id` and `hour.app_id`, `day`
+//! and `hour`) is merged from that one's groups once they are folded: a union per group over
+//! thousands of groups costs less than reading millions of rows again.
 //!
 //! The tables are split among threads; each thread reads every row and owns its tables. The
 //! view's own table, which holds most of the groups, is built in one part per thread, each
@@ -21,10 +23,12 @@
 
 use std::sync::Arc;
 
+use datafusion::arrow::array::make_comparator;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, Int64Array, StringArray, TimestampMicrosecondArray,
 };
-use datafusion::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
+use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use hashbrown::HashTable;
 use tandem_core::metric::{Coupon, DistinctState, MetricKind, MetricState, LIST_COUPONS};
@@ -46,6 +50,11 @@ struct Prepared {
     coupons: Vec<Option<Coupon>>,
     /// Per row: the bits of its coupon (0 for none), which a sketch's list image holds.
     bits: Vec<u32>,
+    /// Per row: a hash of its distinct value (equal values, equal hashes), and the number
+    /// among all input rows of the batch's first row: what an exact table needs to count a
+    /// value once per group ([`Dedup`]).
+    value_hashes: Vec<u64>,
+    first_row: u64,
     /// Per metric (none for the distinct metrics), each row's state.
     states: Vec<Vec<MetricState>>,
 }
@@ -71,6 +80,9 @@ struct Table {
     states: Vec<MetricState>,
     /// The distinct metric's states, kept apart in an exact table.
     distinct: Option<ExactDistinct>,
+    /// The distinct values each group holds, in an exact table whose input rows may repeat a
+    /// value within a group.
+    dedup: Option<Dedup>,
     /// What went wrong folding rows in, if anything did.
     error: Option<BatchError>,
 }
@@ -94,6 +106,98 @@ struct ExactDistinct {
 /// [`ExactDistinct::held`] of a group whose coupons are in a sketch.
 const SKETCHED: u8 = u8::MAX;
 
+/// The distinct values of each group of an exact table, by row: an input row whose value the
+/// group already holds adds nothing to the group's exact count. Most groups hold one value,
+/// kept beside the group; a group's later values go to a hash table of (group, value).
+#[derive(Default)]
+struct Dedup {
+    /// Per group: its first value's hash and row ([`NO_ROW`] before it has one).
+    first: Vec<(u64, u64)>,
+    /// Every later value of a group: the hash of the group and value, the group, the row.
+    later: HashTable<(u64, u32, u64)>,
+}
+
+/// [`Dedup::first`] of a group that holds no value yet.
+const NO_ROW: u64 = u64::MAX;
+
+impl Dedup {
+    fn push_group(&mut self) {
+        self.first.push((0, NO_ROW));
+    }
+
+    /// Whether the value of input row `row` (its hash `hash`) is new to group `g`; if so, the
+    /// group holds it from now on.
+    fn is_new(&mut self, g: usize, hash: u64, row: u64, values: &Values) -> bool {
+        let first = &mut self.first[g];
+        if first.1 == NO_ROW {
+            *first = (hash, row);
+            return true;
+        }
+        if first.0 == hash && values.same(first.1, row) {
+            return false;
+        }
+        let g = g as u32;
+        let key = {
+            let h = (hash ^ u64::from(g).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            h ^ (h >> 31)
+        };
+        let held = self.later.find(key, |&(k, group, r)| {
+            k == key && group == g && values.same(r, row)
+        });
+        if held.is_some() {
+            return false;
+        }
+        self.later.insert_unique(key, (key, g, row), |&(k, _, _)| k);
+        true
+    }
+}
+
+/// The distinct column of every input batch, by the number of each batch's first row among
+/// all input rows: two rows' values compared exactly.
+struct Values<'a> {
+    columns: Vec<&'a ArrayRef>,
+    starts: Vec<u64>,
+}
+
+impl<'a> Values<'a> {
+    fn new(input: &'a [RecordBatch], distinct: Option<&str>) -> Self {
+        let (mut columns, mut starts, mut at) = (Vec::new(), Vec::new(), 0u64);
+        for b in input {
+            if let Some(c) = distinct.and_then(|d| b.column_by_name(d)) {
+                columns.push(c);
+                starts.push(at);
+            }
+            at += b.num_rows() as u64;
+        }
+        Values { columns, starts }
+    }
+
+    /// The column and the row in it of input row `row`.
+    fn locate(&self, row: u64) -> (&'a ArrayRef, usize) {
+        let i = self.starts.partition_point(|&s| s <= row).saturating_sub(1);
+        (self.columns[i], (row - self.starts[i]) as usize)
+    }
+
+    /// Whether input rows `a` and `b` hold the same value (both hold one).
+    fn same(&self, a: u64, b: u64) -> bool {
+        let ((x, i), (y, j)) = (self.locate(a), self.locate(b));
+        match (x.data_type(), y.data_type()) {
+            (DataType::Utf8, DataType::Utf8) => {
+                x.as_string::<i32>().value(i) == y.as_string::<i32>().value(j)
+            }
+            (DataType::Utf8View, DataType::Utf8View) => {
+                x.as_string_view().value(i) == y.as_string_view().value(j)
+            }
+            _ => match make_comparator(x.as_ref(), y.as_ref(), SortOptions::default()) {
+                Ok(compare) => compare(i, j).is_eq(),
+                // Columns no comparator takes: their hashes were equal.
+                Err(_) => true,
+            },
+        }
+    }
+}
+
 impl ExactDistinct {
     fn push_group(&mut self) {
         self.exact.push(0);
@@ -101,8 +205,8 @@ impl ExactDistinct {
         self.coupons.push([0; LIST_COUPONS]);
     }
 
-    /// Adds a row of group `g`: whether its value is there, and its coupon (bits and
-    /// coupon; none for a value sketches skip).
+    /// Adds a row of group `g`: whether its value counts (it is there, and new to the group),
+    /// and its coupon (bits and coupon; none for a value sketches skip).
     fn add(&mut self, g: usize, present: bool, bits: u32, coupon: Option<Coupon>) -> Result<()> {
         if present {
             self.exact[g] += 1;
@@ -193,6 +297,7 @@ impl Table {
             index: HashTable::new(),
             states: Vec::with_capacity(view.metrics.len()),
             distinct,
+            dedup: None,
             error: None,
         }
     }
@@ -278,8 +383,8 @@ impl Table {
         }
     }
 
-    /// Folds rows of `p` into this table.
-    fn add(&mut self, view: &ViewDef, p: &Prepared) {
+    /// Folds rows of `p` into this table (`values`: the input's distinct values).
+    fn add(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
         let metrics = view.metrics.len();
         let mut key = vec![0u32; self.width];
         for row in 0..p.buckets.len() {
@@ -312,20 +417,31 @@ impl Table {
                     if let Some(d) = &mut self.distinct {
                         d.push_group();
                     }
+                    if let Some(d) = &mut self.dedup {
+                        d.push_group();
+                    }
                     g
                 }
             };
+            // Whether the row's distinct value counts: it is there, and new to the group.
+            let counted = p.present[row]
+                && match &mut self.dedup {
+                    Some(d) => {
+                        d.is_new(group, p.value_hashes[row], p.first_row + row as u64, values)
+                    }
+                    None => true,
+                };
             let states = &mut self.states[group * metrics..(group + 1) * metrics];
             let mut partial = p.states.iter();
             for (m, state) in view.metrics.iter().zip(states) {
                 if m.kind == MetricKind::Distinct {
                     if let Some(d) = &mut self.distinct {
-                        let added = d.add(group, p.present[row], p.bits[row], p.coupons[row]);
+                        let added = d.add(group, counted, p.bits[row], p.coupons[row]);
                         if let Err(e) = added {
                             self.error.get_or_insert(e);
                         }
                     } else if let MetricState::Distinct(d) = state {
-                        if p.present[row] {
+                        if counted {
                             d.exact = d.exact.map(|n| n + 1);
                         }
                         if let Some(c) = p.coupons[row] {
@@ -468,6 +584,9 @@ fn build_with(
             if !apart {
                 t.distinct = None;
             }
+            if distinct.is_some() {
+                t.dedup = Some(Dedup::default());
+            }
             t
         })
         .collect();
@@ -517,6 +636,8 @@ fn build_with(
         .collect();
     // Input rows are taken in chunks, so threads meet once per chunk, not once per batch.
     const CHUNK_ROWS: usize = 1 << 18;
+    let values = Values::new(input, distinct);
+    let mut first_row = 0u64;
     let mut start = 0;
     while start < input.len() {
         let mut end = start;
@@ -536,12 +657,14 @@ fn build_with(
         } else {
             datafusion::arrow::compute::concat_batches(&chunk[0].schema(), chunk)?
         };
-        let p = prepare(view, &batch, distinct, &mut dictionary)?;
+        let mut p = prepare(view, &batch, distinct, &mut dictionary)?;
+        p.first_row = first_row;
+        first_row += rows as u64;
         preparing += t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         each_table(&folded, &|i, table: &mut Table| {
             let t = std::time::Instant::now();
-            table.add(view, &p);
+            table.add(view, &p, &values);
             let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
             folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
         });
@@ -635,8 +758,15 @@ fn prepare(
     let mut present = vec![false; n];
     let mut coupons = vec![None; n];
     let mut bits = vec![0; n];
+    let mut value_hashes = Vec::new();
     if let Some(name) = distinct {
         let values = column(name)?;
+        value_hashes = vec![0; n];
+        datafusion::common::hash_utils::create_hashes(
+            [values],
+            &datafusion::common::hash_utils::RandomState::with_seed(0),
+            &mut value_hashes,
+        )?;
         for (row, p) in present.iter_mut().enumerate() {
             *p = values.is_valid(row);
         }
@@ -672,6 +802,8 @@ fn prepare(
         present,
         coupons,
         bits,
+        value_hashes,
+        first_row: 0,
         states,
     })
 }
@@ -759,11 +891,12 @@ mod tests {
         RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
     }
 
-    #[test]
-    fn the_views_distinct_kept_apart_is_what_a_sketch_a_group_gives() {
+    /// A cube view of the reference schema: two dimensions, a count, a distinct count and a
+    /// decimal sum.
+    fn cube_view() -> ViewDef {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let schemas = tandem_core::schema::load_schemas(&root.join("schemas")).unwrap();
-        let view = ViewDef::from_toml(
+        ViewDef::from_toml(
             Path::new("cube.toml"),
             r#"kind = "view"
 source = "app_events"
@@ -776,7 +909,12 @@ metrics = [
 ]"#,
             &schemas,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn the_views_distinct_kept_apart_is_what_a_sketch_a_group_gives() {
+        let view = cube_view();
         let input = first_phase(&view);
         for threads in [1, 2] {
             let built = |apart| {
@@ -803,6 +941,149 @@ metrics = [
                 .map(RecordBatch::num_rows)
                 .sum();
             assert_eq!(own, 60);
+        }
+    }
+
+    /// Every row of `batches` as text, sorted, a sketch by its estimate: what the rows answer,
+    /// whatever the order of the rows and of a sketch's coupons.
+    fn answers(batches: &[RecordBatch]) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in batches {
+            for row in 0..b.num_rows() {
+                let cells: Vec<String> = b
+                    .schema()
+                    .fields()
+                    .iter()
+                    .zip(b.columns())
+                    .map(
+                        |(f, c)| match (f.name().ends_with("__hll"), c.is_null(row)) {
+                            (true, false) => {
+                                let bytes = c.as_binary::<i32>().value(row);
+                                let d = DistinctState::from_parts(bytes, None).unwrap();
+                                format!("{:.6}", d.estimate())
+                            }
+                            _ => datafusion::arrow::util::display::array_value_to_string(c, row)
+                                .unwrap(),
+                        },
+                    )
+                    .collect();
+                out.push(cells.join("|"));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Events repeating a device within a group (every event three times, in other orders,
+    /// across batches of any size) build the rows that their first phase (the events grouped by
+    /// the keys and the device, DataFusion summing the partials) builds, and each group of the
+    /// view's own rows counts its devices exactly.
+    #[tokio::test]
+    async fn events_repeating_a_value_build_what_their_first_phase_builds() {
+        use datafusion::arrow::array::UInt32Array;
+        use datafusion::arrow::compute::{concat_batches, take};
+        use datafusion::functions_aggregate::expr_fn::sum;
+        use datafusion::prelude::{ident, SessionContext};
+
+        let view = cube_view();
+        let once = first_phase(&view);
+        let n = once.num_rows() as u32;
+        let reversed = UInt32Array::from_iter_values((0..n).rev());
+        let shuffled = UInt32Array::from_iter_values((0..n).map(|i| (i * 7 + 3) % n));
+        let mut parts = vec![once.clone()];
+        for order in [&reversed, &shuffled] {
+            let columns = once
+                .columns()
+                .iter()
+                .map(|c| take(c.as_ref(), order, None).unwrap())
+                .collect();
+            parts.push(RecordBatch::try_new(once.schema(), columns).unwrap());
+        }
+        let events = concat_batches(&once.schema(), &parts).unwrap();
+        let total = events.num_rows();
+        let mut split = Vec::new();
+        let mut at = 0;
+        for len in [0, 7, 0, 50, 1, total] {
+            let len = len.min(total - at);
+            split.push(events.slice(at, len));
+            at += len;
+        }
+
+        let ctx = SessionContext::new();
+        ctx.register_batch("events", events.clone()).unwrap();
+        let mut keys = vec![ident(BUCKET_COLUMN)];
+        keys.extend(view.dimensions.iter().map(ident));
+        keys.push(ident("device_id"));
+        let grouped = ctx
+            .table("events")
+            .await
+            .unwrap()
+            .aggregate(
+                keys,
+                vec![
+                    sum(ident("events")).alias("events"),
+                    sum(ident("revenue_usd")).alias("revenue_usd"),
+                ],
+            )
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert!(grouped.iter().map(RecordBatch::num_rows).sum::<usize>() < total);
+
+        // Each (bucket, app) group's devices, counted from the events.
+        let mut devices: std::collections::HashMap<
+            (i64, String),
+            std::collections::HashSet<String>,
+        > = Default::default();
+        let bucket = events.column(0).as_primitive::<TimestampMicrosecondType>();
+        let app = events.column_by_name("app_id").unwrap().as_string::<i32>();
+        let device = events
+            .column_by_name("device_id")
+            .unwrap()
+            .as_string::<i32>();
+        for row in 0..total {
+            let held = devices
+                .entry((
+                    view.granularity.floor(bucket.value(row)),
+                    app.value(row).to_string(),
+                ))
+                .or_default();
+            if device.is_valid(row) {
+                held.insert(device.value(row).to_string());
+            }
+        }
+
+        for threads in [1, 2] {
+            let from_events = build(&view, &split, Some("device_id"), threads).unwrap();
+            let from_groups = build(&view, &grouped, Some("device_id"), threads).unwrap();
+            assert_eq!(
+                answers(&from_events),
+                answers(&from_groups),
+                "{threads} threads"
+            );
+            let mut own = 0;
+            for b in from_events.iter().filter(|b| {
+                b.column_by_name(ROLLUP)
+                    .is_some_and(|r| r.as_string::<i32>().value(0) == BASE_ROLLUP)
+            }) {
+                let bucket = b.column(0).as_primitive::<TimestampMicrosecondType>();
+                let app = b.column_by_name("app_id").unwrap().as_string::<i32>();
+                let exact = b
+                    .column_by_name("devices")
+                    .unwrap()
+                    .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+                for row in 0..b.num_rows() {
+                    let want = devices[&(bucket.value(row), app.value(row).to_string())].len();
+                    assert_eq!(
+                        exact.value(row) as usize,
+                        want,
+                        "{threads} threads, row {row}"
+                    );
+                    own += 1;
+                }
+            }
+            assert_eq!(own, devices.len());
         }
     }
 
