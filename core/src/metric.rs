@@ -228,6 +228,10 @@ impl MetricDef {
             (MetricState::SumInt(_), DataType::Int64) => {
                 each::<Int64Type>(value, nulls, |v| MetricState::SumInt(v as i128))
             }
+            // A decimal's sum is kept in units of its scale: the column's own values.
+            (MetricState::SumInt(_), DataType::Decimal128(..)) => {
+                each::<Decimal128Type>(value, nulls, MetricState::SumInt)
+            }
             (MetricState::SumFloat(_), DataType::Float64) => {
                 each::<Float64Type>(value, nulls, MetricState::SumFloat)
             }
@@ -1233,10 +1237,22 @@ mod tests {
             vec![7.0, 1.5, -2.0].into(),
             Some(NullBuffer::from(vec![false, true, true])),
         ));
+        let decimals: ArrayRef = Arc::new(
+            datafusion::arrow::array::Decimal128Array::new(
+                vec![1_500_000, 8, -2_250_000, i128::from(i64::MAX) * 4].into(),
+                Some(NullBuffer::from(vec![true, false, true, true])),
+            )
+            .with_precision_and_scale(DECIMAL_PRECISION, 6)
+            .unwrap(),
+        );
         let cases = [
             (def(MetricKind::Count, None), &ints),
             (def(MetricKind::Sum, Some(FieldType::Int)), &ints),
             (def(MetricKind::Sum, Some(FieldType::Float)), &floats),
+            (
+                def(MetricKind::Sum, Some(FieldType::Decimal { scale: 6 })),
+                &decimals,
+            ),
             // Not a fast path: read row by row.
             (def(MetricKind::Max, Some(FieldType::Int)), &ints),
         ];
