@@ -34,11 +34,12 @@ use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{
     cast as cast_expr, date_trunc, ident, lit, when, Expr, SessionConfig, SessionContext,
 };
+use deltalake::kernel::scalars::ScalarExt;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
 use deltalake::kernel::Action;
 use deltalake::protocol::DeltaOperation;
 use deltalake::protocol::SaveMode;
-use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
+use deltalake::writer::{DeltaWriter as _, RecordBatchWriter, WriteMode};
 use deltalake::DeltaTable;
 use futures::TryStreamExt;
 use serde_json::{json, Value as Json};
@@ -967,7 +968,24 @@ async fn write_files(
         .map(|(mut w, (_, share))| {
             tokio::spawn(async move {
                 for b in share {
-                    w.write(b).await?;
+                    // A table's batch holds one rollup's rows of one day: written as the one
+                    // partition it is, not split by deltalake (a sort and a copy of every
+                    // column).
+                    let values: Option<Vec<(String, _)>> = [ROLLUP_COLUMN, DAY_COLUMN]
+                        .iter()
+                        .map(|c| {
+                            let column = b.column_by_name(c).filter(|a| one_value(a))?;
+                            let value = ScalarExt::from_array(column.as_ref(), 0)?;
+                            Some((c.to_string(), value))
+                        })
+                        .collect();
+                    match values {
+                        Some(values) => {
+                            let values = values.into_iter().collect();
+                            w.write_partition(b, &values, WriteMode::Default).await?;
+                        }
+                        None => w.write(b).await?,
+                    }
                 }
                 let adds = w.flush().await?;
                 Ok::<_, deltalake::DeltaTableError>((w, adds))
@@ -993,6 +1011,17 @@ async fn write_files(
     match failed {
         Some(e) => Err(e),
         None => Ok(adds),
+    }
+}
+
+/// Whether `a` is text holding one value in every row (and no null).
+fn one_value(a: &ArrayRef) -> bool {
+    match a.as_string_opt::<i32>() {
+        Some(text) if !text.is_empty() && text.null_count() == 0 => {
+            let first = text.value(0);
+            (1..text.len()).all(|i| text.value(i) == first)
+        }
+        _ => false,
     }
 }
 
