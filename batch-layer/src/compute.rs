@@ -792,11 +792,13 @@ impl BatchLayer {
             .lock()
             .expect("not poisoned")
             .contains(&view.name);
-        let collected = match grouped {
-            None => collect(Arc::clone(&plan), ctx.task_ctx()).await?,
+        // The rows, and whether they are events (a value may come again within a group) or
+        // the first phase's (each value once a group).
+        let (collected, events) = match grouped {
+            None => (collect(Arc::clone(&plan), ctx.task_ctx()).await?, false),
             Some(grouped) if known_grouped => {
                 plan = grouped.create_physical_plan().await?;
-                collect(Arc::clone(&plan), ctx.task_ctx()).await?
+                (collect(Arc::clone(&plan), ctx.task_ctx()).await?, false)
             }
             Some(grouped) => match collect_within_pool(Arc::clone(&plan), ctx).await? {
                 Some((events, reservation)) => {
@@ -806,7 +808,7 @@ impl BatchLayer {
                     let ratio = groups_per_event(&events, &keys, F)?;
                     tracing::debug!(view = %view.name, day, ratio, "first-phase groups per event, estimated");
                     if ratio >= FOLD_EVENTS_FROM {
-                        events
+                        (events, true)
                     } else {
                         // Values repeat within groups: DataFusion groups the events in
                         // memory first, where a hash table of its own compares them faster
@@ -827,13 +829,13 @@ impl BatchLayer {
                             }
                             None => ctx,
                         };
-                        regroup(here, view, &keys, events).await?
+                        (regroup(here, view, &keys, events).await?, false)
                     }
                 }
                 None => {
                     tracing::info!(view = %view.name, day, "the day's events exceed the memory limit: grouped by the keys and the distinct value first, spilling as needed");
                     plan = grouped.create_physical_plan().await?;
-                    collect(Arc::clone(&plan), ctx.task_ctx()).await?
+                    (collect(Arc::clone(&plan), ctx.task_ctx()).await?, false)
                 }
             },
         };
@@ -845,7 +847,7 @@ impl BatchLayer {
             Some(distinct) => {
                 let view = view.clone();
                 tokio::task::spawn_blocking(move || {
-                    crate::cube::build(&view, &collected, distinct, threads)
+                    crate::cube::build(&view, &collected, distinct, events, threads)
                 })
                 .await
                 .map_err(|e| {

@@ -545,17 +545,19 @@ fn same(a: &[u32], b: &[u32]) -> bool {
     a.iter().zip(b).all(|(x, y)| x == y)
 }
 
-/// The view's own rows (named [`BASE_ROLLUP`]) and every rollup's, from `input`: the first
-/// phase's rows with the distinct field in column `distinct` when the view has one distinct
-/// metric, otherwise the view's final rows. Every other metric's partials are in columns named
-/// as its batch columns. `threads` share the tables.
+/// The view's own rows (named [`BASE_ROLLUP`]) and every rollup's, from `input`: a day's
+/// events (`events`: a distinct value may come again within a group) or the first phase's
+/// rows (each value once a group), with the distinct field in column `distinct`, when the
+/// view has one distinct metric; otherwise the view's final rows. Every other metric's
+/// partials are in columns named as its batch columns. `threads` share the tables.
 pub(crate) fn build(
     view: &ViewDef,
     input: &[RecordBatch],
     distinct: Option<&str>,
+    events: bool,
     threads: usize,
 ) -> Result<Vec<RecordBatch>> {
-    build_with(view, input, distinct, threads, true)
+    build_with(view, input, distinct.map(|d| (d, events)), threads, true)
 }
 
 /// [`build`], with the exact table's distinct metric kept apart ([`ExactDistinct`]) or, for
@@ -563,10 +565,14 @@ pub(crate) fn build(
 fn build_with(
     view: &ViewDef,
     input: &[RecordBatch],
-    distinct: Option<&str>,
+    distinct: Option<(&str, bool)>,
     threads: usize,
     apart: bool,
 ) -> Result<Vec<RecordBatch>> {
+    let (distinct, events) = match distinct {
+        Some((d, events)) => (Some(d), events),
+        None => (None, false),
+    };
     let dims = view.dimensions.len();
     let mut dictionary = Dictionary::new(dims);
     // The view's own table in one part per thread, each part holding a share of its groups.
@@ -584,7 +590,7 @@ fn build_with(
             if !apart {
                 t.distinct = None;
             }
-            if distinct.is_some() {
+            if events {
                 t.dedup = Some(Dedup::default());
             }
             t
@@ -921,7 +927,7 @@ metrics = [
                 build_with(
                     &view,
                     std::slice::from_ref(&input),
-                    Some("device_id"),
+                    Some(("device_id", true)),
                     threads,
                     apart,
                 )
@@ -1055,8 +1061,8 @@ metrics = [
         }
 
         for threads in [1, 2] {
-            let from_events = build(&view, &split, Some("device_id"), threads).unwrap();
-            let from_groups = build(&view, &grouped, Some("device_id"), threads).unwrap();
+            let from_events = build(&view, &split, Some("device_id"), true, threads).unwrap();
+            let from_groups = build(&view, &grouped, Some("device_id"), false, threads).unwrap();
             assert_eq!(
                 answers(&from_events),
                 answers(&from_groups),
