@@ -738,7 +738,8 @@ fn build_with(
     out
 }
 
-/// Reads one input batch for the tables.
+/// Reads one input batch for the tables: the dimension values interned on this thread, the
+/// distinct values' coupons and the metrics' states on another.
 fn prepare(
     view: &ViewDef,
     batch: &RecordBatch,
@@ -750,17 +751,38 @@ fn prepare(
             .column_by_name(name)
             .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
     };
-    let n = batch.num_rows();
     let buckets = column(BUCKET_COLUMN)?
         .as_primitive::<TimestampMicrosecondType>()
         .values()
         .to_vec();
-    let ids = view
-        .dimensions
-        .iter()
-        .enumerate()
-        .map(|(d, name)| dictionary.intern_column(d, column(name)?))
-        .collect::<Result<Vec<_>>>()?;
+    let (ids, values) = std::thread::scope(|scope| {
+        let values = scope.spawn(|| prepare_values(view, batch, distinct));
+        let ids = view
+            .dimensions
+            .iter()
+            .enumerate()
+            .map(|(d, name)| dictionary.intern_column(d, column(name)?))
+            .collect::<Result<Vec<_>>>();
+        let values = values
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (ids, values)
+    });
+    let mut p = values?;
+    p.buckets = buckets;
+    p.ids = ids?;
+    Ok(p)
+}
+
+/// [`prepare`]'s part that needs no dictionary: each row's distinct value (present, coupon,
+/// bits, hash) and every other metric's state.
+fn prepare_values(view: &ViewDef, batch: &RecordBatch, distinct: Option<&str>) -> Result<Prepared> {
+    let column = |name: &str| {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
+    };
+    let n = batch.num_rows();
     let mut present = vec![false; n];
     let mut coupons = vec![None; n];
     let mut bits = vec![0; n];
@@ -803,8 +825,8 @@ fn prepare(
         states.push(m.states_from_batch(&columns)?);
     }
     Ok(Prepared {
-        buckets,
-        ids,
+        buckets: Vec::new(),
+        ids: Vec::new(),
         present,
         coupons,
         bits,
