@@ -13,8 +13,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Decimal128Array, Float64Array, Int64Array,
-    StructArray, TimestampMicrosecondArray, UInt64Array,
+    Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Float64Array, Int64Array, StructArray,
+    TimestampMicrosecondArray, UInt64Array,
 };
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::{
@@ -305,33 +305,30 @@ impl MetricDef {
             Float(f64),
             Bytes(Vec<u8>),
         }
-        let cells = |part: usize| -> Vec<Cell> {
+        // Each part's cells, made as its column is built (a table's states are millions).
+        let cells = |part: usize| {
             use MetricState::*;
             let opt_int = |v: &Option<i128>| v.map_or(Cell::Null, Cell::Int);
             let opt_float = |v: &Option<f64>| v.map_or(Cell::Null, Cell::Float);
-            states
-                .iter()
-                .map(|s| match (s, part) {
-                    (Count(n), 0) => Cell::Int(*n as i128),
-                    (SumInt(v), 0) => Cell::Int(*v),
-                    (SumFloat(v), 0) => Cell::Float(*v),
-                    (MinInt(v) | MaxInt(v), 0) => opt_int(v),
-                    (MinFloat(v) | MaxFloat(v), 0) => opt_float(v),
-                    (AvgInt { sum, .. }, 0) => Cell::Int(*sum),
-                    (AvgFloat { sum, .. }, 0) => Cell::Float(*sum),
-                    (AvgInt { n, .. } | AvgFloat { n, .. }, 1) => Cell::Int(*n as i128),
-                    (Distinct(d), 0) => d.exact.map_or(Cell::Null, |n| Cell::Int(n as i128)),
-                    (Distinct(d), 1) => Cell::Bytes(d.serialize()),
-                    _ => Cell::Null,
-                })
-                .collect()
+            states.iter().map(move |s| match (s, part) {
+                (Count(n), 0) => Cell::Int(*n as i128),
+                (SumInt(v), 0) => Cell::Int(*v),
+                (SumFloat(v), 0) => Cell::Float(*v),
+                (MinInt(v) | MaxInt(v), 0) => opt_int(v),
+                (MinFloat(v) | MaxFloat(v), 0) => opt_float(v),
+                (AvgInt { sum, .. }, 0) => Cell::Int(*sum),
+                (AvgFloat { sum, .. }, 0) => Cell::Float(*sum),
+                (AvgInt { n, .. } | AvgFloat { n, .. }, 1) => Cell::Int(*n as i128),
+                (Distinct(d), 0) => d.exact.map_or(Cell::Null, |n| Cell::Int(n as i128)),
+                (Distinct(d), 1) => Cell::Bytes(d.serialize()),
+                _ => Cell::Null,
+            })
         };
         let mut out = Vec::new();
         for (part, field) in self.batch_fields().iter().enumerate() {
-            let cells = cells(part);
             let ints = || {
-                cells.iter().map(|c| match c {
-                    Cell::Int(v) => Some(*v),
+                cells(part).map(|c| match c {
+                    Cell::Int(v) => Some(v),
                     _ => None,
                 })
             };
@@ -356,16 +353,20 @@ impl MetricDef {
                     Arc::new(Decimal128Array::from_iter(ints()).with_precision_and_scale(*p, *s)?)
                 }
                 DataType::Float64 => {
-                    Arc::new(Float64Array::from_iter(cells.iter().map(|c| match c {
-                        Cell::Float(v) => Some(*v),
+                    Arc::new(Float64Array::from_iter(cells(part).map(|c| match c {
+                        Cell::Float(v) => Some(v),
                         _ => None,
                     })))
                 }
                 DataType::Binary => {
-                    Arc::new(BinaryArray::from_iter(cells.iter().map(|c| match c {
-                        Cell::Bytes(b) => Some(b.as_slice()),
-                        _ => None,
-                    })))
+                    let mut b = datafusion::arrow::array::BinaryBuilder::new();
+                    for c in cells(part) {
+                        match c {
+                            Cell::Bytes(bytes) => b.append_value(&bytes),
+                            _ => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
                 }
                 other => {
                     return Err(CoreError::Internal(format!(
