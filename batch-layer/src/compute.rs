@@ -751,9 +751,10 @@ impl BatchLayer {
         // dimensions, the distinct field, each metric's partial of one event), and one pass
         // over them builds the view's rows, each distinct value counted once a group, and the
         // rollups' (crate::cube). A first phase grouped by the keys and the distinct field
-        // would cost more than it saves: a day's events are nearly as many as its groups. Only
-        // when the memory pool cannot hold the day's events is that first phase computed, by
-        // DataFusion, spilling as it must, and the same pass takes its rows. No distinct
+        // would cost more than it saves where a day's events are nearly as many as its groups.
+        // It is computed by DataFusion where values repeat within groups (sampled first, see
+        // FOLD_EVENTS_FROM), or when the memory pool cannot hold the day's events (spilling as
+        // it must), and the same pass takes its rows. No distinct
         // metric: DataFusion computes the view's rows, the same pass the rollups. Several
         // distinct fields: DataFusion computes the view's rows in one phase and the rollups are
         // merged from them (crate::rollup).
