@@ -1243,7 +1243,8 @@ const FOLD_EVENTS_FROM: f64 = 0.7;
 
 /// An estimate of the first phase's groups (distinct keys and value) per event among
 /// `events`, from the events of about one value in 64 (sampled by the value's hash, each with
-/// all its events): 1 when no value repeats within a group.
+/// all its events; events without a value are not sampled): 1 when no value repeats within a
+/// group.
 fn groups_per_event(events: &[RecordBatch], keys: &[&str], value: &str) -> Result<f64> {
     use datafusion::common::hash_utils::{create_hashes, RandomState};
     let state = RandomState::with_seed(0x6772_6f75_7073);
@@ -1260,8 +1261,9 @@ fn groups_per_event(events: &[RecordBatch], keys: &[&str], value: &str) -> Resul
         hashes.clear();
         hashes.resize(batch.num_rows(), 0);
         create_hashes([&values], &state, &mut hashes)?;
+        // (Nulls share a hash: they are left out, as a distinct count leaves them out.)
         let rows: Vec<u32> = (0..batch.num_rows() as u32)
-            .filter(|&r| hashes[r as usize] >> 58 == 0)
+            .filter(|&r| hashes[r as usize] >> 58 == 0 && values.is_valid(r as usize))
             .collect();
         if rows.is_empty() {
             continue;
@@ -1707,6 +1709,17 @@ mod repeat_tests {
         let ratio = groups_per_event(&[batch(thrice, spread)], &["k"], "v").unwrap();
         assert_eq!(ratio, 1.0);
         assert_eq!(groups_per_event(&[], &["k"], "v").unwrap(), 1.0);
+        // Events without a value are not sampled: they would all share one hash.
+        let with_nulls = RecordBatch::try_new(
+            repeated[0].schema(),
+            vec![
+                Arc::new(StringArray::from(vec!["app"; 3_000])),
+                Arc::new(StringArray::from(vec![None::<&str>; 3_000])),
+            ],
+        )
+        .unwrap();
+        let ratio = groups_per_event(&[with_nulls, repeated[1].clone()], &["k"], "v").unwrap();
+        assert!((ratio - 1.0 / 3.0).abs() < 1e-9, "{ratio}");
     }
 
     #[test]
