@@ -663,7 +663,7 @@ fn build_with(
         } else {
             datafusion::arrow::compute::concat_batches(&chunk[0].schema(), chunk)?
         };
-        let mut p = prepare(view, &batch, distinct, &mut dictionary)?;
+        let mut p = prepare(view, &batch, distinct, events, &mut dictionary)?;
         p.first_row = first_row;
         first_row += rows as u64;
         preparing += t.elapsed().as_secs_f64();
@@ -738,30 +738,34 @@ fn build_with(
     out
 }
 
+/// The column `name` of `batch`.
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
+}
+
 /// Reads one input batch for the tables: the dimension values interned on this thread, the
-/// distinct values' coupons and the metrics' states on another.
+/// distinct values' coupons and the metrics' states on another (`events`: the distinct
+/// values' hashes too, for [`Dedup`]).
 fn prepare(
     view: &ViewDef,
     batch: &RecordBatch,
     distinct: Option<&str>,
+    events: bool,
     dictionary: &mut Dictionary,
 ) -> Result<Prepared> {
-    let column = |name: &str| {
-        batch
-            .column_by_name(name)
-            .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
-    };
-    let buckets = column(BUCKET_COLUMN)?
+    let buckets = column(batch, BUCKET_COLUMN)?
         .as_primitive::<TimestampMicrosecondType>()
         .values()
         .to_vec();
     let (ids, values) = std::thread::scope(|scope| {
-        let values = scope.spawn(|| prepare_values(view, batch, distinct));
+        let values = scope.spawn(|| prepare_values(view, batch, distinct, events));
         let ids = view
             .dimensions
             .iter()
             .enumerate()
-            .map(|(d, name)| dictionary.intern_column(d, column(name)?))
+            .map(|(d, name)| dictionary.intern_column(d, column(batch, name)?))
             .collect::<Result<Vec<_>>>();
         let values = values
             .join()
@@ -775,26 +779,28 @@ fn prepare(
 }
 
 /// [`prepare`]'s part that needs no dictionary: each row's distinct value (present, coupon,
-/// bits, hash) and every other metric's state.
-fn prepare_values(view: &ViewDef, batch: &RecordBatch, distinct: Option<&str>) -> Result<Prepared> {
-    let column = |name: &str| {
-        batch
-            .column_by_name(name)
-            .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
-    };
+/// bits, and with `events` its hash) and every other metric's state.
+fn prepare_values(
+    view: &ViewDef,
+    batch: &RecordBatch,
+    distinct: Option<&str>,
+    events: bool,
+) -> Result<Prepared> {
     let n = batch.num_rows();
     let mut present = vec![false; n];
     let mut coupons = vec![None; n];
     let mut bits = vec![0; n];
     let mut value_hashes = Vec::new();
     if let Some(name) = distinct {
-        let values = column(name)?;
-        value_hashes = vec![0; n];
-        datafusion::common::hash_utils::create_hashes(
-            [values],
-            &datafusion::common::hash_utils::RandomState::with_seed(0),
-            &mut value_hashes,
-        )?;
+        let values = column(batch, name)?;
+        if events {
+            value_hashes = vec![0; n];
+            datafusion::common::hash_utils::create_hashes(
+                [values],
+                &datafusion::common::hash_utils::RandomState::with_seed(0),
+                &mut value_hashes,
+            )?;
+        }
         for (row, p) in present.iter_mut().enumerate() {
             *p = values.is_valid(row);
         }
@@ -820,7 +826,7 @@ fn prepare_values(view: &ViewDef, batch: &RecordBatch, distinct: Option<&str>) -
         let columns = m
             .batch_fields()
             .iter()
-            .map(|f| column(f.name()).cloned())
+            .map(|f| column(batch, f.name()).cloned())
             .collect::<Result<Vec<ArrayRef>>>()?;
         states.push(m.states_from_batch(&columns)?);
     }
