@@ -463,6 +463,13 @@ impl BatchLayer {
 
         let ctx = session_with(&self.options)?;
         ctx.register_table("master", master.table_provider().await?)?;
+        // The master's files, by their paths in its table, for crate::dayscan.
+        let master_store = datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
+            "tandem-master://{}",
+            view.source.to_ascii_lowercase()
+        ))?;
+        ctx.runtime_env()
+            .register_object_store(master_store.as_ref(), master.object_store());
         // On a Ballista cluster the scans and the first phase run on its executors, which read
         // the day's Parquet files (the snapshot's, named one by one) from the same store.
         let remote = match &self.options.engine {
@@ -577,7 +584,15 @@ impl BatchLayer {
             let repeats = repeats.as_ref();
             let (rows, read) = match (files.get(day), &remote) {
                 (None, _) => Default::default(),
-                (Some(_), None) => self.compute(&ctx, view, day, None, repeats).await?,
+                (Some(paths), None) => {
+                    let local = MasterDay {
+                        url: &master_store,
+                        store: master.object_store(),
+                        paths,
+                    };
+                    self.compute(&ctx, view, day, Some(local), None, repeats)
+                        .await?
+                }
                 (Some(day_files), Some(remote)) => {
                     let urls = day_files
                         .iter()
@@ -587,7 +602,7 @@ impl BatchLayer {
                             })
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    self.compute(remote, view, day, Some(&urls), repeats)
+                    self.compute(remote, view, day, None, Some(&urls), repeats)
                         .await?
                 }
             };
@@ -682,16 +697,50 @@ impl BatchLayer {
         ctx: &SessionContext,
         view: &ViewDef,
         day: &str,
+        local: Option<MasterDay<'_>>,
         files: Option<&[String]>,
         repeats: Option<&Arc<Vec<String>>>,
     ) -> Result<(Rows, Read)> {
         let schema = self.catalog.schema_of(view);
-        let mut df = match files {
-            None => ctx
+        let distinct_fields = distinct_fields(view);
+        // The view's text dimensions are read as the dictionaries they are stored in where the
+        // cube pass takes them (one distinct field; not the distinct field itself).
+        let dictionary: Vec<&str> = match distinct_fields.len() {
+            1 => view
+                .dimensions
+                .iter()
+                .map(String::as_str)
+                .filter(|d| !distinct_fields.contains(d))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let without_day = || {
+            let master = schema.master_schema();
+            let fields: Vec<_> = master
+                .fields()
+                .iter()
+                .filter(|f| f.name() != DAY_COLUMN)
+                .cloned()
+                .collect();
+            datafusion::arrow::datatypes::Schema::new(fields)
+        };
+        let mut df = match (files, local) {
+            (None, Some(local)) if !dictionary.is_empty() => {
+                let table = crate::dayscan::DayFiles::open(
+                    &local.store,
+                    local.url.clone(),
+                    local.paths,
+                    &without_day(),
+                    &dictionary,
+                )
+                .await?;
+                ctx.read_table(Arc::new(table))?
+            }
+            (None, _) => ctx
                 .table("master")
                 .await?
                 .filter(ident(DAY_COLUMN).eq(lit(day)))?,
-            Some(files) => {
+            (Some(files), _) => {
                 use datafusion::datasource::file_format::parquet::ParquetFormat;
                 use datafusion::datasource::listing::{
                     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -700,19 +749,12 @@ impl BatchLayer {
                     .iter()
                     .map(ListingTableUrl::parse)
                     .collect::<datafusion::error::Result<Vec<_>>>()?;
-                let master = schema.master_schema();
-                let fields: Vec<_> = master
-                    .fields()
-                    .iter()
-                    .filter(|f| f.name() != DAY_COLUMN)
-                    .cloned()
-                    .collect();
                 let config = ListingTableConfig::new_with_multi_paths(urls)
                     .with_listing_options(
                         ListingOptions::new(Arc::new(ParquetFormat::default()))
                             .with_file_extension(".parquet"),
                     )
-                    .with_schema(Arc::new(datafusion::arrow::datatypes::Schema::new(fields)));
+                    .with_schema(Arc::new(without_day()));
                 ctx.read_table(Arc::new(ListingTable::try_new(config)?))?
             }
         };
@@ -738,12 +780,23 @@ impl BatchLayer {
         )
         .otherwise(date_trunc(lit(view.granularity.as_str()), time))?
         .alias(BUCKET_COLUMN);
-        let dims: Vec<Expr> = view
+        // Text, or (for the events the cube pass reads) the dictionaries they were read as.
+        let text_dims: Vec<Expr> = view
             .dimensions
             .iter()
             .map(|d| cast_expr(ident(d), DataType::Utf8).alias(d))
             .collect();
-        let distinct_fields = distinct_fields(view);
+        let dims: Vec<Expr> = view
+            .dimensions
+            .iter()
+            .zip(&text_dims)
+            .map(
+                |(d, text)| match df.schema().field_with_unqualified_name(d) {
+                    Ok(f) if matches!(f.data_type(), DataType::Dictionary(..)) => ident(d).alias(d),
+                    _ => text.clone(),
+                },
+            )
+            .collect();
 
         let metrics = || view.metrics.iter().enumerate();
         let threads = ctx.state().config().target_partitions();
@@ -763,13 +816,16 @@ impl BatchLayer {
         let (df, cube_input) = match distinct_fields.len() {
             1 => {
                 let f = *distinct_fields.iter().next().expect("one");
-                let mut keys = vec![bucket];
-                keys.extend(dims);
-                keys.push(ident(f).alias(F));
-                let mut columns = keys.clone();
+                let mut columns = vec![bucket.clone()];
+                columns.extend(dims);
+                columns.push(ident(f).alias(F));
                 for (_, m) in metrics() {
                     columns.extend(event_exprs(m)?);
                 }
+                // Grouped by text: DataFusion's grouping spills text keys, not dictionaries.
+                let mut keys = vec![bucket];
+                keys.extend(text_dims);
+                keys.push(ident(f).alias(F));
                 let partials = metrics()
                     .filter(|(_, m)| m.kind != MetricKind::Distinct)
                     .flat_map(|(_, m)| metric_exprs(m))
@@ -779,7 +835,7 @@ impl BatchLayer {
             }
             n => {
                 let mut group = vec![bucket];
-                group.extend(dims);
+                group.extend(text_dims);
                 let aggs = metrics().flat_map(|(_, m)| metric_exprs(m)).collect();
                 (df.aggregate(group, aggs)?, (n == 0).then_some(None))
             }
@@ -884,6 +940,14 @@ impl BatchLayer {
         }
         Ok((out, read))
     }
+}
+
+/// A day's files of the master, read in this process: the store registered under `url`, and
+/// the files' paths in it.
+pub(crate) struct MasterDay<'a> {
+    pub url: &'a datafusion::execution::object_store::ObjectStoreUrl,
+    pub store: Arc<dyn object_store::ObjectStore>,
+    pub paths: &'a [String],
 }
 
 /// A day's rows: the view's and its rollups', in the view's batch schema.
@@ -1325,10 +1389,18 @@ async fn regroup(
                 .collect::<Vec<_>>()
         })
         .collect();
+    // Grouped by text: DataFusion's grouping spills text keys, not dictionaries.
+    let keys = keys
+        .iter()
+        .map(|k| match schema.field_with_name(k).map(|f| f.data_type()) {
+            Ok(DataType::Dictionary(..)) => cast_expr(ident(*k), DataType::Utf8).alias(*k),
+            _ => ident(*k),
+        })
+        .collect();
     let table = MemTable::try_new(schema, partitions)?;
     Ok(ctx
         .read_table(Arc::new(table))?
-        .aggregate(keys.iter().map(|k| ident(*k)).collect(), merged)?
+        .aggregate(keys, merged)?
         .collect()
         .await?)
 }

@@ -21,6 +21,7 @@
 pub mod backfill;
 pub mod compute;
 mod cube;
+mod dayscan;
 pub mod dlq;
 pub mod erase;
 pub mod error;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
+use datafusion::arrow::datatypes::{DataType, Int32Type, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::metric::MetricState;
 use tandem_core::time::{day_of, day_string};
@@ -55,8 +55,23 @@ impl Dictionary {
         id
     }
 
-    /// The ids of a column's values (a string column, or one cast to strings).
+    /// The ids of a column's values (a string column, a dictionary of strings, whose values
+    /// are interned once each, or a column cast to strings).
     pub(crate) fn intern_column(&mut self, dim: usize, column: &ArrayRef) -> Result<Vec<u32>> {
+        if let Some(dict) = column.as_dictionary_opt::<Int32Type>() {
+            if dict.values().data_type() == &DataType::Utf8 {
+                let values = dict.values().as_string::<i32>();
+                let ids: Vec<u32> = values
+                    .iter()
+                    .map(|v| v.map_or(0, |v| self.intern(dim, v)))
+                    .collect();
+                return Ok(dict
+                    .keys()
+                    .iter()
+                    .map(|k| k.map_or(0, |k| ids.get(k as usize).copied().unwrap_or(0)))
+                    .collect());
+            }
+        }
         let mut intern = |v: Option<&str>| v.map_or(0, |v| self.intern(dim, v));
         Ok(match column.data_type() {
             DataType::Utf8View => column.as_string_view().iter().map(&mut intern).collect(),
@@ -247,4 +262,37 @@ fn write(
         rows.keys.iter().map(|(b, _)| day_string(day_of(*b))),
     )));
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{DictionaryArray, Int32Array};
+
+    use super::*;
+
+    /// A dictionary column's rows get the ids its text would get, nulls (a null key or a null
+    /// value) included.
+    #[test]
+    fn a_dictionary_columns_ids_are_its_texts_ids() {
+        let values = StringArray::from(vec![Some("b"), None, Some("a"), Some("unused")]);
+        let keys = Int32Array::from(vec![Some(0), Some(2), None, Some(1), Some(0), Some(2)]);
+        let dict: ArrayRef =
+            Arc::new(DictionaryArray::<Int32Type>::try_new(keys, Arc::new(values)).unwrap());
+        let text: ArrayRef = datafusion::arrow::compute::cast(&dict, &DataType::Utf8).unwrap();
+        let mut by_text = Dictionary::new(1);
+        let mut by_dict = Dictionary::new(1);
+        by_text.intern(0, "a");
+        by_dict.intern(0, "a");
+        let from_text = by_text.intern_column(0, &text).unwrap();
+        let from_dict = by_dict.intern_column(0, &dict).unwrap();
+        let named = |d: &Dictionary, ids: &[u32]| -> Vec<Option<String>> {
+            ids.iter()
+                .map(|&id| d.value(0, id).map(str::to_string))
+                .collect()
+        };
+        assert_eq!(named(&by_dict, &from_dict), named(&by_text, &from_text));
+        assert_eq!(from_dict[2], 0, "a null key is null");
+        assert_eq!(from_dict[3], 0, "a null value is null");
+        assert_eq!(from_dict[0], from_dict[4]);
+    }
 }

@@ -778,7 +778,7 @@ async fn rows_of(storage: &Storage, view: &tandem_core::view::ViewDef) -> Vec<St
 
 /// The batch benchmark's hourly cube (five dimensions, a count, a distinct and a sum) and
 /// the countries of each app a day (a distinct whose values repeat within groups, a count
-/// and an average) as the views of a catalog, over `events` events of
+/// and an average, filtered on its dimension) as the views of a catalog, over `events` events of
 /// `seed` imported into `s`'s store.
 async fn cube_store(s: &Setup, seed: u64, events: usize) -> Arc<Catalog> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -803,6 +803,7 @@ metrics = [
 source = "app_events"
 granularity = "day"
 dimensions = ["app_id"]
+filter = "app_id <> 'com.example.app001'"
 metrics = [
   { name = "countries", kind = "distinct", field = "country" },
   { name = "events", kind = "count" },
@@ -883,6 +884,12 @@ async fn a_recompute_under_a_small_memory_limit_spills_and_publishes_the_same_ro
         // estimates by the order its values came in, within 3 RSE (lg_k 12: 1.6%) of the other.
         let limited = rows_of(&s.storage, view).await;
         assert_eq!(limited.len(), unlimited.len(), "{name}");
+        if view.filter.is_some() {
+            assert!(
+                unlimited.iter().all(|r| !r.contains("app001")),
+                "{name}: the filter holds"
+            );
+        }
         let estimate = |row: &str| -> (String, Vec<f64>) {
             let mut rest = String::new();
             let mut estimates = Vec::new();
