@@ -3,8 +3,9 @@
 //! [`compute`] recomputes views exactly with DataFusion from the master dataset (a Delta
 //! table of every valid event), a day at a time, and publishes each run atomically, one Delta
 //! commit per view that replaces the recomputed days and records the view's coverage and
-//! definition hash; `cube` builds a day's view rows and rollups in one pass over DataFusion's
-//! first phase (`rollup` merges rollups for views it cannot serve). [`views`] reads the
+//! definition hash; `cube` builds a day's view rows and rollups in one pass over a day's
+//! events or DataFusion's first phase (`rollup` merges rollups for views it cannot serve), and
+//! `dayscan` reads a day's files with the view's text dimensions as dictionaries. [`views`] reads the
 //! published views back for the serving layer through core's `BatchViews`. [`import`] loads
 //! history files into the master dataset; [`maintenance`] compacts and vacuums the tables;
 //! [`erase`] deletes one subject's events; [`dlq`] lists and replays dead letters.
