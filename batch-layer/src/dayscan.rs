@@ -30,7 +30,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use crate::error::{BatchError, Result};
 
 /// The type the chosen text columns are read as.
-pub(crate) fn dictionary_type() -> DataType {
+fn dictionary_type() -> DataType {
     DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
 }
 
