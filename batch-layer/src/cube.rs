@@ -302,6 +302,18 @@ impl Table {
         }
     }
 
+    /// Room for `groups` more groups, so that the index is not rebuilt as it grows (a rebuild
+    /// reads every group's key again, in the index's order).
+    fn reserve(&mut self, view: &ViewDef, groups: usize) {
+        let (keys, width) = (&self.keys, self.width);
+        self.index.reserve(groups, |&g| {
+            let at = g as usize * width;
+            hash_key(&keys[at..at + width])
+        });
+        self.keys.reserve(groups * self.width);
+        self.states.reserve(groups * view.metrics.len());
+    }
+
     fn groups(&self) -> usize {
         self.keys.len() / self.width
     }
@@ -643,6 +655,14 @@ fn build_with(
     // Input rows are taken in chunks, so threads meet once per chunk, not once per batch.
     const CHUNK_ROWS: usize = 1 << 18;
     let values = Values::new(input, distinct);
+    // The view's own table holds at most a group a row: its parts are sized up front.
+    let rows: usize = input.iter().map(RecordBatch::num_rows).sum();
+    for t in &tables {
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        if t.exact {
+            t.reserve(view, rows / parts as usize + 1);
+        }
+    }
     let mut first_row = 0u64;
     let mut start = 0;
     while start < input.len() {
