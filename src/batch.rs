@@ -314,15 +314,17 @@ async fn run_views(
         Some(v) => vec![Arc::clone(catalog.view(v)?)],
         None => catalog.views.values().cloned().collect(),
     };
+    // The views are computed together, day by day (a day read once for the views of a
+    // schema), and each is published and recorded on its own.
+    let started_us = layer.now_us();
+    let outcomes = layer.run_each(&views, &req).await;
     let mut reports = Vec::new();
-    for v in views {
-        let started_us = layer.now_us();
-        let view_started = std::time::Instant::now();
-        let outcome = layer.run_view(&v, &req).await;
+    let mut first_failure = None;
+    for (v, outcome) in views.iter().zip(outcomes) {
         let mut record = manual(&v.name, "view", None, started_us);
-        record.seconds = view_started.elapsed().as_secs_f64();
         match outcome {
             Ok(r) => {
+                record.seconds = r.seconds;
                 if r.version.is_some() && !r.days.is_empty() {
                     record.rows = r.rows as i64;
                     record.date = r.days.first().cloned();
@@ -330,8 +332,21 @@ async fn run_views(
                 }
                 reports.push(r);
             }
-            Err(e) => return Err(failed(&storage, record, e).await),
+            Err(e) => {
+                record.seconds = started.elapsed().as_secs_f64();
+                let e = failed(&storage, record, e).await;
+                // The first failure is the command's error; later ones are logged.
+                match first_failure {
+                    None => first_failure = Some(e),
+                    Some(_) => {
+                        tracing::error!(view = %v.name, error = %format!("{e:#}"), "the view's run failed")
+                    }
+                }
+            }
         }
+    }
+    if let Some(e) = first_failure {
+        return Err(e);
     }
     if json {
         println!(

@@ -25,7 +25,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
 use datafusion::parquet::basic::Compression;
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -90,7 +90,8 @@ pub struct PublishReport {
     pub bytes_read: u64,
     /// Seconds of the publish's commit (the files are written day by day: see the days).
     pub publish_seconds: f64,
-    /// Seconds of the whole run of this view.
+    /// Seconds spent on this view: planning, its days (a day read once for several views
+    /// counts in the first one's) and its publish.
     pub seconds: f64,
 }
 
@@ -252,40 +253,9 @@ pub(crate) fn session() -> SessionContext {
     session_with(&BatchOptions::default()).expect("a session without a memory limit")
 }
 
-/// A session for batch work with `options`: its threads, and a memory pool that spills
-/// (shared fairly among a query's spilling operators; crate::pool) when a limit is set.
-/// Parquet strings are read as plain `Utf8`: `Utf8View` grouping was no faster here, and
-/// reserves memory in blocks of megabytes, which a small memory limit cannot spare.
+/// A session for batch work with `options`, on a runtime of its own.
 pub(crate) fn session_with(options: &BatchOptions) -> Result<SessionContext> {
-    let mut config = SessionConfig::new();
-    if let Some(n) = options.threads {
-        config = config.with_target_partitions(n.max(1));
-    }
-    config
-        .options_mut()
-        .execution
-        .parquet
-        .schema_force_view_types = false;
-    let mut runtime = RuntimeEnvBuilder::new();
-    if let Some(limit) = options.memory_limit {
-        runtime = runtime.with_memory_pool(Arc::new(crate::pool::BatchPool::new(limit)));
-        // An operator reserves memory a batch at a time; under a small limit, batches are made
-        // small enough that one batch's reservation leaves room to spill (4 KiB of pool per
-        // row of a batch; the default 8,192 rows from 32 MiB up).
-        let rows = (limit / 4096).max(256).min(config.batch_size());
-        config = config.with_batch_size(rows);
-    }
-    if let Some(dir) = &options.spill_dir {
-        std::fs::create_dir_all(dir).map_err(|source| BatchError::Io {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        runtime = runtime.with_temp_file_path(dir);
-    }
-    Ok(SessionContext::new_with_config_rt(
-        config,
-        runtime.build_arc()?,
-    ))
+    Ok(session_on(options, runtime_with(options)?))
 }
 
 impl BatchLayer {
@@ -425,22 +395,150 @@ impl BatchLayer {
         })
     }
 
-    /// Recomputes and publishes every view (or the one named).
+    /// Recomputes and publishes every view (or the one named): [`Self::run_each`], failing
+    /// with the first view's error.
     pub async fn run(&self, view: Option<&str>, req: &RunRequest) -> Result<Vec<PublishReport>> {
         let views: Vec<Arc<ViewDef>> = match view {
             Some(v) => vec![Arc::clone(self.catalog.view(v)?)],
             None => self.catalog.views.values().cloned().collect(),
         };
-        let mut out = Vec::new();
+        self.run_each(&views, req).await.into_iter().collect()
+    }
+
+    /// Recomputes and publishes `views`, each in one commit of its own; gives each view's
+    /// report or error, in their order.
+    ///
+    /// Day by day over the days any view recomputes: the views of one schema that recompute a
+    /// day in this process read it once ([`SharedDay`]). A view that fails is left out of the
+    /// rest of the run (nothing of it is published); the others go on.
+    pub async fn run_each(
+        &self,
+        views: &[Arc<ViewDef>],
+        req: &RunRequest,
+    ) -> Vec<Result<PublishReport>> {
+        // One runtime (memory pool, spill directory) for every view of the run: a day read
+        // for several views is held in the pool their queries draw from.
+        let runtime = match runtime_with(&self.options) {
+            Ok(r) => r,
+            Err(e) => {
+                let message = e.to_string();
+                return views
+                    .iter()
+                    .map(|_| Err(BatchError::BadRequest(message.clone())))
+                    .collect();
+            }
+        };
+        let mut planned = Vec::with_capacity(views.len());
         for v in views {
-            out.push(self.run_view(&v, req).await?);
+            planned.push(self.plan_view(v, req, &runtime).await);
         }
-        Ok(out)
+        let days: BTreeSet<String> = planned
+            .iter()
+            .filter_map(|p| match p {
+                Ok(Planned::Run(r)) => Some(r.day_strings.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for day in &days {
+            let mut runs: Vec<&mut Result<Planned<'_>>> = planned
+                .iter_mut()
+                .filter(|p| matches!(p, Ok(Planned::Run(r)) if r.day_strings.contains(day)))
+                .collect();
+            // Views that read the same files of the same snapshot here share the day's read.
+            let mut done = vec![false; runs.len()];
+            for i in 0..runs.len() {
+                if done[i] {
+                    continue;
+                }
+                let mut together = vec![i];
+                together.extend((i + 1..runs.len()).filter(|&j| {
+                    !done[j]
+                        && match (&*runs[i], &*runs[j]) {
+                            (Ok(Planned::Run(a)), Ok(Planned::Run(b))) => {
+                                a.shares_reads_with(b, day)
+                            }
+                            _ => false,
+                        }
+                }));
+                let read = match together.len() {
+                    1 => Ok(None),
+                    _ => {
+                        let group: Vec<&ViewRun<'_>> = together
+                            .iter()
+                            .filter_map(|&j| match &*runs[j] {
+                                Ok(Planned::Run(r)) => Some(&**r),
+                                _ => None,
+                            })
+                            .collect();
+                        self.read_shared(&group, day).await
+                    }
+                };
+                // A failed shared read fails each of its views: the first with the error.
+                let (shared, mut failed, message) = match read {
+                    Ok(shared) => (shared, None, String::new()),
+                    Err(e) => {
+                        let message = format!("reading {day} for several views failed: {e}");
+                        (None, Some(e), message)
+                    }
+                };
+                let failing = failed.is_some();
+                for (k, &j) in together.iter().enumerate() {
+                    done[j] = true;
+                    let outcome = match &mut *runs[j] {
+                        Ok(Planned::Run(_)) if failing => Err(failed
+                            .take()
+                            .unwrap_or_else(|| BatchError::BadRequest(message.clone()))),
+                        Ok(Planned::Run(r)) => {
+                            // The shared read's time is counted in the first view's day.
+                            let read_seconds = match &shared {
+                                Some(s) if k == 0 => s.seconds,
+                                _ => 0.0,
+                            };
+                            r.run_day(self, day, shared.as_ref(), read_seconds).await
+                        }
+                        _ => Ok(()),
+                    };
+                    if let Err(e) = outcome {
+                        *runs[j] = Err(e);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(planned.len());
+        for p in planned {
+            out.push(match p {
+                Ok(Planned::Done(report)) => Ok(report),
+                Ok(Planned::Run(r)) => r.publish(req).await,
+                Err(e) => Err(e),
+            });
+        }
+        out
     }
 
     /// Recomputes the requested (or the new and dirty) closed days of `view` and publishes
     /// them in one commit.
     pub async fn run_view(&self, view: &ViewDef, req: &RunRequest) -> Result<PublishReport> {
+        let runtime = runtime_with(&self.options)?;
+        match self.plan_view(view, req, &runtime).await? {
+            Planned::Done(report) => Ok(report),
+            Planned::Run(mut r) => {
+                for day in r.day_strings.clone() {
+                    r.run_day(self, &day, None, 0.0).await?;
+                }
+                r.publish(req).await
+            }
+        }
+    }
+
+    /// What a run of `view` will recompute, with its session, its table and its writers
+    /// opened; or the report of a run with nothing to do.
+    async fn plan_view<'a>(
+        &self,
+        view: &'a ViewDef,
+        req: &RunRequest,
+        runtime: &Arc<RuntimeEnv>,
+    ) -> Result<Planned<'a>> {
         let started = Instant::now();
         let mut report = PublishReport {
             view: view.name.clone(),
@@ -449,7 +547,7 @@ impl BatchLayer {
         let master_url = self.storage.layout().master(&view.source);
         let Some(master) = self.storage.open(&master_url).await? else {
             tracing::info!(view = %view.name, "no master dataset yet; nothing to compute");
-            return Ok(report);
+            return Ok(Planned::Done(report));
         };
         let master_version = master.version().map(|v| v as i64).unwrap_or(0);
         let view_url = self.storage.layout().view(&view.name);
@@ -461,7 +559,7 @@ impl BatchLayer {
         let same_definition = previous.hash.as_deref() == Some(view.definition_hash.as_str());
         let today = self.first_open_day(&view.source).await?;
 
-        let ctx = session_with(&self.options)?;
+        let ctx = session_on(&self.options, Arc::clone(runtime));
         ctx.register_table("master", master.table_provider().await?)?;
         // The master's files, by their paths in its table, for crate::dayscan.
         let master_store = datafusion::execution::object_store::ObjectStoreUrl::parse(format!(
@@ -539,7 +637,7 @@ impl BatchLayer {
         if days.is_empty() {
             tracing::info!(view = %view.name, "every closed day is covered and clean; nothing to publish");
             report.version = existing.and_then(|t| t.version()).map(|v| v as i64);
-            return Ok(report);
+            return Ok(Planned::Done(report));
         }
         let day_strings: Vec<String> = days.iter().map(|&d| day_string(d)).collect();
         // Day by day: a view's buckets never span days, so each day is a query of its own and
@@ -548,7 +646,7 @@ impl BatchLayer {
         // one commit; only a changed definition (a new schema replacing every row) is written
         // from memory by one Delta write.
         let schema = view.batch_schema();
-        let mut table = match existing {
+        let table = match existing {
             Some(t) if same_definition => Some(t),
             Some(_) => None,
             None => Some(
@@ -558,7 +656,7 @@ impl BatchLayer {
             ),
         };
         // As many file writers as threads: a day's tables are encoded in parallel.
-        let mut writers = match &table {
+        let writers = match &table {
             Some(t) => {
                 let n = ctx.state().config().target_partitions().max(1);
                 let mut w = Vec::with_capacity(n);
@@ -573,118 +671,103 @@ impl BatchLayer {
             }
             None => None,
         };
-        let mut adds = Vec::new();
-        let mut batches = Vec::new();
-        for day in &day_strings {
-            let day_started = Instant::now();
-            let repeats = match files.contains_key(day) {
-                true => self.repeats(&ctx, view, day, master_version).await?,
-                false => None,
-            };
-            let repeats = repeats.as_ref();
-            let (rows, read) = match (files.get(day), &remote) {
-                (None, _) => Default::default(),
-                (Some(paths), None) => {
-                    let local = MasterDay {
-                        url: &master_store,
-                        store: master.object_store(),
-                        paths,
-                    };
-                    self.compute(&ctx, view, day, Some(local), None, repeats)
-                        .await?
-                }
-                (Some(day_files), Some(remote)) => {
-                    let urls = day_files
-                        .iter()
-                        .map(|f| {
-                            master_url.join(f).map(String::from).map_err(|e| {
-                                BatchError::BadRequest(format!("file {f} of the master: {e}"))
-                            })
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    self.compute(remote, view, day, None, Some(&urls), repeats)
-                        .await?
-                }
-            };
-            let mut day_report = DayReport {
-                day: day.clone(),
-                rows_read: read.rows,
-                bytes_read: read.bytes,
-                spilled_bytes: read.spilled,
-                rows: rows.rows,
-                rollup_rows: rows.rollup_rows,
-                seconds: day_started.elapsed().as_secs_f64(),
-                write_seconds: 0.0,
-            };
-            let write_started = Instant::now();
-            match &mut writers {
-                Some(w) => {
-                    adds.extend(
-                        write_files(w, rows.batches)
-                            .await
-                            .map_err(|e| BatchError::delta(&view_url, e))?,
-                    );
-                }
-                None => batches.extend(rows.batches),
-            }
-            day_report.write_seconds = write_started.elapsed().as_secs_f64();
-            tracing::debug!(view = %view.name, day = %day, rows_read = read.rows, rows = day_report.rows, "day computed");
-            if let Some(p) = &self.progress {
-                p(&view.name, &day_report);
-            }
-            report.rows += rows.rows;
-            report.rollup_rows += rows.rollup_rows;
-            report.rows_read += read.rows;
-            report.bytes_read += read.bytes;
-            report.per_day.push(day_report);
-        }
-        let publish_started = Instant::now();
+        Ok(Planned::Run(Box::new(ViewRun {
+            view,
+            busy: started.elapsed().as_secs_f64(),
+            report,
+            master_url,
+            master,
+            master_version,
+            view_url,
+            previous,
+            same_definition,
+            ctx,
+            master_store,
+            remote,
+            files,
+            days,
+            day_strings,
+            schema,
+            table,
+            writers,
+            adds: Vec::new(),
+            batches: Vec::new(),
+            storage: self.storage.clone(),
+        })))
+    }
 
-        // Publish: one commit replaces exactly the recomputed days and records the coverage.
-        if let Some(table) = table.take() {
-            let version = publish_days(
-                view,
-                &view_url,
-                table,
-                adds,
-                &days,
-                master_version,
-                same_definition.then_some(&previous.coverage.days),
-                &req.metadata,
-            )
-            .await?;
-            report.version = Some(version);
-            report.days = day_strings;
-            report.publish_seconds = publish_started.elapsed().as_secs_f64();
-            report.seconds = started.elapsed().as_secs_f64();
-            tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
-            return Ok(report);
-        }
-        let props = publish_properties(view, &days, &days, master_version, &req.metadata);
-        let table = self
-            .storage
-            .open_or_create(&view_url, &schema, &[ROLLUP_COLUMN, DAY_COLUMN])
-            .await?;
-        let batches = if batches.is_empty() {
-            vec![RecordBatch::new_empty(schema)]
-        } else {
-            batches
+    /// Reads `day` once for every run of `runs` (views of one schema, one snapshot of its
+    /// master, computed here): the columns any of them reads, each event id once, held in
+    /// the memory pool. `None` if the pool cannot hold the day: each view then reads it alone.
+    async fn read_shared(&self, runs: &[&ViewRun<'_>], day: &str) -> Result<Option<SharedDay>> {
+        let Some(first) = runs.first() else {
+            return Ok(None);
         };
-        // A changed definition: every row of the old one goes, with its schema.
-        let table = table
-            .write(batches)
-            .with_save_mode(SaveMode::Overwrite)
-            .with_partition_columns([ROLLUP_COLUMN, DAY_COLUMN])
-            .with_commit_properties(props)
-            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
-            .await
-            .map_err(|e| conflict_or(view, &view_url, e))?;
-        report.version = table.version().map(|v| v as i64);
-        report.days = day_strings;
-        report.publish_seconds = publish_started.elapsed().as_secs_f64();
-        report.seconds = started.elapsed().as_secs_f64();
-        tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
-        Ok(report)
+        let Some(paths) = first.files.get(day) else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let ctx = &first.ctx;
+        let schema = self.catalog.schema_of(first.view);
+        let master = schema.master_schema();
+        let fields: Vec<_> = master
+            .fields()
+            .iter()
+            .filter(|f| f.name() != DAY_COLUMN)
+            .cloned()
+            .collect();
+        let table_schema = datafusion::arrow::datatypes::Schema::new(fields);
+        // Text dimensions of any of the views are read as the dictionaries they are stored
+        // in, unless one of the views counts a field's distinct values (crate::dayscan).
+        let distinct: BTreeSet<&str> = runs.iter().flat_map(|r| distinct_fields(r.view)).collect();
+        let dictionary: Vec<&str> = runs
+            .iter()
+            .flat_map(|r| r.view.dimensions.iter().map(String::as_str))
+            .filter(|d| !distinct.contains(d))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let table = crate::dayscan::DayFiles::open(
+            &first.master.object_store(),
+            first.master_store.clone(),
+            paths,
+            &table_schema,
+            &dictionary,
+        )
+        .await?;
+        let mut df = ctx.read_table(Arc::new(table))?;
+        let mut columns = BTreeSet::new();
+        for r in runs {
+            columns.extend(view_columns(r.view, schema, &df)?);
+        }
+        if let Some(ids) = self
+            .repeats(ctx, first.view, day, first.master_version)
+            .await?
+        {
+            df = once_per_id(df, schema, &ids)?;
+        }
+        let df = df.select(
+            columns
+                .iter()
+                .map(|c| ident(c.as_str()))
+                .collect::<Vec<_>>(),
+        )?;
+        let plan = df.create_physical_plan().await?;
+        let Some((events, held)) = collect_within_pool(Arc::clone(&plan), ctx).await? else {
+            tracing::info!(schema = %first.view.source, day, "the day's events exceed the memory limit: each view reads them alone");
+            return Ok(None);
+        };
+        let read = Read::of(plan.as_ref());
+        let seconds = started.elapsed().as_secs_f64();
+        let names: Vec<&str> = runs.iter().map(|r| r.view.name.as_str()).collect();
+        tracing::debug!(schema = %first.view.source, day, views = ?names, rows = read.rows, seconds, "day read once for its views");
+        Ok(Some(SharedDay {
+            schema: plan.schema(),
+            events,
+            read,
+            seconds,
+            _held: held,
+        }))
     }
 
     /// The exact rows of `view` for `day` and its rollups' rows, in the view's batch schema,
@@ -697,8 +780,7 @@ impl BatchLayer {
         ctx: &SessionContext,
         view: &ViewDef,
         day: &str,
-        local: Option<MasterDay<'_>>,
-        files: Option<&[String]>,
+        source: DaySource<'_>,
         repeats: Option<&Arc<Vec<String>>>,
     ) -> Result<(Rows, Read)> {
         let schema = self.catalog.schema_of(view);
@@ -724,8 +806,18 @@ impl BatchLayer {
                 .collect();
             datafusion::arrow::datatypes::Schema::new(fields)
         };
-        let mut df = match (files, local) {
-            (None, Some(local)) if !dictionary.is_empty() => {
+        let mut df = match &source {
+            DaySource::Shared(shared) => {
+                use datafusion::datasource::MemTable;
+                let threads = ctx.state().config().target_partitions().max(1);
+                let mut partitions = vec![Vec::new(); threads];
+                for (i, b) in shared.events.iter().enumerate() {
+                    partitions[i % threads].push(b.clone());
+                }
+                let table = MemTable::try_new(Arc::clone(&shared.schema), partitions)?;
+                ctx.read_table(Arc::new(table))?
+            }
+            DaySource::Files(local) if !dictionary.is_empty() => {
                 let table = crate::dayscan::DayFiles::open(
                     &local.store,
                     local.url.clone(),
@@ -736,11 +828,11 @@ impl BatchLayer {
                 .await?;
                 ctx.read_table(Arc::new(table))?
             }
-            (None, _) => ctx
+            DaySource::Files(_) => ctx
                 .table("master")
                 .await?
                 .filter(ident(DAY_COLUMN).eq(lit(day)))?,
-            (Some(files), _) => {
+            DaySource::Remote(files) => {
                 use datafusion::datasource::file_format::parquet::ParquetFormat;
                 use datafusion::datasource::listing::{
                     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -879,12 +971,12 @@ impl BatchLayer {
                         // A cluster's session reads files, not memory: the events are grouped
                         // here.
                         let local;
-                        let here = match files {
-                            Some(_) => {
+                        let here = match source {
+                            DaySource::Remote(_) => {
                                 local = session_with(&self.options)?;
                                 &local
                             }
-                            None => ctx,
+                            _ => ctx,
                         };
                         (regroup(here, view, &keys, events).await?, false)
                     }
@@ -896,7 +988,14 @@ impl BatchLayer {
                 }
             },
         };
-        let read = Read::of(plan.as_ref());
+        let read = match &source {
+            // The day was read for several views: each reports that read.
+            DaySource::Shared(shared) => Read {
+                spilled: Read::of(plan.as_ref()).spilled,
+                ..shared.read
+            },
+            _ => Read::of(plan.as_ref()),
+        };
         tracing::trace!(plan = %datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true), "first phase");
         tracing::debug!(view = %view.name, seconds = started.elapsed().as_secs_f64(), rows = collected.iter().map(RecordBatch::num_rows).sum::<usize>(), "first phase computed");
         let started = Instant::now();
@@ -957,6 +1056,283 @@ pub(crate) struct Rows {
     /// The view's own rows and the rollups' among `batches`.
     pub rows: usize,
     pub rollup_rows: usize,
+}
+
+/// A view's run: planned, or found to have nothing to do.
+enum Planned<'a> {
+    Done(PublishReport),
+    Run(Box<ViewRun<'a>>),
+}
+
+/// One view's run in progress: what it recomputes, its session, its table and writers, the
+/// files written so far.
+struct ViewRun<'a> {
+    view: &'a ViewDef,
+    /// Seconds spent on this view so far (its days interleave with other views' in a run).
+    busy: f64,
+    report: PublishReport,
+    master_url: url::Url,
+    master: DeltaTable,
+    master_version: i64,
+    view_url: url::Url,
+    previous: Published,
+    same_definition: bool,
+    ctx: SessionContext,
+    /// Where the session finds the master's files (crate::dayscan).
+    master_store: datafusion::execution::object_store::ObjectStoreUrl,
+    /// A Ballista cluster's session, when the day's scan and first phase run there.
+    remote: Option<SessionContext>,
+    /// The master snapshot's files, by day.
+    files: std::collections::BTreeMap<String, Vec<String>>,
+    days: BTreeSet<i64>,
+    day_strings: Vec<String>,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    /// The view's table, unless a changed definition rewrites it from `batches`.
+    table: Option<DeltaTable>,
+    writers: Option<Vec<RecordBatchWriter>>,
+    adds: Vec<deltalake::kernel::Add>,
+    batches: Vec<RecordBatch>,
+    storage: Storage,
+}
+
+/// A day's events read once for several views of one schema: the columns any of them reads,
+/// each event id once, held in the memory pool until every view has computed the day.
+pub(crate) struct SharedDay {
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    events: Vec<RecordBatch>,
+    read: Read,
+    seconds: f64,
+    _held: MemoryReservation,
+}
+
+impl ViewRun<'_> {
+    /// Whether this run and `other` read the same files for `day` here (not on a cluster):
+    /// the same schema's master, at the same snapshot.
+    fn shares_reads_with(&self, other: &ViewRun<'_>, day: &str) -> bool {
+        self.remote.is_none()
+            && other.remote.is_none()
+            && self.master_url == other.master_url
+            && self.master_version == other.master_version
+            && self.files.contains_key(day)
+            && self.files.get(day) == other.files.get(day)
+    }
+
+    /// Recomputes `day` (from `shared`, the day's events read for several views, if given)
+    /// and writes its files; `read_seconds` of the shared read are counted in its time.
+    async fn run_day(
+        &mut self,
+        layer: &BatchLayer,
+        day: &str,
+        shared: Option<&SharedDay>,
+        read_seconds: f64,
+    ) -> Result<()> {
+        let view = self.view;
+        let day_started = Instant::now();
+        let repeats = match (self.files.contains_key(day), shared) {
+            (true, None) => {
+                layer
+                    .repeats(&self.ctx, view, day, self.master_version)
+                    .await?
+            }
+            _ => None,
+        };
+        let repeats = repeats.as_ref();
+        let source = match (self.files.get(day), &self.remote, shared) {
+            (None, _, _) => None,
+            (Some(_), _, Some(shared)) => Some((&self.ctx, DaySource::Shared(shared))),
+            (Some(paths), None, None) => Some((
+                &self.ctx,
+                DaySource::Files(MasterDay {
+                    url: &self.master_store,
+                    store: self.master.object_store(),
+                    paths,
+                }),
+            )),
+            (Some(day_files), Some(remote), None) => {
+                let urls = day_files
+                    .iter()
+                    .map(|f| {
+                        self.master_url.join(f).map(String::from).map_err(|e| {
+                            BatchError::BadRequest(format!("file {f} of the master: {e}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some((remote, DaySource::Remote(urls)))
+            }
+        };
+        let (rows, read) = match source {
+            None => Default::default(),
+            Some((ctx, source)) => layer.compute(ctx, view, day, source, repeats).await?,
+        };
+        let mut day_report = DayReport {
+            day: day.to_string(),
+            rows_read: read.rows,
+            bytes_read: read.bytes,
+            spilled_bytes: read.spilled,
+            rows: rows.rows,
+            rollup_rows: rows.rollup_rows,
+            seconds: day_started.elapsed().as_secs_f64() + read_seconds,
+            write_seconds: 0.0,
+        };
+        let write_started = Instant::now();
+        match &mut self.writers {
+            Some(w) => {
+                self.adds.extend(
+                    write_files(w, rows.batches)
+                        .await
+                        .map_err(|e| BatchError::delta(&self.view_url, e))?,
+                );
+            }
+            None => self.batches.extend(rows.batches),
+        }
+        day_report.write_seconds = write_started.elapsed().as_secs_f64();
+        tracing::debug!(view = %view.name, day = %day, rows_read = read.rows, rows = day_report.rows, "day computed");
+        if let Some(p) = &layer.progress {
+            p(&view.name, &day_report);
+        }
+        let report = &mut self.report;
+        report.rows += rows.rows;
+        report.rollup_rows += rows.rollup_rows;
+        report.rows_read += read.rows;
+        report.bytes_read += read.bytes;
+        report.per_day.push(day_report);
+        self.busy += day_started.elapsed().as_secs_f64() + read_seconds;
+        Ok(())
+    }
+
+    /// Publishes the recomputed days: one commit replaces exactly those days and records the
+    /// coverage.
+    async fn publish(self, req: &RunRequest) -> Result<PublishReport> {
+        let ViewRun {
+            view,
+            busy,
+            mut report,
+            master_version,
+            view_url,
+            previous,
+            same_definition,
+            days,
+            day_strings,
+            schema,
+            table,
+            adds,
+            batches,
+            storage,
+            ..
+        } = self;
+        let publish_started = Instant::now();
+        if let Some(table) = table {
+            let version = publish_days(
+                view,
+                &view_url,
+                table,
+                adds,
+                &days,
+                master_version,
+                same_definition.then_some(&previous.coverage.days),
+                &req.metadata,
+            )
+            .await?;
+            report.version = Some(version);
+            report.days = day_strings;
+            report.publish_seconds = publish_started.elapsed().as_secs_f64();
+            report.seconds = busy + report.publish_seconds;
+            tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
+            return Ok(report);
+        }
+        let props = publish_properties(view, &days, &days, master_version, &req.metadata);
+        let table = storage
+            .open_or_create(&view_url, &schema, &[ROLLUP_COLUMN, DAY_COLUMN])
+            .await?;
+        let batches = if batches.is_empty() {
+            vec![RecordBatch::new_empty(schema)]
+        } else {
+            batches
+        };
+        // A changed definition: every row of the old one goes, with its schema.
+        let table = table
+            .write(batches)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_partition_columns([ROLLUP_COLUMN, DAY_COLUMN])
+            .with_commit_properties(props)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+            .await
+            .map_err(|e| conflict_or(view, &view_url, e))?;
+        report.version = table.version().map(|v| v as i64);
+        report.days = day_strings;
+        report.publish_seconds = publish_started.elapsed().as_secs_f64();
+        report.seconds = busy + report.publish_seconds;
+        tracing::info!(view = %view.name, days = report.days.len(), rows = report.rows, rollup_rows = report.rollup_rows, version = ?report.version, "published");
+        Ok(report)
+    }
+}
+
+/// Where a view's day is read from.
+pub(crate) enum DaySource<'a> {
+    /// The day's files, read in this process.
+    Files(MasterDay<'a>),
+    /// The day's files by URL, read by a Ballista cluster's executors.
+    Remote(Vec<String>),
+    /// The day's events, read once for several views.
+    Shared(&'a SharedDay),
+}
+
+/// The event fields `view` reads: its time, dimensions, metric fields and those its filter
+/// names (parsed against `df`, the master's columns).
+fn view_columns(
+    view: &ViewDef,
+    schema: &tandem_core::schema::EventSchema,
+    df: &datafusion::dataframe::DataFrame,
+) -> Result<BTreeSet<String>> {
+    let mut columns = BTreeSet::new();
+    columns.insert(schema.event_time_name().to_string());
+    columns.extend(view.dimensions.iter().cloned());
+    columns.extend(view.metrics.iter().filter_map(|m| m.field.clone()));
+    if let Some(f) = &view.filter {
+        let predicate = df.parse_sql_expr(f)?;
+        columns.extend(predicate.column_refs().into_iter().map(|c| c.name.clone()));
+    }
+    Ok(columns)
+}
+
+/// A runtime for batch work with `options`: a memory pool that spills (shared fairly among a
+/// query's spilling operators; crate::pool) when a limit is set, and the spill directory.
+fn runtime_with(options: &BatchOptions) -> Result<Arc<RuntimeEnv>> {
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(limit) = options.memory_limit {
+        runtime = runtime.with_memory_pool(Arc::new(crate::pool::BatchPool::new(limit)));
+    }
+    if let Some(dir) = &options.spill_dir {
+        std::fs::create_dir_all(dir).map_err(|source| BatchError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        runtime = runtime.with_temp_file_path(dir);
+    }
+    Ok(runtime.build_arc()?)
+}
+
+/// A session for batch work with `options` on `runtime`: its threads, and strings read back
+/// as plain `Utf8` (`Utf8View` grouping was no faster here, and reserves memory in blocks of
+/// megabytes, which a small memory limit cannot spare).
+fn session_on(options: &BatchOptions, runtime: Arc<RuntimeEnv>) -> SessionContext {
+    let mut config = SessionConfig::new();
+    if let Some(n) = options.threads {
+        config = config.with_target_partitions(n.max(1));
+    }
+    config
+        .options_mut()
+        .execution
+        .parquet
+        .schema_force_view_types = false;
+    if let Some(limit) = options.memory_limit {
+        // An operator reserves memory a batch at a time; under a small limit, batches are made
+        // small enough that one batch's reservation leaves room to spill (4 KiB of pool per
+        // row of a batch; the default 8,192 rows from 32 MiB up).
+        let rows = (limit / 4096).max(256).min(config.batch_size());
+        config = config.with_batch_size(rows);
+    }
+    SessionContext::new_with_config_rt(config, runtime)
 }
 
 /// The one-phase plan's output in the view's batch schema (the view's own rows).

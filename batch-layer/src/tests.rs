@@ -1392,3 +1392,171 @@ async fn queries_under_a_memory_limit_never_wait_forever() {
         assert_eq!(groups, 13, "attempt {attempt}");
     }
 }
+
+/// A view's published rows, sorted: each row's bucket, dimensions and states with every
+/// distinct count exact, and apart, the distinct counts' sketch estimates.
+async fn exact_rows_of(
+    storage: &Storage,
+    view: &tandem_core::view::ViewDef,
+) -> Vec<(String, Vec<f64>)> {
+    use tandem_core::metric::MetricState;
+    let views = DeltaBatchViews::new(storage.clone()).with_refresh(std::time::Duration::ZERO);
+    let cov = views.coverage(view).await.unwrap();
+    let mut q = ViewQuery::all(view, NOW - 30 * DAY_US, NOW);
+    q.group_by = (0..view.dimensions.len()).collect();
+    q.limit = usize::MAX;
+    let mut rows: Vec<(String, Vec<f64>)> = views
+        .query(view, &q, &cov)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let mut estimates = Vec::new();
+            let states: Vec<String> = r
+                .states
+                .iter()
+                .map(|s| match s {
+                    MetricState::Distinct(d) => {
+                        estimates.push(d.estimate());
+                        format!("exact {:?}", d.exact)
+                    }
+                    s => format!("{s:?}"),
+                })
+                .collect();
+            (
+                format!("{} {:?} {states:?}", r.bucket_us, r.dims),
+                estimates,
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+/// Four views of one schema (a cube, a distinct whose field is the cube's dimension, no
+/// distinct, two distinct fields), over events of which some repeat an event id, imported
+/// into `s`'s store.
+async fn four_views_store(s: &Setup) -> Arc<Catalog> {
+    let catalog = cube_store(s, 11, 6_000).await;
+    let jobs = s.dir.join("jobs");
+    std::fs::write(
+        jobs.join("events_hourly.toml"),
+        r#"kind = "view"
+source = "app_events"
+granularity = "hour"
+dimensions = ["country", "event_name"]
+filter = "event_name <> 'launch'"
+metrics = [
+  { name = "events", kind = "count" },
+  { name = "top_revenue", kind = "max", field = "revenue_usd" },
+]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        jobs.join("reach_daily.toml"),
+        r#"kind = "view"
+source = "app_events"
+granularity = "day"
+dimensions = ["media_source"]
+metrics = [
+  { name = "devices", kind = "distinct", field = "device_id" },
+  { name = "campaigns", kind = "distinct", field = "campaign" },
+]"#,
+    )
+    .unwrap();
+    drop(catalog);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
+    // A producer's retries: every fifth event of a second file is archived again.
+    let again: Vec<String> = history(11, 6_000, NOW - 3 * DAY_US, NOW - DAY_US)
+        .into_iter()
+        .step_by(5)
+        .collect();
+    let file = s.dir.join("again.jsonl");
+    write_lines(&file, &again);
+    let schema = Arc::clone(&catalog.schemas["app_events"]);
+    import_jsonl(&s.storage, &schema, &[&file], NOW)
+        .await
+        .unwrap();
+    catalog
+}
+
+/// The views of one schema recomputed together read each day once, and publish exactly what
+/// each publishes when recomputed alone (repeated event ids counted once either way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_of_a_schema_read_a_day_once_and_publish_what_they_publish_alone() {
+    let full = RunRequest {
+        full: true,
+        ..Default::default()
+    };
+    let (together, alone) = (setup(), setup());
+    let catalog = four_views_store(&together).await;
+    let layer = |s: &Setup| {
+        BatchLayer::new(
+            s.storage.clone(),
+            Arc::clone(&catalog),
+            Arc::new(s.clock.clone()),
+        )
+    };
+    let names = [
+        "countries_daily",
+        "cube_hourly",
+        "events_hourly",
+        "reach_daily",
+    ];
+    let reports = layer(&together).run(None, &full).await.unwrap();
+    assert_eq!(
+        reports.iter().map(|r| r.view.as_str()).collect::<Vec<_>>(),
+        names
+    );
+    four_views_store(&alone).await;
+    let mut alone_reports = Vec::new();
+    for name in names {
+        alone_reports.push(
+            layer(&alone)
+                .run_view(&catalog.views[name], &full)
+                .await
+                .unwrap(),
+        );
+    }
+    for (t, a) in reports.iter().zip(&alone_reports) {
+        let view = &catalog.views[&t.view];
+        assert_eq!(t.days.len(), 3, "{}", t.view);
+        assert_eq!(
+            (t.rows, t.rollup_rows),
+            (a.rows, a.rollup_rows),
+            "{}",
+            t.view
+        );
+        let rows = exact_rows_of(&together.storage, view).await;
+        assert!(rows.len() > 10, "{}: {}", t.view, rows.len());
+        let other = exact_rows_of(&alone.storage, view).await;
+        assert_eq!(rows.len(), other.len(), "{}", t.view);
+        for ((a, x), (b, y)) in rows.iter().zip(&other) {
+            assert_eq!(a, b, "{}", t.view);
+            // Sketches merged in another order differ by no more than their own error.
+            for (x, y) in x.iter().zip(y) {
+                assert!(
+                    (x - y).abs() <= 0.02 * x.max(1.0),
+                    "{}: {a}: {x} {y}",
+                    t.view
+                );
+            }
+        }
+    }
+    // Together, every view's day is the one read of the columns any of them needs (here the
+    // cube's); alone, each reads its own columns.
+    for day in 0..3 {
+        let read: Vec<(u64, u64)> = reports
+            .iter()
+            .map(|r| (r.per_day[day].rows_read, r.per_day[day].bytes_read))
+            .collect();
+        assert!(read.iter().all(|r| *r == read[0]), "{read:?}");
+        let alone: Vec<u64> = alone_reports
+            .iter()
+            .map(|r| r.per_day[day].bytes_read)
+            .collect();
+        assert!(alone.iter().all(|&b| b <= read[0].1), "{alone:?} {read:?}");
+        assert!(alone.iter().any(|&b| b < read[0].1), "{alone:?} {read:?}");
+    }
+}
