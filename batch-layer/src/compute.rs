@@ -440,6 +440,9 @@ impl BatchLayer {
             })
             .flatten()
             .collect();
+        // Schemas whose day the memory pool could not hold: their views read alone for the
+        // rest of the run (a day is not read in part again and again).
+        let mut read_alone: BTreeSet<String> = BTreeSet::new();
         for day in &days {
             let mut runs: Vec<&mut Result<Planned<'_>>> = planned
                 .iter_mut()
@@ -456,7 +459,7 @@ impl BatchLayer {
                     !done[j]
                         && match (&*runs[i], &*runs[j]) {
                             (Ok(Planned::Run(a)), Ok(Planned::Run(b))) => {
-                                a.shares_reads_with(b, day)
+                                a.shares_reads_with(b, day) && !read_alone.contains(&a.view.source)
                             }
                             _ => false,
                         }
@@ -471,7 +474,11 @@ impl BatchLayer {
                                 _ => None,
                             })
                             .collect();
-                        self.read_shared(&group, day).await
+                        let read = self.read_shared(&group, day).await;
+                        if let (Ok(None), Some(r)) = (&read, group.first()) {
+                            read_alone.insert(r.view.source.clone());
+                        }
+                        read
                     }
                 };
                 // A failed shared read fails each of its views: the first with the error.
@@ -754,7 +761,7 @@ impl BatchLayer {
         )?;
         let plan = df.create_physical_plan().await?;
         let Some((events, held)) = collect_within_pool(Arc::clone(&plan), ctx).await? else {
-            tracing::info!(schema = %first.view.source, day, "the day's events exceed the memory limit: each view reads them alone");
+            tracing::info!(schema = %first.view.source, day, "the day's events exceed the memory limit: each view reads them alone from now on");
             return Ok(None);
         };
         let read = Read::of(plan.as_ref());
@@ -817,7 +824,11 @@ impl BatchLayer {
                 let table = MemTable::try_new(Arc::clone(&shared.schema), partitions)?;
                 ctx.read_table(Arc::new(table))?
             }
-            DaySource::Files(local) if !dictionary.is_empty() => {
+            // Read from the day's files by a table of their own, not through the Delta table
+            // provider: it hands a filter on to deltalake's own expressions, which recurse
+            // once per item of a list (a day's thousands of repeated ids overflowed the
+            // stack).
+            DaySource::Files(local) => {
                 let table = crate::dayscan::DayFiles::open(
                     &local.store,
                     local.url.clone(),
@@ -828,10 +839,6 @@ impl BatchLayer {
                 .await?;
                 ctx.read_table(Arc::new(table))?
             }
-            DaySource::Files(_) => ctx
-                .table("master")
-                .await?
-                .filter(ident(DAY_COLUMN).eq(lit(day)))?,
             DaySource::Remote(files) => {
                 use datafusion::datasource::file_format::parquet::ParquetFormat;
                 use datafusion::datasource::listing::{
