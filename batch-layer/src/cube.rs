@@ -395,7 +395,22 @@ impl Table {
             hash_key(&keys[at..at + width])
         });
         self.keys.reserve(groups * self.width);
-        self.states.reserve(groups * view.metrics.len());
+        self.states.reserve(groups * self.stored(view));
+    }
+
+    /// The states a group keeps: one a metric, but the distinct metric kept apart.
+    fn stored(&self, view: &ViewDef) -> usize {
+        view.metrics.len() - usize::from(self.distinct.is_some())
+    }
+
+    /// Where among a group's states metric `i`'s is (none for the distinct metric kept
+    /// apart).
+    fn slot(&self, i: usize) -> Option<usize> {
+        match self.distinct.as_ref().map(|d| d.metric) {
+            Some(apart) if apart == i => None,
+            Some(apart) if apart < i => Some(i - 1),
+            _ => Some(i),
+        }
     }
 
     fn groups(&self) -> usize {
@@ -444,7 +459,8 @@ impl Table {
     /// Merges every group of `source` (see [`Self::derives_from`]) into this table: its
     /// states as serving would merge them (a distinct count by the union of sketches).
     fn derive(&mut self, view: &ViewDef, source: &Table) {
-        let metrics = view.metrics.len();
+        let metrics = self.stored(view);
+        debug_assert_eq!(metrics, source.stored(view), "neither keeps a metric apart");
         let positions: Vec<usize> = self
             .dims
             .iter()
@@ -481,7 +497,7 @@ impl Table {
 
     /// Folds rows of `p` into this table (`values`: the input's distinct values).
     fn add(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
-        let metrics = view.metrics.len();
+        let stored = self.stored(view);
         let mut key = vec![0u32; self.width];
         for row in 0..p.buckets.len() {
             let bucket = self.granularity.floor(p.buckets[row]);
@@ -501,7 +517,6 @@ impl Table {
                     let apart = self.distinct.as_ref().map(|d| d.metric);
                     for (i, m) in view.metrics.iter().enumerate() {
                         if apart == Some(i) {
-                            self.states.push(MetricState::Count(0));
                             continue;
                         }
                         let mut s = m.empty_state();
@@ -527,16 +542,21 @@ impl Table {
                     }
                     None => true,
                 };
-            let states = &mut self.states[group * metrics..(group + 1) * metrics];
+            let mut states = self.states[group * stored..(group + 1) * stored].iter_mut();
             let mut partial = p.states.iter();
-            for (m, state) in view.metrics.iter().zip(states) {
+            for m in &view.metrics {
                 if m.kind == MetricKind::Distinct {
                     if let Some(d) = &mut self.distinct {
                         let added = d.add(group, counted, p.bits[row], p.coupons[row]);
                         if let Err(e) = added {
                             self.error.get_or_insert(e);
                         }
-                    } else if let MetricState::Distinct(d) = state {
+                        continue;
+                    }
+                }
+                let Some(state) = states.next() else { break };
+                if m.kind == MetricKind::Distinct {
+                    if let MetricState::Distinct(d) = state {
                         if counted {
                             d.exact = d.exact.map(|n| n + 1);
                         }
@@ -560,7 +580,6 @@ impl Table {
         dictionary: &Dictionary,
     ) -> Result<RecordBatch> {
         let n = self.groups();
-        let metrics = view.metrics.len();
         let bucket = |g: usize| self.bucket(g);
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         columns.push(Arc::new(
@@ -579,12 +598,16 @@ impl Table {
             };
             columns.push(Arc::new(column));
         }
+        let stored = self.stored(view);
         for (i, m) in view.metrics.iter().enumerate() {
-            if let Some(d) = self.distinct.as_ref().filter(|d| d.metric == i) {
-                columns.extend(d.columns(n));
+            let Some(slot) = self.slot(i) else {
+                if let Some(d) = &self.distinct {
+                    columns.extend(d.columns(n));
+                }
                 continue;
-            }
-            let states: Vec<&MetricState> = (0..n).map(|g| &self.states[g * metrics + i]).collect();
+            };
+            let states: Vec<&MetricState> =
+                (0..n).map(|g| &self.states[g * stored + slot]).collect();
             columns.extend(m.batch_columns(&states)?);
         }
         columns.push(Arc::new(StringArray::from_iter_values(
