@@ -716,14 +716,6 @@ impl BatchLayer {
         let started = Instant::now();
         let ctx = &first.ctx;
         let schema = self.catalog.schema_of(first.view);
-        let master = schema.master_schema();
-        let fields: Vec<_> = master
-            .fields()
-            .iter()
-            .filter(|f| f.name() != DAY_COLUMN)
-            .cloned()
-            .collect();
-        let table_schema = datafusion::arrow::datatypes::Schema::new(fields);
         // Text dimensions of any of the views are read as the dictionaries they are stored
         // in, unless one of the views counts a field's distinct values (crate::dayscan).
         let distinct: BTreeSet<&str> = runs.iter().flat_map(|r| distinct_fields(r.view)).collect();
@@ -738,7 +730,7 @@ impl BatchLayer {
             &first.master.object_store(),
             first.master_store.clone(),
             paths,
-            &table_schema,
+            &without_day(schema),
             &dictionary,
         )
         .await?;
@@ -803,16 +795,6 @@ impl BatchLayer {
                 .collect(),
             _ => Vec::new(),
         };
-        let without_day = || {
-            let master = schema.master_schema();
-            let fields: Vec<_> = master
-                .fields()
-                .iter()
-                .filter(|f| f.name() != DAY_COLUMN)
-                .cloned()
-                .collect();
-            datafusion::arrow::datatypes::Schema::new(fields)
-        };
         let mut df = match &source {
             DaySource::Shared(shared) => {
                 use datafusion::datasource::MemTable;
@@ -833,7 +815,7 @@ impl BatchLayer {
                     &local.store,
                     local.url.clone(),
                     local.paths,
-                    &without_day(),
+                    &without_day(schema),
                     &dictionary,
                 )
                 .await?;
@@ -853,7 +835,7 @@ impl BatchLayer {
                         ListingOptions::new(Arc::new(ParquetFormat::default()))
                             .with_file_extension(".parquet"),
                     )
-                    .with_schema(Arc::new(without_day()));
+                    .with_schema(Arc::new(without_day(schema)));
                 ctx.read_table(Arc::new(ListingTable::try_new(config)?))?
             }
         };
@@ -1282,6 +1264,18 @@ pub(crate) enum DaySource<'a> {
     Remote(Vec<String>),
     /// The day's events, read once for several views.
     Shared(&'a SharedDay),
+}
+
+/// The master's columns without its day partition: what a day's files hold.
+fn without_day(schema: &tandem_core::schema::EventSchema) -> datafusion::arrow::datatypes::Schema {
+    let master = schema.master_schema();
+    let fields: Vec<_> = master
+        .fields()
+        .iter()
+        .filter(|f| f.name() != DAY_COLUMN)
+        .cloned()
+        .collect();
+    datafusion::arrow::datatypes::Schema::new(fields)
 }
 
 /// The event fields `view` reads: its time, dimensions, metric fields and those its filter

@@ -75,47 +75,40 @@ impl Partials {
     /// `m`'s partials of the rows of `columns` (its batch columns); a null row's is the
     /// metric's zero, as [`MetricDef::states_from_batch`] reads it.
     fn of(m: &tandem_core::metric::MetricDef, columns: &[ArrayRef]) -> Result<Self> {
-        use datafusion::arrow::datatypes::{Decimal128Type, Float64Type, Int64Type};
+        use datafusion::arrow::datatypes::{
+            ArrowPrimitiveType, Decimal128Type, Float64Type, Int64Type,
+        };
         let value = &columns[0];
         let nulls = value.logical_nulls();
-        let zeroed = |row: usize| nulls.as_ref().is_some_and(|n| n.is_null(row));
+        // Each row's value as `f` makes it, a null row's the zero.
+        fn each<T: ArrowPrimitiveType, V: Default>(
+            value: &ArrayRef,
+            nulls: Option<&datafusion::arrow::buffer::NullBuffer>,
+            f: impl Fn(T::Native) -> V,
+        ) -> Vec<V> {
+            let values = value.as_primitive::<T>().values().iter();
+            values
+                .enumerate()
+                .map(|(row, &v)| match nulls {
+                    Some(n) if n.is_null(row) => V::default(),
+                    _ => f(v),
+                })
+                .collect()
+        }
+        let nulls = nulls.as_ref();
         Ok(match (m.empty_state(), value.data_type()) {
-            (MetricState::Count(_), DataType::Int64) => Partials::Counts(
-                value
-                    .as_primitive::<Int64Type>()
-                    .values()
-                    .iter()
-                    .enumerate()
-                    .map(|(row, &v)| if zeroed(row) { 0 } else { v as u64 })
-                    .collect(),
-            ),
-            (MetricState::SumInt(_), DataType::Int64) => Partials::IntSums(
-                value
-                    .as_primitive::<Int64Type>()
-                    .values()
-                    .iter()
-                    .enumerate()
-                    .map(|(row, &v)| if zeroed(row) { 0 } else { i128::from(v) })
-                    .collect(),
-            ),
-            (MetricState::SumInt(_), DataType::Decimal128(..)) => Partials::IntSums(
-                value
-                    .as_primitive::<Decimal128Type>()
-                    .values()
-                    .iter()
-                    .enumerate()
-                    .map(|(row, &v)| if zeroed(row) { 0 } else { v })
-                    .collect(),
-            ),
-            (MetricState::SumFloat(_), DataType::Float64) => Partials::FloatSums(
-                value
-                    .as_primitive::<Float64Type>()
-                    .values()
-                    .iter()
-                    .enumerate()
-                    .map(|(row, &v)| if zeroed(row) { 0.0 } else { v })
-                    .collect(),
-            ),
+            (MetricState::Count(_), DataType::Int64) => {
+                Partials::Counts(each::<Int64Type, _>(value, nulls, |v| v as u64))
+            }
+            (MetricState::SumInt(_), DataType::Int64) => {
+                Partials::IntSums(each::<Int64Type, _>(value, nulls, i128::from))
+            }
+            (MetricState::SumInt(_), DataType::Decimal128(..)) => {
+                Partials::IntSums(each::<Decimal128Type, _>(value, nulls, |v| v))
+            }
+            (MetricState::SumFloat(_), DataType::Float64) => {
+                Partials::FloatSums(each::<Float64Type, _>(value, nulls, |v| v))
+            }
             _ => Partials::States(m.states_from_batch(columns)?),
         })
     }
