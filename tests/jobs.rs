@@ -56,8 +56,9 @@ fn jobs_sql_runs_history_and_rollback_from_the_command_line() {
     let d = dir.path();
     let per_day = history(d, 6_000, 9, 7);
 
-    // An SQL job by hand, for a date; its output is a table `tandem sql` reads.
-    let date = day(-9);
+    // An SQL job by hand, for a date; its output is a table `tandem sql` reads. (The events
+    // span the last 9 days up to now: 8 days ago is covered whole at any time of day.)
+    let date = day(-8);
     let (out, _) = run_ok(tandem(d).args([
         "batch",
         "run",

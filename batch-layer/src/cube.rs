@@ -56,7 +56,7 @@ struct Prepared {
     value_hashes: Vec<u64>,
     first_row: u64,
     /// Per metric (none for the distinct metrics), each row's partial.
-    states: Vec<Partials>,
+    partials: Vec<Partials>,
 }
 
 /// One metric's partials of a batch's rows, as compact as its kind allows: every table reads
@@ -152,8 +152,8 @@ struct Table {
     keys: Vec<u32>,
     width: usize,
     index: HashTable<u32>,
-    /// Per group, every metric's state (for the distinct metric of a table with
-    /// [`Self::distinct`], a placeholder).
+    /// Per group, every metric's state but that of the distinct metric kept apart
+    /// ([`Self::distinct`]): [`Self::stored`] a group.
     states: Vec<MetricState>,
     /// The distinct metric's states, kept apart in an exact table.
     distinct: Option<ExactDistinct>,
@@ -536,7 +536,7 @@ impl Table {
                     None => true,
                 };
             let mut states = self.states[group * stored..(group + 1) * stored].iter_mut();
-            let mut partial = p.states.iter();
+            let mut partial = p.partials.iter();
             for m in &view.metrics {
                 if m.kind == MetricKind::Distinct {
                     if let Some(d) = &mut self.distinct {
@@ -937,7 +937,7 @@ fn prepare_values(
             }
         })?;
     }
-    let mut states = Vec::new();
+    let mut partials = Vec::new();
     for m in view
         .metrics
         .iter()
@@ -948,7 +948,7 @@ fn prepare_values(
             .iter()
             .map(|f| column(batch, f.name()).cloned())
             .collect::<Result<Vec<ArrayRef>>>()?;
-        states.push(Partials::of(m, &columns)?);
+        partials.push(Partials::of(m, &columns)?);
     }
     Ok(Prepared {
         buckets: Vec::new(),
@@ -958,7 +958,7 @@ fn prepare_values(
         bits,
         value_hashes,
         first_row: 0,
-        states,
+        partials,
     })
 }
 

@@ -69,6 +69,45 @@ async fn sql_in(s: &Setup, catalog: &Catalog, q: &str) -> Vec<RecordBatch> {
         .unwrap()
 }
 
+/// A date the job's query finds nothing for publishes an empty partition: the run succeeds
+/// with no rows, and an earlier run's rows of that date are gone.
+#[tokio::test]
+async fn a_date_without_rows_publishes_an_empty_partition() {
+    let s = setup();
+    let today = day_of(NOW);
+    import(
+        &s,
+        "h.jsonl",
+        &events(3, 3_000, 300, (today - 10) * DAY_US, NOW),
+    )
+    .await;
+    let job = Arc::clone(s.catalog.job("install_retention").unwrap());
+    let layer = layer_of(&s);
+    let d = today - 9;
+    let first = layer.run_job(&job, date(d), Vec::new()).await.unwrap();
+    assert!(first.rows > 0);
+    // The same date again, once its events are gone from the master dataset.
+    let master = s.storage.layout().master("app_events");
+    let table = s.storage.open(&master).await.unwrap().unwrap();
+    table
+        .delete()
+        .with_predicate(format!("dt = '{}'", day_string(d)))
+        .await
+        .unwrap();
+    let empty = layer.run_job(&job, date(d), Vec::new()).await.unwrap();
+    assert_eq!(empty.rows, 0);
+    assert!(empty.version > first.version);
+    let out = sql(
+        &s,
+        &format!(
+            "SELECT count(*) FROM install_retention WHERE date = '{}'",
+            day_string(d)
+        ),
+    )
+    .await;
+    assert_eq!(out[0].column(0).as_primitive::<Int64Type>().value(0), 0);
+}
+
 /// The reference job `install_retention` against the same retention computed from the
 /// generated events directly.
 #[tokio::test]

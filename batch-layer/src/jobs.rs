@@ -307,6 +307,10 @@ pub async fn run_job(
         (HASH_KEY.to_string(), json!(job.definition_hash)),
     ];
     meta.extend(metadata);
+    // A date the query finds nothing for still replaces its partition, with nothing.
+    if out.is_empty() {
+        out.push(RecordBatch::new_empty(Arc::clone(&schema)));
+    }
     let table = table
         .write(out)
         .with_save_mode(SaveMode::Overwrite)
