@@ -760,20 +760,26 @@ async fn parquet_taken_as_columns_lands_as_its_json_lines_do() {
 /// Every row of `view` as the serving layer reads it, sorted, with metric states shown (exact
 /// counts and sums, sketch estimates).
 async fn rows_of(storage: &Storage, view: &tandem_core::view::ViewDef) -> Vec<String> {
-    let views = DeltaBatchViews::new(storage.clone()).with_refresh(std::time::Duration::ZERO);
-    let cov = views.coverage(view).await.unwrap();
-    let mut q = ViewQuery::all(view, NOW - 30 * DAY_US, NOW);
-    q.group_by = (0..view.dimensions.len()).collect();
-    q.limit = usize::MAX;
-    let mut rows: Vec<String> = views
-        .query(view, &q, &cov)
+    let mut rows: Vec<String> = published_rows(storage, view)
         .await
-        .unwrap()
         .iter()
         .map(|r| format!("{} {:?} {:?}", r.bucket_us, r.dims, r.states))
         .collect();
     rows.sort();
     rows
+}
+
+/// A view's published rows by every dimension, as served, over the last 30 days.
+async fn published_rows(
+    storage: &Storage,
+    view: &tandem_core::view::ViewDef,
+) -> Vec<tandem_core::query::AggRow> {
+    let views = DeltaBatchViews::new(storage.clone()).with_refresh(std::time::Duration::ZERO);
+    let cov = views.coverage(view).await.unwrap();
+    let mut q = ViewQuery::all(view, NOW - 30 * DAY_US, NOW);
+    q.group_by = (0..view.dimensions.len()).collect();
+    q.limit = usize::MAX;
+    views.query(view, &q, &cov).await.unwrap()
 }
 
 /// The batch benchmark's hourly cube (five dimensions, a count, a distinct and a sum) and
@@ -1423,15 +1429,8 @@ async fn exact_rows_of(
     view: &tandem_core::view::ViewDef,
 ) -> Vec<(String, Vec<f64>)> {
     use tandem_core::metric::MetricState;
-    let views = DeltaBatchViews::new(storage.clone()).with_refresh(std::time::Duration::ZERO);
-    let cov = views.coverage(view).await.unwrap();
-    let mut q = ViewQuery::all(view, NOW - 30 * DAY_US, NOW);
-    q.group_by = (0..view.dimensions.len()).collect();
-    q.limit = usize::MAX;
-    let mut rows: Vec<(String, Vec<f64>)> = views
-        .query(view, &q, &cov)
+    let mut rows: Vec<(String, Vec<f64>)> = published_rows(storage, view)
         .await
-        .unwrap()
         .iter()
         .map(|r| {
             let mut estimates = Vec::new();
