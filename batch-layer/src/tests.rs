@@ -818,16 +818,20 @@ metrics = [
     )
     .unwrap();
     let catalog = Arc::new(Catalog::load(&root.join("schemas"), &jobs).unwrap());
+    let lines = history(seed, events, NOW - 3 * DAY_US, NOW - DAY_US);
+    import_lines(s, &catalog, "h.jsonl", &lines).await;
+    catalog
+}
+
+/// Writes `lines` to the file `name` in `s`'s folder and imports it as `app_events` of
+/// `catalog`.
+async fn import_lines(s: &Setup, catalog: &Catalog, name: &str, lines: &[String]) {
+    let file = s.dir.join(name);
+    write_lines(&file, lines);
     let schema = Arc::clone(&catalog.schemas["app_events"]);
-    let file = s.dir.join("h.jsonl");
-    write_lines(
-        &file,
-        &history(seed, events, NOW - 3 * DAY_US, NOW - DAY_US),
-    );
     import_jsonl(&s.storage, &schema, &[&file], NOW)
         .await
         .unwrap();
-    catalog
 }
 
 /// Under a memory limit far below what a day's events hold, the recompute has DataFusion
@@ -1494,12 +1498,7 @@ metrics = [
         .into_iter()
         .step_by(5)
         .collect();
-    let file = s.dir.join("again.jsonl");
-    write_lines(&file, &again);
-    let schema = Arc::clone(&catalog.schemas["app_events"]);
-    import_jsonl(&s.storage, &schema, &[&file], NOW)
-        .await
-        .unwrap();
+    import_lines(s, &catalog, "again.jsonl", &again).await;
     catalog
 }
 
