@@ -11,7 +11,10 @@
 //! Rejected rows go there with the file's name as their topic and the row's number (from 1) as
 //! their offset.
 //!
-//! Each file is one commit, and an import is idempotent: the commit carries a Delta `txn` action
+//! A file's rows are decoded on a thread of their own and written to new files of the master
+//! dataset as they come ([`MasterWriter::stage`]), so no file is held whole in memory; the files
+//! are committed at once after its last row. Each file is one commit, and an import is
+//! idempotent: the commit carries a Delta `txn` action
 //! whose app id is the BLAKE3 hash of the file's content, so a file already imported (under any
 //! name) is skipped, and an import that crashed can simply be run again.
 
@@ -145,19 +148,30 @@ fn content_hash(path: &Path) -> Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// Decodes one file's rows into master batches and rejects.
-struct FileDecoder<'a> {
-    schema: &'a EventSchema,
-    decoder: &'a Decoder,
+/// Decodes one file's rows into master batches, sent to the writer as they are decoded, and
+/// rejects.
+struct FileDecoder {
+    schema: Arc<EventSchema>,
+    decoder: Arc<Decoder>,
     now_us: i64,
-    batches: Vec<datafusion::arrow::record_batch::RecordBatch>,
+    out: tokio::sync::mpsc::Sender<RecordBatch>,
     rejects: Vec<Rejected>,
     events: usize,
     /// Rows seen so far (the next row's number is `rows + 1`).
     rows: i64,
 }
 
-impl FileDecoder<'_> {
+impl FileDecoder {
+    /// Decodes the file at `path`, of `format`: its events and rejected rows. Its rows have
+    /// all been sent when this returns (the sender is dropped, which ends the writer's loop).
+    fn run(mut self, path: &Path, format: Format) -> Result<(usize, Vec<Rejected>)> {
+        match format {
+            Format::JsonLines => self.jsonl(path)?,
+            Format::Parquet => self.parquet(path)?,
+        }
+        Ok((self.events, self.rejects))
+    }
+
     /// Decodes `lines`, the next rows of the file; an empty line is no event but keeps its number.
     fn push(&mut self, lines: &[Vec<u8>]) -> Result<()> {
         let messages: Vec<Message<'_>> = lines
@@ -178,9 +192,12 @@ impl FileDecoder<'_> {
     /// Keeps `decoded`, the file's next `rows` rows.
     fn take(&mut self, decoded: Decoded, rows: usize) -> Result<()> {
         if decoded.batch.num_rows() > 0 {
-            let b = archive_batch(self.schema, &decoded)?;
+            let b = archive_batch(&self.schema, &decoded)?;
             self.events += b.num_rows();
-            self.batches.push(b);
+            // The writer has stopped only if it failed: its error is the import's.
+            if self.out.blocking_send(b).is_err() {
+                return Err(BatchError::BadRequest("the import's writer stopped".into()));
+            }
         }
         self.rejects.extend(decoded.rejected);
         self.rows += rows as i64;
@@ -232,7 +249,7 @@ impl FileDecoder<'_> {
         let latest = self.decoder.latest_event_time(self.now_us);
         for batch in reader {
             let batch = batch.map_err(|e| bad(&e))?;
-            if let Some(decoded) = direct(self.schema, &batch, self.rows, latest)? {
+            if let Some(decoded) = direct(&self.schema, &batch, self.rows, latest)? {
                 self.take(decoded, batch.num_rows())?;
                 continue;
             }
@@ -367,7 +384,7 @@ pub async fn import_files(
     mut progress: impl FnMut(&FileReport),
 ) -> Result<ImportReport> {
     let files = expand(files)?;
-    let decoder = Decoder::new(Arc::clone(schema));
+    let decoder = Arc::new(Decoder::new(Arc::clone(schema)));
     let mut writer: Option<MasterWriter> = None;
     let mut report = ImportReport::default();
     for (i, path) in files.iter().enumerate() {
@@ -402,37 +419,55 @@ pub async fn import_files(
             progress(&file);
             continue;
         }
-        let mut d = FileDecoder {
-            schema,
-            decoder: &decoder,
+        // The file is decoded on a thread of its own and its rows written to new files as
+        // they come (decoding and encoding each take a core), so no file is ever held whole
+        // in memory; the files are committed at once when the last row is written.
+        let (out, mut rows) = tokio::sync::mpsc::channel(4);
+        let d = FileDecoder {
+            schema: Arc::clone(schema),
+            decoder: Arc::clone(&decoder),
             now_us,
-            batches: Vec::new(),
+            out,
             rejects: Vec::new(),
             events: 0,
             rows: 0,
         };
-        // An import is a command of its own: decoding on this task holds up nothing else.
-        match Format::of(path) {
-            Format::JsonLines => d.jsonl(path)?,
-            Format::Parquet => d.parquet(path)?,
+        let decoding = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || d.run(&path, Format::of(&path))
+        });
+        let mut staged = w.stage()?;
+        let mut written = Ok(());
+        while let Some(batch) = rows.recv().await {
+            written = staged.write(batch).await;
+            if written.is_err() {
+                break;
+            }
         }
-        file.events = d.events;
-        file.rejected = d.rejects.len();
+        // Dropped, so a decoder still sending stops.
+        drop(rows);
+        let decoded = decoding
+            .await
+            .map_err(|e| BatchError::BadRequest(format!("decoding {name} failed: {e}")))?;
+        written?;
+        let (events, rejects) = decoded?;
+        file.events = events;
+        file.rejected = rejects.len();
         // The dead letters' commit of an earlier, interrupted run of this file stands: its
         // rejects are not written twice.
         let rejects = if in_dead_letters >= 1 {
             Vec::new()
         } else {
-            d.rejects
+            rejects
         };
         let dead_letter_txns = if rejects.is_empty() {
             Vec::new()
         } else {
             vec![(app_id.clone(), 1)]
         };
-        w.commit(
+        w.commit_staged(
+            staged,
             MasterCommit {
-                rows: d.batches,
                 rejects,
                 source: name.clone(),
                 master_txns: vec![(app_id, 1)],

@@ -582,6 +582,15 @@ metrics = [
 /// Writes `lines` (JSON objects) as a Parquet file with the reference generator's column types:
 /// millisecond UTC timestamps, revenue as a double.
 fn write_parquet(path: &Path, lines: &[String]) {
+    write_parquet_with(path, lines, None)
+}
+
+/// [`write_parquet`] with writer properties.
+fn write_parquet_with(
+    path: &Path,
+    lines: &[String],
+    props: Option<datafusion::parquet::file::properties::WriterProperties>,
+) {
     use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     let s = |n: &str, nullable: bool| Field::new(n, DataType::Utf8, nullable);
     let schema = Arc::new(Schema::new(vec![
@@ -605,7 +614,7 @@ fn write_parquet(path: &Path, lines: &[String]) {
         .build(std::io::Cursor::new(text.into_bytes()))
         .unwrap();
     let file = std::fs::File::create(path).unwrap();
-    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, props).unwrap();
     for b in reader {
         w.write(&b.unwrap()).unwrap();
     }
@@ -690,6 +699,67 @@ async fn parquet_imports_are_checked_like_json_and_never_imported_twice() {
         .await
         .unwrap();
     assert_eq!(total(&s, "active_devices_daily").await, 2_999);
+}
+
+/// A file is written to the master dataset as it is decoded and committed once its last row
+/// is: a file that breaks part way (here a Parquet file whose fifth row group is damaged), after
+/// its first rows were written, fails the import and commits nothing of it; the file made
+/// whole is then imported with every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_breaks_part_way_commits_none_of_its_rows() {
+    use datafusion::parquet::file::properties::WriterProperties;
+    use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+    let s = setup();
+    let schema = Arc::clone(&s.catalog.schemas["app_events"]);
+    let lines: Vec<String> = Generator::new(GenConfig {
+        late_share: 0.0,
+        ..Default::default()
+    })
+    .history(3_000, NOW - 3 * DAY_US, NOW - DAY_US)
+    .map(|e| e.to_json())
+    .collect();
+    let props = || {
+        Some(
+            WriterProperties::builder()
+                .set_max_row_group_row_count(Some(500))
+                .set_write_batch_size(500)
+                .build(),
+        )
+    };
+    let broken = s.dir.join("broken.parquet");
+    write_parquet_with(&broken, &lines, props());
+    let meta = SerializedFileReader::new(std::fs::File::open(&broken).unwrap())
+        .unwrap()
+        .metadata()
+        .clone();
+    assert_eq!(meta.num_row_groups(), 6);
+    // The fifth row group's first page header overwritten.
+    let chunk = meta.row_group(4).column(0);
+    let at = chunk
+        .dictionary_page_offset()
+        .unwrap_or(chunk.data_page_offset()) as usize;
+    let mut bytes = std::fs::read(&broken).unwrap();
+    bytes[at..at + 32].fill(0xff);
+    std::fs::write(&broken, bytes).unwrap();
+
+    let failed = crate::import_files(&s.storage, &schema, &[&broken], NOW, |_| {}).await;
+    let error = failed
+        .expect_err("a damaged file fails its import")
+        .to_string();
+    assert!(error.contains("broken.parquet"), "names the file: {error}");
+    let (rows, _, files) = master_state(&s).await;
+    assert_eq!(rows, 0, "nothing of the broken file is committed");
+    assert!(files.is_empty(), "{files:?}");
+
+    let whole = s.dir.join("whole.parquet");
+    write_parquet_with(&whole, &lines, props());
+    let r = crate::import_files(&s.storage, &schema, &[&whole], NOW, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((r.files, r.events, r.rejected), (1, 3_000, 0));
+    let (rows, _, files) = master_state(&s).await;
+    assert_eq!(rows, 3_000, "every row once");
+    assert!(files.len() >= 2, "the file's days: {files:?}");
 }
 
 /// A Parquet file whose columns carry over (the reference types: strings, millisecond UTC

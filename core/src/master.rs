@@ -29,6 +29,7 @@ use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructField, StructType, Transaction};
 use deltalake::protocol::SaveMode;
+use deltalake::writer::RecordBatchWriter;
 use deltalake::DeltaTable;
 use serde_json::{json, Value as Json};
 use url::Url;
@@ -129,6 +130,117 @@ impl MasterWriter {
     /// Commits `commit`: dead letters first, then the rows with the days they touched.
     /// Nothing is written for an empty part.
     pub async fn commit(&mut self, commit: MasterCommit, now_us: i64) -> Result<CommitReport> {
+        let mut report = self.before_rows(&commit, now_us).await?;
+        let rows: usize = commit.rows.iter().map(RecordBatch::num_rows).sum();
+        if rows == 0 && commit.master_txns.is_empty() {
+            return Ok(report);
+        }
+        for b in &commit.rows {
+            add_days(b, &mut report.days)?;
+        }
+        let mut metadata = commit.metadata;
+        metadata.push((DAYS_KEY.to_string(), json!(report.days)));
+        let props = with_txns(
+            CommitProperties::default().with_metadata(metadata),
+            &commit.master_txns,
+        );
+        let batches = if commit.rows.is_empty() {
+            vec![RecordBatch::new_empty(self.schema.master_schema())]
+        } else {
+            commit.rows
+        };
+        self.master = self
+            .master
+            .clone()
+            .write(batches)
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns([DAY_COLUMN])
+            .with_commit_properties(props)
+            .await
+            .map_err(|e| table_err(&self.master_url, e))?;
+        report.rows = rows;
+        report.bytes = added_bytes(&self.master).await;
+        Ok(report)
+    }
+
+    /// A writer of rows into new files of the master dataset, as they come (a file's rows
+    /// are never all held in memory), which [`Self::commit_staged`] commits at once.
+    pub fn stage(&self) -> Result<StagedRows> {
+        let writer = RecordBatchWriter::for_table(&self.master)
+            .map_err(|e| table_err(&self.master_url, e))?
+            .with_target_file_size(STAGED_FILE_BYTES);
+        Ok(StagedRows {
+            writer,
+            url: self.master_url.clone(),
+            rows: 0,
+            days: BTreeSet::new(),
+        })
+    }
+
+    /// Commits `commit` with the rows `staged` wrote (`commit.rows` must be empty): dead
+    /// letters first, then the staged files with the days they touched, in one commit of the
+    /// master dataset. If this fails, the staged files are left unreferenced (`vacuum`
+    /// removes them).
+    pub async fn commit_staged(
+        &mut self,
+        mut staged: StagedRows,
+        commit: MasterCommit,
+        now_us: i64,
+    ) -> Result<CommitReport> {
+        use deltalake::kernel::transaction::{CommitBuilder, TableReference};
+        use deltalake::kernel::Action;
+        use deltalake::protocol::DeltaOperation;
+        use deltalake::writer::DeltaWriter as _;
+        if !commit.rows.is_empty() {
+            return Err(CoreError::Internal(
+                "a staged commit takes its rows from its files".into(),
+            ));
+        }
+        let mut report = self.before_rows(&commit, now_us).await?;
+        if staged.rows == 0 && commit.master_txns.is_empty() {
+            return Ok(report);
+        }
+        let adds = staged
+            .writer
+            .flush()
+            .await
+            .map_err(|e| table_err(&self.master_url, e))?;
+        report.bytes = adds.iter().map(|a| a.size.max(0) as u64).sum();
+        report.rows = staged.rows;
+        report.days = staged.days;
+        let mut metadata = commit.metadata;
+        metadata.push((DAYS_KEY.to_string(), json!(report.days)));
+        let props = with_txns(
+            CommitProperties::default().with_metadata(metadata),
+            &commit.master_txns,
+        );
+        let snapshot = self
+            .master
+            .snapshot()
+            .map_err(|e| table_err(&self.master_url, e))?;
+        CommitBuilder::from(props)
+            .with_actions(adds.into_iter().map(Action::Add).collect())
+            .build(
+                Some(snapshot as &dyn TableReference),
+                self.master.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: Some(vec![DAY_COLUMN.to_string()]),
+                    predicate: None,
+                },
+            )
+            .await
+            .map_err(|e| table_err(&self.master_url, e))?;
+        self.master
+            .update_state()
+            .await
+            .map_err(|e| table_err(&self.master_url, e))?;
+        Ok(report)
+    }
+
+    /// What every commit does before its rows: the fence check of `commit.expected_txns`,
+    /// then the dead letters' commit.
+    async fn before_rows(&mut self, commit: &MasterCommit, now_us: i64) -> Result<CommitReport> {
         let mut report = CommitReport::default();
         if !commit.expected_txns.is_empty() {
             // The table as it is now: a writer that took these partitions over since this
@@ -162,47 +274,67 @@ impl MasterWriter {
                 .map_err(|e| table_err(&self.dlq_url, e))?;
             report.rejects = commit.rejects.len();
         }
-        let rows: usize = commit.rows.iter().map(RecordBatch::num_rows).sum();
-        if rows == 0 && commit.master_txns.is_empty() {
-            return Ok(report);
-        }
-        for b in &commit.rows {
-            let dt = b
-                .column_by_name(DAY_COLUMN)
-                .ok_or_else(|| {
-                    CoreError::Internal(format!("a master batch without `{DAY_COLUMN}`"))
-                })?
-                .as_string::<i32>();
-            for d in dt.iter().flatten() {
-                if !report.days.contains(d) {
-                    report.days.insert(d.to_string());
-                }
-            }
-        }
-        let mut metadata = commit.metadata;
-        metadata.push((DAYS_KEY.to_string(), json!(report.days)));
-        let props = with_txns(
-            CommitProperties::default().with_metadata(metadata),
-            &commit.master_txns,
-        );
-        let batches = if commit.rows.is_empty() {
-            vec![RecordBatch::new_empty(self.schema.master_schema())]
-        } else {
-            commit.rows
-        };
-        self.master = self
-            .master
-            .clone()
-            .write(batches)
-            .with_save_mode(SaveMode::Append)
-            .with_partition_columns([DAY_COLUMN])
-            .with_commit_properties(props)
-            .await
-            .map_err(|e| table_err(&self.master_url, e))?;
-        report.rows = rows;
-        report.bytes = added_bytes(&self.master).await;
         Ok(report)
     }
+}
+
+/// The size at which a staged file is closed and the next begun.
+const STAGED_FILE_BYTES: u64 = 128 << 20;
+
+/// Rows written to new files of the master dataset, not committed yet
+/// ([`MasterWriter::stage`]).
+pub struct StagedRows {
+    writer: RecordBatchWriter,
+    url: Url,
+    rows: usize,
+    days: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for StagedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedRows")
+            .field("rows", &self.rows)
+            .field("days", &self.days)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StagedRows {
+    /// Writes `batch` (rows of the master schema, [`archive_batch`]) into the files of its
+    /// days.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        use deltalake::writer::DeltaWriter as _;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        add_days(&batch, &mut self.days)?;
+        self.rows += batch.num_rows();
+        self.writer
+            .write(batch)
+            .await
+            .map_err(|e| table_err(&self.url, e))
+    }
+
+    /// The rows written so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Adds the days (`DAY_COLUMN`) of master rows `batch` to `days`.
+fn add_days(batch: &RecordBatch, days: &mut BTreeSet<String>) -> Result<()> {
+    let dt = batch
+        .column_by_name(DAY_COLUMN)
+        .ok_or_else(|| CoreError::Internal(format!("a master batch without `{DAY_COLUMN}`")))?
+        .as_string::<i32>();
+    let mut last: Option<&str> = None;
+    for d in dt.iter().flatten() {
+        if last != Some(d) && !days.contains(d) {
+            days.insert(d.to_string());
+        }
+        last = Some(d);
+    }
+    Ok(())
 }
 
 /// The bytes of the files `table`'s newest commit added, from its log entry (one small read);
