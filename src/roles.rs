@@ -909,6 +909,18 @@ pub async fn import(config: &Config, files: Vec<PathBuf>, schema: Option<String>
             );
             return;
         }
+        if !f.done {
+            eprintln!(
+                "[{}/{}] {}: {} events so far, {:.1} s, {:.0} events/s",
+                f.index,
+                f.of,
+                f.path.display(),
+                f.events,
+                f.seconds,
+                f.events as f64 / f.seconds.max(1e-9)
+            );
+            return;
+        }
         events += f.events;
         bytes += f.bytes;
         let secs = started.elapsed().as_secs_f64().max(1e-9);

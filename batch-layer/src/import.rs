@@ -65,7 +65,13 @@ pub struct FileReport {
     /// Already imported: nothing was written.
     pub skipped: bool,
     pub seconds: f64,
+    /// The file is imported (committed or skipped). A report with `done` false is one of a
+    /// file still being imported (every [`PROGRESS_EVERY`]): its events written so far.
+    pub done: bool,
 }
+
+/// How often a file still being imported is reported.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The format of a history file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,7 +381,8 @@ pub(crate) fn direct(
 /// Imports history `files` (JSON lines or Parquet; directories stand for the files under them)
 /// of `schema` into the master dataset, one commit per file, skipping files whose content was
 /// imported before. `now_us` drives the event-time policy (future events are rejected);
-/// `progress` hears about every file as it is done.
+/// `progress` hears about every file as it is done, and about a file
+/// still being imported every [`PROGRESS_EVERY`].
 pub async fn import_files(
     storage: &Storage,
     schema: &Arc<EventSchema>,
@@ -411,6 +418,7 @@ pub async fn import_files(
             bytes,
             skipped: in_master >= 1,
             seconds: 0.0,
+            done: true,
         };
         if file.skipped {
             tracing::info!(file = %name, "already imported (same content); skipped");
@@ -438,10 +446,20 @@ pub async fn import_files(
         });
         let mut staged = w.stage()?;
         let mut written = Ok(());
+        let mut reported = Instant::now();
         while let Some(batch) = rows.recv().await {
             written = staged.write(batch).await;
             if written.is_err() {
                 break;
+            }
+            if reported.elapsed() >= PROGRESS_EVERY {
+                reported = Instant::now();
+                progress(&FileReport {
+                    events: staged.rows(),
+                    seconds: started.elapsed().as_secs_f64(),
+                    done: false,
+                    ..file.clone()
+                });
             }
         }
         // Dropped, so a decoder still sending stops.

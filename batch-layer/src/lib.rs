@@ -44,5 +44,5 @@ mod tests;
 
 pub use compute::{BatchLayer, BatchOptions, DayReport, Progress, PublishReport, RunRequest};
 pub use error::{BatchError, Result};
-pub use import::{import_files, import_jsonl, FileReport, ImportReport};
+pub use import::{import_files, import_jsonl, FileReport, ImportReport, PROGRESS_EVERY};
 pub use views::DeltaBatchViews;
