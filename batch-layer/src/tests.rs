@@ -713,13 +713,7 @@ async fn a_file_that_breaks_part_way_commits_none_of_its_rows() {
     use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
     let s = setup();
     let schema = Arc::clone(&s.catalog.schemas["app_events"]);
-    let lines: Vec<String> = Generator::new(GenConfig {
-        late_share: 0.0,
-        ..Default::default()
-    })
-    .history(3_000, NOW - 3 * DAY_US, NOW - DAY_US)
-    .map(|e| e.to_json())
-    .collect();
+    let lines = history(7, 3_000, NOW - 3 * DAY_US, NOW - DAY_US);
     let props = || {
         Some(
             WriterProperties::builder()
