@@ -97,6 +97,27 @@ where
         > + Send
         + 'static,
 {
+    timed_until(n, counter, None, consume)
+}
+
+/// [`timed`], where `taken` (when given) counts the messages the consumer has taken: once it
+/// reaches `n` the loop is stopped, so that it writes what it holds at once (its final flush),
+/// rather than when its latency bound next comes, which is idle time a stream that never ends
+/// does not have; the rate then runs to the end of that flush.
+fn timed_until<F>(
+    n: u64,
+    counter: Arc<AtomicU64>,
+    taken: Option<Box<dyn Fn() -> u64 + Send>>,
+    consume: F,
+) -> Result<f64>
+where
+    F: FnOnce(
+            CancellationToken,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = tandem_speed::Result<()>> + Send>,
+        > + Send
+        + 'static,
+{
     let token = CancellationToken::new();
     let stop = token.clone();
     let worker = std::thread::spawn(move || -> Result<()> {
@@ -114,7 +135,7 @@ where
         if first.is_none() && seen > 0 {
             first = Some((Instant::now(), seen));
         }
-        if seen >= n {
+        if seen >= n || taken.as_ref().is_some_and(|t| t() >= n) {
             break;
         }
         if worker.is_finished() || Instant::now() > deadline {
@@ -126,11 +147,26 @@ where
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let done = Instant::now();
+    let mut done = Instant::now();
     token.cancel();
     worker
         .join()
         .map_err(|_| anyhow::anyhow!("the consumer panicked"))??;
+    if taken.is_some() {
+        done = Instant::now();
+        // The counter may follow the consumer's own by a moment.
+        let mut seen = counter.load(Ordering::Relaxed);
+        for _ in 0..500 {
+            if seen >= n {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            seen = counter.load(Ordering::Relaxed);
+        }
+        if seen < n {
+            bail!("the consumer stopped at {seen} of {n} messages");
+        }
+    }
     let (start, at_start) = first.expect("counted");
     let secs = done.duration_since(start).as_secs_f64().max(1e-9);
     Ok((n - at_start) as f64 / secs)
@@ -309,13 +345,21 @@ async fn archive(
     let rate = {
         let (kafka, topic) = (kafka.clone(), topic.to_string());
         let archiver = std::sync::Mutex::new(Some(archiver));
-        timed(events as u64, Arc::clone(&archived), move |stop| {
-            let mut archiver = archiver.lock().expect("archiver").take().expect("once");
-            Box::pin(async move {
-                let tick = Duration::from_millis(500);
-                tandem_speed::kafka::run(&kafka, "archive", &topic, &mut archiver, tick, stop).await
-            })
-        })?
+        let received = Arc::clone(&stats);
+        let taken = Box::new(move || received.received.load(Ordering::Relaxed));
+        timed_until(
+            events as u64,
+            Arc::clone(&archived),
+            Some(taken),
+            move |stop| {
+                let mut archiver = archiver.lock().expect("archiver").take().expect("once");
+                Box::pin(async move {
+                    let tick = Duration::from_millis(500);
+                    tandem_speed::kafka::run(&kafka, "archive", &topic, &mut archiver, tick, stop)
+                        .await
+                })
+            },
+        )?
     };
     let _ = progress.join();
     eprintln!("archive: {rate:.0} events/s");
