@@ -156,7 +156,7 @@ impl MasterWriter {
             .write(batches)
             .with_save_mode(SaveMode::Append)
             .with_partition_columns([DAY_COLUMN])
-            .with_writer_properties(master_writer_properties())
+            .with_writer_properties(master_writer_properties(&self.schema))
             .with_commit_properties(props)
             .await
             .map_err(|e| table_err(&self.master_url, e))?;
@@ -171,7 +171,7 @@ impl MasterWriter {
         let writer = RecordBatchWriter::for_table(&self.master)
             .map_err(|e| table_err(&self.master_url, e))?
             .with_target_file_size(STAGED_FILE_BYTES)
-            .with_writer_properties(master_writer_properties());
+            .with_writer_properties(master_writer_properties(&self.schema));
         Ok(StagedRows {
             writer,
             url: self.master_url.clone(),
@@ -281,14 +281,25 @@ impl MasterWriter {
     }
 }
 
-/// How the master dataset's files are written: Zstandard at level 1, which on the reference
+/// How `schema`'s master files are written: Zstandard at level 1, which on the reference
 /// events gives 54% of Snappy's bytes at the same speed of writing and of reading
-/// (`docs/performance.md`); compaction rewrites them with deltalake's Zstandard level 4.
-pub fn master_writer_properties() -> WriterProperties {
+/// (`docs/performance.md`); compaction rewrites them with deltalake's Zstandard level 4. The
+/// columns of a value an event of its own holds (the event id, the event time, the Kafka
+/// offset) are written without a dictionary, which they never fill with repeats: the encoder
+/// would intern every value until the dictionary outgrew its page and was dropped.
+pub fn master_writer_properties(schema: &EventSchema) -> WriterProperties {
     use deltalake::parquet::basic::{Compression, ZstdLevel};
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build()
+    use deltalake::parquet::schema::types::ColumnPath;
+    let mut b =
+        WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default()));
+    for column in [
+        schema.fields[schema.event_id].name.as_str(),
+        schema.fields[schema.event_time].name.as_str(),
+        crate::schema::OFFSET_COLUMN,
+    ] {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    b.build()
 }
 
 /// The size at which a staged file is closed and the next begun.
