@@ -88,23 +88,11 @@ impl BatchSink for CountSink {
 
 /// Runs `consume` (a consumer loop) on a runtime of one worker thread until `counter` reaches
 /// `n`; the rate from the first message counted to the last (group joins not included).
-fn timed<F>(n: u64, counter: Arc<AtomicU64>, consume: F) -> Result<f64>
-where
-    F: FnOnce(
-            CancellationToken,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = tandem_speed::Result<()>> + Send>,
-        > + Send
-        + 'static,
-{
-    timed_until(n, counter, None, consume)
-}
-
-/// [`timed`], where `taken` (when given) counts the messages the consumer has taken: once it
-/// reaches `n` the loop is stopped, so that it writes what it holds at once (its final flush),
-/// rather than when its latency bound next comes, which is idle time a stream that never ends
-/// does not have; the rate then runs to the end of that flush.
-fn timed_until<F>(
+/// `taken` (when given) counts the messages the consumer has taken: once it reaches `n` the
+/// loop is stopped, so that it writes what it holds at once (its final flush), rather than
+/// when its latency bound next comes, which is idle time a stream that never ends does not
+/// have; the rate then runs to the end of that flush.
+fn timed<F>(
     n: u64,
     counter: Arc<AtomicU64>,
     taken: Option<Box<dyn Fn() -> u64 + Send>>,
@@ -243,7 +231,7 @@ pub async fn run(config: &Config, settings: Settings) -> Result<BrokerBench> {
     let count = Arc::new(AtomicU64::new(0));
     let raw = {
         let (kafka, topic, count) = (kafka.clone(), topic.clone(), Arc::clone(&count));
-        timed(events as u64, Arc::clone(&count), move |stop| {
+        timed(events as u64, Arc::clone(&count), None, move |stop| {
             Box::pin(async move {
                 let mut sink = CountSink(count);
                 tandem_speed::kafka::run(
@@ -347,7 +335,7 @@ async fn archive(
         let archiver = std::sync::Mutex::new(Some(archiver));
         let received = Arc::clone(&stats);
         let taken = Box::new(move || received.received.load(Ordering::Relaxed));
-        timed_until(
+        timed(
             events as u64,
             Arc::clone(&archived),
             Some(taken),
@@ -415,7 +403,7 @@ fn speed(
     let rate = {
         let (kafka, topic, layer) = (kafka.clone(), topic.to_string(), Arc::clone(&layer));
         let tick = options.speed_tick;
-        timed(events as u64, Arc::clone(&applied), move |stop| {
+        timed(events as u64, Arc::clone(&applied), None, move |stop| {
             Box::pin(async move {
                 let mut sink = SpeedSink(layer);
                 tandem_speed::kafka::run(&kafka, "speed", &topic, &mut sink, tick, stop).await
