@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, AsArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, Int64Builder,
+    Array, ArrayRef, AsArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, Int64Builder,
     StringBuilder, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMicrosecondType};
@@ -70,7 +70,7 @@ pub struct MasterCommit {
 pub struct CommitReport {
     pub rows: usize,
     pub rejects: usize,
-    /// Bytes of the master files the commit added (0 if its log entry could not be read).
+    /// Bytes of the master files the commit added.
     pub bytes: u64,
     /// The event days the rows touched.
     pub days: BTreeSet<String>,
@@ -130,39 +130,12 @@ impl MasterWriter {
 
     /// Commits `commit`: dead letters first, then the rows with the days they touched.
     /// Nothing is written for an empty part.
-    pub async fn commit(&mut self, commit: MasterCommit, now_us: i64) -> Result<CommitReport> {
-        let mut report = self.before_rows(&commit, now_us).await?;
-        let rows: usize = commit.rows.iter().map(RecordBatch::num_rows).sum();
-        if rows == 0 && commit.master_txns.is_empty() {
-            return Ok(report);
+    pub async fn commit(&mut self, mut commit: MasterCommit, now_us: i64) -> Result<CommitReport> {
+        let mut staged = self.stage()?;
+        for batch in std::mem::take(&mut commit.rows) {
+            staged.write(batch).await?;
         }
-        for b in &commit.rows {
-            add_days(b, &mut report.days)?;
-        }
-        let mut metadata = commit.metadata;
-        metadata.push((DAYS_KEY.to_string(), json!(report.days)));
-        let props = with_txns(
-            CommitProperties::default().with_metadata(metadata),
-            &commit.master_txns,
-        );
-        let batches = if commit.rows.is_empty() {
-            vec![RecordBatch::new_empty(self.schema.master_schema())]
-        } else {
-            commit.rows
-        };
-        self.master = self
-            .master
-            .clone()
-            .write(batches)
-            .with_save_mode(SaveMode::Append)
-            .with_partition_columns([DAY_COLUMN])
-            .with_writer_properties(master_writer_properties(&self.schema))
-            .with_commit_properties(props)
-            .await
-            .map_err(|e| table_err(&self.master_url, e))?;
-        report.rows = rows;
-        report.bytes = added_bytes(&self.master).await;
-        Ok(report)
+        self.commit_staged(staged, commit, now_us).await
     }
 
     /// A writer of rows into new files of the master dataset, as they come (a file's rows
@@ -325,18 +298,41 @@ impl std::fmt::Debug for StagedRows {
 
 impl StagedRows {
     /// Writes `batch` (rows of the master schema, [`archive_batch`]) into the files of its
-    /// days.
+    /// days. Rows come mostly in runs of one day (a topic's or a file's events are roughly in
+    /// time order): each run is written as the one partition it is, a slice of the batch,
+    /// rather than split by deltalake (a sort and a copy of every column). A batch whose days
+    /// interleave is sorted by day first.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
-        use deltalake::writer::DeltaWriter as _;
+        use deltalake::kernel::scalars::ScalarExt;
+        use deltalake::writer::WriteMode;
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        add_days(&batch, &mut self.days)?;
+        let mut batch = batch;
+        let mut runs = day_runs(&batch)?;
+        if runs.len() > MAX_DAY_RUNS.max(batch.num_rows() / MIN_DAY_RUN) {
+            let dt = day_column(&batch)?;
+            let order = datafusion::arrow::compute::sort_to_indices(dt, None, None)?;
+            batch = datafusion::arrow::compute::take_record_batch(&batch, &order)?;
+            runs = day_runs(&batch)?;
+        }
         self.rows += batch.num_rows();
-        self.writer
-            .write(batch)
-            .await
-            .map_err(|e| table_err(&self.url, e))
+        let dt = day_column(&batch)?;
+        let days = dt.as_string::<i32>();
+        for (start, len) in runs {
+            if days.is_valid(start) && !self.days.contains(days.value(start)) {
+                self.days.insert(days.value(start).to_string());
+            }
+            let value = ScalarExt::from_array(dt.as_ref(), start).ok_or_else(|| {
+                CoreError::Internal(format!("`{DAY_COLUMN}` has no value at row {start}"))
+            })?;
+            let values = [(DAY_COLUMN.to_string(), value)].into_iter().collect();
+            self.writer
+                .write_partition(batch.slice(start, len), &values, WriteMode::Default)
+                .await
+                .map_err(|e| table_err(&self.url, e))?;
+        }
+        Ok(())
     }
 
     /// The rows written so far.
@@ -345,37 +341,30 @@ impl StagedRows {
     }
 }
 
-/// Adds the days (`DAY_COLUMN`) of master rows `batch` to `days`.
-fn add_days(batch: &RecordBatch, days: &mut BTreeSet<String>) -> Result<()> {
-    let dt = batch
+/// Above this many runs of one day in a batch (and below [`MIN_DAY_RUN`] rows a run on
+/// average), [`StagedRows::write`] sorts the batch by day rather than write each run.
+const MAX_DAY_RUNS: usize = 16;
+const MIN_DAY_RUN: usize = 1024;
+
+/// The `DAY_COLUMN` of master rows `batch`.
+fn day_column(batch: &RecordBatch) -> Result<&ArrayRef> {
+    batch
         .column_by_name(DAY_COLUMN)
-        .ok_or_else(|| CoreError::Internal(format!("a master batch without `{DAY_COLUMN}`")))?
-        .as_string::<i32>();
-    let mut last: Option<&str> = None;
-    for d in dt.iter().flatten() {
-        if last != Some(d) && !days.contains(d) {
-            days.insert(d.to_string());
-        }
-        last = Some(d);
-    }
-    Ok(())
+        .ok_or_else(|| CoreError::Internal(format!("a master batch without `{DAY_COLUMN}`")))
 }
 
-/// The bytes of the files `table`'s newest commit added, from its log entry (one small read);
-/// 0 if it cannot be read (the size only guides when the archiver writes next).
-async fn added_bytes(table: &DeltaTable) -> u64 {
-    use deltalake::logstore::LogStore as _;
-    let Some(version) = table.version() else {
-        return 0;
-    };
-    match table.log_store().read_commit_entry(version).await {
-        Ok(Some(entry)) => entry
-            .split(|&b| b == b'\n')
-            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
-            .filter_map(|action| action["add"]["size"].as_u64())
-            .sum(),
-        Ok(None) | Err(_) => 0,
+/// The runs of consecutive rows of one day in master rows `batch`, as (first row, rows).
+fn day_runs(batch: &RecordBatch) -> Result<Vec<(usize, usize)>> {
+    let dt = day_column(batch)?.as_string::<i32>();
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=dt.len() {
+        if i == dt.len() || dt.is_valid(i) != dt.is_valid(start) || dt.value(i) != dt.value(start) {
+            runs.push((start, i - start));
+            start = i;
+        }
     }
+    Ok(runs)
 }
 
 fn with_txns(mut props: CommitProperties, txns: &[(String, i64)]) -> CommitProperties {
