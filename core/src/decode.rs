@@ -2,9 +2,10 @@
 //! `RecordBatch` of the schema's columns, plus one [`Rejected`] per message that cannot be an
 //! event, with its raw bytes and the reason.
 //!
-//! Each message is parsed once with a `serde` visitor that borrows strings from the payload
-//! where it can and keeps one reusable slot per field; unknown keys are skipped without being
-//! materialised (forward compatibility). A row is checked whole before anything is appended,
+//! Each message is parsed once into one reusable slot per field, its strings borrowed from the
+//! payload where they can be; unknown keys are skipped without being materialised (forward
+//! compatibility). A flat object of plain strings and integers, the common event, is read by a
+//! single scan (`flat`); any other JSON by a `serde_json` visitor. A row is checked whole before anything is appended,
 //! so a bad message never leaves half a row behind. serde_json's recursion limit (128) bounds
 //! nesting.
 
@@ -26,6 +27,8 @@ use serde_json::value::RawValue;
 
 use crate::error::Result;
 use crate::schema::{EventSchema, FieldType};
+
+mod flat;
 
 /// One Kafka message as the decoder sees it.
 #[derive(Debug, Clone, Copy)]
@@ -534,6 +537,20 @@ fn parse_row<'de>(
 ) -> std::result::Result<(), String> {
     // Checked as UTF-8 once, whole, so that the parser need not check each string again.
     let text = std::str::from_utf8(payload).map_err(|e| format!("not UTF-8: {e}"))?;
+    if flat::scan(text, keys, decimal, slots).is_some() {
+        return Ok(());
+    }
+    slots.fill(Slot::Missing);
+    parse_row_general(text, keys, decimal, slots)
+}
+
+/// [`parse_row`] by serde_json, for any JSON.
+fn parse_row_general<'de>(
+    text: &'de str,
+    keys: &Keys<'_>,
+    decimal: &[bool],
+    slots: &mut [Slot<'de>],
+) -> std::result::Result<(), String> {
     let mut de = serde_json::Deserializer::from_str(text);
     RowSeed {
         keys,
@@ -726,6 +743,140 @@ fields = [
     }
 
     const NOW: i64 = 1_800_000_000_000_000;
+
+    /// The single scan gives every row it reads the slots serde_json gives it, and leaves to
+    /// serde_json what it cannot read; it reads the common event. Rows are made at random from
+    /// pieces chosen to sit on either side of each of its limits.
+    #[test]
+    fn the_single_scan_reads_rows_as_serde_json_does() {
+        let d = decoder();
+        let keys = d.keys();
+        let read = |text: &str, fast: bool| -> Option<std::result::Result<String, String>> {
+            let mut slots = vec![Slot::Missing; d.schema.fields.len()];
+            if fast {
+                flat::scan(text, &keys, &d.decimal, &mut slots)?;
+                Some(Ok(format!("{slots:?}")))
+            } else {
+                let parsed = parse_row_general(text, &keys, &d.decimal, &mut slots);
+                Some(parsed.map(|()| format!("{slots:?}")))
+            }
+        };
+        let common = r#"{"id":"e1","ts":"2026-11-26T00:00:00.050Z","n":12,"price":null,"ok":true,"name":"x"}"#;
+        assert!(
+            read(common, true).is_some(),
+            "the common event takes the scan"
+        );
+
+        let keys_pool = [
+            "id",
+            "ts",
+            "n",
+            "price",
+            "ok",
+            "name",
+            "unknown",
+            "nam",
+            "name2",
+            r"n\u0061me",
+            "",
+        ];
+        let values = [
+            r#""abc""#,
+            r#""""#,
+            r#""a\"b""#,
+            r#""\u00e9""#,
+            "\"\u{e9}t\u{e9}\"",
+            "\"tab\there\"",
+            "\"\u{1}\"",
+            r#""2026-11-26T00:00:00.050Z""#,
+            r#""12.5""#,
+            r#""1234567890abcdef""#,
+            "0",
+            "-0",
+            "12",
+            "-12",
+            "1.5",
+            "1e3",
+            "-1.25E-2",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551616",
+            "01",
+            "1.",
+            "-",
+            ".5",
+            "1e",
+            "null",
+            "true",
+            "false",
+            "nul",
+            "tru",
+            r#"{"a":1}"#,
+            "[1,2]",
+            "[]",
+            "{}",
+            r#""unterminated"#,
+        ];
+        let spaces = ["", "", "", " ", "\n\t ", "\r"];
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut fast, mut left) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = String::from(spaces[next(spaces.len())]);
+            text.push('{');
+            for k in 0..next(8) {
+                if k > 0 {
+                    text.push(',');
+                }
+                text.push_str(spaces[next(spaces.len())]);
+                // Mostly the schema's order, as producers write it.
+                let key = if next(3) > 0 {
+                    keys_pool[k.min(5)]
+                } else {
+                    keys_pool[next(keys_pool.len())]
+                };
+                text.push_str(&format!("\"{key}\""));
+                text.push_str(spaces[next(spaces.len())]);
+                text.push(':');
+                text.push_str(spaces[next(spaces.len())]);
+                text.push_str(values[next(values.len())]);
+                text.push_str(spaces[next(spaces.len())]);
+            }
+            text.push('}');
+            text.push_str(spaces[next(spaces.len())]);
+            match next(10) {
+                0 => {
+                    let mut cut = next(text.len() + 1);
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                }
+                1 => text.push_str(" x"),
+                _ => {}
+            }
+            let general = read(&text, false).expect("the general parser always answers");
+            match read(&text, true) {
+                Some(scanned) => {
+                    fast += 1;
+                    assert_eq!(scanned, general, "{text}");
+                }
+                None if general.is_ok() => left += 1,
+                None => {}
+            }
+        }
+        assert!(
+            fast > 1_000 && left > 1_000,
+            "{fast} rows scanned, {left} valid ones left"
+        );
+    }
 
     /// A row's keys in any order, repeated, or among unknown ones decode alike: the lookup
     /// that expects the schema's order only speeds that order up.
