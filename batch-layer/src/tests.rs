@@ -1646,3 +1646,78 @@ async fn views_of_a_schema_read_a_day_once_and_publish_what_they_publish_alone()
         assert!(alone.iter().any(|&b| b != alone[0]), "{alone:?} {read:?}");
     }
 }
+
+/// A batch whose rows alternate between days, row by row (a producer's events out of order),
+/// is committed whole: each row once, in the files of its own day, and the commit names every
+/// day it touched.
+#[tokio::test]
+async fn rows_whose_days_alternate_land_each_in_its_own_day() {
+    let s = setup();
+    let schema = Arc::clone(&s.catalog.schemas["app_events"]);
+    // NOW is noon: two whole days, the day before yesterday and yesterday.
+    let yesterday = NOW - DAY_US / 2 - DAY_US;
+    let earlier = history(7, 300, yesterday - DAY_US, yesterday - 1);
+    let later = history(8, 300, yesterday, yesterday + DAY_US - 1);
+    let lines: Vec<&String> = earlier
+        .iter()
+        .zip(&later)
+        .flat_map(|(a, b)| [a, b])
+        .collect();
+    let messages: Vec<tandem_core::decode::Message<'_>> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| tandem_core::decode::Message {
+            payload: Some(l.as_bytes()),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+        })
+        .collect();
+    let decoded = tandem_core::decode::Decoder::new(Arc::clone(&schema))
+        .decode(&messages, NOW)
+        .unwrap();
+    assert_eq!(decoded.batch.num_rows(), 600);
+    let mut w = tandem_core::master::MasterWriter::open(s.storage.clone(), Arc::clone(&schema))
+        .await
+        .unwrap();
+    let report = w
+        .commit(
+            tandem_core::master::MasterCommit {
+                rows: vec![tandem_core::master::archive_batch(&schema, &decoded).unwrap()],
+                master_txns: vec![("test.partition-0".into(), 599)],
+                ..Default::default()
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.rows, 600);
+    let (rows, _, files) = master_state(&s).await;
+    assert_eq!(rows, 600);
+    assert_eq!(
+        report.days.iter().collect::<Vec<_>>(),
+        files.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(files.len(), 2, "{files:?}");
+    let url = s.storage.layout().master("app_events");
+    let misplaced = sql_on(
+        &s,
+        &url,
+        "SELECT count(*) FROM t WHERE to_char(event_time, '%Y-%m-%d') <> dt",
+    )
+    .await;
+    use datafusion::arrow::array::AsArray;
+    let misplaced = misplaced[0]
+        .column(0)
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+        .value(0);
+    assert_eq!(misplaced, 0);
+    let distinct = sql_on(&s, &url, "SELECT count(DISTINCT _offset) FROM t").await;
+    assert_eq!(
+        distinct[0]
+            .column(0)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+            .value(0),
+        600
+    );
+}
