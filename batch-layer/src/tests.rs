@@ -1393,23 +1393,10 @@ async fn a_field_added_to_a_schema_joins_the_master_and_removals_are_refused() {
     // The archiver still on the old definition cannot commit over the new schema (nothing is
     // written), and restarting it on the old definition is refused, naming the field.
     let lines = history(3, 200, NOW - 2 * DAY_US, NOW - DAY_US);
-    let messages: Vec<tandem_core::decode::Message<'_>> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| tandem_core::decode::Message {
-            payload: Some(l.as_bytes()),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: None,
-        })
-        .collect();
-    let decoded = tandem_core::decode::Decoder::new(Arc::clone(&v1))
-        .decode(&messages, NOW)
-        .unwrap();
     assert!(running
         .commit(
             tandem_core::master::MasterCommit {
-                rows: vec![tandem_core::master::archive_batch(&v1, &decoded).unwrap()],
+                rows: vec![master_rows(&v1, &lines)],
                 ..Default::default()
             },
             NOW,
@@ -1647,6 +1634,27 @@ async fn views_of_a_schema_read_a_day_once_and_publish_what_they_publish_alone()
     }
 }
 
+/// `lines` decoded as the messages of partition 0 from offset 0, as master rows.
+fn master_rows(
+    schema: &Arc<tandem_core::schema::EventSchema>,
+    lines: &[impl AsRef<str>],
+) -> datafusion::arrow::record_batch::RecordBatch {
+    let messages: Vec<tandem_core::decode::Message<'_>> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| tandem_core::decode::Message {
+            payload: Some(l.as_ref().as_bytes()),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+        })
+        .collect();
+    let decoded = tandem_core::decode::Decoder::new(Arc::clone(schema))
+        .decode(&messages, NOW)
+        .unwrap();
+    tandem_core::master::archive_batch(schema, &decoded).unwrap()
+}
+
 /// A batch whose rows alternate between days, row by row (a producer's events out of order),
 /// is committed whole: each row once, in the files of its own day, and the commit names every
 /// day it touched.
@@ -1663,27 +1671,15 @@ async fn rows_whose_days_alternate_land_each_in_its_own_day() {
         .zip(&later)
         .flat_map(|(a, b)| [a, b])
         .collect();
-    let messages: Vec<tandem_core::decode::Message<'_>> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| tandem_core::decode::Message {
-            payload: Some(l.as_bytes()),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: None,
-        })
-        .collect();
-    let decoded = tandem_core::decode::Decoder::new(Arc::clone(&schema))
-        .decode(&messages, NOW)
-        .unwrap();
-    assert_eq!(decoded.batch.num_rows(), 600);
+    let rows = master_rows(&schema, &lines);
+    assert_eq!(rows.num_rows(), 600);
     let mut w = tandem_core::master::MasterWriter::open(s.storage.clone(), Arc::clone(&schema))
         .await
         .unwrap();
     let report = w
         .commit(
             tandem_core::master::MasterCommit {
-                rows: vec![tandem_core::master::archive_batch(&schema, &decoded).unwrap()],
+                rows: vec![rows],
                 master_txns: vec![("test.partition-0".into(), 599)],
                 ..Default::default()
             },
