@@ -1716,4 +1716,25 @@ async fn rows_whose_days_alternate_land_each_in_its_own_day() {
             .value(0),
         600
     );
+
+    // Each file's statistics in the log give its range of event times, inside its day, for
+    // readers to skip files by time (strings carry none: their rows come in no order).
+    let t = s.storage.open(&url).await.unwrap().unwrap();
+    use futures::TryStreamExt;
+    let adds: Vec<_> = t
+        .get_active_add_actions_by_partitions(&[])
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(adds.len(), 2);
+    for f in adds {
+        let day = f.partition_values_map()["dt"].clone().unwrap();
+        let stats: serde_json::Value = serde_json::from_str(&f.stats().unwrap()).unwrap();
+        assert_eq!(stats["numRecords"], 300, "{stats}");
+        for bound in ["minValues", "maxValues"] {
+            let time = stats[bound]["event_time"].as_str().unwrap_or_default();
+            assert!(time.starts_with(&day), "{bound} of {day}: {stats}");
+        }
+        assert!(stats["minValues"].get("device_id").is_none(), "{stats}");
+    }
 }
