@@ -1072,7 +1072,6 @@ async fn master_state(s: &Setup) -> (i64, String, std::collections::BTreeMap<Str
         "SELECT count(*), CAST(sum(revenue_usd) AS VARCHAR) FROM t",
     )
     .await;
-    let t = s.storage.open(&url).await.unwrap().unwrap();
     use datafusion::arrow::array::AsArray;
     let rows = b[0]
         .column(0)
@@ -1087,17 +1086,22 @@ async fn master_state(s: &Setup) -> (i64, String, std::collections::BTreeMap<Str
     .value(0)
     .to_string();
     let mut files = std::collections::BTreeMap::new();
-    use futures::TryStreamExt;
-    let views: Vec<_> = t
-        .get_active_add_actions_by_partitions(&[])
-        .try_collect()
-        .await
-        .unwrap();
-    for f in views {
+    for f in master_files(s).await {
         let day = f.partition_values_map()["dt"].clone().unwrap();
         *files.entry(day).or_insert(0) += 1;
     }
     (rows, revenue, files)
+}
+
+/// The master dataset's files, as its log names them.
+async fn master_files(s: &Setup) -> Vec<deltalake::kernel::LogicalFileView> {
+    let url = s.storage.layout().master("app_events");
+    let t = s.storage.open(&url).await.unwrap().unwrap();
+    use futures::TryStreamExt;
+    t.get_active_add_actions_by_partitions(&[])
+        .try_collect()
+        .await
+        .unwrap()
 }
 
 /// Compaction merges each day's small files without changing a row, a recompute after it finds
@@ -1719,13 +1723,7 @@ async fn rows_whose_days_alternate_land_each_in_its_own_day() {
 
     // Each file's statistics in the log give its range of event times, inside its day, for
     // readers to skip files by time (strings carry none: their rows come in no order).
-    let t = s.storage.open(&url).await.unwrap().unwrap();
-    use futures::TryStreamExt;
-    let adds: Vec<_> = t
-        .get_active_add_actions_by_partitions(&[])
-        .try_collect()
-        .await
-        .unwrap();
+    let adds = master_files(&s).await;
     assert_eq!(adds.len(), 2);
     for f in adds {
         let day = f.partition_values_map()["dt"].clone().unwrap();
