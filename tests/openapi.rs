@@ -45,8 +45,10 @@ fn schemathesis_finds_no_5xx_and_no_answer_off_the_description() {
              response_headers_conformance,response_schema_conformance,negative_data_rejection",
             "--max-examples",
             "60",
+            // One worker: with two, hypothesis's shared cache of strategy sources races
+            // (an intermittent `KeyError` inside schemathesis, not an answer of ours).
             "--workers",
-            "2",
+            "1",
             "--request-timeout",
             "30",
             "--seed",

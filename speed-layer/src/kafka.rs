@@ -26,6 +26,7 @@ use tandem_core::decode::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, SpeedError};
+use crate::partition_queues::PartitionQueues;
 
 /// How to reach Kafka.
 #[derive(Debug, Clone)]
@@ -112,6 +113,8 @@ pub struct Context {
     runtime: tokio::runtime::Handle,
     /// Partitions assigned whose restore failed: retried at every tick, then sought to.
     pending: Mutex<Vec<i32>>,
+    /// The assigned partitions' messages, off the consumer's queue.
+    queues: PartitionQueues,
 }
 
 impl ClientContext for Context {
@@ -220,6 +223,16 @@ impl ConsumerContext for Context {
                     h.assignment(&partitions);
                 }
                 tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+                // Split before assigning, so no fetched message takes the consumer's queue.
+                let client = consumer.client().native_ptr();
+                for &p in &partitions {
+                    if !self.queues.split(client, p) {
+                        tracing::debug!(
+                            partition = p,
+                            "partition not split off the consumer's queue"
+                        );
+                    }
+                }
                 if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -238,15 +251,25 @@ impl ConsumerContext for Context {
                     }
                 }
                 tracing::info!(topic = %self.topic, ?partitions, lost, "partitions revoked");
-                if cooperative {
+                let r = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
                     consumer.unassign()
+                };
+                // After the unassignment: what the queues still hold is outdated now, and
+                // librdkafka drops it from the consumer's queue.
+                if cooperative {
+                    self.queues.unsplit(&partitions);
+                } else {
+                    self.queues.unsplit_all();
                 }
+                r
             }
             other => {
                 tracing::warn!(error = ?other, "rebalance failed");
-                consumer.unassign()
+                let r = consumer.unassign();
+                self.queues.unsplit_all();
+                r
             }
         };
         if let Err(e) = outcome {
@@ -357,6 +380,7 @@ pub async fn run<S: BatchSink>(
         handler,
         runtime,
         pending: Mutex::new(Vec::new()),
+        queues: PartitionQueues::new(topic),
     };
     let mut client = config.client_config(group);
     if context.handler.is_some()
@@ -368,11 +392,15 @@ pub async fn run<S: BatchSink>(
         client.set("statistics.interval.ms", "1000");
     }
     let consumer: StreamConsumer<Context> = client.create_with_context(context)?;
+    let consumer = Unsplit(consumer);
     consumer.subscribe(&[topic])?;
+    let queues = &consumer.context().queues;
     let mut batch = MessageBatch::default();
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // `recv` comes before the split queues' wake-up: polling it serves the group's events
+        // (rebalances among them), which a busy stream of messages must not starve.
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -411,11 +439,56 @@ pub async fn run<S: BatchSink>(
                 report(&consumer, topic, &done, CommitMode::Async);
                 batch.clear();
             }
+            _ = queues.notify().notified() => {
+                let deadline = tokio::time::Instant::now() + config.batch_wait;
+                let mut more = false;
+                loop {
+                    let room = config.max_batch.saturating_sub(batch.len());
+                    let d = queues.drain(&mut batch, room);
+                    if d.more || batch.len() >= config.max_batch {
+                        more = true;
+                        break;
+                    }
+                    if batch.is_empty()
+                        || tokio::time::timeout_at(deadline, queues.notify().notified()).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let done = sink.handle(&batch).await?;
+                report(&consumer, topic, &done, CommitMode::Async);
+                batch.clear();
+                if more {
+                    // The queues hold more, and will not wake the loop until they are empty.
+                    queues.notify().notify_one();
+                }
+            }
         }
     }
     let done = sink.flush(true).await?;
     report(&consumer, topic, &done, CommitMode::Sync);
     Ok(())
+}
+
+/// The loop's consumer: hands the split partitions back to the consumer's queue before the
+/// consumer goes (their handles must not outlive the client).
+struct Unsplit(StreamConsumer<Context>);
+
+impl std::ops::Deref for Unsplit {
+    type Target = StreamConsumer<Context>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Unsplit {
+    fn drop(&mut self) {
+        self.0.context().queues.unsplit_all();
+    }
 }
 
 /// Restores the partitions whose restore failed at assignment, and resumes each where its

@@ -16,10 +16,13 @@ pub mod consumers;
 pub mod dedup;
 pub mod error;
 pub mod kafka;
+mod partition_queues;
 pub mod speed;
 
 #[cfg(test)]
 mod archiver_tests;
+#[cfg(test)]
+mod kafka_tests;
 #[cfg(test)]
 mod tests;
 
