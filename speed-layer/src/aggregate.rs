@@ -321,3 +321,39 @@ impl ViewAggregator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Interner;
+
+    #[test]
+    fn the_interner_gives_each_value_one_id_and_keeps_them_when_restored() {
+        let stem = "m".repeat(23);
+        let values = [
+            String::new(),
+            "US".to_string(),
+            "US\0".to_string(),
+            stem[..22].to_string(),
+            stem.clone(),
+            format!("{stem}a"),
+            format!("{stem}b"),
+            format!("{stem}a{}", "z".repeat(100)),
+            "é".repeat(12),
+        ];
+        let mut interner = Interner::default();
+        let ids: Vec<u32> = values.iter().map(|v| interner.id(v)).collect();
+        assert_eq!(ids, (1..=values.len() as u32).collect::<Vec<_>>());
+        // Seen again, in another order: the same ids.
+        for (v, &id) in values.iter().zip(&ids).rev() {
+            assert_eq!(interner.id(v), id, "{v:?}");
+            assert_eq!(interner.value(id), Some(v.as_str()));
+        }
+        assert_eq!(interner.value(0), None);
+        // Restored from its values (as from a checkpoint): the same ids, and new ones after.
+        let mut restored = Interner::from_values(interner.values().to_vec());
+        for (v, &id) in values.iter().zip(&ids) {
+            assert_eq!(restored.id(v), id, "{v:?}");
+        }
+        assert_eq!(restored.id(&format!("{stem}c")), values.len() as u32 + 1);
+    }
+}
