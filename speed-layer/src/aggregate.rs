@@ -5,6 +5,7 @@
 //! range, and pruning drops whole buckets.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher as _;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
@@ -23,31 +24,77 @@ use crate::error::Result;
 type Fast = foldhash::fast::RandomState;
 
 /// Interned dimension values of one partition; id 0 is null.
-#[derive(Debug, Default)]
+///
+/// Finding a value (once for each dimension of each row) compares it with the candidate in
+/// a few word loads (`same`) rather than a call to `memcmp`: dimension values are short.
+#[derive(Default)]
 pub struct Interner {
-    ids: HashMap<Box<str>, u32, Fast>,
+    hasher: Fast,
+    ids: hashbrown::HashTable<(Box<str>, u32)>,
     values: Vec<Box<str>>,
+}
+
+impl std::fmt::Debug for Interner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interner")
+            .field("values", &self.values)
+            .finish()
+    }
+}
+
+/// Whether `a` and `b` hold the same bytes; up to 16 bytes in two overlapping word
+/// comparisons.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if n > 16 {
+        return a == b;
+    }
+    if n >= 8 {
+        let word =
+            |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap_or_default());
+        return word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8);
+    }
+    if n >= 4 {
+        let word =
+            |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().unwrap_or_default());
+        return word(a, 0) == word(b, 0) && word(a, n - 4) == word(b, n - 4);
+    }
+    a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 impl Interner {
     fn id(&mut self, v: &str) -> u32 {
-        if let Some(&id) = self.ids.get(v) {
+        let hash = self.hasher.hash_one(v);
+        if let Some(&(_, id)) = self
+            .ids
+            .find(hash, |(k, _)| same(k.as_bytes(), v.as_bytes()))
+        {
             return id;
         }
-        self.values.push(v.into());
+        self.insert(hash, v.into())
+    }
+
+    fn insert(&mut self, hash: u64, v: Box<str>) -> u32 {
+        self.values.push(v.clone());
         let id = self.values.len() as u32;
-        self.ids.insert(v.into(), id);
+        let hasher = &self.hasher;
+        self.ids
+            .insert_unique(hash, (v, id), |(k, _)| hasher.hash_one(&**k));
         id
     }
 
     /// An interner holding `values` as ids 1, 2, ...
     pub fn from_values(values: Vec<Box<str>>) -> Self {
-        let ids = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.clone(), i as u32 + 1))
-            .collect();
-        Interner { ids, values }
+        let mut interner = Interner::default();
+        for v in values {
+            let hash = interner.hasher.hash_one(&*v);
+            interner.insert(hash, v);
+        }
+        interner
     }
 
     /// The values, id 1 first.
@@ -324,7 +371,23 @@ impl ViewAggregator {
 
 #[cfg(test)]
 mod tests {
-    use super::Interner;
+    use super::{same, Interner};
+
+    #[test]
+    fn same_compares_every_byte_of_every_length() {
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i % 26).collect();
+            assert!(same(&a, &a.clone()), "length {n}");
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same(&a, &b), "length {n}, byte {at}");
+            }
+            let mut longer = a.clone();
+            longer.push(0);
+            assert!(!same(&a, &longer), "length {n} against {}", n + 1);
+        }
+    }
 
     #[test]
     fn the_interner_gives_each_value_one_id_and_keeps_them_when_restored() {
@@ -339,6 +402,17 @@ mod tests {
             format!("{stem}b"),
             format!("{stem}a{}", "z".repeat(100)),
             "é".repeat(12),
+            // Values of each length class that differ only in a middle byte.
+            "abcdefghijklmnop".to_string(),
+            "abcdefgXijklmnop".to_string(),
+            "abcdefghijklmnoX".to_string(),
+            "abcdefghij".to_string(),
+            "abcdeXghij".to_string(),
+            "abcdefg".to_string(),
+            "abcXefg".to_string(),
+            "abcdefX".to_string(),
+            "aXc".to_string(),
+            "abc".to_string(),
         ];
         let mut interner = Interner::default();
         let ids: Vec<u32> = values.iter().map(|v| interner.id(v)).collect();
