@@ -27,19 +27,11 @@ type Fast = foldhash::fast::RandomState;
 ///
 /// Finding a value (once for each dimension of each row) compares it with the candidate in
 /// a few word loads (`same`) rather than a call to `memcmp`: dimension values are short.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Interner {
     hasher: Fast,
     ids: hashbrown::HashTable<(Box<str>, u32)>,
     values: Vec<Box<str>>,
-}
-
-impl std::fmt::Debug for Interner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interner")
-            .field("values", &self.values)
-            .finish()
-    }
 }
 
 /// Whether `a` and `b` hold the same bytes; up to 16 bytes in two overlapping word

@@ -258,17 +258,18 @@ impl ConsumerContext for Context {
                 };
                 // After the unassignment: what the queues still hold is outdated now, and
                 // librdkafka drops it from the consumer's queue.
+                let client = consumer.client().native_ptr();
                 if cooperative {
-                    self.queues.unsplit(&partitions);
+                    self.queues.unsplit(client, &partitions);
                 } else {
-                    self.queues.unsplit_all();
+                    self.queues.unsplit_all(client);
                 }
                 r
             }
             other => {
                 tracing::warn!(error = ?other, "rebalance failed");
                 let r = consumer.unassign();
-                self.queues.unsplit_all();
+                self.queues.unsplit_all(consumer.client().native_ptr());
                 r
             }
         };
@@ -444,8 +445,7 @@ pub async fn run<S: BatchSink>(
                 let mut more = false;
                 loop {
                     let room = config.max_batch.saturating_sub(batch.len());
-                    let d = queues.drain(&mut batch, room);
-                    if d.more || batch.len() >= config.max_batch {
+                    if queues.drain(&mut batch, room) || batch.len() >= config.max_batch {
                         more = true;
                         break;
                     }
@@ -487,7 +487,10 @@ impl std::ops::Deref for Unsplit {
 
 impl Drop for Unsplit {
     fn drop(&mut self) {
-        self.0.context().queues.unsplit_all();
+        self.0
+            .context()
+            .queues
+            .unsplit_all(self.0.client().native_ptr());
     }
 }
 

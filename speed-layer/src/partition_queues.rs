@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CString};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::bindings as rdsys;
@@ -38,46 +39,21 @@ unsafe extern "C" fn nonempty(_rk: *mut rdsys::rd_kafka_t, opaque: *mut c_void) 
 }
 
 /// A handle on one partition's queue, owned (destroyed on release).
+#[derive(Debug)]
 struct Queue(*mut rdsys::rd_kafka_queue_t);
 
 // SAFETY: librdkafka's queues are locked internally and may be used from any thread.
 unsafe impl Send for Queue {}
 
 /// The split queues of one consumer's assigned partitions.
+#[derive(Debug)]
 pub(crate) struct PartitionQueues {
     topic: CString,
-    /// The client the queues belong to, set by the first split.
-    client: Mutex<Option<Client>>,
     queues: Mutex<BTreeMap<i32, Queue>>,
     /// Woken when a queue turns non-empty (and by `split`, for what was already fetched).
     notify: Arc<Notify>,
     /// Which queue the next drain starts at, so a busy partition cannot starve the others.
-    turn: Mutex<usize>,
-}
-
-#[derive(Clone, Copy)]
-struct Client(*mut rdsys::rd_kafka_t);
-
-// SAFETY: a librdkafka client handle may be used from any thread.
-unsafe impl Send for Client {}
-
-impl std::fmt::Debug for PartitionQueues {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let partitions: Vec<i32> = self.lock().keys().copied().collect();
-        f.debug_struct("PartitionQueues")
-            .field("topic", &self.topic)
-            .field("partitions", &partitions)
-            .finish()
-    }
-}
-
-/// What one drain took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Drained {
-    /// Messages moved into the batch.
-    pub taken: usize,
-    /// The batch filled before every queue was empty: drain again without waiting.
-    pub more: bool,
+    turn: AtomicUsize,
 }
 
 impl PartitionQueues {
@@ -86,10 +62,9 @@ impl PartitionQueues {
     pub(crate) fn new(topic: &str) -> Self {
         PartitionQueues {
             topic: CString::new(topic).unwrap_or_default(),
-            client: Mutex::new(None),
             queues: Mutex::new(BTreeMap::new()),
             notify: Arc::new(Notify::new()),
-            turn: Mutex::new(0),
+            turn: AtomicUsize::new(0),
         }
     }
 
@@ -125,7 +100,6 @@ impl PartitionQueues {
                 Arc::as_ptr(&self.notify) as *mut c_void,
             );
         }
-        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(Client(client));
         let old = self.lock().insert(partition, Queue(queue));
         if let Some(old) = old {
             release(client, old);
@@ -135,44 +109,37 @@ impl PartitionQueues {
         true
     }
 
-    /// Hands `partitions` back to the consumer's queue (after they were revoked).
-    pub(crate) fn unsplit(&self, partitions: &[i32]) {
-        let Some(client) = *self.client.lock().unwrap_or_else(|e| e.into_inner()) else {
-            return;
-        };
+    /// Hands `partitions` back to the consumer's queue of `client` (after they were revoked).
+    pub(crate) fn unsplit(&self, client: *mut rdsys::rd_kafka_t, partitions: &[i32]) {
         let taken: Vec<Queue> = {
             let mut queues = self.lock();
             partitions.iter().filter_map(|p| queues.remove(p)).collect()
         };
         for q in taken {
-            release(client.0, q);
+            release(client, q);
         }
     }
 
-    /// Hands every partition back to the consumer's queue.
-    pub(crate) fn unsplit_all(&self) {
-        let partitions: Vec<i32> = self.lock().keys().copied().collect();
-        self.unsplit(&partitions);
+    /// Hands every partition back to the consumer's queue of `client`.
+    pub(crate) fn unsplit_all(&self, client: *mut rdsys::rd_kafka_t) {
+        let taken = std::mem::take(&mut *self.lock());
+        for q in taken.into_values() {
+            release(client, q);
+        }
     }
 
     /// Moves up to `room` fetched messages of the split queues into `batch` (each partition's
-    /// in offset order), without waiting. A message that carries an error (a fetch failure
-    /// librdkafka reports on the partition) is logged and skipped, as the consumer's queue's
-    /// errors are.
-    pub(crate) fn drain(&self, batch: &mut MessageBatch, room: usize) -> Drained {
+    /// in offset order), without waiting; true if `room` ran out before every queue was empty
+    /// (drain again without waiting: a queue wakes the loop only once it was empty). A message
+    /// that carries an error (a fetch failure librdkafka reports on the partition) is logged
+    /// and skipped, as the consumer's queue's errors are.
+    pub(crate) fn drain(&self, batch: &mut MessageBatch, room: usize) -> bool {
         let queues = self.lock();
         if queues.is_empty() || room == 0 {
-            return Drained {
-                taken: 0,
-                more: !queues.is_empty(),
-            };
+            return !queues.is_empty();
         }
-        let start = {
-            let mut turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
-            *turn = turn.wrapping_add(1);
-            *turn % queues.len()
-        };
-        let mut out = Drained::default();
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % queues.len();
+        let mut taken = 0;
         let mut buf = [ptr::null_mut::<rdsys::rd_kafka_message_t>(); CHUNK];
         let order = queues
             .values()
@@ -180,10 +147,9 @@ impl PartitionQueues {
             .chain(queues.values().take(start));
         for q in order {
             loop {
-                let want = (room - out.taken).min(CHUNK);
+                let want = (room - taken).min(CHUNK);
                 if want == 0 {
-                    out.more = true;
-                    return out;
+                    return true;
                 }
                 // SAFETY: `q.0` is a live queue handle; `buf` has room for `want` pointers.
                 let n =
@@ -210,7 +176,7 @@ impl PartitionQueues {
                             && ts != -1)
                             .then_some(ts);
                         batch.push(msg.partition, msg.offset, ts, payload);
-                        out.taken += 1;
+                        taken += 1;
                     } else {
                         tracing::warn!(
                             partition = msg.partition,
@@ -226,7 +192,7 @@ impl PartitionQueues {
                 }
             }
         }
-        out
+        false
     }
 }
 
