@@ -30,7 +30,8 @@ type Fast = foldhash::fast::RandomState;
 #[derive(Debug, Default)]
 pub struct Interner {
     hasher: Fast,
-    ids: hashbrown::HashTable<(Box<str>, u32)>,
+    /// Each value's id, found by the value's hash; the value itself is in `values`.
+    ids: hashbrown::HashTable<u32>,
     values: Vec<Box<str>>,
 }
 
@@ -61,21 +62,21 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 impl Interner {
     fn id(&mut self, v: &str) -> u32 {
         let hash = self.hasher.hash_one(v);
-        if let Some(&(_, id)) = self
-            .ids
-            .find(hash, |(k, _)| same(k.as_bytes(), v.as_bytes()))
-        {
+        let values = &self.values;
+        if let Some(&id) = self.ids.find(hash, |&id| {
+            same(values[id as usize - 1].as_bytes(), v.as_bytes())
+        }) {
             return id;
         }
         self.insert(hash, v.into())
     }
 
     fn insert(&mut self, hash: u64, v: Box<str>) -> u32 {
-        self.values.push(v.clone());
+        self.values.push(v);
         let id = self.values.len() as u32;
-        let hasher = &self.hasher;
+        let (hasher, values) = (&self.hasher, &self.values);
         self.ids
-            .insert_unique(hash, (v, id), |(k, _)| hasher.hash_one(&**k));
+            .insert_unique(hash, id, |&id| hasher.hash_one(&*values[id as usize - 1]));
         id
     }
 
