@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher as _;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
 use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use tandem_core::filter::CompiledFilter;
@@ -100,46 +100,108 @@ impl Interner {
     }
 }
 
-/// The dimension columns of one batch, each interned once (a row's id, 0 for null) for every
-/// view that groups by it: the reference views share most of their dimensions.
+/// The dimension columns of one batch, each row interned once (its id, 0 for null) for every
+/// view that groups by it: the reference views share most of their dimensions. Only the rows
+/// a view reads are interned: a view of installs groups by columns that the other events
+/// never need as ids (most rows, in the reference events).
 #[derive(Debug, Default)]
 pub struct BatchIds {
-    columns: Vec<Option<Vec<u32>>>,
+    columns: Vec<Option<IdColumn>>,
+}
+
+/// One column's ids, [`UNSET`] for rows no view has read yet.
+#[derive(Debug)]
+struct IdColumn {
+    ids: Vec<u32>,
+    /// Every row interned.
+    complete: bool,
+}
+
+/// [`IdColumn::ids`] of a row not interned yet (the interner gives fewer ids).
+const UNSET: u32 = u32::MAX;
+
+/// Gives each row of `rows` (every row without it) not interned yet in `ids` its id.
+#[inline]
+fn fill(
+    ids: &mut [u32],
+    rows: Option<&BooleanArray>,
+    interner: &mut Interner,
+    mut id_of: impl FnMut(usize, &mut Interner) -> u32,
+) {
+    match rows {
+        Some(m) => {
+            for row in m.values().set_indices() {
+                if ids[row] == UNSET {
+                    ids[row] = id_of(row, interner);
+                }
+            }
+        }
+        None => {
+            for (row, id) in ids.iter_mut().enumerate() {
+                if *id == UNSET {
+                    *id = id_of(row, interner);
+                }
+            }
+        }
+    }
 }
 
 impl BatchIds {
-    /// Interns column `i` of `batch` (of type `ty`) unless done already.
-    fn intern(&mut self, batch: &RecordBatch, i: usize, ty: FieldType, interner: &mut Interner) {
+    /// Interns the rows of column `i` of `batch` (of type `ty`) that `rows` selects (every
+    /// row without it) and that are not interned yet.
+    fn intern(
+        &mut self,
+        batch: &RecordBatch,
+        i: usize,
+        ty: FieldType,
+        interner: &mut Interner,
+        rows: Option<&BooleanArray>,
+    ) {
         if self.columns.len() <= i {
-            self.columns.resize(i + 1, None);
+            self.columns.resize_with(i + 1, || None);
         }
-        if self.columns[i].is_some() {
+        let n = batch.num_rows();
+        let column = self.columns[i].get_or_insert_with(|| IdColumn {
+            ids: vec![UNSET; n],
+            complete: false,
+        });
+        if column.complete {
             return;
         }
         let col = batch.column(i);
+        let ids = &mut column.ids;
         // The column's array is looked up once, not once a row.
-        let ids = match ty {
-            FieldType::String => col
-                .as_string::<i32>()
-                .iter()
-                .map(|v| v.map_or(0, |v| interner.id(v)))
-                .collect(),
-            FieldType::Int => col
-                .as_primitive::<Int64Type>()
-                .iter()
-                .map(|v| v.map_or(0, |v| interner.id(&v.to_string())))
-                .collect(),
-            _ => col
-                .as_boolean()
-                .iter()
-                .map(|v| v.map_or(0, |v| interner.id(if v { "true" } else { "false" })))
-                .collect(),
-        };
-        self.columns[i] = Some(ids);
+        match ty {
+            FieldType::String => {
+                let a = col.as_string::<i32>();
+                fill(ids, rows, interner, |row, interner| match a.is_valid(row) {
+                    true => interner.id(a.value(row)),
+                    false => 0,
+                })
+            }
+            FieldType::Int => {
+                let a = col.as_primitive::<Int64Type>();
+                fill(ids, rows, interner, |row, interner| match a.is_valid(row) {
+                    true => interner.id(&a.value(row).to_string()),
+                    false => 0,
+                })
+            }
+            _ => {
+                let a = col.as_boolean();
+                fill(ids, rows, interner, |row, interner| match a.is_valid(row) {
+                    true => interner.id(if a.value(row) { "true" } else { "false" }),
+                    false => 0,
+                })
+            }
+        }
+        column.complete = rows.is_none();
     }
 
     fn ids(&self, i: usize) -> &[u32] {
-        self.columns[i].as_deref().unwrap_or_default()
+        self.columns[i]
+            .as_ref()
+            .map(|c| c.ids.as_slice())
+            .unwrap_or_default()
     }
 }
 
@@ -240,7 +302,7 @@ impl ViewAggregator {
             .column(self.event_time)
             .as_primitive::<TimestampMicrosecondType>();
         for &(i, ty) in &self.dims {
-            ids.intern(batch, i, ty, interner);
+            ids.intern(batch, i, ty, interner, mask.as_ref());
         }
         let dim_ids: Vec<&[u32]> = self.dims.iter().map(|&(i, _)| ids.ids(i)).collect();
         let metric_cols: Vec<Option<&ArrayRef>> = self
@@ -380,6 +442,122 @@ mod tests {
             longer.push(0);
             assert!(!same(&a, &longer), "length {n} against {}", n + 1);
         }
+    }
+
+    /// Views sharing a batch intern only the rows they read: a view of installs leaves the
+    /// other events' campaigns out of the partition's interner (and its checkpoints), and
+    /// every view's groups are the same whichever view reads the shared columns first.
+    #[test]
+    fn only_the_rows_a_view_reads_are_interned_and_views_agree_in_any_order() {
+        use std::collections::BTreeMap;
+        use std::path::PathBuf;
+        use tandem_core::decode::{Decoder, Message};
+        use tandem_core::Catalog;
+
+        use super::{Admit, BatchIds, Groups, ViewAggregator};
+
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let catalog = Catalog::load(&root.join("schemas"), &root.join("jobs")).unwrap();
+        let schema = &catalog.schemas["app_events"];
+        let payloads: Vec<String> = (0..200)
+            .map(|i| {
+                let (event, campaign) = match i % 4 {
+                    0 => ("install", format!("cmp_install_{}", i % 7)),
+                    _ => ("launch", format!("cmp_launch_{i}")),
+                };
+                format!(
+                    r#"{{"event_id":"e{i}","event_time":"2026-11-26T0{}:00:00Z","app_id":"app{}","event_name":"{event}","media_source":"src{}","campaign":"{campaign}","country":"C{}","platform":"ios","device_id":"d{}","revenue_usd":null}}"#,
+                    i % 3,
+                    i % 5,
+                    i % 2,
+                    i % 6,
+                    i % 11
+                )
+            })
+            .collect();
+        let messages: Vec<Message<'_>> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Message {
+                payload: Some(p.as_bytes()),
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: None,
+            })
+            .collect();
+        let batch = Decoder::new(std::sync::Arc::clone(schema))
+            .decode(&messages, 1_800_000_000_000_000)
+            .unwrap()
+            .batch;
+        let aggs: Vec<ViewAggregator> = ["installs_hourly", "active_devices_daily"]
+            .iter()
+            .map(|v| {
+                ViewAggregator::new(std::sync::Arc::clone(&catalog.views[*v]), schema).unwrap()
+            })
+            .collect();
+        let admit = Admit {
+            from: None,
+            covered: None,
+            new_keys: usize::MAX,
+            skip: None,
+        };
+        // Each view's groups by their dimension values.
+        type Rows = BTreeMap<(i64, Vec<Option<String>>), String>;
+        let run = |order: [usize; 2]| -> (Vec<Rows>, Interner) {
+            let (mut interner, mut ids) = (Interner::default(), BatchIds::default());
+            let mut groups = [Groups::new(), Groups::new()];
+            for v in order {
+                let applied = aggs[v]
+                    .apply(&batch, &mut groups[v], &mut interner, &mut ids, 1, &admit)
+                    .unwrap();
+                assert!(applied.changed);
+            }
+            let rows = groups
+                .iter()
+                .map(|g| {
+                    g.iter()
+                        .flat_map(|(&bucket, b)| {
+                            b.groups
+                                .iter()
+                                .map(move |(key, states)| (bucket, key, states))
+                        })
+                        .map(|(bucket, key, states)| {
+                            let dims = key.iter().map(|&id| interner.value(id).map(String::from));
+                            ((bucket, dims.collect()), format!("{states:?}"))
+                        })
+                        .collect()
+                })
+                .collect();
+            (rows, interner)
+        };
+        let (installs_first, interner) = run([0, 1]);
+        let (installs_last, _) = run([1, 0]);
+        assert_eq!(installs_first, installs_last);
+        let campaigns: Vec<&str> = interner
+            .values()
+            .iter()
+            .map(|v| &**v)
+            .filter(|v| v.starts_with("cmp_"))
+            .collect();
+        assert_eq!(campaigns.len(), 7, "{campaigns:?}");
+        assert!(
+            campaigns.iter().all(|c| c.starts_with("cmp_install_")),
+            "{campaigns:?}"
+        );
+        // Each view's first metric counts its events: the 50 installs, and all 200 events.
+        let counted = |rows: &Rows| -> u64 {
+            rows.values()
+                .filter_map(|s| {
+                    s.strip_prefix("[Count(")?
+                        .split(')')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum()
+        };
+        assert_eq!(counted(&installs_first[0]), 50);
+        assert_eq!(counted(&installs_first[1]), 200);
     }
 
     #[test]
