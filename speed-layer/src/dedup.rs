@@ -71,8 +71,8 @@ impl Dedup {
         ids: &StringArray,
         times: &TimestampMicrosecondArray,
     ) -> (Option<BooleanArray>, u64) {
-        let mut dups: Option<Vec<bool>> = None;
-        let mut count = 0;
+        // The rows to remember, with their slots (ids within the window, in order).
+        let mut kept: Vec<(usize, i64)> = Vec::with_capacity(ids.len());
         for row in 0..ids.len() {
             if ids.is_null(row) || ids.value(row).is_empty() {
                 continue;
@@ -83,14 +83,28 @@ impl Dedup {
                 continue;
             }
             self.newest_us = self.newest_us.max(t);
-            let fresh = self
+            kept.push((row, t.div_euclid(SLOT_US)));
+        }
+        let mut dups: Option<Vec<bool>> = None;
+        let mut count = 0;
+        // Rows come mostly in event-time order: a slot is looked up once for each run of rows.
+        for run in kept.chunk_by(|a, b| a.1 == b.1) {
+            let slot = run[0].1;
+            // A new newest slot is sized as the one before it, which the stream's next minute
+            // about fills: it is not rebuilt as it grows.
+            let size = match self.slots.last_key_value() {
+                Some((&last, held)) if last < slot => held.len(),
+                _ => 0,
+            };
+            let set = self
                 .slots
-                .entry(t.div_euclid(SLOT_US))
-                .or_default()
-                .insert(hash(ids.value(row)));
-            if !fresh {
-                dups.get_or_insert_with(|| vec![false; ids.len()])[row] = true;
-                count += 1;
+                .entry(slot)
+                .or_insert_with(|| Ids::with_capacity_and_hasher(size, Default::default()));
+            for &(row, _) in run {
+                if !set.insert(hash(ids.value(row))) {
+                    dups.get_or_insert_with(|| vec![false; ids.len()])[row] = true;
+                    count += 1;
+                }
             }
         }
         let oldest = self
@@ -150,6 +164,72 @@ impl Dedup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Batches whose rows run through minutes in order, go back to older minutes and repeat
+    /// recent ids: every row is marked as a model keeping the ids themselves by minute marks
+    /// it.
+    #[test]
+    fn duplicates_are_marked_as_a_model_of_minute_slots_marks_them() {
+        use std::collections::{BTreeMap, HashSet};
+        let window = 5 * SLOT_US;
+        let mut d = Dedup::new(window);
+        let mut model: (i64, BTreeMap<i64, HashSet<String>>) = (i64::MIN, BTreeMap::new());
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let t0 = 1_795_694_400_000_000;
+        let (mut clock, mut issued) = (t0, 0u64);
+        let mut duplicates = 0;
+        for _ in 0..300 {
+            let rows = 1 + next(40) as usize;
+            let (mut ids, mut times) = (Vec::new(), Vec::new());
+            for _ in 0..rows {
+                clock += next(4_000_000) as i64;
+                let t = match next(10) {
+                    0 => clock - next(8 * SLOT_US as u64) as i64,
+                    _ => clock,
+                };
+                let id = match next(4) {
+                    0 if issued > 0 => format!("e{}", issued - 1 - next(issued.min(50))),
+                    _ => {
+                        issued += 1;
+                        format!("e{}", issued - 1)
+                    }
+                };
+                ids.push(id);
+                times.push(t);
+            }
+            let (mask, n) = d.check(
+                &StringArray::from(ids.clone()),
+                &TimestampMicrosecondArray::from(times.clone()),
+            );
+            let mut want = vec![false; rows];
+            for row in 0..rows {
+                let t = times[row];
+                if t < model.0.saturating_sub(window) {
+                    continue;
+                }
+                model.0 = model.0.max(t);
+                let slot = model.1.entry(t.div_euclid(SLOT_US)).or_default();
+                want[row] = !slot.insert(ids[row].clone());
+            }
+            let oldest = model.0.saturating_sub(window).div_euclid(SLOT_US);
+            model.1.retain(|&s, _| s >= oldest);
+            let got: Vec<bool> = match mask {
+                Some(m) => m.iter().map(|v| v.unwrap_or(false)).collect(),
+                None => vec![false; rows],
+            };
+            assert_eq!(got, want, "{ids:?} {times:?}");
+            assert_eq!(n as usize, want.iter().filter(|&&w| w).count());
+            duplicates += n;
+            assert_eq!(d.len(), model.1.values().map(HashSet::len).sum::<usize>());
+        }
+        assert!(duplicates > 100, "{duplicates} duplicates");
+    }
 
     #[test]
     fn a_repeated_id_within_the_window_is_a_duplicate_and_reads_back() {
