@@ -492,8 +492,15 @@ impl Table {
     fn add(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
         let stored = self.stored(view);
         let mut key = vec![0u32; self.width];
+        // The input's buckets are floored to the view's ([`prepare`]): a table of the view's
+        // granularity keeps them.
+        let coarser = self.granularity != view.granularity;
         for row in 0..p.buckets.len() {
-            let bucket = self.granularity.floor(p.buckets[row]);
+            let bucket = if coarser {
+                self.granularity.floor(p.buckets[row])
+            } else {
+                p.buckets[row]
+            };
             key[0] = bucket as u32;
             key[1] = (bucket >> 32) as u32;
             for (k, &d) in self.dims.iter().enumerate() {
@@ -875,10 +882,14 @@ fn prepare(
     events: bool,
     dictionary: &mut Dictionary,
 ) -> Result<Prepared> {
+    // Floored to the view's granularity here, once a row, rather than by every table.
+    let granularity = view.granularity;
     let buckets = column(batch, BUCKET_COLUMN)?
         .as_primitive::<TimestampMicrosecondType>()
         .values()
-        .to_vec();
+        .iter()
+        .map(|&b| granularity.floor(b))
+        .collect();
     let (ids, values) = std::thread::scope(|scope| {
         let values = scope.spawn(|| prepare_values(view, batch, distinct, events));
         let ids = view
