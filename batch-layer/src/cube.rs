@@ -163,6 +163,10 @@ struct Table {
     dedup: Option<Dedup>,
     /// What went wrong folding rows in, if anything did.
     error: Option<BatchError>,
+    /// A rollup's coupons of the rows being folded, by the slot of their distinct metric:
+    /// each row's group and coupon, added to the groups' sketches group by group once the
+    /// rows are folded ([`Self::add_pending`]).
+    pending: Vec<(usize, Vec<(u32, Coupon)>)>,
 }
 
 /// The distinct metric of an exact table (the view's own rows, from the first phase's rows,
@@ -377,6 +381,7 @@ impl Table {
             distinct,
             dedup: None,
             error: None,
+            pending: Vec::new(),
         }
     }
 
@@ -488,7 +493,61 @@ impl Table {
 
     /// Folds rows of `p` into this table (`values`: the input's distinct values).
     fn add(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
+        self.fold(view, p, values);
+        self.add_pending(view);
+    }
+
+    /// Adds the coupons [`Self::fold`] left pending to their groups' sketches, group by group
+    /// (each group's in the order of its rows): a rollup's sketches of a while (a sketch of
+    /// a large group is 4 KiB) are more than the caches hold, and a sketch taken once for all
+    /// its rows of a chunk is not missed once a row.
+    fn add_pending(&mut self, view: &ViewDef) {
         let stored = self.stored(view);
+        let groups = self.groups();
+        let mut sorted = Vec::new();
+        let mut starts = Vec::new();
+        for (slot, pending) in &mut self.pending {
+            if pending.is_empty() {
+                continue;
+            }
+            // A counting sort by group, which keeps each group's coupons in order.
+            starts.clear();
+            starts.resize(groups + 1, 0u32);
+            for &(g, _) in pending.iter() {
+                starts[g as usize + 1] += 1;
+            }
+            for g in 0..groups {
+                starts[g + 1] += starts[g];
+            }
+            sorted.clear();
+            sorted.resize(pending.len(), None);
+            for &(g, c) in pending.iter() {
+                let at = &mut starts[g as usize];
+                sorted[*at as usize] = Some((g, c));
+                *at += 1;
+            }
+            for &(g, c) in sorted.iter().flatten() {
+                if let MetricState::Distinct(d) = &mut self.states[g as usize * stored + *slot] {
+                    d.update_coupon(c);
+                }
+            }
+            pending.clear();
+        }
+    }
+
+    /// Folds rows of `p` into this table, but a rollup's coupons, which it leaves pending.
+    fn fold(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
+        let stored = self.stored(view);
+        if !self.exact && self.pending.is_empty() {
+            self.pending = view
+                .metrics
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.kind == MetricKind::Distinct)
+                .filter_map(|(i, _)| self.slot(i))
+                .map(|slot| (slot, Vec::with_capacity(p.buckets.len())))
+                .collect();
+        }
         let mut key = vec![0u32; self.width];
         // The input's buckets are floored to the view's ([`prepare`]): a table of the view's
         // granularity keeps them.
@@ -541,6 +600,7 @@ impl Table {
                 };
             let mut states = self.states[group * stored..(group + 1) * stored].iter_mut();
             let mut partial = p.partials.iter();
+            let mut distinct_at = 0;
             for m in &view.metrics {
                 if m.kind == MetricKind::Distinct {
                     if let Some(d) = &mut self.distinct {
@@ -553,12 +613,21 @@ impl Table {
                 }
                 let Some(state) = states.next() else { break };
                 if m.kind == MetricKind::Distinct {
-                    if let MetricState::Distinct(d) = state {
-                        if counted {
-                            d.exact = d.exact.map(|n| n + 1);
+                    if self.exact {
+                        if let MetricState::Distinct(d) = state {
+                            if counted {
+                                d.exact = d.exact.map(|n| n + 1);
+                            }
+                            if let Some(c) = p.coupons[row] {
+                                d.update_coupon(c);
+                            }
                         }
-                        if let Some(c) = p.coupons[row] {
-                            d.update_coupon(c);
+                    } else {
+                        // A rollup's sketch takes the coupon once the rows are folded.
+                        let pending = self.pending.get_mut(distinct_at);
+                        distinct_at += 1;
+                        if let (Some((_, pending)), Some(c)) = (pending, p.coupons[row]) {
+                            pending.push((group as u32, c));
                         }
                     }
                 } else if let Some(column) = partial.next() {
@@ -1316,6 +1385,120 @@ metrics = [
                 }
             }
             assert_eq!(own, devices.len());
+        }
+    }
+
+    /// A rollup's sketch of a group is, byte for byte, the sketch the library builds from the
+    /// group's values in the order of their rows, whatever the groups the rows between them
+    /// fall in, and past a list, a set and into an HLL array (the images hold the order).
+    #[test]
+    fn a_rollups_sketch_is_the_librarys_of_its_rows_in_order() {
+        let view = cube_view();
+        let hour = 3_600_000_000i64;
+        let start = 1_700_000_000_000_000 / hour * hour;
+        // (bucket, app, media source, device): 4 apps, 2 hours, rows of a group far apart.
+        let rows: Vec<(i64, String, String, Option<String>)> = (0..12_000usize)
+            .map(|i| {
+                let device = match i % 97 {
+                    0 => None,
+                    _ => Some(format!("dev-{}", (i * 7919) % (1500 + 500 * (i % 4)))),
+                };
+                (
+                    start + ((i / 5) % 2) as i64 * hour + (i % 1000) as i64,
+                    format!("app-{}", i % 4),
+                    format!("m-{}", i % 3),
+                    device,
+                )
+            })
+            .collect();
+        let n = rows.len();
+        let schema = view.batch_schema();
+        let mut fields = vec![Field::new(
+            BUCKET_COLUMN,
+            DataType::Timestamp(
+                datafusion::arrow::datatypes::TimeUnit::Microsecond,
+                Some("UTC".into()),
+            ),
+            false,
+        )];
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(
+            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.0))
+                .with_timezone("UTC"),
+        )];
+        for (name, values) in [
+            (
+                "app_id",
+                rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+            ),
+            ("media_source", rows.iter().map(|r| r.2.as_str()).collect()),
+        ] {
+            fields.push(Field::new(name, DataType::Utf8, true));
+            columns.push(Arc::new(StringArray::from(values)));
+        }
+        fields.push(Field::new("device_id", DataType::Utf8, true));
+        columns.push(Arc::new(
+            rows.iter().map(|r| r.3.as_deref()).collect::<StringArray>(),
+        ));
+        for name in ["events", "revenue_usd"] {
+            let f = schema.field_with_name(name).unwrap();
+            let column: ArrayRef = match f.data_type() {
+                DataType::Int64 => Arc::new(Int64Array::from_iter_values((0..n).map(|_| 1))),
+                DataType::Decimal128(p, s) => Arc::new(
+                    Decimal128Array::from_iter_values((0..n).map(|r| r as i128))
+                        .with_precision_and_scale(*p, *s)
+                        .unwrap(),
+                ),
+                other => panic!("no test column of type {other}"),
+            };
+            fields.push(Field::new(name, f.data_type().clone(), true));
+            columns.push(column);
+        }
+        let input = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        // In chunks of uneven sizes, as the day's batches come.
+        let chunks = [input.slice(0, 5_000), input.slice(5_000, 7_000)];
+        let lg_k = view.metrics[1].lg_k();
+        for threads in [1, 2] {
+            let out = build(&view, &chunks, Some("device_id"), true, threads).unwrap();
+            let mut checked = std::collections::BTreeSet::new();
+            for b in &out {
+                let rollup = b
+                    .column_by_name(ROLLUP)
+                    .unwrap()
+                    .as_string::<i32>()
+                    .value(0);
+                let dim = match rollup {
+                    "hour.app_id" => 1,
+                    "hour.media_source" => 2,
+                    _ => continue,
+                };
+                let buckets = b.column(0).as_primitive::<TimestampMicrosecondType>();
+                let keys = b
+                    .column_by_name(["", "app_id", "media_source"][dim])
+                    .unwrap()
+                    .as_string::<i32>();
+                let sketches = b.column_by_name("devices__hll").unwrap().as_binary::<i32>();
+                for row in 0..b.num_rows() {
+                    let mut want = DistinctState::new(lg_k);
+                    let mut values = 0;
+                    for r in rows.iter().filter(|r| {
+                        r.0 / hour * hour == buckets.value(row)
+                            && [&r.0.to_string(), &r.1, &r.2][dim] == keys.value(row)
+                    }) {
+                        if let Some(d) = &r.3 {
+                            want.update_str(d);
+                            values += 1;
+                        }
+                    }
+                    assert!(values > 400, "a group's sketch reaches an HLL array");
+                    assert_eq!(
+                        sketches.value(row),
+                        want.serialize().as_slice(),
+                        "{rollup} row {row}, {threads} threads"
+                    );
+                    checked.insert((rollup.to_string(), row));
+                }
+            }
+            assert_eq!(checked.len(), 2 * 4 + 2 * 3, "{threads} threads");
         }
     }
 
