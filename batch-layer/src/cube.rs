@@ -15,7 +15,9 @@
 //! and `hour`) is merged from that one's groups once they are folded: a union per group over
 //! thousands of groups costs less than reading millions of rows again.
 //!
-//! The tables are split among threads; each thread reads every row and owns its tables. The
+//! The input is read once, in chunks, on every thread (the dimension values interned on one);
+//! then the tables are split among threads, and each thread folds every chunk into the
+//! tables it takes, meeting the others only when every table is done. The
 //! view's own table, which holds most of the groups, is built in one part per thread, each
 //! holding the groups of its share of key hashes, and comes out as one batch per part.
 //! A view without a distinct metric comes here with its final rows, one per group, and the
@@ -861,7 +863,8 @@ fn build_with(
     let folding: Vec<std::sync::atomic::AtomicU64> = (0..tables.len())
         .map(|_| std::sync::atomic::AtomicU64::new(0))
         .collect();
-    // Input rows are taken in chunks, so threads meet once per chunk, not once per batch.
+    // Input rows are read in chunks: a rollup adds a chunk's coupons to its sketches group
+    // by group, once a chunk.
     const CHUNK_ROWS: usize = 1 << 18;
     let values = Values::new(input, distinct);
     // The view's own table holds at most a group a row: its parts, and each bucket's index
@@ -880,6 +883,7 @@ fn build_with(
     }
     let mut first_row = 0u64;
     let mut start = 0;
+    let mut chunks = Vec::new();
     while start < input.len() {
         let mut end = start;
         let mut rows = 0;
@@ -898,39 +902,49 @@ fn build_with(
         } else {
             datafusion::arrow::compute::concat_batches(&chunk[0].schema(), chunk)?
         };
-        let mut p = prepare(view, &batch, distinct, events, &mut dictionary)?;
-        p.first_row = first_row;
-        first_row += rows as u64;
         preparing += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
-        each_table(&folded, &|i, table: &mut Table| {
-            let t = std::time::Instant::now();
-            table.add(view, &p, &values);
-            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
-        });
-        adding += t.elapsed().as_secs_f64();
+        chunks.push((first_row, batch));
+        first_row += rows as u64;
     }
-    // Each merged table from its smallest source, finer tables first.
     let t = std::time::Instant::now();
-    for &i in order.iter().filter(|&&i| derived[i]) {
-        let lock = |j: usize| tables[j].lock().unwrap_or_else(|e| e.into_inner());
-        let mut table = lock(i);
-        let source = order
-            .iter()
-            .copied()
-            .filter(|&j| j != i)
-            .map(lock)
-            .filter(|s| table.derives_from(s))
-            .min_by_key(|s| s.groups());
-        if let Some(source) = source {
-            let started = std::time::Instant::now();
-            table.derive(view, &source);
-            let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
-            tracing::trace!(table = %table.name, from = %source.name, "merged from a finer table");
+    let prepared = prepare(view, &chunks, distinct, events, &mut dictionary, threads)?;
+    drop(chunks);
+    preparing += t.elapsed().as_secs_f64();
+    // Each table folds every chunk on the thread that takes it: threads meet once, not once
+    // a chunk, and a table's groups stay in one thread's caches.
+    let t = std::time::Instant::now();
+    each_table(&folded, &|i, table: &mut Table| {
+        let t = std::time::Instant::now();
+        for p in &prepared {
+            table.add(view, p, &values);
         }
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    });
+    drop(prepared);
+    // Each merged table from its smallest folded source (a source of a source is one too),
+    // the merges shared out to threads like the folds.
+    let lock = |j: usize| tables[j].lock().unwrap_or_else(|e| e.into_inner());
+    let mut sources = vec![None; tables.len()];
+    for &i in order.iter().filter(|&&i| derived[i]) {
+        let table = lock(i);
+        sources[i] = folded
+            .iter()
+            .map(|&j| (j, lock(j)))
+            .filter(|(_, s)| table.derives_from(s))
+            .min_by_key(|(_, s)| s.groups())
+            .map(|(j, _)| j);
     }
+    let merged: Vec<usize> = order.iter().copied().filter(|&i| derived[i]).collect();
+    each_table(&merged, &|i, table: &mut Table| {
+        let Some(j) = sources[i] else { return };
+        let source = lock(j);
+        let started = std::time::Instant::now();
+        table.derive(view, &source);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+        tracing::trace!(table = %table.name, from = %source.name, "merged from a finer table");
+    });
     adding += t.elapsed().as_secs_f64();
     if tracing::enabled!(tracing::Level::DEBUG) {
         let per_table: Vec<String> = tables
@@ -1008,41 +1022,65 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
         .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
 }
 
-/// Reads one input batch for the tables: the dimension values interned on this thread, the
-/// distinct values' coupons and the metrics' states on another (`events`: the distinct
-/// values' hashes too, for [`Dedup`]).
+/// Reads the input's chunks (each with the number among all input rows of its first row) for
+/// the tables: the dimension values interned on this thread, chunk after chunk, while
+/// `threads` share out the rest of every chunk's reading ([`prepare_values`]); this thread
+/// joins them once it has interned every chunk.
 fn prepare(
     view: &ViewDef,
-    batch: &RecordBatch,
+    chunks: &[(u64, RecordBatch)],
     distinct: Option<&str>,
     events: bool,
     dictionary: &mut Dictionary,
-) -> Result<Prepared> {
-    // Floored to the view's granularity here, once a row, rather than by every table.
-    let granularity = view.granularity;
-    let buckets = column(batch, BUCKET_COLUMN)?
-        .as_primitive::<TimestampMicrosecondType>()
-        .values()
-        .iter()
-        .map(|&b| granularity.floor(b))
+    threads: usize,
+) -> Result<Vec<Prepared>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let values: Vec<std::sync::Mutex<Option<Result<Prepared>>>> = (0..chunks.len())
+        .map(|_| std::sync::Mutex::new(None))
         .collect();
-    let (ids, values) = std::thread::scope(|scope| {
-        let values = scope.spawn(|| prepare_values(view, batch, distinct, events));
-        let ids = view
-            .dimensions
+    let work = || loop {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        let Some((first_row, batch)) = chunks.get(k) else {
+            break;
+        };
+        let p = prepare_values(view, batch, distinct, events).map(|mut p| {
+            p.first_row = *first_row;
+            p
+        });
+        *values[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    };
+    let ids = std::thread::scope(|scope| {
+        for _ in 1..threads.max(1) {
+            scope.spawn(work);
+        }
+        let ids = chunks
             .iter()
-            .enumerate()
-            .map(|(d, name)| dictionary.intern_column(d, column(batch, name)?))
+            .map(|(_, batch)| {
+                view.dimensions
+                    .iter()
+                    .enumerate()
+                    .map(|(d, name)| dictionary.intern_column(d, column(batch, name)?))
+                    .collect::<Result<Vec<_>>>()
+            })
             .collect::<Result<Vec<_>>>();
-        let values = values
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e));
-        (ids, values)
-    });
-    let mut p = values?;
-    p.buckets = buckets;
-    p.ids = ids?;
-    Ok(p)
+        work();
+        ids
+    })?;
+    values
+        .into_iter()
+        .zip(ids)
+        .map(|(p, ids)| {
+            let mut p = p
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal("a chunk was not read".into())
+                })??;
+            p.ids = ids;
+            Ok(p)
+        })
+        .collect()
 }
 
 /// [`prepare`]'s part that needs no dictionary: each row's distinct value (present, coupon,
@@ -1054,6 +1092,14 @@ fn prepare_values(
     events: bool,
 ) -> Result<Prepared> {
     let n = batch.num_rows();
+    // Floored to the view's granularity here, once a row, rather than by every table.
+    let granularity = view.granularity;
+    let buckets = column(batch, BUCKET_COLUMN)?
+        .as_primitive::<TimestampMicrosecondType>()
+        .values()
+        .iter()
+        .map(|&b| granularity.floor(b))
+        .collect();
     let mut present = vec![false; n];
     let mut coupons = vec![None; n];
     let mut bits = vec![0; n];
@@ -1098,7 +1144,7 @@ fn prepare_values(
         partials.push(Partials::of(m, &columns)?);
     }
     Ok(Prepared {
-        buckets: Vec::new(),
+        buckets,
         ids: Vec::new(),
         present,
         coupons,
