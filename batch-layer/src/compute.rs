@@ -1470,12 +1470,17 @@ fn one_value(a: &ArrayRef) -> bool {
 }
 
 /// How a view's files are written: sketches (unique bytes per row, never filtered on) without
-/// a dictionary or statistics; everything else as deltalake writes it (Snappy, dictionaries,
-/// page statistics for pruning).
+/// a dictionary or statistics; dimensions without statistics (a file's rows come in no order
+/// of them, so every file and row group spans about all their values, and their bounds never
+/// let a reader skip one; computing them compared every value); everything else as deltalake
+/// writes it (Snappy, dictionaries, page statistics for pruning by time).
 fn writer_properties(view: &ViewDef) -> WriterProperties {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(1 << 20));
+    for d in &view.dimensions {
+        b = b.set_column_statistics_enabled(ColumnPath::from(d.as_str()), EnabledStatistics::None);
+    }
     for m in &view.metrics {
         for f in m.batch_fields() {
             if f.data_type() == &DataType::Binary {
