@@ -115,6 +115,30 @@ impl Partials {
         })
     }
 
+    /// Appends `other`'s rows (the same metric's partials).
+    fn append(&mut self, other: Partials) {
+        match (self, other) {
+            (Partials::Counts(a), Partials::Counts(b)) => a.extend(b),
+            (Partials::IntSums(a), Partials::IntSums(b)) => a.extend(b),
+            (Partials::FloatSums(a), Partials::FloatSums(b)) => a.extend(b),
+            (Partials::States(a), Partials::States(b)) => a.extend(b),
+            (a, b) => {
+                let mut states: Vec<MetricState> = (0..a.len()).map(|r| a.state(r)).collect();
+                states.extend((0..b.len()).map(|r| b.state(r)));
+                *a = Partials::States(states);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Partials::Counts(v) => v.len(),
+            Partials::IntSums(v) => v.len(),
+            Partials::FloatSums(v) => v.len(),
+            Partials::States(v) => v.len(),
+        }
+    }
+
     /// Merges row `row`'s partial into `state` (the same metric's).
     #[inline]
     fn merge_into(&self, state: &mut MetricState, row: usize) {
@@ -896,14 +920,7 @@ fn build_with(
         if rows == 0 {
             continue;
         }
-        let t = std::time::Instant::now();
-        let batch = if chunk.len() == 1 {
-            chunk[0].clone()
-        } else {
-            datafusion::arrow::compute::concat_batches(&chunk[0].schema(), chunk)?
-        };
-        preparing += t.elapsed().as_secs_f64();
-        chunks.push((first_row, batch));
+        chunks.push((first_row, chunk));
         first_row += rows as u64;
     }
     let t = std::time::Instant::now();
@@ -1028,7 +1045,7 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
 /// joins them once it has interned every chunk.
 fn prepare(
     view: &ViewDef,
-    chunks: &[(u64, RecordBatch)],
+    chunks: &[(u64, &[RecordBatch])],
     distinct: Option<&str>,
     events: bool,
     dictionary: &mut Dictionary,
@@ -1041,10 +1058,10 @@ fn prepare(
         .collect();
     let work = || loop {
         let k = next.fetch_add(1, Ordering::Relaxed);
-        let Some((first_row, batch)) = chunks.get(k) else {
+        let Some((first_row, batches)) = chunks.get(k) else {
             break;
         };
-        let p = prepare_values(view, batch, distinct, events).map(|mut p| {
+        let p = prepare_values(view, batches, distinct, events).map(|mut p| {
             p.first_row = *first_row;
             p
         });
@@ -1056,11 +1073,17 @@ fn prepare(
         }
         let ids = chunks
             .iter()
-            .map(|(_, batch)| {
+            .map(|(_, batches)| {
                 view.dimensions
                     .iter()
                     .enumerate()
-                    .map(|(d, name)| dictionary.intern_column(d, column(batch, name)?))
+                    .map(|(d, name)| {
+                        let mut ids = Vec::new();
+                        for b in *batches {
+                            dictionary.intern_column_into(d, column(b, name)?, &mut ids)?;
+                        }
+                        Ok(ids)
+                    })
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>();
@@ -1087,61 +1110,75 @@ fn prepare(
 /// bits, and with `events` its hash) and every other metric's state.
 fn prepare_values(
     view: &ViewDef,
-    batch: &RecordBatch,
+    batches: &[RecordBatch],
     distinct: Option<&str>,
     events: bool,
 ) -> Result<Prepared> {
-    let n = batch.num_rows();
-    // Floored to the view's granularity here, once a row, rather than by every table.
-    let granularity = view.granularity;
-    let buckets = column(batch, BUCKET_COLUMN)?
-        .as_primitive::<TimestampMicrosecondType>()
-        .values()
-        .iter()
-        .map(|&b| granularity.floor(b))
-        .collect();
+    let n: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut buckets = Vec::with_capacity(n);
     let mut present = vec![false; n];
     let mut coupons = vec![None; n];
     let mut bits = vec![0; n];
-    let mut value_hashes = Vec::new();
-    if let Some(name) = distinct {
-        let values = column(batch, name)?;
-        if events {
-            value_hashes = vec![0; n];
-            datafusion::common::hash_utils::create_hashes(
-                [values],
-                &datafusion::common::hash_utils::RandomState::with_seed(0),
-                &mut value_hashes,
-            )?;
-        }
-        for (row, p) in present.iter_mut().enumerate() {
-            *p = values.is_valid(row);
-        }
-        for_each_value(values, None, |row, v| {
-            (coupons[row], bits[row]) = match v {
-                Value::I64(x) => (
-                    Some(DistinctState::coupon_of_i64(x)),
-                    DistinctState::coupon_bits_of_i64(x),
-                ),
-                Value::Str(x) => (
-                    DistinctState::coupon_of_str(x),
-                    DistinctState::coupon_bits_of_str(x).unwrap_or(0),
-                ),
+    let mut value_hashes = match (distinct, events) {
+        (Some(_), true) => vec![0; n],
+        _ => Vec::new(),
+    };
+    let mut partials: Vec<Partials> = Vec::new();
+    let mut at = 0;
+    for batch in batches {
+        let len = batch.num_rows();
+        // Floored to the view's granularity here, once a row, rather than by every table.
+        let granularity = view.granularity;
+        buckets.extend(
+            column(batch, BUCKET_COLUMN)?
+                .as_primitive::<TimestampMicrosecondType>()
+                .values()
+                .iter()
+                .map(|&b| granularity.floor(b)),
+        );
+        if let Some(name) = distinct {
+            let values = column(batch, name)?;
+            if events {
+                datafusion::common::hash_utils::create_hashes(
+                    [values],
+                    &datafusion::common::hash_utils::RandomState::with_seed(0),
+                    &mut value_hashes[at..at + len],
+                )?;
             }
-        })?;
-    }
-    let mut partials = Vec::new();
-    for m in view
-        .metrics
-        .iter()
-        .filter(|m| m.kind != MetricKind::Distinct)
-    {
-        let columns = m
-            .batch_fields()
+            for (row, p) in present[at..at + len].iter_mut().enumerate() {
+                *p = values.is_valid(row);
+            }
+            let (coupons, bits) = (&mut coupons[at..at + len], &mut bits[at..at + len]);
+            for_each_value(values, None, |row, v| {
+                (coupons[row], bits[row]) = match v {
+                    Value::I64(x) => (
+                        Some(DistinctState::coupon_of_i64(x)),
+                        DistinctState::coupon_bits_of_i64(x),
+                    ),
+                    Value::Str(x) => (
+                        DistinctState::coupon_of_str(x),
+                        DistinctState::coupon_bits_of_str(x).unwrap_or(0),
+                    ),
+                }
+            })?;
+        }
+        let metrics = view
+            .metrics
             .iter()
-            .map(|f| column(batch, f.name()).cloned())
-            .collect::<Result<Vec<ArrayRef>>>()?;
-        partials.push(Partials::of(m, &columns)?);
+            .filter(|m| m.kind != MetricKind::Distinct);
+        for (k, m) in metrics.enumerate() {
+            let columns = m
+                .batch_fields()
+                .iter()
+                .map(|f| column(batch, f.name()).cloned())
+                .collect::<Result<Vec<ArrayRef>>>()?;
+            let p = Partials::of(m, &columns)?;
+            match partials.get_mut(k) {
+                Some(all) => all.append(p),
+                None => partials.push(p),
+            }
+        }
+        at += len;
     }
     Ok(Prepared {
         buckets,

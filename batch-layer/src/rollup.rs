@@ -35,6 +35,8 @@ struct Rows {
 pub(crate) struct Dictionary {
     values: Vec<Vec<String>>,
     ids: Vec<hashbrown::HashMap<String, u32>>,
+    /// Per dimension, the values of the last dictionary column interned, and their ids.
+    last: Vec<Option<(ArrayRef, Vec<u32>)>>,
 }
 
 impl Dictionary {
@@ -42,6 +44,7 @@ impl Dictionary {
         Dictionary {
             values: vec![Vec::new(); dims],
             ids: vec![hashbrown::HashMap::new(); dims],
+            last: Vec::new(),
         }
     }
 
@@ -81,6 +84,45 @@ impl Dictionary {
                 column.as_string::<i32>().iter().map(&mut intern).collect()
             }
         })
+    }
+
+    /// Appends to `ids` the ids of a column's values, as [`Self::intern_column`] gives them; a
+    /// dictionary column whose values are the last one's (batches of one column chunk share
+    /// them) is mapped with the ids its values got then.
+    pub(crate) fn intern_column_into(
+        &mut self,
+        dim: usize,
+        column: &ArrayRef,
+        ids: &mut Vec<u32>,
+    ) -> Result<()> {
+        if let Some(dict) = column.as_dictionary_opt::<Int32Type>() {
+            if dict.values().data_type() == &DataType::Utf8 {
+                if self.last.len() <= dim {
+                    self.last.resize_with(dim + 1, Default::default);
+                }
+                let same = matches!(&self.last[dim], Some((values, _)) if Arc::ptr_eq(values, dict.values()));
+                if !same {
+                    let values = dict.values().as_string::<i32>();
+                    let of_key: Vec<u32> = values
+                        .iter()
+                        .map(|v| v.map_or(0, |v| self.intern(dim, v)))
+                        .collect();
+                    self.last[dim] = Some((Arc::clone(dict.values()), of_key));
+                }
+                let of_key = self.last[dim]
+                    .as_ref()
+                    .map(|(_, k)| k.as_slice())
+                    .unwrap_or(&[]);
+                ids.extend(
+                    dict.keys()
+                        .iter()
+                        .map(|k| k.map_or(0, |k| of_key.get(k as usize).copied().unwrap_or(0))),
+                );
+                return Ok(());
+            }
+        }
+        ids.extend(self.intern_column(dim, column)?);
+        Ok(())
     }
 
     /// The values of `dim`, by id minus one.
@@ -294,5 +336,51 @@ mod tests {
         assert_eq!(from_dict[2], 0, "a null key is null");
         assert_eq!(from_dict[3], 0, "a null value is null");
         assert_eq!(from_dict[0], from_dict[4]);
+    }
+
+    /// Batches read in turn (two sharing one dictionary's values, one with values of its own
+    /// in another order, one of plain text, then the shared values again) get the ids of their
+    /// texts, in one run of ids.
+    #[test]
+    fn batches_sharing_a_dictionary_get_their_texts_ids() {
+        let shared: ArrayRef = Arc::new(StringArray::from(vec![Some("x"), Some("y"), None]));
+        let other: ArrayRef = Arc::new(StringArray::from(vec![Some("z"), Some("y"), Some("x")]));
+        let dict = |values: &ArrayRef, keys: Vec<Option<i32>>| -> ArrayRef {
+            Arc::new(
+                DictionaryArray::<Int32Type>::try_new(Int32Array::from(keys), Arc::clone(values))
+                    .unwrap(),
+            )
+        };
+        let columns = [
+            dict(&shared, vec![Some(0), Some(1), Some(2), None]),
+            dict(&shared, vec![Some(1), Some(1)]),
+            dict(&other, vec![Some(0), Some(1), Some(2)]),
+            Arc::new(StringArray::from(vec![Some("y"), None, Some("w")])),
+            dict(&shared, vec![Some(0)]),
+        ];
+        let mut by_batch = Dictionary::new(1);
+        let mut ids = Vec::new();
+        for c in &columns {
+            by_batch.intern_column_into(0, c, &mut ids).unwrap();
+        }
+        let texts: Vec<Option<&str>> = ids.iter().map(|&id| by_batch.value(0, id)).collect();
+        assert_eq!(
+            texts,
+            [
+                Some("x"),
+                Some("y"),
+                None,
+                None,
+                Some("y"),
+                Some("y"),
+                Some("z"),
+                Some("y"),
+                Some("x"),
+                Some("y"),
+                None,
+                Some("w"),
+                Some("x"),
+            ]
+        );
     }
 }
