@@ -162,6 +162,162 @@ impl Partials {
     }
 }
 
+/// One metric's states in a table, one a group, as compact as its kind allows: a count is 8
+/// bytes a group and a sum 16, not a 48-byte state (the view's own table holds millions of
+/// groups a day).
+enum StateColumn {
+    Counts(Vec<u64>),
+    IntSums(Vec<i128>),
+    FloatSums(Vec<f64>),
+    /// Any other metric's states (a rollup's distinct metric among them).
+    States(Vec<MetricState>),
+}
+
+impl StateColumn {
+    /// An empty column for states like `empty`.
+    fn like(empty: &MetricState) -> Self {
+        match empty {
+            MetricState::Count(_) => StateColumn::Counts(Vec::new()),
+            MetricState::SumInt(_) => StateColumn::IntSums(Vec::new()),
+            MetricState::SumFloat(_) => StateColumn::FloatSums(Vec::new()),
+            _ => StateColumn::States(Vec::new()),
+        }
+    }
+
+    fn reserve(&mut self, groups: usize) {
+        match self {
+            StateColumn::Counts(v) => v.reserve(groups),
+            StateColumn::IntSums(v) => v.reserve(groups),
+            StateColumn::FloatSums(v) => v.reserve(groups),
+            StateColumn::States(v) => v.reserve(groups),
+        }
+    }
+
+    /// Appends a group's state `s` (of this column's kind).
+    fn push(&mut self, s: MetricState) {
+        match (self, s) {
+            (StateColumn::Counts(v), MetricState::Count(c)) => v.push(c),
+            (StateColumn::IntSums(v), MetricState::SumInt(x)) => v.push(x),
+            (StateColumn::FloatSums(v), MetricState::SumFloat(x)) => v.push(x),
+            (StateColumn::States(v), s) => v.push(s),
+            (c, s) => {
+                // A state of another kind: the column keeps states from now on.
+                let mut states = c.states();
+                states.push(s);
+                *c = StateColumn::States(states);
+            }
+        }
+    }
+
+    /// Group `g`'s state.
+    fn state(&self, g: usize) -> MetricState {
+        match self {
+            StateColumn::Counts(v) => MetricState::Count(v[g]),
+            StateColumn::IntSums(v) => MetricState::SumInt(v[g]),
+            StateColumn::FloatSums(v) => MetricState::SumFloat(v[g]),
+            StateColumn::States(v) => v[g].clone(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            StateColumn::Counts(v) => v.len(),
+            StateColumn::IntSums(v) => v.len(),
+            StateColumn::FloatSums(v) => v.len(),
+            StateColumn::States(v) => v.len(),
+        }
+    }
+
+    /// Every group's state.
+    fn states(&self) -> Vec<MetricState> {
+        (0..self.len()).map(|g| self.state(g)).collect()
+    }
+
+    /// Merges row `row` of `p` (the same metric's partials) into group `g`.
+    #[inline]
+    fn merge_partial(&mut self, g: usize, p: &Partials, row: usize) {
+        match (self, p) {
+            (StateColumn::Counts(v), Partials::Counts(p)) => v[g] += p[row],
+            (StateColumn::IntSums(v), Partials::IntSums(p)) => v[g] += p[row],
+            (StateColumn::FloatSums(v), Partials::FloatSums(p)) => v[g] += p[row],
+            (StateColumn::States(v), p) => p.merge_into(&mut v[g], row),
+            (c, p) => c.merge_state(g, &p.state(row)),
+        }
+    }
+
+    /// Merges group `from` of `source` (the same metric's column) into group `g`.
+    fn merge_from(&mut self, g: usize, source: &StateColumn, from: usize) {
+        match (&mut *self, source) {
+            (StateColumn::Counts(v), StateColumn::Counts(s)) => v[g] += s[from],
+            (StateColumn::IntSums(v), StateColumn::IntSums(s)) => v[g] += s[from],
+            (StateColumn::FloatSums(v), StateColumn::FloatSums(s)) => v[g] += s[from],
+            (StateColumn::States(v), StateColumn::States(s)) => v[g].merge(&s[from]),
+            (c, s) => c.merge_state(g, &s.state(from)),
+        }
+    }
+
+    /// Merges `s` (a state of the same metric) into group `g`.
+    fn merge_state(&mut self, g: usize, s: &MetricState) {
+        match (&mut *self, s) {
+            (StateColumn::Counts(v), MetricState::Count(c)) => v[g] += c,
+            (StateColumn::IntSums(v), MetricState::SumInt(x)) => v[g] += x,
+            (StateColumn::FloatSums(v), MetricState::SumFloat(x)) => v[g] += x,
+            (StateColumn::States(v), s) => v[g].merge(s),
+            (c, s) => {
+                let mut states = c.states();
+                states[g].merge(s);
+                *c = StateColumn::States(states);
+            }
+        }
+    }
+
+    /// The metric's batch columns for the first `n` groups, as [`MetricDef::batch_columns`]
+    /// makes them from the states.
+    fn batch_columns(&self, m: &tandem_core::metric::MetricDef, n: usize) -> Result<Vec<ArrayRef>> {
+        use datafusion::arrow::array::{Decimal128Array, Float64Array};
+        let fields = m.batch_fields();
+        let too_large = |v: &dyn std::fmt::Display| {
+            BatchError::Core(tandem_core::CoreError::Internal(format!(
+                "`{}`: {v} does not fit in 64 bits",
+                m.name
+            )))
+        };
+        let column: ArrayRef = match (self, fields.first().map(|f| f.data_type())) {
+            (StateColumn::Counts(v), Some(DataType::Int64)) if fields.len() == 1 => Arc::new(
+                v[..n]
+                    .iter()
+                    .map(|&c| i64::try_from(c).map_err(|_| too_large(&c)))
+                    .collect::<Result<Int64Array>>()?,
+            ),
+            (StateColumn::IntSums(v), Some(DataType::Int64)) if fields.len() == 1 => Arc::new(
+                v[..n]
+                    .iter()
+                    .map(|&x| i64::try_from(x).map_err(|_| too_large(&x)))
+                    .collect::<Result<Int64Array>>()?,
+            ),
+            (StateColumn::IntSums(v), Some(DataType::Decimal128(p, s))) if fields.len() == 1 => {
+                Arc::new(
+                    Decimal128Array::from_iter_values(v[..n].iter().copied())
+                        .with_precision_and_scale(*p, *s)?,
+                )
+            }
+            (StateColumn::FloatSums(v), Some(DataType::Float64)) if fields.len() == 1 => {
+                Arc::new(Float64Array::from_iter_values(v[..n].iter().copied()))
+            }
+            (StateColumn::States(v), _) => {
+                let states: Vec<&MetricState> = v[..n].iter().collect();
+                return Ok(m.batch_columns(&states)?);
+            }
+            (c, _) => {
+                let states: Vec<MetricState> = (0..n).map(|g| c.state(g)).collect();
+                let states: Vec<&MetricState> = states.iter().collect();
+                return Ok(m.batch_columns(&states)?);
+            }
+        };
+        Ok(vec![column])
+    }
+}
+
 /// One table being built: the view's own rows or a rollup's.
 struct Table {
     name: String,
@@ -179,9 +335,9 @@ struct Table {
     width: usize,
     /// The groups' index, one per bucket ([`BucketIndex`]).
     index: BucketIndex,
-    /// Per group, every metric's state but that of the distinct metric kept apart
-    /// ([`Self::distinct`]): [`Self::stored`] a group.
-    states: Vec<MetricState>,
+    /// Every metric's states but that of the distinct metric kept apart ([`Self::distinct`]):
+    /// [`Self::stored`] columns, a state a group in each.
+    states: Vec<StateColumn>,
     /// The distinct metric's states, kept apart in an exact table.
     distinct: Option<ExactDistinct>,
     /// The distinct values each group holds, in an exact table whose input rows may repeat a
@@ -403,7 +559,7 @@ impl Table {
             keys: Vec::new(),
             width,
             index: BucketIndex::default(),
-            states: Vec::with_capacity(view.metrics.len()),
+            states: Vec::new(),
             distinct,
             dedup: None,
             error: None,
@@ -421,7 +577,40 @@ impl Table {
     ) {
         self.index.room = per_bucket;
         self.keys.reserve(groups * self.width);
-        self.states.reserve(groups * self.stored(view));
+        self.ensure_columns(view);
+        for c in &mut self.states {
+            c.reserve(groups);
+        }
+    }
+
+    /// A group's empty states, one a stored metric (a distinct metric's exact in an exact
+    /// table).
+    fn empty_states(&self, view: &ViewDef) -> Vec<MetricState> {
+        let apart = self.distinct.as_ref().map(|d| d.metric);
+        view.metrics
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| apart != Some(*i))
+            .map(|(_, m)| {
+                let mut s = m.empty_state();
+                if let MetricState::Distinct(d) = &mut s {
+                    d.exact = self.exact.then_some(0);
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// The state columns, made on first use (once whether the distinct metric is kept apart
+    /// is settled).
+    fn ensure_columns(&mut self, view: &ViewDef) {
+        if self.states.is_empty() {
+            self.states = self
+                .empty_states(view)
+                .iter()
+                .map(StateColumn::like)
+                .collect();
+        }
     }
 
     /// The states a group keeps: one a metric, but the distinct metric kept apart.
@@ -484,8 +673,12 @@ impl Table {
     /// Merges every group of `source` (see [`Self::derives_from`]) into this table: its
     /// states as serving would merge them (a distinct count by the union of sketches).
     fn derive(&mut self, view: &ViewDef, source: &Table) {
-        let metrics = self.stored(view);
-        debug_assert_eq!(metrics, source.stored(view), "neither keeps a metric apart");
+        self.ensure_columns(view);
+        debug_assert_eq!(
+            self.stored(view),
+            source.stored(view),
+            "neither keeps a metric apart"
+        );
         let positions: Vec<usize> = self
             .dims
             .iter()
@@ -506,13 +699,17 @@ impl Table {
                 key[2 + k] = source.keys[at + p];
             }
             let hash = hash_key(&key);
-            let from = &source.states[g * metrics..(g + 1) * metrics];
             match self.find_or_insert(&key, hash) {
-                (group, false) => self.states[group * metrics..(group + 1) * metrics]
-                    .iter_mut()
-                    .zip(from)
-                    .for_each(|(a, b)| a.merge(b)),
-                (_, true) => self.states.extend_from_slice(from),
+                (group, false) => {
+                    for (a, b) in self.states.iter_mut().zip(&source.states) {
+                        a.merge_from(group, b, g);
+                    }
+                }
+                (_, true) => {
+                    for (a, b) in self.states.iter_mut().zip(&source.states) {
+                        a.push(b.state(g));
+                    }
+                }
             }
         }
     }
@@ -520,15 +717,14 @@ impl Table {
     /// Folds rows of `p` into this table (`values`: the input's distinct values).
     fn add(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
         self.fold(view, p, values);
-        self.add_pending(view);
+        self.add_pending();
     }
 
     /// Adds the coupons [`Self::fold`] left pending to their groups' sketches, group by group
     /// (each group's in the order of its rows): a rollup's sketches of a while (a sketch of
     /// a large group is 4 KiB) are more than the caches hold, and a sketch taken once for all
     /// its rows of a chunk is not missed once a row.
-    fn add_pending(&mut self, view: &ViewDef) {
-        let stored = self.stored(view);
+    fn add_pending(&mut self) {
         let groups = self.groups();
         let mut sorted = Vec::new();
         let mut starts = Vec::new();
@@ -552,9 +748,11 @@ impl Table {
                 sorted[*at as usize] = Some((g, c));
                 *at += 1;
             }
-            for &(g, c) in sorted.iter().flatten() {
-                if let MetricState::Distinct(d) = &mut self.states[g as usize * stored + *slot] {
-                    d.update_coupon(c);
+            if let Some(StateColumn::States(states)) = self.states.get_mut(*slot) {
+                for &(g, c) in sorted.iter().flatten() {
+                    if let MetricState::Distinct(d) = &mut states[g as usize] {
+                        d.update_coupon(c);
+                    }
                 }
             }
             pending.clear();
@@ -563,7 +761,8 @@ impl Table {
 
     /// Folds rows of `p` into this table, but a rollup's coupons, which it leaves pending.
     fn fold(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
-        let stored = self.stored(view);
+        self.ensure_columns(view);
+        let empty = self.empty_states(view);
         if !self.exact && self.pending.is_empty() {
             self.pending = view
                 .metrics
@@ -596,16 +795,8 @@ impl Table {
             let group = match self.find_or_insert(&key, hash) {
                 (g, false) => g,
                 (g, true) => {
-                    let apart = self.distinct.as_ref().map(|d| d.metric);
-                    for (i, m) in view.metrics.iter().enumerate() {
-                        if apart == Some(i) {
-                            continue;
-                        }
-                        let mut s = m.empty_state();
-                        if let MetricState::Distinct(d) = &mut s {
-                            d.exact = self.exact.then_some(0);
-                        }
-                        self.states.push(s);
+                    for (c, s) in self.states.iter_mut().zip(&empty) {
+                        c.push(s.clone());
                     }
                     if let Some(d) = &mut self.distinct {
                         d.push_group();
@@ -624,7 +815,7 @@ impl Table {
                     }
                     None => true,
                 };
-            let mut states = self.states[group * stored..(group + 1) * stored].iter_mut();
+            let mut states = self.states.iter_mut();
             let mut partial = p.partials.iter();
             let mut distinct_at = 0;
             for m in &view.metrics {
@@ -640,7 +831,10 @@ impl Table {
                 let Some(state) = states.next() else { break };
                 if m.kind == MetricKind::Distinct {
                     if self.exact {
-                        if let MetricState::Distinct(d) = state {
+                        if let StateColumn::States(v) = state {
+                            let MetricState::Distinct(d) = &mut v[group] else {
+                                continue;
+                            };
                             if counted {
                                 d.exact = d.exact.map(|n| n + 1);
                             }
@@ -657,7 +851,7 @@ impl Table {
                         }
                     }
                 } else if let Some(column) = partial.next() {
-                    column.merge_into(state, row);
+                    state.merge_partial(group, column, row);
                 }
             }
         }
@@ -690,7 +884,6 @@ impl Table {
             };
             columns.push(Arc::new(column));
         }
-        let stored = self.stored(view);
         for (i, m) in view.metrics.iter().enumerate() {
             let Some(slot) = self.slot(i) else {
                 if let Some(d) = &self.distinct {
@@ -698,9 +891,13 @@ impl Table {
                 }
                 continue;
             };
-            let states: Vec<&MetricState> =
-                (0..n).map(|g| &self.states[g * stored + slot]).collect();
-            columns.extend(m.batch_columns(&states)?);
+            match self.states.get(slot) {
+                Some(c) => columns.extend(c.batch_columns(m, n)?),
+                None => {
+                    let empty = m.empty_state();
+                    columns.extend(m.batch_columns(&vec![&empty; n])?);
+                }
+            }
         }
         columns.push(Arc::new(StringArray::from_iter_values(
             std::iter::repeat_n(self.name.as_str(), n),
@@ -1583,6 +1780,46 @@ metrics = [
             }
             assert_eq!(checked.len(), 2 * 4 + 2 * 3, "{threads} threads");
         }
+    }
+
+    /// A column of counts or sums gives the batch columns its states give, and a count too
+    /// large for the column is an error, as it is from the states.
+    #[test]
+    fn state_columns_give_the_batch_columns_of_their_states() {
+        let view = cube_view();
+        for m in view
+            .metrics
+            .iter()
+            .filter(|m| m.kind != MetricKind::Distinct)
+        {
+            let mut column = StateColumn::like(&m.empty_state());
+            for g in 0..50u64 {
+                column.push(match m.empty_state() {
+                    MetricState::Count(_) => MetricState::Count(g * 3),
+                    MetricState::SumInt(_) => MetricState::SumInt(i128::from(g) * 1_000 - 7),
+                    MetricState::SumFloat(_) => MetricState::SumFloat(g as f64 / 3.0),
+                    other => other,
+                });
+            }
+            assert!(!matches!(column, StateColumn::States(_)), "{}", m.name);
+            let states = column.states();
+            let refs: Vec<&MetricState> = states.iter().collect();
+            let want = m.batch_columns(&refs[..40]).unwrap();
+            let got = column.batch_columns(m, 40).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert_eq!(a.as_ref(), b.as_ref(), "{}", m.name);
+            }
+        }
+        let count = view
+            .metrics
+            .iter()
+            .find(|m| m.kind == MetricKind::Count)
+            .unwrap();
+        let column = StateColumn::Counts(vec![1, u64::MAX]);
+        assert!(column.batch_columns(count, 2).is_err());
+        let states = [MetricState::Count(1), MetricState::Count(u64::MAX)];
+        assert!(count.batch_columns(&[&states[0], &states[1]]).is_err());
     }
 
     const ROLLUP: &str = tandem_core::view::ROLLUP_COLUMN;
