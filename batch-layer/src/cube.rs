@@ -43,8 +43,15 @@ use crate::rollup::Dictionary;
 
 /// The rows of one batch, read once for every table.
 struct Prepared {
+    /// Per row, `2 + dimensions` words: its bucket (floored to the view's granularity) as
+    /// two words, then each view dimension's value id (0 = null). A row's key is one run of
+    /// memory, which every table reads in order, where a vector a dimension made each table
+    /// read as many streams.
+    keys: Vec<u32>,
+    rows: usize,
+    /// Each row's bucket and, per view dimension, each row's value id, until they are laid
+    /// out in [`Self::keys`].
     buckets: Vec<i64>,
-    /// Per view dimension, each row's value id (0 = null).
     ids: Vec<Vec<u32>>,
     /// Per row: whether the distinct value is there (not null), and its coupon (`None` for a
     /// null or a value sketches skip).
@@ -770,23 +777,26 @@ impl Table {
                 .enumerate()
                 .filter(|(_, m)| m.kind == MetricKind::Distinct)
                 .filter_map(|(i, _)| self.slot(i))
-                .map(|slot| (slot, Vec::with_capacity(p.buckets.len())))
+                .map(|slot| (slot, Vec::with_capacity(p.rows)))
                 .collect();
         }
         let mut key = vec![0u32; self.width];
         // The input's buckets are floored to the view's ([`prepare`]): a table of the view's
         // granularity keeps them.
         let coarser = self.granularity != view.granularity;
-        for row in 0..p.buckets.len() {
-            let bucket = if coarser {
-                self.granularity.floor(p.buckets[row])
+        let width = 2 + view.dimensions.len();
+        for (row, words) in p.keys.chunks_exact(width).enumerate() {
+            if coarser {
+                let bucket = (words[0] as i64 & 0xffff_ffff) | ((words[1] as i64) << 32);
+                let bucket = self.granularity.floor(bucket);
+                key[0] = bucket as u32;
+                key[1] = (bucket >> 32) as u32;
             } else {
-                p.buckets[row]
-            };
-            key[0] = bucket as u32;
-            key[1] = (bucket >> 32) as u32;
+                key[0] = words[0];
+                key[1] = words[1];
+            }
             for (k, &d) in self.dims.iter().enumerate() {
-                key[2 + k] = p.ids[d][row];
+                key[2 + k] = words[2 + d];
             }
             let hash = hash_key(&key);
             if !self.share.holds(hash) {
@@ -953,9 +963,9 @@ impl BucketIndex {
     }
 }
 
-/// Which groups of a table one part of it holds: those whose key hash, in bits that neither
-/// the hash table's bucket index (low bits) nor its tag (the top seven) use, is `index`
-/// modulo `parts`.
+/// Which groups of a table one part of it holds: those whose key hash, in 24 bits that
+/// neither the hash table's bucket index (low bits) nor its tag (the top seven) use, falls in
+/// the `index`th of `parts` equal ranges.
 #[derive(Debug, Clone, Copy)]
 struct Share {
     index: u64,
@@ -967,7 +977,8 @@ impl Share {
 
     #[inline]
     fn holds(self, hash: u64) -> bool {
-        self.parts == 1 || (hash >> 40) % self.parts == self.index
+        // The 24 bits scaled to `parts`: no division a row.
+        self.parts == 1 || (((hash >> 40) & 0xff_ffff) * self.parts) >> 24 == self.index
     }
 }
 
@@ -1287,7 +1298,7 @@ fn prepare(
         work();
         ids
     })?;
-    values
+    let mut prepared = values
         .into_iter()
         .zip(ids)
         .map(|(p, ids)| {
@@ -1300,7 +1311,35 @@ fn prepare(
             p.ids = ids;
             Ok(p)
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    // Each chunk's keys laid out a row at a time, the chunks shared out to the threads.
+    let per_thread = prepared.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        for share in prepared.chunks_mut(per_thread) {
+            scope.spawn(move || share.iter_mut().for_each(Prepared::lay_out_keys));
+        }
+    });
+    Ok(prepared)
+}
+
+impl Prepared {
+    /// Lays each row's bucket and value ids out in [`Self::keys`].
+    fn lay_out_keys(&mut self) {
+        let width = 2 + self.ids.len();
+        let mut keys = Vec::with_capacity(self.rows * width);
+        for (row, &bucket) in self.buckets.iter().enumerate() {
+            keys.push(bucket as u32);
+            keys.push((bucket >> 32) as u32);
+            keys.extend(
+                self.ids
+                    .iter()
+                    .map(|ids| ids.get(row).copied().unwrap_or(0)),
+            );
+        }
+        self.keys = keys;
+        self.buckets = Vec::new();
+        self.ids = Vec::new();
+    }
 }
 
 /// [`prepare`]'s part that needs no dictionary: each row's distinct value (present, coupon,
@@ -1378,6 +1417,8 @@ fn prepare_values(
         at += len;
     }
     Ok(Prepared {
+        keys: Vec::new(),
+        rows: n,
         buckets,
         ids: Vec::new(),
         present,
