@@ -65,22 +65,23 @@ struct Prepared {
     value_hashes: Vec<u64>,
     first_row: u64,
     /// Per metric (none for the distinct metrics), each row's partial.
-    partials: Vec<Partials>,
+    partials: Vec<StateColumn>,
 }
 
-/// One metric's partials of a batch's rows, as compact as its kind allows: every table reads
-/// them for every row, so a count is 8 bytes a row and a sum 16, not a 48-byte state.
-enum Partials {
+/// One metric's states, one a group of a table or one a row of a chunk (each row's partial),
+/// as compact as its kind allows: a count is 8 bytes and a sum 16, not a 48-byte state (a
+/// table reads every row's partials, and the view's own table holds millions of groups a day).
+enum StateColumn {
     /// Counts (an event's is one; a first-phase row's its events).
     Counts(Vec<u64>),
     /// Sums of an int field, or of a decimal field in units of its scale.
     IntSums(Vec<i128>),
     FloatSums(Vec<f64>),
-    /// Any other metric's states.
+    /// Any other metric's states (a rollup's distinct metric among them).
     States(Vec<MetricState>),
 }
 
-impl Partials {
+impl StateColumn {
     /// `m`'s partials of the rows of `columns` (its batch columns); a null row's is the
     /// metric's zero, as [`MetricDef::states_from_batch`] reads it.
     fn of(m: &tandem_core::metric::MetricDef, columns: &[ArrayRef]) -> Result<Self> {
@@ -107,80 +108,36 @@ impl Partials {
         let nulls = nulls.as_ref();
         Ok(match (m.empty_state(), value.data_type()) {
             (MetricState::Count(_), DataType::Int64) => {
-                Partials::Counts(each::<Int64Type, _>(value, nulls, |v| v as u64))
+                StateColumn::Counts(each::<Int64Type, _>(value, nulls, |v| v as u64))
             }
             (MetricState::SumInt(_), DataType::Int64) => {
-                Partials::IntSums(each::<Int64Type, _>(value, nulls, i128::from))
+                StateColumn::IntSums(each::<Int64Type, _>(value, nulls, i128::from))
             }
             (MetricState::SumInt(_), DataType::Decimal128(..)) => {
-                Partials::IntSums(each::<Decimal128Type, _>(value, nulls, |v| v))
+                StateColumn::IntSums(each::<Decimal128Type, _>(value, nulls, |v| v))
             }
             (MetricState::SumFloat(_), DataType::Float64) => {
-                Partials::FloatSums(each::<Float64Type, _>(value, nulls, |v| v))
+                StateColumn::FloatSums(each::<Float64Type, _>(value, nulls, |v| v))
             }
-            _ => Partials::States(m.states_from_batch(columns)?),
+            _ => StateColumn::States(m.states_from_batch(columns)?),
         })
     }
 
     /// Appends `other`'s rows (the same metric's partials).
-    fn append(&mut self, other: Partials) {
+    fn append(&mut self, other: StateColumn) {
         match (self, other) {
-            (Partials::Counts(a), Partials::Counts(b)) => a.extend(b),
-            (Partials::IntSums(a), Partials::IntSums(b)) => a.extend(b),
-            (Partials::FloatSums(a), Partials::FloatSums(b)) => a.extend(b),
-            (Partials::States(a), Partials::States(b)) => a.extend(b),
+            (StateColumn::Counts(a), StateColumn::Counts(b)) => a.extend(b),
+            (StateColumn::IntSums(a), StateColumn::IntSums(b)) => a.extend(b),
+            (StateColumn::FloatSums(a), StateColumn::FloatSums(b)) => a.extend(b),
+            (StateColumn::States(a), StateColumn::States(b)) => a.extend(b),
             (a, b) => {
-                let mut states: Vec<MetricState> = (0..a.len()).map(|r| a.state(r)).collect();
+                let mut states: Vec<MetricState> = a.states();
                 states.extend((0..b.len()).map(|r| b.state(r)));
-                *a = Partials::States(states);
+                *a = StateColumn::States(states);
             }
         }
     }
 
-    fn len(&self) -> usize {
-        match self {
-            Partials::Counts(v) => v.len(),
-            Partials::IntSums(v) => v.len(),
-            Partials::FloatSums(v) => v.len(),
-            Partials::States(v) => v.len(),
-        }
-    }
-
-    /// Merges row `row`'s partial into `state` (the same metric's).
-    #[inline]
-    fn merge_into(&self, state: &mut MetricState, row: usize) {
-        match (self, state) {
-            (Partials::Counts(v), MetricState::Count(c)) => *c += v[row],
-            (Partials::IntSums(v), MetricState::SumInt(s)) => *s += v[row],
-            (Partials::FloatSums(v), MetricState::SumFloat(s)) => *s += v[row],
-            (Partials::States(v), s) => s.merge(&v[row]),
-            (p, s) => s.merge(&p.state(row)),
-        }
-    }
-
-    /// Row `row`'s partial as a state.
-    fn state(&self, row: usize) -> MetricState {
-        match self {
-            Partials::Counts(v) => MetricState::Count(v[row]),
-            Partials::IntSums(v) => MetricState::SumInt(v[row]),
-            Partials::FloatSums(v) => MetricState::SumFloat(v[row]),
-            Partials::States(v) => v[row].clone(),
-        }
-    }
-}
-
-/// One metric's states in a table, one a group, as compact as its kind allows: a count is 8
-/// bytes a group and a sum 16, not a 48-byte state (the view's own table holds millions of
-/// groups a day).
-enum StateColumn {
-    Counts(Vec<u64>),
-    IntSums(Vec<i128>),
-    FloatSums(Vec<f64>),
-    /// Any other metric's states (a rollup's distinct metric among them).
-    States(Vec<MetricState>),
-}
-
-impl StateColumn {
     /// An empty column for states like `empty`.
     fn like(empty: &MetricState) -> Self {
         match empty {
@@ -240,19 +197,8 @@ impl StateColumn {
         (0..self.len()).map(|g| self.state(g)).collect()
     }
 
-    /// Merges row `row` of `p` (the same metric's partials) into group `g`.
+    /// Merges group or row `from` of `source` (the same metric's column) into group `g`.
     #[inline]
-    fn merge_partial(&mut self, g: usize, p: &Partials, row: usize) {
-        match (self, p) {
-            (StateColumn::Counts(v), Partials::Counts(p)) => v[g] += p[row],
-            (StateColumn::IntSums(v), Partials::IntSums(p)) => v[g] += p[row],
-            (StateColumn::FloatSums(v), Partials::FloatSums(p)) => v[g] += p[row],
-            (StateColumn::States(v), p) => p.merge_into(&mut v[g], row),
-            (c, p) => c.merge_state(g, &p.state(row)),
-        }
-    }
-
-    /// Merges group `from` of `source` (the same metric's column) into group `g`.
     fn merge_from(&mut self, g: usize, source: &StateColumn, from: usize) {
         match (&mut *self, source) {
             (StateColumn::Counts(v), StateColumn::Counts(s)) => v[g] += s[from],
@@ -861,7 +807,7 @@ impl Table {
                         }
                     }
                 } else if let Some(column) = partial.next() {
-                    state.merge_partial(group, column, row);
+                    state.merge_from(group, column, row);
                 }
             }
         }
@@ -1359,7 +1305,7 @@ fn prepare_values(
         (Some(_), true) => vec![0; n],
         _ => Vec::new(),
     };
-    let mut partials: Vec<Partials> = Vec::new();
+    let mut partials: Vec<StateColumn> = Vec::new();
     let mut at = 0;
     for batch in batches {
         let len = batch.num_rows();
@@ -1408,7 +1354,7 @@ fn prepare_values(
                 .iter()
                 .map(|f| column(batch, f.name()).cloned())
                 .collect::<Result<Vec<ArrayRef>>>()?;
-            let p = Partials::of(m, &columns)?;
+            let p = StateColumn::of(m, &columns)?;
             match partials.get_mut(k) {
                 Some(all) => all.append(p),
                 None => partials.push(p),
