@@ -49,6 +49,8 @@ struct Prepared {
     /// read as many streams.
     keys: Vec<u32>,
     rows: usize,
+    /// The number of rows in each bucket.
+    per_bucket: hashbrown::HashMap<i64, usize>,
     /// Each row's bucket and, per view dimension, each row's value id, until they are laid
     /// out in [`Self::keys`].
     buckets: Vec<i64>,
@@ -1045,20 +1047,6 @@ fn build_with(
     // by group, once a chunk.
     const CHUNK_ROWS: usize = 1 << 18;
     let values = Values::new(input, distinct);
-    // The view's own table holds at most a group a row: its parts, and each bucket's index
-    // in them, are sized up front.
-    let rows: usize = input.iter().map(RecordBatch::num_rows).sum();
-    let per_bucket = rows_per_bucket(view, input)?;
-    for t in &tables {
-        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-        if t.exact {
-            let per_part = per_bucket
-                .iter()
-                .map(|(&b, &n)| (b, n / parts as usize + 1))
-                .collect();
-            t.reserve(view, rows / parts as usize + 1, per_part);
-        }
-    }
     let mut first_row = 0u64;
     let mut start = 0;
     let mut chunks = Vec::new();
@@ -1081,6 +1069,25 @@ fn build_with(
     let prepared = prepare(view, &chunks, distinct, events, &mut dictionary, threads)?;
     drop(chunks);
     preparing += t.elapsed().as_secs_f64();
+    // The view's own table holds at most a group a row: its parts, and each bucket's index
+    // in them, are sized before the fold.
+    let rows: usize = prepared.iter().map(|p| p.rows).sum();
+    let mut per_bucket: hashbrown::HashMap<i64, usize> = hashbrown::HashMap::new();
+    for p in &prepared {
+        for (&b, &n) in &p.per_bucket {
+            *per_bucket.entry(b).or_insert(0) += n;
+        }
+    }
+    for t in &tables {
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        if t.exact {
+            let per_part = per_bucket
+                .iter()
+                .map(|(&b, &n)| (b, n / parts as usize + 1))
+                .collect();
+            t.reserve(view, rows / parts as usize + 1, per_part);
+        }
+    }
     // Each table folds every chunk on the thread that takes it: threads meet once, not once
     // a chunk, and a table's groups stay in one thread's caches.
     let t = std::time::Instant::now();
@@ -1156,34 +1163,6 @@ fn build_with(
         "view and rollup tables"
     );
     out
-}
-
-/// The number of input rows in each bucket of the view's granularity.
-fn rows_per_bucket(
-    view: &ViewDef,
-    input: &[RecordBatch],
-) -> Result<hashbrown::HashMap<i64, usize>> {
-    let mut rows = hashbrown::HashMap::new();
-    for batch in input {
-        let buckets = column(batch, BUCKET_COLUMN)?.as_primitive::<TimestampMicrosecondType>();
-        // Rows come in runs of a bucket: a run is counted at once.
-        let mut run: Option<(i64, usize)> = None;
-        for &b in buckets.values() {
-            let b = view.granularity.floor(b);
-            match &mut run {
-                Some((bucket, n)) if *bucket == b => *n += 1,
-                _ => {
-                    if let Some((bucket, n)) = run.replace((b, 1)) {
-                        *rows.entry(bucket).or_insert(0) += n;
-                    }
-                }
-            }
-        }
-        if let Some((bucket, n)) = run {
-            *rows.entry(bucket).or_insert(0) += n;
-        }
-    }
-    Ok(rows)
 }
 
 /// The column `name` of `batch`.
@@ -1269,11 +1248,22 @@ fn prepare(
 }
 
 impl Prepared {
-    /// Lays each row's bucket and value ids out in [`Self::keys`].
+    /// Lays each row's bucket and value ids out in [`Self::keys`], counting the rows of each
+    /// bucket.
     fn lay_out_keys(&mut self) {
         let width = 2 + self.ids.len();
         let mut keys = Vec::with_capacity(self.rows * width);
+        // Rows come in runs of a bucket: a run is counted at once.
+        let mut run: Option<(i64, usize)> = None;
         for (row, &bucket) in self.buckets.iter().enumerate() {
+            match &mut run {
+                Some((b, n)) if *b == bucket => *n += 1,
+                _ => {
+                    if let Some((b, n)) = run.replace((bucket, 1)) {
+                        *self.per_bucket.entry(b).or_insert(0) += n;
+                    }
+                }
+            }
             keys.push(bucket as u32);
             keys.push((bucket >> 32) as u32);
             keys.extend(
@@ -1281,6 +1271,9 @@ impl Prepared {
                     .iter()
                     .map(|ids| ids.get(row).copied().unwrap_or(0)),
             );
+        }
+        if let Some((b, n)) = run {
+            *self.per_bucket.entry(b).or_insert(0) += n;
         }
         self.keys = keys;
         self.buckets = Vec::new();
@@ -1365,6 +1358,7 @@ fn prepare_values(
     Ok(Prepared {
         keys: Vec::new(),
         rows: n,
+        per_bucket: hashbrown::HashMap::new(),
         buckets,
         ids: Vec::new(),
         present,
