@@ -234,9 +234,6 @@ pub struct BatchLayer {
     /// Per (schema, day, master version): the filter that leaves out repeated event ids, found
     /// once for every view of a run.
     repeats: Arc<std::sync::Mutex<RepeatsCache>>,
-    /// Views whose events were found to repeat values within groups (see
-    /// [`FOLD_EVENTS_FROM`]): their next days' first phase is computed from the files.
-    grouped_first: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for BatchLayer {
@@ -267,7 +264,6 @@ impl BatchLayer {
             options: BatchOptions::default(),
             progress: None,
             repeats: Default::default(),
-            grouped_first: Default::default(),
         }
     }
 
@@ -884,11 +880,11 @@ impl BatchLayer {
         // One distinct field: DataFusion reads the day's events as the view sees them (bucket,
         // dimensions, the distinct field, each metric's partial of one event), and one pass
         // over them builds the view's rows, each distinct value counted once a group, and the
-        // rollups' (crate::cube). A first phase grouped by the keys and the distinct field
-        // would cost more than it saves where a day's events are nearly as many as its groups.
-        // It is computed by DataFusion where values repeat within groups (sampled first, see
-        // FOLD_EVENTS_FROM), or when the memory pool cannot hold the day's events (spilling as
-        // it must), and the same pass takes its rows. No distinct
+        // rollups' (crate::cube): its distinct values are numbered once (crate::value_ids), and
+        // each group's counted in a sort of (group, number) pairs, whether values repeat within
+        // groups or not. A first phase grouped by the keys and the distinct field is computed
+        // by DataFusion only when the memory pool cannot hold the day's events (spilling as it
+        // must), and the same pass takes its rows. No distinct
         // metric: DataFusion computes the view's rows, the same pass the rollups. Several
         // distinct fields: DataFusion computes the view's rows in one phase and the rollups are
         // merged from them (crate::rollup).
@@ -925,50 +921,14 @@ impl BatchLayer {
         let mut plan = df.create_physical_plan().await?;
         // The day's events, held in the memory pool until the view's rows are built.
         let mut held = None;
-        let known_grouped = self
-            .grouped_first
-            .lock()
-            .expect("not poisoned")
-            .contains(&view.name);
         // The rows, and whether they are events (a value may come again within a group) or
         // the first phase's (each value once a group).
         let (collected, events) = match grouped {
             None => (collect(Arc::clone(&plan), ctx.task_ctx()).await?, false),
-            Some(grouped) if known_grouped => {
-                plan = grouped.create_physical_plan().await?;
-                (collect(Arc::clone(&plan), ctx.task_ctx()).await?, false)
-            }
             Some(grouped) => match collect_within_pool(Arc::clone(&plan), ctx).await? {
                 Some((events, reservation)) => {
                     held = Some(reservation);
-                    let mut keys: Vec<&str> = vec![BUCKET_COLUMN];
-                    keys.extend(view.dimensions.iter().map(String::as_str));
-                    let ratio = groups_per_event(&events, &keys, F)?;
-                    tracing::debug!(view = %view.name, day, ratio, "first-phase groups per event, estimated");
-                    if ratio >= FOLD_EVENTS_FROM {
-                        (events, true)
-                    } else {
-                        // Values repeat within groups: DataFusion groups the events in
-                        // memory first, where a hash table of its own compares them faster
-                        // than the fold's exact check would. The run's next days of the view
-                        // are grouped as they are read.
-                        self.grouped_first
-                            .lock()
-                            .expect("not poisoned")
-                            .insert(view.name.clone());
-                        keys.push(F);
-                        // A cluster's session reads files, not memory: the events are grouped
-                        // here.
-                        let local;
-                        let here = match source {
-                            DaySource::Remote(_) => {
-                                local = session_with(&self.options)?;
-                                &local
-                            }
-                            _ => ctx,
-                        };
-                        (regroup(here, view, &keys, events).await?, false)
-                    }
+                    (events, true)
                 }
                 None => {
                     tracing::info!(view = %view.name, day, "the day's events exceed the memory limit: grouped by the keys and the distinct value first, spilling as needed");
@@ -1681,112 +1641,6 @@ where
     Ok(parts)
 }
 
-/// The view's rows are folded from a day's events as they are when their first phase (grouped
-/// by the keys and the distinct value) would hold at least this many groups per event; below
-/// it, the first phase is computed first. The fold's check that a value is new to its group
-/// costs about as much per repeated value as the first phase costs per event.
-const FOLD_EVENTS_FROM: f64 = 0.7;
-
-/// An estimate of the first phase's groups (distinct keys and value) per event among
-/// `events`, from the events of about one value in 64 (sampled by the value's hash, each with
-/// all its events; events without a value are not sampled): 1 when no value repeats within a
-/// group.
-fn groups_per_event(events: &[RecordBatch], keys: &[&str], value: &str) -> Result<f64> {
-    use datafusion::common::hash_utils::{create_hashes, RandomState};
-    let state = RandomState::with_seed(0x6772_6f75_7073);
-    let mut groups = std::collections::HashSet::new();
-    let (mut sampled, mut hashes) = (0usize, Vec::new());
-    for batch in events {
-        let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .cloned()
-                .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
-        };
-        let values = column(value)?;
-        hashes.clear();
-        hashes.resize(batch.num_rows(), 0);
-        create_hashes([&values], &state, &mut hashes)?;
-        // (Nulls share a hash: they are left out, as a distinct count leaves them out.)
-        let rows: Vec<u32> = (0..batch.num_rows() as u32)
-            .filter(|&r| hashes[r as usize] >> 58 == 0 && values.is_valid(r as usize))
-            .collect();
-        if rows.is_empty() {
-            continue;
-        }
-        sampled += rows.len();
-        let rows = datafusion::arrow::array::UInt32Array::from(rows);
-        let mut columns = Vec::with_capacity(keys.len() + 1);
-        for name in keys.iter().chain([&value]) {
-            columns.push(datafusion::arrow::compute::take(
-                column(name)?.as_ref(),
-                &rows,
-                None,
-            )?);
-        }
-        let mut combined = vec![0; rows.len()];
-        create_hashes(&columns, &state, &mut combined)?;
-        groups.extend(combined);
-    }
-    Ok(match sampled {
-        0 => 1.0,
-        n => groups.len() as f64 / n as f64,
-    })
-}
-
-/// `events` (a day's, as the one-distinct plan reads them) grouped by `keys` in DataFusion,
-/// each metric's partials merged: the first phase's rows.
-async fn regroup(
-    ctx: &SessionContext,
-    view: &ViewDef,
-    keys: &[&str],
-    events: Vec<RecordBatch>,
-) -> Result<Vec<RecordBatch>> {
-    use datafusion::datasource::MemTable;
-    let Some(schema) = events.first().map(RecordBatch::schema) else {
-        return Ok(events);
-    };
-    let threads = ctx.state().config().target_partitions().max(1);
-    let mut partitions = vec![Vec::new(); threads];
-    for (i, b) in events.into_iter().enumerate() {
-        partitions[i % threads].push(b);
-    }
-    let merged = view
-        .metrics
-        .iter()
-        .filter(|m| m.kind != MetricKind::Distinct)
-        .flat_map(|m| {
-            let fields = m.batch_fields();
-            fields
-                .iter()
-                .map(|f| {
-                    let c = ident(f.name());
-                    match m.kind {
-                        MetricKind::Min => min(c),
-                        MetricKind::Max => max(c),
-                        _ => sum(c),
-                    }
-                    .alias(f.name())
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    // Grouped by text: DataFusion's grouping spills text keys, not dictionaries.
-    let keys = keys
-        .iter()
-        .map(|k| match schema.field_with_name(k).map(|f| f.data_type()) {
-            Ok(DataType::Dictionary(..)) => cast_expr(ident(*k), DataType::Utf8).alias(*k),
-            _ => ident(*k),
-        })
-        .collect();
-    let table = MemTable::try_new(schema, partitions)?;
-    Ok(ctx
-        .read_table(Arc::new(table))?
-        .aggregate(keys, merged)?
-        .collect()
-        .await?)
-}
-
 /// Runs `plan` and collects its batches, holding their memory in `ctx`'s memory pool: `None`
 /// (the batches dropped, the plan stopped) once the pool refuses more.
 async fn collect_within_pool(
@@ -2129,52 +1983,6 @@ mod repeat_tests {
     use datafusion::arrow::array::{Int64Array, StringViewArray};
 
     use super::*;
-
-    /// Events each of whose values repeats three times in its group make a third of a group
-    /// an event; events of distinct values, one.
-    #[test]
-    fn groups_per_event_are_estimated_from_the_values_sampled() {
-        use datafusion::arrow::datatypes::{Field, Schema};
-        let batch = |values: Vec<String>, keys: Vec<String>| {
-            let schema = Schema::new(vec![
-                Field::new("k", DataType::Utf8, false),
-                Field::new("v", DataType::Utf8, true),
-            ]);
-            RecordBatch::try_new(
-                Arc::new(schema),
-                vec![
-                    Arc::new(StringArray::from(keys)),
-                    Arc::new(StringArray::from(values)),
-                ],
-            )
-            .unwrap()
-        };
-        let n = 30_000;
-        let thrice: Vec<String> = (0..n).map(|i| format!("device-{}", i / 3)).collect();
-        let keys: Vec<String> = (0..n).map(|i| format!("app-{}", i / 300)).collect();
-        let repeated = [
-            batch(thrice[..n / 2].to_vec(), keys[..n / 2].to_vec()),
-            batch(thrice[n / 2..].to_vec(), keys[n / 2..].to_vec()),
-        ];
-        let ratio = groups_per_event(&repeated, &["k"], "v").unwrap();
-        assert!((ratio - 1.0 / 3.0).abs() < 1e-9, "{ratio}");
-        // The same values, each in three groups: every event a group of its own.
-        let spread: Vec<String> = (0..n).map(|i| format!("app-{}", i % 3)).collect();
-        let ratio = groups_per_event(&[batch(thrice, spread)], &["k"], "v").unwrap();
-        assert_eq!(ratio, 1.0);
-        assert_eq!(groups_per_event(&[], &["k"], "v").unwrap(), 1.0);
-        // Events without a value are not sampled: they would all share one hash.
-        let with_nulls = RecordBatch::try_new(
-            repeated[0].schema(),
-            vec![
-                Arc::new(StringArray::from(vec!["app"; 3_000])),
-                Arc::new(StringArray::from(vec![None::<&str>; 3_000])),
-            ],
-        )
-        .unwrap();
-        let ratio = groups_per_event(&[with_nulls, repeated[1].clone()], &["k"], "v").unwrap();
-        assert!((ratio - 1.0 / 3.0).abs() < 1e-9, "{ratio}");
-    }
 
     #[test]
     fn hashes_held_more_than_once_are_found_across_parts_whatever_the_threads() {

@@ -25,11 +25,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::make_comparator;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, Int64Array, StringArray, TimestampMicrosecondArray,
 };
-use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use hashbrown::HashTable;
@@ -38,8 +36,9 @@ use tandem_core::time::{day_of, day_string};
 use tandem_core::view::{Granularity, Rollup, ViewDef, BASE_ROLLUP, BUCKET_COLUMN};
 
 use crate::error::{BatchError, Result};
-use crate::hll::{for_each_value, Value};
+use crate::hll::for_each_value;
 use crate::rollup::Dictionary;
+use crate::value_ids::{coupon_of, CouponOf};
 
 /// The rows of one batch, read once for every table.
 struct Prepared {
@@ -61,11 +60,10 @@ struct Prepared {
     coupons: Vec<Option<Coupon>>,
     /// Per row: the bits of its coupon (0 for none), which a sketch's list image holds.
     bits: Vec<u32>,
-    /// Per row: a hash of its distinct value (equal values, equal hashes), and the number
-    /// among all input rows of the batch's first row: what an exact table needs to count a
-    /// value once per group ([`Dedup`]).
-    value_hashes: Vec<u64>,
-    first_row: u64,
+    /// Per row of events (which may repeat a value within a group): the number of its
+    /// distinct value (0 for a null), equal values the same ([`crate::value_ids`]), by which
+    /// an exact table counts a value once a group.
+    value_ids: Vec<u32>,
     /// Per metric (none for the distinct metrics), each row's partial.
     partials: Vec<StateColumn>,
 }
@@ -295,9 +293,10 @@ struct Table {
     states: Vec<StateColumn>,
     /// The distinct metric's states, kept apart in an exact table.
     distinct: Option<ExactDistinct>,
-    /// The distinct values each group holds, in an exact table whose input rows may repeat a
-    /// value within a group.
-    dedup: Option<Dedup>,
+    /// In an exact table whose input rows may repeat a value within a group: each row's
+    /// group and value number (`group << 32 | number`), counted once the rows are folded
+    /// ([`Self::settle`]).
+    pairs: Option<Vec<u64>>,
     /// What went wrong folding rows in, if anything did.
     error: Option<BatchError>,
     /// A rollup's coupons of the rows being folded, by the slot of their distinct metric:
@@ -324,98 +323,6 @@ struct ExactDistinct {
 
 /// [`ExactDistinct::held`] of a group whose coupons are in a sketch.
 const SKETCHED: u8 = u8::MAX;
-
-/// The distinct values of each group of an exact table, by row: an input row whose value the
-/// group already holds adds nothing to the group's exact count. Most groups hold one value,
-/// kept beside the group; a group's later values go to a hash table of (group, value).
-#[derive(Default)]
-struct Dedup {
-    /// Per group: its first value's hash and row ([`NO_ROW`] before it has one).
-    first: Vec<(u64, u64)>,
-    /// Every later value of a group: the hash of the group and value, the group, the row.
-    later: HashTable<(u64, u32, u64)>,
-}
-
-/// [`Dedup::first`] of a group that holds no value yet.
-const NO_ROW: u64 = u64::MAX;
-
-impl Dedup {
-    fn push_group(&mut self) {
-        self.first.push((0, NO_ROW));
-    }
-
-    /// Whether the value of input row `row` (its hash `hash`) is new to group `g`; if so, the
-    /// group holds it from now on.
-    fn is_new(&mut self, g: usize, hash: u64, row: u64, values: &Values) -> bool {
-        let first = &mut self.first[g];
-        if first.1 == NO_ROW {
-            *first = (hash, row);
-            return true;
-        }
-        if first.0 == hash && values.same(first.1, row) {
-            return false;
-        }
-        let g = g as u32;
-        let key = {
-            let h = (hash ^ u64::from(g).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                .wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            h ^ (h >> 31)
-        };
-        let held = self.later.find(key, |&(k, group, r)| {
-            k == key && group == g && values.same(r, row)
-        });
-        if held.is_some() {
-            return false;
-        }
-        self.later.insert_unique(key, (key, g, row), |&(k, _, _)| k);
-        true
-    }
-}
-
-/// The distinct column of every input batch, by the number of each batch's first row among
-/// all input rows: two rows' values compared exactly.
-struct Values<'a> {
-    columns: Vec<&'a ArrayRef>,
-    starts: Vec<u64>,
-}
-
-impl<'a> Values<'a> {
-    fn new(input: &'a [RecordBatch], distinct: Option<&str>) -> Self {
-        let (mut columns, mut starts, mut at) = (Vec::new(), Vec::new(), 0u64);
-        for b in input {
-            if let Some(c) = distinct.and_then(|d| b.column_by_name(d)) {
-                columns.push(c);
-                starts.push(at);
-            }
-            at += b.num_rows() as u64;
-        }
-        Values { columns, starts }
-    }
-
-    /// The column and the row in it of input row `row`.
-    fn locate(&self, row: u64) -> (&'a ArrayRef, usize) {
-        let i = self.starts.partition_point(|&s| s <= row).saturating_sub(1);
-        (self.columns[i], (row - self.starts[i]) as usize)
-    }
-
-    /// Whether input rows `a` and `b` hold the same value (both hold one).
-    fn same(&self, a: u64, b: u64) -> bool {
-        let ((x, i), (y, j)) = (self.locate(a), self.locate(b));
-        match (x.data_type(), y.data_type()) {
-            (DataType::Utf8, DataType::Utf8) => {
-                x.as_string::<i32>().value(i) == y.as_string::<i32>().value(j)
-            }
-            (DataType::Utf8View, DataType::Utf8View) => {
-                x.as_string_view().value(i) == y.as_string_view().value(j)
-            }
-            _ => match make_comparator(x.as_ref(), y.as_ref(), SortOptions::default()) {
-                Ok(compare) => compare(i, j).is_eq(),
-                // Columns no comparator takes: their hashes were equal.
-                Err(_) => true,
-            },
-        }
-    }
-}
 
 impl ExactDistinct {
     fn push_group(&mut self) {
@@ -516,7 +423,7 @@ impl Table {
             index: BucketIndex::default(),
             states: Vec::new(),
             distinct,
-            dedup: None,
+            pairs: None,
             error: None,
             pending: Vec::new(),
         }
@@ -669,10 +576,44 @@ impl Table {
         }
     }
 
-    /// Folds rows of `p` into this table (`values`: the input's distinct values).
-    fn add(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
-        self.fold(view, p, values);
+    /// Folds rows of `p` into this table.
+    fn add(&mut self, view: &ViewDef, p: &Prepared) {
+        self.fold(view, p);
         self.add_pending();
+    }
+
+    /// Counts the distinct values of the rows folded ([`Self::pairs`]): each (group, value)
+    /// once, in a sort of the pairs, adding its value's coupon (`coupons`, by number) to the
+    /// group's sketch.
+    fn settle(&mut self, view: &ViewDef, coupons: &[CouponOf]) {
+        let Some(mut pairs) = self.pairs.take() else {
+            return;
+        };
+        pairs.sort_unstable();
+        pairs.dedup();
+        let slot = view
+            .metrics
+            .iter()
+            .position(|m| m.kind == MetricKind::Distinct)
+            .and_then(|i| self.slot(i));
+        for pair in pairs {
+            let (g, id) = ((pair >> 32) as usize, pair as u32 as usize);
+            let (bits, coupon) = coupons.get(id).copied().unwrap_or((0, None));
+            if let Some(d) = &mut self.distinct {
+                if let Err(e) = d.add(g, true, bits, coupon) {
+                    self.error.get_or_insert(e);
+                }
+            } else if let Some(StateColumn::States(states)) =
+                slot.and_then(|k| self.states.get_mut(k))
+            {
+                if let Some(MetricState::Distinct(d)) = states.get_mut(g) {
+                    d.exact = d.exact.map(|n| n + 1);
+                    if let Some(c) = coupon {
+                        d.update_coupon(c);
+                    }
+                }
+            }
+        }
     }
 
     /// Adds the coupons [`Self::fold`] left pending to their groups' sketches, group by group
@@ -714,8 +655,9 @@ impl Table {
         }
     }
 
-    /// Folds rows of `p` into this table, but a rollup's coupons, which it leaves pending.
-    fn fold(&mut self, view: &ViewDef, p: &Prepared, values: &Values) {
+    /// Folds rows of `p` into this table, but a rollup's coupons, which it leaves pending, and
+    /// an exact table's distinct values of events, which it counts once all are folded.
+    fn fold(&mut self, view: &ViewDef, p: &Prepared) {
         self.ensure_columns(view);
         let empty = self.empty_states(view);
         if !self.exact && self.pending.is_empty() {
@@ -759,27 +701,30 @@ impl Table {
                     if let Some(d) = &mut self.distinct {
                         d.push_group();
                     }
-                    if let Some(d) = &mut self.dedup {
-                        d.push_group();
-                    }
                     g
                 }
             };
-            // Whether the row's distinct value counts: it is there, and new to the group.
-            let counted = p.present[row]
-                && match &mut self.dedup {
-                    Some(d) => {
-                        d.is_new(group, p.value_hashes[row], p.first_row + row as u64, values)
+            // An exact table's distinct value of an event is counted once all are folded.
+            let deferred = match &mut self.pairs {
+                Some(pairs) => {
+                    let id = p.value_ids[row];
+                    if id != 0 {
+                        pairs.push(((group as u64) << 32) | u64::from(id));
                     }
-                    None => true,
-                };
+                    true
+                }
+                None => false,
+            };
             let mut states = self.states.iter_mut();
             let mut partial = p.partials.iter();
             let mut distinct_at = 0;
             for m in &view.metrics {
                 if m.kind == MetricKind::Distinct {
                     if let Some(d) = &mut self.distinct {
-                        let added = d.add(group, counted, p.bits[row], p.coupons[row]);
+                        if deferred {
+                            continue;
+                        }
+                        let added = d.add(group, p.present[row], p.bits[row], p.coupons[row]);
                         if let Err(e) = added {
                             self.error.get_or_insert(e);
                         }
@@ -789,11 +734,14 @@ impl Table {
                 let Some(state) = states.next() else { break };
                 if m.kind == MetricKind::Distinct {
                     if self.exact {
+                        if deferred {
+                            continue;
+                        }
                         if let StateColumn::States(v) = state {
                             let MetricState::Distinct(d) = &mut v[group] else {
                                 continue;
                             };
-                            if counted {
+                            if p.present[row] {
                                 d.exact = d.exact.map(|n| n + 1);
                             }
                             if let Some(c) = p.coupons[row] {
@@ -993,8 +941,8 @@ fn build_with(
             if !apart {
                 t.distinct = None;
             }
-            if events {
-                t.dedup = Some(Dedup::default());
+            if events && distinct.is_some() {
+                t.pairs = Some(Vec::new());
             }
             t
         })
@@ -1046,8 +994,6 @@ fn build_with(
     // Input rows are read in chunks: a rollup adds a chunk's coupons to its sketches group
     // by group, once a chunk.
     const CHUNK_ROWS: usize = 1 << 18;
-    let values = Values::new(input, distinct);
-    let mut first_row = 0u64;
     let mut start = 0;
     let mut chunks = Vec::new();
     while start < input.len() {
@@ -1062,11 +1008,10 @@ fn build_with(
         if rows == 0 {
             continue;
         }
-        chunks.push((first_row, chunk));
-        first_row += rows as u64;
+        chunks.push(chunk);
     }
     let t = std::time::Instant::now();
-    let prepared = prepare(view, &chunks, distinct, events, &mut dictionary, threads)?;
+    let (prepared, coupons) = prepare(view, &chunks, distinct, events, &mut dictionary, threads)?;
     drop(chunks);
     preparing += t.elapsed().as_secs_f64();
     // The view's own table holds at most a group a row: its parts, and each bucket's index
@@ -1086,6 +1031,9 @@ fn build_with(
                 .map(|(&b, &n)| (b, n / parts as usize + 1))
                 .collect();
             t.reserve(view, rows / parts as usize + 1, per_part);
+            if let Some(pairs) = &mut t.pairs {
+                pairs.reserve(rows / parts as usize + 1);
+            }
         }
     }
     // Each table folds every chunk on the thread that takes it: threads meet once, not once
@@ -1094,8 +1042,9 @@ fn build_with(
     each_table(&folded, &|i, table: &mut Table| {
         let t = std::time::Instant::now();
         for p in &prepared {
-            table.add(view, p, &values);
+            table.add(view, p);
         }
+        table.settle(view, &coupons);
         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         folding[i].fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
     });
@@ -1172,18 +1121,19 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
         .ok_or_else(|| BatchError::BadRequest(format!("the plan lost column `{name}`")))
 }
 
-/// Reads the input's chunks (each with the number among all input rows of its first row) for
-/// the tables: the dimension values interned on this thread, chunk after chunk, while
-/// `threads` share out the rest of every chunk's reading ([`prepare_values`]); this thread
-/// joins them once it has interned every chunk.
+/// Reads the input's chunks for the tables: the dimension values interned on this thread,
+/// chunk after chunk, while `threads` share out the rest of every chunk's reading
+/// ([`prepare_values`]); this thread joins them once it has interned every chunk. Events'
+/// distinct values are then numbered ([`crate::value_ids`]). Returns the chunks read, and
+/// the coupon of each value number.
 fn prepare(
     view: &ViewDef,
-    chunks: &[(u64, &[RecordBatch])],
+    chunks: &[&[RecordBatch]],
     distinct: Option<&str>,
     events: bool,
     dictionary: &mut Dictionary,
     threads: usize,
-) -> Result<Vec<Prepared>> {
+) -> Result<(Vec<Prepared>, Vec<CouponOf>)> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
     let values: Vec<std::sync::Mutex<Option<Result<Prepared>>>> = (0..chunks.len())
@@ -1191,13 +1141,10 @@ fn prepare(
         .collect();
     let work = || loop {
         let k = next.fetch_add(1, Ordering::Relaxed);
-        let Some((first_row, batches)) = chunks.get(k) else {
+        let Some(batches) = chunks.get(k) else {
             break;
         };
-        let p = prepare_values(view, batches, distinct, events).map(|mut p| {
-            p.first_row = *first_row;
-            p
-        });
+        let p = prepare_values(view, batches, distinct, events);
         *values[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
     };
     let ids = std::thread::scope(|scope| {
@@ -1206,7 +1153,7 @@ fn prepare(
         }
         let ids = chunks
             .iter()
-            .map(|(_, batches)| {
+            .map(|batches| {
                 view.dimensions
                     .iter()
                     .enumerate()
@@ -1237,17 +1184,50 @@ fn prepare(
             Ok(p)
         })
         .collect::<Result<Vec<_>>>()?;
-    // Each chunk's keys laid out a row at a time, the chunks shared out to the threads.
+    let mut coupons = Vec::new();
+    if let (Some(name), true) = (distinct, events) {
+        let columns = chunks
+            .iter()
+            .map(|batches| batches.iter().map(|b| column(b, name)).collect())
+            .collect::<Result<Vec<Vec<&ArrayRef>>>>()?;
+        let numbered = crate::value_ids::number(&columns, threads)?;
+        for (p, ids) in prepared.iter_mut().zip(numbered.ids) {
+            p.value_ids = ids;
+        }
+        coupons = numbered.coupons;
+    }
+    // Each chunk's keys laid out a row at a time (and events' coupons taken by their value
+    // numbers), the chunks shared out to the threads.
     let per_thread = prepared.len().div_ceil(threads.max(1)).max(1);
+    let numbers = &coupons;
     std::thread::scope(|scope| {
         for share in prepared.chunks_mut(per_thread) {
-            scope.spawn(move || share.iter_mut().for_each(Prepared::lay_out_keys));
+            scope.spawn(move || {
+                for p in share {
+                    p.lay_out_keys();
+                    p.take_coupons(numbers);
+                }
+            });
         }
     });
-    Ok(prepared)
+    Ok((prepared, coupons))
 }
 
 impl Prepared {
+    /// Each row's distinct value (whether it is there, its coupon) from its value number, if
+    /// the rows have them.
+    fn take_coupons(&mut self, coupons: &[CouponOf]) {
+        if self.value_ids.is_empty() {
+            return;
+        }
+        self.present = self.value_ids.iter().map(|&id| id != 0).collect();
+        (self.bits, self.coupons) = self
+            .value_ids
+            .iter()
+            .map(|&id| coupons.get(id as usize).copied().unwrap_or((0, None)))
+            .unzip();
+    }
+
     /// Lays each row's bucket and value ids out in [`Self::keys`], counting the rows of each
     /// bucket.
     fn lay_out_keys(&mut self) {
@@ -1281,8 +1261,9 @@ impl Prepared {
     }
 }
 
-/// [`prepare`]'s part that needs no dictionary: each row's distinct value (present, coupon,
-/// bits, and with `events` its hash) and every other metric's state.
+/// [`prepare`]'s part that needs no dictionary and no other chunk: each row's distinct value
+/// (present, coupon, bits; events' are taken from their value numbers instead) and every
+/// other metric's state.
 fn prepare_values(
     view: &ViewDef,
     batches: &[RecordBatch],
@@ -1291,13 +1272,12 @@ fn prepare_values(
 ) -> Result<Prepared> {
     let n: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let mut buckets = Vec::with_capacity(n);
-    let mut present = vec![false; n];
-    let mut coupons = vec![None; n];
-    let mut bits = vec![0; n];
-    let mut value_hashes = match (distinct, events) {
-        (Some(_), true) => vec![0; n],
-        _ => Vec::new(),
-    };
+    // Events' distinct values are numbered once all chunks are read ([`prepare`]).
+    let distinct = distinct.filter(|_| !events);
+    let rows_of = |n| if distinct.is_some() { n } else { 0 };
+    let mut present = vec![false; rows_of(n)];
+    let mut coupons = vec![None; rows_of(n)];
+    let mut bits = vec![0; rows_of(n)];
     let mut partials: Vec<StateColumn> = Vec::new();
     let mut at = 0;
     for batch in batches {
@@ -1313,28 +1293,12 @@ fn prepare_values(
         );
         if let Some(name) = distinct {
             let values = column(batch, name)?;
-            if events {
-                datafusion::common::hash_utils::create_hashes(
-                    [values],
-                    &datafusion::common::hash_utils::RandomState::with_seed(0),
-                    &mut value_hashes[at..at + len],
-                )?;
-            }
             for (row, p) in present[at..at + len].iter_mut().enumerate() {
                 *p = values.is_valid(row);
             }
             let (coupons, bits) = (&mut coupons[at..at + len], &mut bits[at..at + len]);
             for_each_value(values, None, |row, v| {
-                (coupons[row], bits[row]) = match v {
-                    Value::I64(x) => (
-                        Some(DistinctState::coupon_of_i64(x)),
-                        DistinctState::coupon_bits_of_i64(x),
-                    ),
-                    Value::Str(x) => (
-                        DistinctState::coupon_of_str(x),
-                        DistinctState::coupon_bits_of_str(x).unwrap_or(0),
-                    ),
-                }
+                (bits[row], coupons[row]) = coupon_of(v);
             })?;
         }
         let metrics = view
@@ -1364,8 +1328,7 @@ fn prepare_values(
         present,
         coupons,
         bits,
-        value_hashes,
-        first_row: 0,
+        value_ids: Vec::new(),
         partials,
     })
 }

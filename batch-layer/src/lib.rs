@@ -5,7 +5,8 @@
 //! commit per view that replaces the recomputed days and records the view's coverage and
 //! definition hash; `cube` builds a day's view rows and rollups in one pass over a day's
 //! events or DataFusion's first phase (`rollup` merges rollups for views it cannot serve), and
-//! `dayscan` reads a day's files with the view's text dimensions as dictionaries. [`views`] reads the
+//! `dayscan` reads a day's files with the view's text dimensions as dictionaries, and
+//! `value_ids` numbers the distinct values the cube pass counts. [`views`] reads the
 //! published views back for the serving layer through core's `BatchViews`. [`import`] loads
 //! history files into the master dataset; [`maintenance`] compacts and vacuums the tables;
 //! [`erase`] deletes one subject's events; [`dlq`] lists and replays dead letters.
@@ -35,6 +36,7 @@ pub mod publishes;
 mod rollup;
 pub mod runs;
 pub mod scheduler;
+mod value_ids;
 pub mod views;
 
 #[cfg(test)]
