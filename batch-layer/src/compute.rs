@@ -16,7 +16,7 @@
 //!                      version read go into the same commit's metadata
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -753,12 +753,39 @@ impl BatchLayer {
             return Ok(None);
         };
         let read = Read::of(plan.as_ref());
+        // The distinct values that views fold as events, numbered once for them all.
+        let fields: BTreeSet<String> = runs
+            .iter()
+            .filter(|r| r.view.filter.is_none())
+            .filter_map(|r| {
+                let fields = distinct_fields(r.view);
+                (fields.len() == 1).then(|| fields.into_iter().next().map(str::to_string))?
+            })
+            .collect();
+        let mut numbered = BTreeMap::new();
+        let threads = ctx.state().config().target_partitions().max(1);
+        for f in fields {
+            let Some(arrays) = events
+                .iter()
+                .map(|b| b.column_by_name(&f).cloned())
+                .collect::<Option<Vec<_>>>()
+            else {
+                continue;
+            };
+            let ids = tokio::task::spawn_blocking(move || {
+                crate::value_ids::NumberedArrays::of(arrays, threads)
+            })
+            .await
+            .map_err(|e| BatchError::BadRequest(format!("numbering the values failed: {e}")))??;
+            numbered.insert(f, Arc::new(ids));
+        }
         let seconds = started.elapsed().as_secs_f64();
         let names: Vec<&str> = runs.iter().map(|r| r.view.name.as_str()).collect();
         tracing::debug!(schema = %first.view.source, day, views = ?names, rows = read.rows, seconds, "day read once for its views");
         Ok(Some(SharedDay {
             schema: plan.schema(),
             events,
+            numbered,
             read,
             seconds,
             _held: held,
@@ -951,8 +978,18 @@ impl BatchLayer {
         let tables = match cube_input {
             Some(distinct) => {
                 let view = view.clone();
+                // The shared read's numbers of the distinct values, if it numbered them.
+                let numbered = match (&source, &view.filter) {
+                    (DaySource::Shared(shared), None) => distinct_fields
+                        .iter()
+                        .next()
+                        .and_then(|f| shared.numbered.get(*f))
+                        .map(Arc::clone),
+                    _ => None,
+                };
                 tokio::task::spawn_blocking(move || {
-                    crate::cube::build(&view, &collected, distinct, events, threads)
+                    let numbered = numbered.as_deref();
+                    crate::cube::build(&view, &collected, distinct, events, numbered, threads)
                 })
                 .await
                 .map_err(|e| {
@@ -1049,6 +1086,10 @@ struct ViewRun<'a> {
 pub(crate) struct SharedDay {
     schema: datafusion::arrow::datatypes::SchemaRef,
     events: Vec<RecordBatch>,
+    /// Per field that a view of the day counts the distinct values of (its only distinct
+    /// field, with no filter of its own), the values of its arrays numbered once for them
+    /// all (crate::value_ids).
+    numbered: BTreeMap<String, Arc<crate::value_ids::NumberedArrays>>,
     read: Read,
     seconds: f64,
     _held: MemoryReservation,

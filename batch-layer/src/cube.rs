@@ -23,6 +23,7 @@
 //! A view without a distinct metric comes here with its final rows, one per group, and the
 //! same pass computes the rollups from them.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -38,7 +39,7 @@ use tandem_core::view::{Granularity, Rollup, ViewDef, BASE_ROLLUP, BUCKET_COLUMN
 use crate::error::{BatchError, Result};
 use crate::hll::for_each_value;
 use crate::rollup::Dictionary;
-use crate::value_ids::{coupon_of, CouponOf};
+use crate::value_ids::{coupon_of, CouponOf, NumberedArrays};
 
 /// The rows of one batch, read once for every table.
 struct Prepared {
@@ -900,15 +901,18 @@ fn same(a: &[u32], b: &[u32]) -> bool {
 /// events (`events`: a distinct value may come again within a group) or the first phase's
 /// rows (each value once a group), with the distinct field in column `distinct`, when the
 /// view has one distinct metric; otherwise the view's final rows. Every other metric's
-/// partials are in columns named as its batch columns. `threads` share the tables.
+/// partials are in columns named as its batch columns. `threads` share the tables. Events'
+/// distinct values are numbered here, unless `numbered` holds their arrays.
 pub(crate) fn build(
     view: &ViewDef,
     input: &[RecordBatch],
     distinct: Option<&str>,
     events: bool,
+    numbered: Option<&NumberedArrays>,
     threads: usize,
 ) -> Result<Vec<RecordBatch>> {
-    build_with(view, input, distinct.map(|d| (d, events)), threads, true)
+    let distinct = distinct.map(|d| (d, events));
+    build_with(view, input, distinct, numbered, threads, true)
 }
 
 /// [`build`], with the exact table's distinct metric kept apart ([`ExactDistinct`]) or, for
@@ -917,6 +921,7 @@ fn build_with(
     view: &ViewDef,
     input: &[RecordBatch],
     distinct: Option<(&str, bool)>,
+    numbered: Option<&NumberedArrays>,
     threads: usize,
     apart: bool,
 ) -> Result<Vec<RecordBatch>> {
@@ -1011,7 +1016,15 @@ fn build_with(
         chunks.push(chunk);
     }
     let t = std::time::Instant::now();
-    let (prepared, coupons) = prepare(view, &chunks, distinct, events, &mut dictionary, threads)?;
+    let (prepared, coupons) = prepare(
+        view,
+        &chunks,
+        distinct,
+        events,
+        numbered,
+        &mut dictionary,
+        threads,
+    )?;
     drop(chunks);
     preparing += t.elapsed().as_secs_f64();
     // The view's own table holds at most a group a row: its parts, and each bucket's index
@@ -1124,16 +1137,17 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
 /// Reads the input's chunks for the tables: the dimension values interned on this thread,
 /// chunk after chunk, while `threads` share out the rest of every chunk's reading
 /// ([`prepare_values`]); this thread joins them once it has interned every chunk. Events'
-/// distinct values are then numbered ([`crate::value_ids`]). Returns the chunks read, and
-/// the coupon of each value number.
-fn prepare(
+/// distinct values are then numbered ([`crate::value_ids`]), unless `numbered` holds them.
+/// Returns the chunks read, and the coupon of each value number.
+fn prepare<'a>(
     view: &ViewDef,
     chunks: &[&[RecordBatch]],
     distinct: Option<&str>,
     events: bool,
+    numbered: Option<&'a NumberedArrays>,
     dictionary: &mut Dictionary,
     threads: usize,
-) -> Result<(Vec<Prepared>, Vec<CouponOf>)> {
+) -> Result<(Vec<Prepared>, Cow<'a, [CouponOf]>)> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
     let values: Vec<std::sync::Mutex<Option<Result<Prepared>>>> = (0..chunks.len())
@@ -1184,22 +1198,43 @@ fn prepare(
             Ok(p)
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut coupons = Vec::new();
+    let mut coupons = Cow::Borrowed(&[][..]);
     if let (Some(name), true) = (distinct, events) {
         let columns = chunks
             .iter()
             .map(|batches| batches.iter().map(|b| column(b, name)).collect())
             .collect::<Result<Vec<Vec<&ArrayRef>>>>()?;
-        let numbered = crate::value_ids::number(&columns, threads)?;
-        for (p, ids) in prepared.iter_mut().zip(numbered.ids) {
+        // Each chunk's numbers from the arrays numbered before, if they hold all of them.
+        let known = numbered.and_then(|n| {
+            let ids = columns
+                .iter()
+                .map(|arrays| {
+                    let mut ids = Vec::new();
+                    for a in arrays {
+                        ids.extend_from_slice(n.ids_of(a)?);
+                    }
+                    Some(ids)
+                })
+                .collect::<Option<Vec<Vec<u32>>>>()?;
+            Some((ids, Cow::Borrowed(n.coupons())))
+        });
+        tracing::trace!(known = known.is_some(), "distinct values numbered before");
+        let (ids, numbers) = match known {
+            Some(known) => known,
+            None => {
+                let n = crate::value_ids::number(&columns, threads)?;
+                (n.ids, Cow::Owned(n.coupons))
+            }
+        };
+        for (p, ids) in prepared.iter_mut().zip(ids) {
             p.value_ids = ids;
         }
-        coupons = numbered.coupons;
+        coupons = numbers;
     }
     // Each chunk's keys laid out a row at a time (and events' coupons taken by their value
     // numbers), the chunks shared out to the threads.
     let per_thread = prepared.len().div_ceil(threads.max(1)).max(1);
-    let numbers = &coupons;
+    let numbers: &[CouponOf] = &coupons;
     std::thread::scope(|scope| {
         for share in prepared.chunks_mut(per_thread) {
             scope.spawn(move || {
@@ -1447,6 +1482,7 @@ metrics = [
                     &view,
                     std::slice::from_ref(&input),
                     Some(("device_id", true)),
+                    None,
                     threads,
                     apart,
                 )
@@ -1580,13 +1616,29 @@ metrics = [
         }
 
         for threads in [1, 2] {
-            let from_events = build(&view, &split, Some("device_id"), true, threads).unwrap();
-            let from_groups = build(&view, &grouped, Some("device_id"), false, threads).unwrap();
+            let from_events = build(&view, &split, Some("device_id"), true, None, threads).unwrap();
+            let from_groups =
+                build(&view, &grouped, Some("device_id"), false, None, threads).unwrap();
             assert_eq!(
                 answers(&from_events),
                 answers(&from_groups),
                 "{threads} threads"
             );
+            // The same events, their values numbered before (as a day's shared read numbers
+            // them), build the same rows, byte for byte.
+            let devices_of = |b: &RecordBatch| b.column_by_name("device_id").unwrap().clone();
+            let numbered =
+                NumberedArrays::of(split.iter().map(devices_of).collect(), threads).unwrap();
+            let from_numbered = build(
+                &view,
+                &split,
+                Some("device_id"),
+                true,
+                Some(&numbered),
+                threads,
+            )
+            .unwrap();
+            assert_eq!(from_numbered, from_events, "{threads} threads");
             let mut own = 0;
             for b in from_events.iter().filter(|b| {
                 b.column_by_name(ROLLUP)
@@ -1682,7 +1734,7 @@ metrics = [
         let chunks = [input.slice(0, 5_000), input.slice(5_000, 7_000)];
         let lg_k = view.metrics[1].lg_k();
         for threads in [1, 2] {
-            let out = build(&view, &chunks, Some("device_id"), true, threads).unwrap();
+            let out = build(&view, &chunks, Some("device_id"), true, None, threads).unwrap();
             let mut checked = std::collections::BTreeSet::new();
             for b in &out {
                 let rollup = b

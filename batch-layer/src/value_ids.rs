@@ -9,6 +9,7 @@
 //! value rather than once a row.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::datatypes::{DataType, Decimal128Type};
@@ -76,6 +77,74 @@ pub(crate) fn number(columns: &[Vec<&ArrayRef>], threads: usize) -> Result<Value
         .map(|ids| ids.into_iter().map(AtomicU32::into_inner).collect())
         .collect();
     Ok(ValueIds { ids, coupons })
+}
+
+/// The value numbers of a day's arrays of one column, numbered once for every view that
+/// reads them: a view's events taken from the day's shared read hold the very same arrays
+/// (a projection passes a column on as it is), found again here by their address.
+pub(crate) struct NumberedArrays {
+    /// Each array numbered, with its rows' numbers.
+    arrays: Vec<(ArrayRef, Vec<u32>)>,
+    /// Each array's place in `arrays`, by its address.
+    by_address: std::collections::HashMap<usize, usize>,
+    coupons: Vec<CouponOf>,
+}
+
+impl NumberedArrays {
+    /// Numbers the values of `arrays` (one column) on `threads` threads.
+    pub(crate) fn of(arrays: Vec<ArrayRef>, threads: usize) -> Result<Self> {
+        // Numbered in chunks of about a quarter million rows (partitioning each small array
+        // alone would make a partition of every few rows).
+        let mut chunks: Vec<Vec<&ArrayRef>> = Vec::new();
+        let mut rows = usize::MAX;
+        for a in &arrays {
+            if rows >= 1 << 18 {
+                chunks.push(Vec::new());
+                rows = 0;
+            }
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.push(a);
+            }
+            rows += a.len();
+        }
+        let numbered = number(&chunks, threads)?;
+        let mut ids_of_arrays = Vec::with_capacity(arrays.len());
+        for (chunk, ids) in chunks.iter().zip(&numbered.ids) {
+            let mut at = 0;
+            for a in chunk {
+                ids_of_arrays.push(ids[at..at + a.len()].to_vec());
+                at += a.len();
+            }
+        }
+        let arrays: Vec<(ArrayRef, Vec<u32>)> = arrays.into_iter().zip(ids_of_arrays).collect();
+        let by_address = arrays
+            .iter()
+            .enumerate()
+            .map(|(i, (a, _))| (address(a), i))
+            .collect();
+        Ok(NumberedArrays {
+            arrays,
+            by_address,
+            coupons: numbered.coupons,
+        })
+    }
+
+    /// The numbers of `array`'s rows, if it is one of the arrays numbered.
+    pub(crate) fn ids_of(&self, array: &ArrayRef) -> Option<&[u32]> {
+        let &i = self.by_address.get(&address(array))?;
+        let (a, ids) = &self.arrays[i];
+        (Arc::ptr_eq(a, array) && a.len() == array.len()).then_some(ids.as_slice())
+    }
+
+    /// Per number, its value's coupon.
+    pub(crate) fn coupons(&self) -> &[CouponOf] {
+        &self.coupons
+    }
+}
+
+/// Where `array` lives: the same while it does (the numbered arrays are held).
+fn address(array: &ArrayRef) -> usize {
+    Arc::as_ptr(array) as *const () as usize
 }
 
 /// About the rows of a column whose values a partition holds: few enough that its distinct
@@ -300,8 +369,6 @@ pub(crate) fn coupon_of(value: Value<'_>) -> CouponOf {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use datafusion::arrow::array::{
         Decimal128Array, Int32Array, StringArray, StringViewArray, UInt32Array,
@@ -391,5 +458,22 @@ mod tests {
             let distinct: std::collections::HashSet<u32> = [first[0], first[2], first[4]].into();
             assert_eq!(distinct.len(), 3);
         }
+    }
+
+    #[test]
+    fn arrays_numbered_once_are_found_again_by_themselves_only() {
+        let a: ArrayRef = Arc::new(StringArray::from(vec![Some("x"), None, Some("y")]));
+        let b: ArrayRef = Arc::new(StringArray::from(vec![Some("y"), Some("x")]));
+        let numbered = NumberedArrays::of(vec![Arc::clone(&a), Arc::clone(&b)], 2).unwrap();
+        let (ids_a, ids_b) = (numbered.ids_of(&a).unwrap(), numbered.ids_of(&b).unwrap());
+        assert_eq!((ids_a[0], ids_a[2]), (ids_b[1], ids_b[0]));
+        assert_eq!(ids_a[1], 0);
+        assert_ne!(ids_a[0], ids_a[2]);
+        let x = DistinctState::coupon_bits_of_str("x").unwrap();
+        assert_eq!(numbered.coupons()[ids_a[0] as usize].0, x);
+        // An equal array that is not one of them, or a slice of one, is not found.
+        let copy: ArrayRef = Arc::new(StringArray::from(vec![Some("x"), None, Some("y")]));
+        assert!(numbered.ids_of(&copy).is_none());
+        assert!(numbered.ids_of(&a.slice(0, 2)).is_none());
     }
 }
