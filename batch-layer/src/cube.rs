@@ -500,6 +500,26 @@ impl Table {
     fn find_or_insert(&mut self, key: &[u32], hash: u64) -> (usize, bool) {
         let bucket = (key[0] as i64 & 0xffff_ffff) | ((key[1] as i64) << 32);
         let (keys, width) = (&mut self.keys, self.width);
+        if let Some(strides) = &self.index.strides {
+            let slot: usize = key[2..]
+                .iter()
+                .zip(strides)
+                .map(|(&id, &stride)| id as usize * stride)
+                .sum();
+            let slots = self.index.slots_of(bucket);
+            debug_assert!(slot < slots.len(), "ids within the dictionary's ranges");
+            return match slots.get(slot).copied() {
+                Some(0) | None => {
+                    let g = keys.len() / width;
+                    keys.extend_from_slice(key);
+                    if let Some(s) = slots.get_mut(slot) {
+                        *s = g as u32 + 1;
+                    }
+                    (g, true)
+                }
+                Some(g) => (g as usize - 1, false),
+            };
+        }
         let index = self.index.of(bucket);
         let found = index.find(hash, |&g| {
             let at = g as usize * width;
@@ -689,7 +709,11 @@ impl Table {
             for (k, &d) in self.dims.iter().enumerate() {
                 key[2 + k] = words[2 + d];
             }
-            let hash = hash_key(&key);
+            // (A table indexed directly and whole needs no hash.)
+            let hash = match (&self.index.strides, self.share.parts) {
+                (Some(_), 1) => 0,
+                _ => hash_key(&key),
+            };
             if !self.share.holds(hash) {
                 continue;
             }
@@ -828,35 +852,83 @@ impl Table {
 /// order, so the rows of a while fall in one or two buckets, and the index they probe is
 /// small enough to stay in the caches: one index of a day's 1.1 M groups missed them once
 /// or twice a row, and was the larger part of the fold's time.
+///
+/// A table whose dimensions hold few values between them (a rollup of a dimension or two)
+/// indexes a bucket's groups directly instead: a slot for every combination of their value
+/// ids, no hash computed and no key compared.
 #[derive(Default)]
 struct BucketIndex {
     /// The index of each bucket seen, by bucket.
     of_bucket: hashbrown::HashMap<i64, usize>,
     indexes: Vec<HashTable<u32>>,
-    /// The bucket of the index last asked for, and its place in `indexes`.
+    /// The bucket of the index last asked for, and its place in `indexes` (or `slots`).
     last: Option<(i64, usize)>,
     /// The room a bucket's index is made with, by bucket (none: it grows as it fills).
     room: hashbrown::HashMap<i64, usize>,
+    /// With direct indexes: per dimension of the table, the slots between two of its value
+    /// ids (the product of the later dimensions' id ranges)...
+    strides: Option<Vec<usize>>,
+    /// ... and per bucket, each slot's group + 1 (0 for none), `size` slots each.
+    slots: Vec<Vec<u32>>,
+    size: usize,
 }
 
+/// The most slots a bucket's direct index holds (a table whose dimensions' id ranges
+/// multiply to more is hashed): 256 KiB a bucket.
+const MOST_SLOTS: usize = 1 << 16;
+
 impl BucketIndex {
-    /// The index of `bucket`'s groups.
+    /// Direct indexes, if the dimensions' id ranges (`ranges`, ids from 0) multiply to at most
+    /// [`MOST_SLOTS`] and no bucket is indexed yet. Every key looked up must then hold ids in
+    /// those ranges (a day's dictionary is complete before any table folds a row).
+    fn direct(&mut self, ranges: &[usize]) {
+        let mut strides = vec![0; ranges.len()];
+        let mut size = 1usize;
+        for (stride, &range) in strides.iter_mut().zip(ranges).rev() {
+            *stride = size;
+            size = match size.checked_mul(range.max(1)) {
+                Some(s) if s <= MOST_SLOTS => s,
+                _ => return,
+            };
+        }
+        if self.of_bucket.is_empty() {
+            self.strides = Some(strides);
+            self.size = size;
+        }
+    }
+
+    /// Where `bucket`'s index is (made if new, by `make`).
     #[inline]
-    fn of(&mut self, bucket: i64) -> &mut HashTable<u32> {
-        let at = match self.last {
+    fn place(&mut self, bucket: i64, make: impl FnOnce(&mut Self)) -> usize {
+        match self.last {
             Some((b, at)) if b == bucket => at,
             _ => {
-                let next = self.indexes.len();
+                let next = self.of_bucket.len();
                 let at = *self.of_bucket.entry(bucket).or_insert(next);
                 if at == next {
-                    let room = self.room.get(&bucket).copied().unwrap_or(0);
-                    self.indexes.push(HashTable::with_capacity(room));
+                    make(self);
                 }
                 self.last = Some((bucket, at));
                 at
             }
-        };
+        }
+    }
+
+    /// The index of `bucket`'s groups.
+    #[inline]
+    fn of(&mut self, bucket: i64) -> &mut HashTable<u32> {
+        let at = self.place(bucket, |index| {
+            let room = index.room.get(&bucket).copied().unwrap_or(0);
+            index.indexes.push(HashTable::with_capacity(room));
+        });
         &mut self.indexes[at]
+    }
+
+    /// The direct index of `bucket`'s groups.
+    #[inline]
+    fn slots_of(&mut self, bucket: i64) -> &mut Vec<u32> {
+        let at = self.place(bucket, |index| index.slots.push(vec![0; index.size]));
+        &mut self.slots[at]
     }
 }
 
@@ -912,18 +984,34 @@ pub(crate) fn build(
     threads: usize,
 ) -> Result<Vec<RecordBatch>> {
     let distinct = distinct.map(|d| (d, events));
-    build_with(view, input, distinct, numbered, threads, true)
+    build_with(view, input, distinct, numbered, threads, Ways::BEST)
 }
 
-/// [`build`], with the exact table's distinct metric kept apart ([`ExactDistinct`]) or, for
-/// comparison, as a sketch per group.
+/// How [`build_with`] builds the tables: [`Ways::BEST`], or for comparison another way.
+#[derive(Debug, Clone, Copy)]
+struct Ways {
+    /// The exact table's distinct metric kept apart ([`ExactDistinct`]), or a sketch a group.
+    apart: bool,
+    /// Tables of few value combinations indexed directly ([`BucketIndex::direct`]), or all
+    /// hashed.
+    direct: bool,
+}
+
+impl Ways {
+    const BEST: Ways = Ways {
+        apart: true,
+        direct: true,
+    };
+}
+
+/// [`build`], the tables built in `ways`.
 fn build_with(
     view: &ViewDef,
     input: &[RecordBatch],
     distinct: Option<(&str, bool)>,
     numbered: Option<&NumberedArrays>,
     threads: usize,
-    apart: bool,
+    ways: Ways,
 ) -> Result<Vec<RecordBatch>> {
     let (distinct, events) = match distinct {
         Some((d, events)) => (Some(d), events),
@@ -943,7 +1031,7 @@ fn build_with(
                 true,
             );
             t.share = Share { index, parts };
-            if !apart {
+            if !ways.apart {
                 t.distinct = None;
             }
             if events && distinct.is_some() {
@@ -1038,6 +1126,15 @@ fn build_with(
     }
     for t in &tables {
         let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        // Every value id is known: a table of few value combinations indexes them directly.
+        if ways.direct {
+            let ranges: Vec<usize> = t
+                .dims
+                .iter()
+                .map(|&d| dictionary.values(d).len() + 1)
+                .collect();
+            t.index.direct(&ranges);
+        }
         if t.exact {
             let per_part = per_bucket
                 .iter()
@@ -1484,7 +1581,10 @@ metrics = [
                     Some(("device_id", true)),
                     None,
                     threads,
-                    apart,
+                    Ways {
+                        apart,
+                        direct: true,
+                    },
                 )
                 .unwrap()
             };
@@ -1639,6 +1739,14 @@ metrics = [
             )
             .unwrap();
             assert_eq!(from_numbered, from_events, "{threads} threads");
+            // Every table hashed, none indexed directly: the same rows, byte for byte.
+            let hashed = Ways {
+                apart: true,
+                direct: false,
+            };
+            let distinct = Some(("device_id", true));
+            let all_hashed = build_with(&view, &split, distinct, None, threads, hashed).unwrap();
+            assert_eq!(all_hashed, from_events, "{threads} threads");
             let mut own = 0;
             for b in from_events.iter().filter(|b| {
                 b.column_by_name(ROLLUP)
