@@ -439,74 +439,97 @@ impl BatchLayer {
         // Schemas whose day the memory pool could not hold: their views read alone for the
         // rest of the run (a day is not read in part again and again).
         let mut read_alone: BTreeSet<String> = BTreeSet::new();
+        let mut upcoming = days.iter().skip(1);
         for day in &days {
-            let mut runs: Vec<&mut Result<Planned<'_>>> = planned
-                .iter_mut()
-                .filter(|p| matches!(p, Ok(Planned::Run(r)) if r.day_strings.contains(day)))
-                .collect();
-            // Views that read the same files of the same snapshot here share the day's read.
-            let mut done = vec![false; runs.len()];
-            for i in 0..runs.len() {
-                if done[i] {
-                    continue;
+            // The next day's repeated event ids are looked for while this day is computed
+            // (they are kept for its read): the look reads one column and sorts its hashes,
+            // and fills the time this day's threads wait on each other and on its files.
+            let ahead = upcoming.next().and_then(|next| {
+                planned.iter().find_map(|p| match p {
+                    Ok(Planned::Run(r)) if r.files.contains_key(next) => {
+                        Some((r.ctx.clone(), r.view, r.master_version, next.clone()))
+                    }
+                    _ => None,
+                })
+            });
+            let look_ahead = async {
+                if let Some((ctx, view, version, next)) = ahead {
+                    if let Err(e) = self.repeats(&ctx, view, &next, version).await {
+                        tracing::debug!(day = %next, error = %e, "looking ahead for repeated ids failed; looked for again when read");
+                    }
                 }
-                let mut together = vec![i];
-                together.extend((i + 1..runs.len()).filter(|&j| {
-                    !done[j]
-                        && match (&*runs[i], &*runs[j]) {
-                            (Ok(Planned::Run(a)), Ok(Planned::Run(b))) => {
-                                a.shares_reads_with(b, day) && !read_alone.contains(&a.view.source)
+            };
+            let this_day = async {
+                let mut runs: Vec<&mut Result<Planned<'_>>> = planned
+                    .iter_mut()
+                    .filter(|p| matches!(p, Ok(Planned::Run(r)) if r.day_strings.contains(day)))
+                    .collect();
+                // Views that read the same files of the same snapshot here share the day's read.
+                let mut done = vec![false; runs.len()];
+                for i in 0..runs.len() {
+                    if done[i] {
+                        continue;
+                    }
+                    let mut together = vec![i];
+                    together.extend((i + 1..runs.len()).filter(|&j| {
+                        !done[j]
+                            && match (&*runs[i], &*runs[j]) {
+                                (Ok(Planned::Run(a)), Ok(Planned::Run(b))) => {
+                                    a.shares_reads_with(b, day)
+                                        && !read_alone.contains(&a.view.source)
+                                }
+                                _ => false,
                             }
-                            _ => false,
+                    }));
+                    let read = match together.len() {
+                        1 => Ok(None),
+                        _ => {
+                            let group: Vec<&ViewRun<'_>> = together
+                                .iter()
+                                .filter_map(|&j| match &*runs[j] {
+                                    Ok(Planned::Run(r)) => Some(&**r),
+                                    _ => None,
+                                })
+                                .collect();
+                            let read = self.read_shared(&group, day).await;
+                            if let (Ok(None), Some(r)) = (&read, group.first()) {
+                                read_alone.insert(r.view.source.clone());
+                            }
+                            read
                         }
-                }));
-                let read = match together.len() {
-                    1 => Ok(None),
-                    _ => {
-                        let group: Vec<&ViewRun<'_>> = together
-                            .iter()
-                            .filter_map(|&j| match &*runs[j] {
-                                Ok(Planned::Run(r)) => Some(&**r),
-                                _ => None,
-                            })
-                            .collect();
-                        let read = self.read_shared(&group, day).await;
-                        if let (Ok(None), Some(r)) = (&read, group.first()) {
-                            read_alone.insert(r.view.source.clone());
-                        }
-                        read
-                    }
-                };
-                // A failed shared read fails each of its views: the first with the error.
-                let (shared, mut failed, message) = match read {
-                    Ok(shared) => (shared, None, String::new()),
-                    Err(e) => {
-                        let message = format!("reading {day} for several views failed: {e}");
-                        (None, Some(e), message)
-                    }
-                };
-                let failing = failed.is_some();
-                for (k, &j) in together.iter().enumerate() {
-                    done[j] = true;
-                    let outcome = match &mut *runs[j] {
-                        Ok(Planned::Run(_)) if failing => Err(failed
-                            .take()
-                            .unwrap_or_else(|| BatchError::BadRequest(message.clone()))),
-                        Ok(Planned::Run(r)) => {
-                            // The shared read's time is counted in the first view's day.
-                            let read_seconds = match &shared {
-                                Some(s) if k == 0 => s.seconds,
-                                _ => 0.0,
-                            };
-                            r.run_day(self, day, shared.as_ref(), read_seconds).await
-                        }
-                        _ => Ok(()),
                     };
-                    if let Err(e) = outcome {
-                        *runs[j] = Err(e);
+                    // A failed shared read fails each of its views: the first with the error.
+                    let (shared, mut failed, message) = match read {
+                        Ok(shared) => (shared, None, String::new()),
+                        Err(e) => {
+                            let message = format!("reading {day} for several views failed: {e}");
+                            (None, Some(e), message)
+                        }
+                    };
+                    let failing = failed.is_some();
+                    for (k, &j) in together.iter().enumerate() {
+                        done[j] = true;
+                        let outcome = match &mut *runs[j] {
+                            Ok(Planned::Run(_)) if failing => Err(failed
+                                .take()
+                                .unwrap_or_else(|| BatchError::BadRequest(message.clone()))),
+                            Ok(Planned::Run(r)) => {
+                                // The shared read's time is counted in the first view's day.
+                                let read_seconds = match &shared {
+                                    Some(s) if k == 0 => s.seconds,
+                                    _ => 0.0,
+                                };
+                                r.run_day(self, day, shared.as_ref(), read_seconds).await
+                            }
+                            _ => Ok(()),
+                        };
+                        if let Err(e) = outcome {
+                            *runs[j] = Err(e);
+                        }
                     }
                 }
-            }
+            };
+            tokio::join!(look_ahead, this_day);
         }
         let mut out = Vec::with_capacity(planned.len());
         for p in planned {
