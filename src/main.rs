@@ -128,21 +128,57 @@ fn init_tracing() {
 /// core), and memory freed in one arena is not reused by another: under a burst of queries
 /// on blocking threads, resident memory doubled (1.27 GiB against 0.61 GiB with two arenas, in
 /// `bench/serving_abuse.sh`) for no gain in speed. Two arenas, unless `MALLOC_ARENA_MAX` says
-/// otherwise. Called before any thread starts.
+/// otherwise.
+///
+/// A batch recompute (`batch`, `backfill`) builds and drops a day's tables, hundreds of MB in
+/// blocks of tens of MB, day after day. glibc maps each such block afresh and unmaps it when
+/// freed, so the next day's first touch of every page was a fault and the kernel zeroing the
+/// page (half the reference week's 0.75 M page faults). For those commands large blocks come
+/// from the heap and what is freed stays in it for the next day, unless `MALLOC_MMAP_MAX_` or
+/// `MALLOC_TRIM_THRESHOLD_` say otherwise (the week's recompute 2–3% faster, its peak 0.1 GiB
+/// higher: `docs/performance.md`). Called before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn bound_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; it is called once, before any
-        // other thread exists, with a valid parameter and value.
+fn tune_malloc() {
+    let unset = |name: &str| std::env::var_os(name).is_none();
+    if unset("MALLOC_ARENA_MAX") {
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any other
+        // thread exists, with a valid parameter and value.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+    let batch = matches!(subcommand().as_deref(), Some("batch" | "backfill"));
+    if batch && unset("MALLOC_MMAP_MAX_") && unset("MALLOC_TRIM_THRESHOLD_") {
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         }
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn bound_malloc_arenas() {}
+fn tune_malloc() {}
+
+/// The command line's subcommand, before clap reads it: the first argument that is neither an
+/// option nor the value of one (every global option takes a value).
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
+fn subcommand() -> Option<String> {
+    subcommand_of(std::env::args().skip(1))
+}
+
+/// [`subcommand`] of `args` (the arguments after the program's name).
+fn subcommand_of(mut args: impl Iterator<Item = String>) -> Option<String> {
+    while let Some(arg) = args.next() {
+        if arg.starts_with("--") && !arg.contains('=') && arg != "--help" && arg != "--version" {
+            args.next();
+        } else if !arg.starts_with('-') {
+            return Some(arg);
+        }
+    }
+    None
+}
 
 /// How often the heap trimmer looks, and how far the arenas' free bytes must have grown past
 /// their lowest since its last trim for it to trim.
@@ -204,7 +240,7 @@ pub(crate) fn trim_heap_after_bursts() {
 pub(crate) fn trim_heap_after_bursts() {}
 
 fn main() -> std::process::ExitCode {
-    bound_malloc_arenas();
+    tune_malloc();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -275,6 +311,20 @@ async fn run(cli: Cli) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The subcommand is found past the global options and their values, whatever a value
+    /// says; none before clap's own flags.
+    #[test]
+    fn the_subcommand_is_found_past_the_global_options() {
+        let of = |args: &[&str]| subcommand_of(args.iter().map(|a| a.to_string()));
+        assert_eq!(of(&["batch", "run", "--full"]).as_deref(), Some("batch"));
+        let options = ["--data", "/tmp/x", "--jobs=views", "backfill", "v"];
+        assert_eq!(of(&options).as_deref(), Some("backfill"));
+        assert_eq!(of(&["--data", "batch", "serve"]).as_deref(), Some("serve"));
+        assert_eq!(of(&["--help"]), None);
+        assert_eq!(of(&["--version", "batch"]).as_deref(), Some("batch"));
+        assert_eq!(of(&[]), None);
+    }
 
     /// A burst freed (free bytes up by the growth) is trimmed once; the allocator's free bytes
     /// then stay where they are, and are not trimmed again until another burst.
