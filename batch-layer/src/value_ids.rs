@@ -4,9 +4,8 @@
 //! A day's events repeat their distinct values (a device comes back all day), and an exact
 //! count must tell two values apart by their bytes, not a hash. Each value is compared once,
 //! here, with the values seen before; a group's values are then told apart by their numbers,
-//! in a sort of (group, number) pairs (`crate::cube`), where a hash set of values a group
-//! compared text with text, and each row's coupon is the coupon of its number, hashed once a
-//! value rather than once a row.
+//! in a sort of (group, number) pairs (`crate::cube`), not by comparing texts again, and each
+//! row's coupon is the coupon of its number, hashed once a value rather than once a row.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
