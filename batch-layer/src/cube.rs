@@ -2,24 +2,27 @@
 //!
 //! For a view with one distinct metric, DataFusion reads the day's events as the view sees them
 //! (bucket, dimensions, the distinct value, every other metric's partial of one event); when
-//! values repeat within groups it groups them by the keys and the distinct value first
-//! (`GROUP BY bucket, dims, device_id`), and its rows come here instead, in the same columns.
-//! Each row is folded into the view's own table and into each rollup's at once: its dimension
-//! values are interned once, its distinct value hashed once into a sketch coupon, and every
-//! table adds the coupon to its group's sketch. A rollup's sketch is thus built from the
-//! distinct values themselves, never as a union of the view's sketches (a union per group
-//! costs a 4 KiB gadget and a merge per input sketch). The view's distinct counts are exact:
-//! its table remembers which values each group holds ([`Dedup`]), so a value that comes again
-//! in a group adds nothing. A rollup's are not (its groups span the view's), and are published
-//! as sketches only. A rollup that a finer rollup holds (`day.app_id` and `hour.app_id`, `day`
-//! and `hour`) is merged from that one's groups once they are folded: a union per group over
-//! thousands of groups costs less than reading millions of rows again.
+//! the memory pool cannot hold them it groups them by the keys and the distinct value first
+//! (`GROUP BY bucket, dims, device_id`, spilling), and its rows come here instead, in the same
+//! columns. Each row is folded into the view's own table and into each rollup's at once: its
+//! dimension values are interned once, its distinct value numbered once ([`crate::value_ids`])
+//! with its sketch coupon, and every table adds the coupon to its group's sketch. A rollup's
+//! sketch is thus built from the distinct values themselves, never as a union of the view's
+//! sketches (a union per group costs a 4 KiB gadget and a merge per input sketch). The view's
+//! distinct counts are exact: once the rows are folded, each group's value numbers are counted
+//! once each, in a sort of (group, number) pairs ([`Table::settle`]), so a value that comes
+//! again in a group adds nothing. A rollup's are not (its groups span the view's), and are
+//! published as sketches only. A rollup that a finer rollup holds (`day.app_id` and
+//! `hour.app_id`, `day` and `hour`) is merged from that one's groups once they are folded: a
+//! union per group over thousands of groups costs less than reading millions of rows again.
 //!
 //! The input is read once, in chunks, on every thread (the dimension values interned on one);
 //! then the tables are split among threads, and each thread folds every chunk into the
 //! tables it takes, meeting the others only when every table is done. The
 //! view's own table, which holds most of the groups, is built in one part per thread, each
-//! holding the groups of its share of key hashes, and comes out as one batch per part.
+//! holding the groups of its share of key hashes, and comes out as one batch per part. A
+//! table indexes its groups by bucket, directly by their value ids where its dimensions hold
+//! few value combinations ([`BucketIndex`]).
 //! A view without a distinct metric comes here with its final rows, one per group, and the
 //! same pass computes the rollups from them.
 
