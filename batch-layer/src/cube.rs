@@ -1070,16 +1070,10 @@ fn build_with(
     // `work` on every table of `order`, `threads` at a time, each table by the next free
     // thread.
     let each_table = |order: &[usize], work: &(dyn Fn(usize, &mut Table) + Sync)| {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&i) = order.get(k) else { break };
-                    let mut t = tables[i].lock().unwrap_or_else(|e| e.into_inner());
-                    work(i, &mut t);
-                });
-            }
+        crate::value_ids::each_on(threads, order.len(), |k| {
+            let i = order[k];
+            let mut t = tables[i].lock().unwrap_or_else(|e| e.into_inner());
+            work(i, &mut t);
         });
     };
     let (mut preparing, mut adding) = (0.0, 0.0);

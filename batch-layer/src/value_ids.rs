@@ -45,11 +45,9 @@ pub(crate) fn number(columns: &[Vec<&ArrayRef>], threads: usize) -> Result<Value
         .next_power_of_two()
         .clamp(1, 1 << 10);
     let threads = threads.max(1);
-    let next = AtomicUsize::new(0);
     // Each column's values, partitioned.
-    let partitioned: Vec<Result<Vec<Partition>>> = each_on(threads, columns.len(), &next, |c| {
-        partition(&columns[c], parts)
-    });
+    let partitioned: Vec<Result<Vec<Partition>>> =
+        each_on(threads, columns.len(), |c| partition(&columns[c], parts));
     let partitioned = partitioned.into_iter().collect::<Result<Vec<_>>>()?;
     let out: Vec<Vec<AtomicU32>> = columns
         .iter()
@@ -58,8 +56,7 @@ pub(crate) fn number(columns: &[Vec<&ArrayRef>], threads: usize) -> Result<Value
             (0..rows).map(|_| AtomicU32::new(0)).collect()
         })
         .collect();
-    next.store(0, Ordering::Relaxed);
-    let numbered: Vec<Result<Vec<CouponOf>>> = each_on(threads, parts, &next, |part| {
+    let numbered: Vec<Result<Vec<CouponOf>>> = each_on(threads, parts, |part| {
         number_partition(&partitioned, &out, part, parts)
     });
     let numbered = numbered.into_iter().collect::<Result<Vec<_>>>()?;
@@ -152,16 +149,16 @@ const PARTITION_ROWS: usize = 1 << 15;
 
 /// `work` on each of `0..n`, `threads` at a time, each item by the next free thread; the
 /// results in item order.
-fn each_on<T: Send>(
+pub(crate) fn each_on<T: Send>(
     threads: usize,
     n: usize,
-    next: &AtomicUsize,
     work: impl Fn(usize) -> T + Sync,
 ) -> Vec<T> {
+    let next = AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<T>>> =
         (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
-        for _ in 0..threads.min(n) {
+        for _ in 0..threads.max(1).min(n) {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
