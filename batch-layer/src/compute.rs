@@ -281,13 +281,16 @@ impl BatchLayer {
 
     /// The event ids of `day` that more than one row holds (`None` if none does): a
     /// producer's retry is archived twice, and counted once. Found from the day's ids alone,
-    /// once per day and master version for every view of the run.
+    /// once per day and master version for every view of the run, and recorded for the
+    /// day's data files (`files`, which Delta never changes in place): a later run over the
+    /// same files reads the record ([`RepeatsRecord`]) instead of the day's ids.
     async fn repeats(
         &self,
         ctx: &SessionContext,
         view: &ViewDef,
         day: &str,
         master_version: i64,
+        files: &[String],
     ) -> Result<Repeats> {
         let key = (view.source.clone(), day.to_string(), master_version);
         if let Some(found) = self.repeats.lock().expect("not poisoned").get(&key) {
@@ -296,6 +299,15 @@ impl BatchLayer {
         let schema = self.catalog.schema_of(view);
         let id = schema.fields[schema.event_id].name.clone();
         let started = Instant::now();
+        let record = RepeatsRecord::new(&id, files);
+        if let Some(found) = record.read(&self.storage, &view.source, day).await {
+            tracing::debug!(schema = %view.source, day, seconds = started.elapsed().as_secs_f64(), repeated = found.as_ref().map_or(0, |f| f.len()), "repeated event ids read from the day's record");
+            self.repeats
+                .lock()
+                .expect("not poisoned")
+                .insert(key, found.clone());
+            return Ok(found);
+        }
         // Each id hashed to 64 bits as the day is read, on every thread; hashes that repeat are
         // found by sorting them. Only if any does is the day read again, to find the ids behind
         // those hashes exactly (a repeated hash may be two ids).
@@ -331,6 +343,9 @@ impl BatchLayer {
             tracing::info!(schema = %view.source, day, ids = repeated.len(), "rows repeating an event id are counted once");
             Arc::new(repeated.into_iter().collect::<Vec<_>>())
         });
+        if !files.is_empty() {
+            record.write(&self.storage, &view.source, day, &found).await;
+        }
         self.repeats
             .lock()
             .expect("not poisoned")
@@ -446,15 +461,21 @@ impl BatchLayer {
             // and fills the time this day's threads wait on each other and on its files.
             let ahead = upcoming.next().and_then(|next| {
                 planned.iter().find_map(|p| match p {
-                    Ok(Planned::Run(r)) if r.files.contains_key(next) => {
-                        Some((r.ctx.clone(), r.view, r.master_version, next.clone()))
-                    }
+                    Ok(Planned::Run(r)) => r.files.get(next).map(|files| {
+                        (
+                            r.ctx.clone(),
+                            r.view,
+                            r.master_version,
+                            next.clone(),
+                            files.clone(),
+                        )
+                    }),
                     _ => None,
                 })
             });
             let look_ahead = async {
-                if let Some((ctx, view, version, next)) = ahead {
-                    if let Err(e) = self.repeats(&ctx, view, &next, version).await {
+                if let Some((ctx, view, version, next, files)) = ahead {
+                    if let Err(e) = self.repeats(&ctx, view, &next, version, &files).await {
                         tracing::debug!(day = %next, error = %e, "looking ahead for repeated ids failed; looked for again when read");
                     }
                 }
@@ -758,8 +779,9 @@ impl BatchLayer {
         for r in runs {
             columns.extend(view_columns(r.view, schema, &df)?);
         }
+        let files = first.files.get(day).map_or(&[][..], |f| f.as_slice());
         if let Some(ids) = self
-            .repeats(ctx, first.view, day, first.master_version)
+            .repeats(ctx, first.view, day, first.master_version, files)
             .await?
         {
             df = once_per_id(df, schema, &ids)?;
@@ -1141,10 +1163,10 @@ impl ViewRun<'_> {
     ) -> Result<()> {
         let view = self.view;
         let day_started = Instant::now();
-        let repeats = match (self.files.contains_key(day), shared) {
-            (true, None) => {
+        let repeats = match (self.files.get(day), shared) {
+            (Some(files), None) => {
                 layer
-                    .repeats(&self.ctx, view, day, self.master_version)
+                    .repeats(&self.ctx, view, day, self.master_version, files)
                     .await?
             }
             _ => None,
@@ -1664,6 +1686,84 @@ fn distinct_fields(view: &ViewDef) -> BTreeSet<&str> {
 
 /// Event ids that several rows of a day hold.
 type Repeats = Option<Arc<Vec<String>>>;
+
+/// What the look for a day's repeated event ids found, kept beside the batch runs
+/// (`batch/repeats/<schema>/<day>.json`) for the day's data files it read. Delta data files
+/// are never changed in place (an import, an archive commit or an erasure adds or replaces
+/// files), so the same list of files holds the same ids: a run that finds the record's list
+/// equal to the day's reads the answer instead of the day's ids. Any other list, a record
+/// of another format or id field, or one that cannot be read, and the day is looked at again.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+struct RepeatsRecord {
+    format: u32,
+    /// The event id field looked at.
+    event_id: String,
+    /// The day's data files, sorted.
+    files: Vec<String>,
+    /// The ids more than one row holds, sorted.
+    repeated: Vec<String>,
+}
+
+impl RepeatsRecord {
+    const FORMAT: u32 = 1;
+
+    fn new(event_id: &str, files: &[String]) -> Self {
+        let mut files = files.to_vec();
+        files.sort();
+        RepeatsRecord {
+            format: Self::FORMAT,
+            event_id: event_id.to_string(),
+            files,
+            repeated: Vec::new(),
+        }
+    }
+
+    fn path(schema: &str, day: &str) -> object_store::path::Path {
+        object_store::path::Path::from(format!("batch/repeats/{schema}/{day}.json"))
+    }
+
+    /// The recorded answer for this record's files, if the record holds them.
+    async fn read(&self, storage: &Storage, schema: &str, day: &str) -> Option<Repeats> {
+        if self.files.is_empty() {
+            return None;
+        }
+        use object_store::ObjectStoreExt as _;
+        let store = storage.objects().ok()?;
+        let bytes = match store.get(&Self::path(schema, day)).await {
+            Ok(r) => r.bytes().await.ok()?,
+            Err(object_store::Error::NotFound { .. }) => return None,
+            Err(e) => {
+                tracing::debug!(schema, day, error = %e, "the day's repeated ids record is not read");
+                return None;
+            }
+        };
+        let recorded: RepeatsRecord = serde_json::from_slice(&bytes).ok()?;
+        (recorded.format == self.format
+            && recorded.event_id == self.event_id
+            && recorded.files == self.files)
+            .then(|| (!recorded.repeated.is_empty()).then(|| Arc::new(recorded.repeated)))
+    }
+
+    /// Records `found` for this record's files; a record that cannot be written is only
+    /// looked for again next time.
+    async fn write(mut self, storage: &Storage, schema: &str, day: &str, found: &Repeats) {
+        self.repeated = found.as_ref().map(|f| f.to_vec()).unwrap_or_default();
+        self.repeated.sort();
+        let put = async {
+            use object_store::ObjectStoreExt as _;
+            let store = storage.objects().map_err(|e| e.to_string())?;
+            let bytes = serde_json::to_vec(&self).map_err(|e| e.to_string())?;
+            store
+                .put(&Self::path(schema, day), bytes.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        if let Err(e) = put.await {
+            tracing::warn!(schema, day, error = %e, "the day's repeated ids are not recorded");
+        }
+    }
+}
 
 /// Repeats found, by schema, day and master version.
 type RepeatsCache = std::collections::HashMap<(String, String, i64), Repeats>;

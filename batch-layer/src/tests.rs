@@ -1,5 +1,6 @@
 //! Publishing: idempotent reruns, dirty days, definition changes, imports.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1557,6 +1558,140 @@ metrics = [
         .collect();
     import_lines(s, &catalog, "again.jsonl", &again).await;
     catalog
+}
+
+/// The event ids of each day's records (`batch/repeats/app_events/<day>.json`): per day, the
+/// record's files and its repeated ids, and when it was last written.
+fn repeats_records(
+    s: &Setup,
+) -> BTreeMap<String, (Vec<String>, Vec<String>, std::time::SystemTime)> {
+    let dir = s.dir.join("data/batch/repeats/app_events");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .map(|e| {
+            let e = e.unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            let list = |k: &str| -> Vec<String> {
+                body[k]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            let modified = e.metadata().unwrap().modified().unwrap();
+            let day = e
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".json")
+                .to_string();
+            (day, (list("files"), list("repeated"), modified))
+        })
+        .collect()
+}
+
+/// A day's repeated event ids are recorded for the day's data files: a later run over the
+/// same files reads the record instead of the ids, and publishes the same rows. Another
+/// file in a day (a producer's retries archived later) makes the run look at the day again,
+/// and its repeats are counted once like the first ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_ids_are_recorded_for_a_days_files_and_looked_for_again_when_they_change() {
+    let full = RunRequest {
+        full: true,
+        ..Default::default()
+    };
+    let (s, reference) = (setup(), setup());
+    let catalog = four_views_store(&s).await;
+    let view = &catalog.views["cube_hourly"];
+    let layer = |s: &Setup| {
+        BatchLayer::new(
+            s.storage.clone(),
+            Arc::clone(&catalog),
+            Arc::new(s.clock.clone()),
+        )
+    };
+    let event_ids = |lines: &[String]| -> BTreeSet<String> {
+        lines
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["event_id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let retried = event_ids(
+        &history(11, 40_000, NOW - 3 * DAY_US, NOW - DAY_US)
+            .into_iter()
+            .step_by(5)
+            .collect::<Vec<_>>(),
+    );
+
+    layer(&s).run_view(view, &full).await.unwrap();
+    let first = exact_rows_of(&s.storage, view).await;
+    let records = repeats_records(&s);
+    assert_eq!(records.len(), 3, "a record a day: {:?}", records.keys());
+    let recorded: BTreeSet<String> = records
+        .values()
+        .flat_map(|(_, ids, _)| ids.iter().cloned())
+        .collect();
+    assert_eq!(
+        recorded, retried,
+        "every retried id, and no other, is recorded"
+    );
+    assert!(records.values().all(|(files, _, _)| !files.is_empty()));
+
+    // Another process over the same files: the records are read, not written again, and
+    // the rows are the same.
+    layer(&s).run_view(view, &full).await.unwrap();
+    assert_eq!(exact_rows_of(&s.storage, view).await, first);
+    let again = repeats_records(&s);
+    for (day, (files, ids, written)) in &records {
+        assert_eq!(again[day], (files.clone(), ids.clone(), *written), "{day}");
+    }
+
+    // Retries of the last day archived later: that day's files change, and its new repeats
+    // are found and counted once, as a store that held them from the start counts them.
+    let last_day = day_string(day_of(NOW - DAY_US));
+    let later: Vec<String> = history(11, 40_000, NOW - 3 * DAY_US, NOW - DAY_US)
+        .into_iter()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["event_time"].as_str().unwrap().starts_with(&last_day)
+        })
+        .skip(2)
+        .step_by(7)
+        .collect();
+    assert!(later.len() > 100);
+    import_lines(&s, &catalog, "later.jsonl", &later).await;
+    layer(&s).run_view(view, &full).await.unwrap();
+    let changed = repeats_records(&s);
+    let moved: Vec<&String> = changed
+        .iter()
+        .filter(|(day, (files, _, _))| records[*day].0 != *files)
+        .map(|(day, _)| day)
+        .collect();
+    assert_eq!(moved, [&last_day], "only the last day's files changed");
+    let now_recorded: BTreeSet<String> = changed
+        .values()
+        .flat_map(|(_, ids, _)| ids.iter().cloned())
+        .collect();
+    assert!(now_recorded.is_superset(&retried));
+    assert!(
+        now_recorded.len() > retried.len(),
+        "the later retries are recorded"
+    );
+
+    // A retry is counted once, however late it is archived: the rows are the first run's,
+    // and those of a store that held every file from the start.
+    let rows = exact_rows_of(&s.storage, view).await;
+    assert!(rows == first, "the later retries are counted once");
+    four_views_store(&reference).await;
+    import_lines(&reference, &catalog, "later.jsonl", &later).await;
+    layer(&reference).run_view(view, &full).await.unwrap();
+    assert!(rows == exact_rows_of(&reference.storage, view).await);
 }
 
 /// The views of one schema recomputed together read each day once, and publish exactly what
