@@ -325,6 +325,10 @@ struct ExactDistinct {
     sketches: hashbrown::HashMap<u32, DistinctState>,
 }
 
+/// The most groups a rollup adds its pending coupons to in the order they came, not sorted
+/// by group first ([`Table::add_pending`]): their sketches stay in a core's caches.
+const FEW_GROUPS: usize = 64;
+
 /// [`ExactDistinct::held`] of a group whose coupons are in a sketch.
 const SKETCHED: u8 = u8::MAX;
 
@@ -650,6 +654,18 @@ impl Table {
         let mut starts = Vec::new();
         for (slot, pending) in &mut self.pending {
             if pending.is_empty() {
+                continue;
+            }
+            if groups <= FEW_GROUPS {
+                // Few sketches, which the caches hold: each coupon added as it came.
+                if let Some(StateColumn::States(states)) = self.states.get_mut(*slot) {
+                    for &(g, c) in pending.iter() {
+                        if let Some(MetricState::Distinct(d)) = states.get_mut(g as usize) {
+                            d.update_coupon(c);
+                        }
+                    }
+                }
+                pending.clear();
                 continue;
             }
             // A counting sort by group, which keeps each group's coupons in order.

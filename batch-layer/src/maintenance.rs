@@ -12,6 +12,8 @@ use std::num::NonZeroU64;
 use std::time::Duration;
 
 use deltalake::operations::vacuum::VacuumMode;
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::{FilterOp, FilterValue};
 use serde::Serialize;
 use tandem_core::storage::Storage;
@@ -103,10 +105,18 @@ pub async fn compact(
         _ => Vec::new(),
     };
     let target = NonZeroU64::new(target_bytes.max(1)).expect("at least 1");
+    // deltalake's own compaction settings (Zstandard level 4), in row groups no larger than
+    // a master file's, which every thread shares when a day is read.
+    let level = ZstdLevel::try_new(4).unwrap_or_default();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_max_row_group_row_count(Some(tandem_core::master::MASTER_ROW_GROUP_ROWS))
+        .build();
     let (t, metrics) = t
         .optimize()
         .with_filters(&filters)
         .with_target_size(target)
+        .with_writer_properties(props)
         .await
         .map_err(|e| BatchError::delta(&table.url, e))?;
     let after = t.version().map(|v| v as i64);
