@@ -873,7 +873,7 @@ impl Table {
 /// `values` (by id minus one). A group's text is copied as a fixed run of [`PADDED`] bytes,
 /// then cut to its length: a copy of known size is a few moves, where a copy of each text's
 /// own length is a call (and most of the time writing a day's millions of groups).
-fn texts_of(values: &[String], ids: impl Iterator<Item = u32> + Clone, n: usize) -> StringArray {
+fn texts_of<I: Iterator<Item = u32> + Clone>(values: &[String], ids: I, n: usize) -> StringArray {
     use datafusion::arrow::buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
     let padded: Vec<[u8; PADDED]> = values
         .iter()
@@ -891,14 +891,17 @@ fn texts_of(values: &[String], ids: impl Iterator<Item = u32> + Clone, n: usize)
             id => values.get(id as usize - 1).map_or(0, String::len),
         })
         .sum();
+    // Each text appended as it is: past what 32-bit offsets hold (or were the runs refused).
+    let appended = |ids: I| -> StringArray {
+        ids.map(|id| {
+            values
+                .get((id as usize).wrapping_sub(1))
+                .map(String::as_str)
+        })
+        .collect()
+    };
     if i32::try_from(total).is_err() {
-        return ids
-            .map(|id| {
-                values
-                    .get((id as usize).wrapping_sub(1))
-                    .map(String::as_str)
-            })
-            .collect();
+        return appended(ids);
     }
     let again = ids.clone();
     let mut offsets: Vec<i32> = Vec::with_capacity(n + 1);
@@ -928,15 +931,8 @@ fn texts_of(values: &[String], ids: impl Iterator<Item = u32> + Clone, n: usize)
     let nulls = (!valid.is_empty()).then(|| NullBuffer::from(valid));
     let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
     // (Whole texts between growing offsets: never refused.)
-    StringArray::try_new(offsets, Buffer::from_vec(bytes), nulls).unwrap_or_else(|_| {
-        again
-            .map(|id| {
-                values
-                    .get((id as usize).wrapping_sub(1))
-                    .map(String::as_str)
-            })
-            .collect()
-    })
+    StringArray::try_new(offsets, Buffer::from_vec(bytes), nulls)
+        .unwrap_or_else(|_| appended(again))
 }
 
 /// The bytes [`texts_of`] copies a text as (a longer text is copied as it is).
